@@ -1,0 +1,1 @@
+"""What the orchestrator and the agents share: the etcd key layout and the records kept there."""

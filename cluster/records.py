@@ -1,0 +1,61 @@
+"""Records the agents and the orchestrator keep in etcd: nodes and controller ownership.
+
+Each record is a frozen dataclass that serializes to JSON; the key layout lives in `store`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """An agent's registration, kept under its liveness lease: gone when the agent stops."""
+
+    name: str
+    address: str  # AgentService host:port
+    data_address: str  # data-plane host:port
+    capacity_bytes: int
+    allocated_bytes: int = 0
+    controllers: tuple[str, ...] = ()
+    state_format_version: int = 1
+    started_at: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> NodeRecord:
+        data: dict[str, Any] = json.loads(raw)
+        data["controllers"] = tuple(data.get("controllers", ()))
+        return cls(**data)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.allocated_bytes
+
+
+@dataclass(frozen=True)
+class ControllerRecord:
+    """Who owns a controller. Only the owner may run it; COMMIT moves ownership in one CAS."""
+
+    controller_id: str
+    node: str
+    namespace_bytes: int
+    job_id: str = ""  # the job that last moved it
+    state: str = "RUNNING"
+    history: tuple[str, ...] = field(default=())
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ControllerRecord:
+        data: dict[str, Any] = json.loads(raw)
+        data["history"] = tuple(data.get("history", ()))
+        return cls(**data)
+
+    def moved_to(self, node: str, job_id: str) -> ControllerRecord:
+        return replace(self, node=node, job_id=job_id, history=(*self.history, self.node))

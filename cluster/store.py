@@ -1,0 +1,216 @@
+"""All etcd access of the project: key layout, compare-and-swap writes, leases, leader election.
+
+Keys (prefix /nvmigrate/):
+  jobs/<job-id>              job record (JSON, written by the orchestrator; every write a CAS on
+                             the key's mod revision)
+  active/<controller-id>     the job currently moving that controller (one at a time)
+  controllers/<id>           ControllerRecord: which node owns the controller
+  nodes/<name>               NodeRecord, attached to the agent's liveness lease
+  leader                     the orchestrator that drives jobs, attached to its lease
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aetcd
+import aetcd.exceptions
+
+from cluster.records import ControllerRecord, NodeRecord
+
+log = logging.getLogger(__name__)
+
+PREFIX = b"/nvmigrate/"
+JOBS = PREFIX + b"jobs/"
+ACTIVE = PREFIX + b"active/"
+CONTROLLERS = PREFIX + b"controllers/"
+NODES = PREFIX + b"nodes/"
+LEADER = PREFIX + b"leader"
+
+EtcdError = aetcd.exceptions.ClientError
+
+
+class ConflictError(Exception):
+    """A compare-and-swap lost: someone else wrote first. Re-read and decide again."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    value: bytes
+    mod_revision: int
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r} is malformed: expected HOST:PORT, e.g. 127.0.0.1:2379")
+    return host, int(port)
+
+
+class EtcdStore:
+    def __init__(self, endpoint: str, timeout_s: int = 5) -> None:
+        host, port = parse_endpoint(endpoint)
+        self.endpoint = endpoint
+        self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+        self._tx = self._client.transactions
+
+    async def connect(self) -> None:
+        await self._client.connect()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _get(self, key: bytes) -> Versioned | None:
+        got = await self._client.get(key)
+        if got is None:
+            return None
+        return Versioned(got.value, got.mod_revision)
+
+    async def _list(self, prefix: bytes) -> list[tuple[bytes, Versioned]]:
+        got = await self._client.get_prefix(prefix)
+        return [(kv.key, Versioned(kv.value, kv.mod_revision)) for kv in got]
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, job_id: str, controller_id: str, record: bytes) -> int:
+        """Writes a new job and marks its controller as being moved, both or neither."""
+        job_key, active_key = JOBS + job_id.encode(), ACTIVE + controller_id.encode()
+        ok, responses = await self._client.transaction(
+            compare=[self._tx.version(job_key) == 0, self._tx.version(active_key) == 0],
+            success=[self._tx.put(job_key, record), self._tx.put(active_key, job_id.encode())],
+            failure=[],
+        )
+        if not ok:
+            raise ConflictError(f"controller {controller_id!r} already has a migration in progress")
+        return int(responses[0].response_put.header.revision)
+
+    async def active_job_for(self, controller_id: str) -> str | None:
+        got = await self._get(ACTIVE + controller_id.encode())
+        return got.value.decode() if got else None
+
+    async def get_job(self, job_id: str) -> Versioned | None:
+        return await self._get(JOBS + job_id.encode())
+
+    async def list_jobs(self) -> list[Versioned]:
+        return [v for _, v in await self._list(JOBS)]
+
+    async def update_job(self, job_id: str, record: bytes, expected_revision: int, *,
+                         release_controller: str | None = None) -> int:
+        """CAS on the job's mod revision; with release_controller the active marker goes too."""
+        job_key = JOBS + job_id.encode()
+        ops = [self._tx.put(job_key, record)]
+        if release_controller is not None:
+            ops.append(self._tx.delete(ACTIVE + release_controller.encode()))
+        ok, responses = await self._client.transaction(
+            compare=[self._tx.mod(job_key) == expected_revision], success=ops, failure=[],
+        )
+        if not ok:
+            raise ConflictError(f"job {job_id} changed since revision {expected_revision}")
+        return int(responses[0].response_put.header.revision)
+
+    async def commit_ownership(self, job_id: str, record: bytes, expected_revision: int,
+                               controller: ControllerRecord, controller_revision: int,
+                               new_owner: str) -> int:
+        """The switchover point: job phase and controller ownership change in one transaction."""
+        job_key = JOBS + job_id.encode()
+        ctrl_key = CONTROLLERS + controller.controller_id.encode()
+        moved = controller.moved_to(new_owner, job_id)
+        ok, responses = await self._client.transaction(
+            compare=[self._tx.mod(job_key) == expected_revision,
+                     self._tx.mod(ctrl_key) == controller_revision],
+            success=[self._tx.put(job_key, record), self._tx.put(ctrl_key, moved.to_bytes())],
+            failure=[],
+        )
+        if not ok:
+            raise ConflictError(f"job {job_id} or controller {controller.controller_id} changed; "
+                                "ownership was not moved")
+        return int(responses[0].response_put.header.revision)
+
+    # ---- controllers ------------------------------------------------------------------------
+
+    async def get_controller(self, controller_id: str) -> tuple[ControllerRecord, int] | None:
+        got = await self._get(CONTROLLERS + controller_id.encode())
+        return (ControllerRecord.from_bytes(got.value), got.mod_revision) if got else None
+
+    async def claim_controller(self, record: ControllerRecord) -> bool:
+        """Records a new controller's owner; False when the id is already owned elsewhere."""
+        key = CONTROLLERS + record.controller_id.encode()
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.version(key) == 0], success=[self._tx.put(key, record.to_bytes())], failure=[],
+        )
+        if ok:
+            return True
+        existing = await self.get_controller(record.controller_id)
+        return existing is not None and existing[0].node == record.node
+
+    async def list_controllers(self) -> list[ControllerRecord]:
+        return [ControllerRecord.from_bytes(v.value) for _, v in await self._list(CONTROLLERS)]
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return [NodeRecord.from_bytes(v.value) for _, v in await self._list(NODES)]
+
+    async def get_node(self, name: str) -> NodeRecord | None:
+        got = await self._get(NODES + name.encode())
+        return NodeRecord.from_bytes(got.value) if got else None
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        lease = await self._client.lease(ttl_s)
+        return int(lease.id)
+
+    async def refresh_lease(self, lease_id: int) -> bool:
+        """False when the lease is gone (expired): the holder has lost what it held."""
+        reply = await self._client.refresh_lease(lease_id)
+        return reply is not None and reply.TTL > 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        await self._client.revoke_lease(lease_id)
+
+    async def put_node(self, record: NodeRecord, lease_id: int) -> None:
+        await self._client.put(NODES + record.name.encode(), record.to_bytes(), lease=lease_id)
+
+    # ---- leader -----------------------------------------------------------------------------
+
+    async def try_become_leader(self, candidate: str, lease_id: int) -> int | None:
+        """Takes the leader key if free. Returns the term (the revision that created the key,
+        which grows with every new leader) or None when someone else leads."""
+        ok, responses = await self._client.transaction(
+            compare=[self._tx.version(LEADER) == 0],
+            success=[self._tx.put(LEADER, candidate.encode(), lease=lease_id)],
+            failure=[],
+        )
+        return int(responses[0].response_put.header.revision) if ok else None
+
+    async def leader(self) -> str | None:
+        got = await self._get(LEADER)
+        return got.value.decode() if got else None
+
+    async def resign(self, candidate: str) -> None:
+        await self._client.transaction(
+            compare=[self._tx.value(LEADER) == candidate.encode()],
+            success=[self._tx.delete(LEADER)], failure=[],
+        )
+
+
+async def keep_lease_alive(store: EtcdStore, lease_id: int, ttl_s: int,
+                           on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Refreshes a lease at a third of its TTL until cancelled; calls on_lost if it expires."""
+    interval_s = max(ttl_s / 3.0, 0.2)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            alive = await store.refresh_lease(lease_id)
+        except EtcdError as exc:
+            log.warning("lease %x refresh failed: %s", lease_id, exc)
+            continue
+        if not alive:
+            log.error("lease %x expired", lease_id)
+            if on_lost is not None:
+                with contextlib.suppress(Exception):
+                    await on_lost()
+            return

@@ -1,0 +1,1 @@
+"""The orchestrator: stores migration jobs in etcd and drives them through their phases."""

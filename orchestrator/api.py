@@ -1,0 +1,253 @@
+"""MigrationService: the orchestrator's gRPC API. Validates requests, writes jobs, reads state.
+
+Refusals use the status code that says what kind of problem it is and a message that names the
+bad value: INVALID_ARGUMENT for a malformed request, NOT_FOUND for something that does not
+exist, FAILED_PRECONDITION when the cluster's state forbids it. A refused request writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import grpc.aio
+
+from cluster import names
+from cluster.store import ConflictError, EtcdError, EtcdStore
+from orchestrator import scheduler
+from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, PhaseEntry, Policy
+from proto.v1 import migration_pb2, migration_pb2_grpc
+
+WATCH_POLL_S = 0.2
+
+_ON_NO_CONVERGENCE = {
+    migration_pb2.NO_CONVERGENCE_ACTION_UNSPECIFIED: OnNoConvergence.THROTTLE,
+    migration_pb2.THROTTLE: OnNoConvergence.THROTTLE,
+    migration_pb2.ABORT: OnNoConvergence.ABORT,
+    migration_pb2.FORCE: OnNoConvergence.FORCE,
+}
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def policy_from_request(msg: migration_pb2.ConvergencePolicy) -> Policy:
+    defaults = Policy()
+    values: dict[str, int] = {}
+    for field in ("max_downtime_ms", "max_rounds", "bandwidth_bytes_per_s"):
+        if msg.HasField(field):
+            value = getattr(msg, field)
+            if value <= 0:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"policy.{field} must be greater than 0, got {value}; leave it unset for "
+                              f"the default")
+            values[field] = value
+    action = _ON_NO_CONVERGENCE.get(msg.on_no_convergence)
+    if action is None:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"policy.on_no_convergence {msg.on_no_convergence} is unknown; use THROTTLE, ABORT or FORCE")
+    return Policy(max_downtime_ms=values.get("max_downtime_ms", defaults.max_downtime_ms),
+                  max_rounds=values.get("max_rounds", defaults.max_rounds),
+                  bandwidth_bytes_per_s=values.get("bandwidth_bytes_per_s", 0),
+                  on_no_convergence=action)
+
+
+def job_to_message(job: Job) -> migration_pb2.Migration:
+    policy = migration_pb2.ConvergencePolicy(
+        max_downtime_ms=job.policy.max_downtime_ms, max_rounds=job.policy.max_rounds,
+        on_no_convergence=migration_pb2.NoConvergenceAction.Value(job.policy.on_no_convergence.value))
+    if job.policy.bandwidth_bytes_per_s:
+        policy.bandwidth_bytes_per_s = job.policy.bandwidth_bytes_per_s
+    return migration_pb2.Migration(
+        id=job.id, controller_id=job.controller_id, source_node=job.source_node,
+        destination_node=job.destination_node, phase=migration_pb2.Phase.Value(job.phase.value),
+        reason=job.reason,
+        phases=[migration_pb2.PhaseRecord(phase=migration_pb2.Phase.Value(p.phase.value), started_at=p.started_at,
+                                          duration_ms=p.duration_ms, bytes=p.bytes, rounds=p.rounds, note=p.note)
+                for p in job.phases],
+        bytes_transferred=job.bytes_transferred, namespace_bytes=job.namespace_bytes, rounds=job.rounds,
+        throttle_percent=job.throttle_percent, dirty_rate_bytes_per_s=job.dirty_rate_bytes_per_s,
+        created_at=job.created_at, updated_at=job.updated_at, epoch=job.epoch,
+        cancel_requested=job.cancel_requested, policy=policy, source_digest=job.source_digest,
+        destination_digest=job.destination_digest, downtime_ms=job.downtime_ms)
+
+
+class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
+    def __init__(self, store: EtcdStore, on_job_created: Callable[[], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.on_job_created = on_job_created
+        self.clock = clock
+
+    async def _guard(self, context: grpc.aio.ServicerContext, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
+        except EtcdError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}; retry shortly")
+
+    # ---- create -------------------------------------------------------------------------
+
+    async def CreateMigration(self, request: migration_pb2.CreateMigrationRequest,
+                              context: grpc.aio.ServicerContext) -> migration_pb2.Migration:
+        return await self._guard(context, self._create(request))
+
+    async def _create(self, request: migration_pb2.CreateMigrationRequest) -> migration_pb2.Migration:
+        if not request.controller_id:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "controller_id is required")
+        problem = names.controller_id_problem(request.controller_id)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if request.destination_node:
+            problem = names.node_name_problem(request.destination_node)
+            if problem:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        policy = policy_from_request(request.policy)
+        owned = await self.store.get_controller(request.controller_id)
+        if owned is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"controller {request.controller_id!r} is not known; `orchctl controllers` lists them")
+        controller = owned[0]
+        nodes = {n.name: n for n in await self.store.list_nodes()}
+        if controller.node not in nodes:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {controller.controller_id!r} is on node {controller.node!r}, whose agent "
+                          "is not live; it cannot be migrated until that node is back")
+        dest = request.destination_node
+        if dest:
+            if dest == controller.node:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"destination node {dest!r} is where controller {controller.controller_id!r} "
+                              "already runs; choose another node or omit --to")
+            if dest not in nodes:
+                raise Refused(grpc.StatusCode.NOT_FOUND,
+                              f"destination node {dest!r} is not a registered live agent; `orchctl nodes` "
+                              "lists them")
+            problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
+                                             namespace_bytes=controller.namespace_bytes, cordoned=())
+            if problem:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        else:
+            placement = scheduler.choose_destination(list(nodes.values()), source=controller.node,
+                                                     namespace_bytes=controller.namespace_bytes)
+            if placement.node is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
+        active = await self.store.active_job_for(controller.controller_id)
+        if active:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {controller.controller_id!r} is already being moved by job {active}; "
+                          "wait for it or cancel it")
+        now = self.clock()
+        job = Job(id=f"mig-{secrets.token_hex(6)}", controller_id=controller.controller_id,
+                  source_node=controller.node, namespace_bytes=controller.namespace_bytes, policy=policy,
+                  created_at=now, updated_at=now, requested_destination=dest,
+                  phases=(PhaseEntry(Phase.PENDING, now),))
+        try:
+            await self.store.create_job(job.id, job.controller_id, job.to_bytes())
+        except ConflictError as exc:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; wait for it or cancel it") from None
+        self.on_job_created()
+        return job_to_message(job)
+
+    # ---- read ---------------------------------------------------------------------------
+
+    async def _job(self, job_id: str) -> tuple[Job, int]:
+        problem = names.job_id_problem(job_id)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        got = await self.store.get_job(job_id)
+        if got is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} does not exist; `orchctl list` shows jobs")
+        return Job.from_bytes(got.value), got.mod_revision
+
+    async def GetMigration(self, request: migration_pb2.GetMigrationRequest,
+                           context: grpc.aio.ServicerContext) -> migration_pb2.Migration:
+        async def get() -> migration_pb2.Migration:
+            return job_to_message((await self._job(request.id))[0])
+        return await self._guard(context, get())
+
+    async def ListMigrations(self, request: migration_pb2.ListMigrationsRequest,
+                             context: grpc.aio.ServicerContext) -> migration_pb2.ListMigrationsResponse:
+        async def list_jobs() -> migration_pb2.ListMigrationsResponse:
+            jobs = [Job.from_bytes(v.value) for v in await self.store.list_jobs()]
+            jobs = [j for j in jobs if (not request.active_only or not j.terminal)
+                    and (not request.controller_id or j.controller_id == request.controller_id)]
+            jobs.sort(key=lambda j: j.created_at)
+            return migration_pb2.ListMigrationsResponse(migrations=[job_to_message(j) for j in jobs])
+        return await self._guard(context, list_jobs())
+
+    async def WatchMigration(self, request: migration_pb2.WatchMigrationRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[migration_pb2.MigrationEvent]:
+        try:
+            job, revision = await self._job(request.id)
+        except Refused as exc:
+            await context.abort(exc.code, exc.message)
+            return
+        yield migration_pb2.MigrationEvent(migration=job_to_message(job))
+        while not job.terminal:
+            await asyncio.sleep(WATCH_POLL_S)  # poll interval of the stream, not a synchronisation
+            try:
+                got = await self.store.get_job(request.id)
+            except EtcdError:
+                continue
+            if got is None:
+                return
+            if got.mod_revision != revision:
+                job, revision = Job.from_bytes(got.value), got.mod_revision
+                yield migration_pb2.MigrationEvent(migration=job_to_message(job))
+
+    async def CancelMigration(self, request: migration_pb2.CancelMigrationRequest,
+                              context: grpc.aio.ServicerContext) -> migration_pb2.Migration:
+        return await self._guard(context, self._cancel(request.id))
+
+    async def _cancel(self, job_id: str) -> migration_pb2.Migration:
+        for _ in range(20):
+            job, revision = await self._job(job_id)
+            if job.terminal:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"job {job_id} already ended as {job.phase}; nothing to cancel")
+            if job.phase not in BEFORE_COMMIT:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"job {job_id} is past COMMIT (phase {job.phase}): the controller now belongs to "
+                              f"{job.destination_node} and the job will complete there")
+            if job.cancel_requested:
+                return job_to_message(job)
+            try:
+                updated = job.with_fields(self.clock(), cancel_requested=True)
+                await self.store.update_job(job_id, updated.to_bytes(), revision)
+                return job_to_message(updated)
+            except ConflictError:
+                continue  # the runner wrote in between: read again
+        raise Refused(grpc.StatusCode.ABORTED, f"job {job_id} kept changing; retry the cancel")
+
+    async def ListNodes(self, request: migration_pb2.ListNodesRequest,
+                        context: grpc.aio.ServicerContext) -> migration_pb2.ListNodesResponse:
+        async def list_nodes() -> migration_pb2.ListNodesResponse:
+            nodes = sorted(await self.store.list_nodes(), key=lambda n: n.name)
+            return migration_pb2.ListNodesResponse(nodes=[
+                migration_pb2.Node(name=n.name, address=n.address, data_address=n.data_address, live=True,
+                                   capacity_bytes=n.capacity_bytes, allocated_bytes=n.allocated_bytes,
+                                   controllers=list(n.controllers))
+                for n in nodes])
+        return await self._guard(context, list_nodes())
+
+    async def ListControllers(self, request: migration_pb2.ListControllersRequest,
+                              context: grpc.aio.ServicerContext) -> migration_pb2.ListControllersResponse:
+        async def list_controllers() -> migration_pb2.ListControllersResponse:
+            records = sorted(await self.store.list_controllers(), key=lambda c: c.controller_id)
+            return migration_pb2.ListControllersResponse(controllers=[
+                migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes,
+                                         state=c.state) for c in records])
+        return await self._guard(context, list_controllers())
+
+
+def phase_of(message: migration_pb2.Migration) -> Phase:
+    return Phase(migration_pb2.Phase.Name(message.phase))

@@ -1,0 +1,72 @@
+"""Owns the job runners of the leading orchestrator: starts one per unfinished job, bounded by the
+concurrency limit, and cancels them all when leadership ends.
+
+Jobs are found by scanning etcd (at start, when the API accepts a job, and periodically), so a
+new leader picks up every job the previous one left in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from cluster.store import EtcdError, EtcdStore
+from orchestrator.agent_client import AgentDirectory
+from orchestrator.jobs import Job
+from orchestrator.runner import JobRunner, run_job
+
+log = logging.getLogger(__name__)
+
+RESCAN_INTERVAL_S = 2.0
+
+
+class JobDispatcher:
+    def __init__(self, store: EtcdStore, agents: AgentDirectory, epoch: int, max_concurrent: int) -> None:
+        self.store = store
+        self.agents = agents
+        self.epoch = epoch
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._scanner: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._scanner = asyncio.create_task(self._scan_loop(), name="job-scan")
+
+    def poke(self) -> None:
+        """A job was created: scan now instead of at the next interval."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                await self._scan()
+            except EtcdError as exc:
+                log.warning("job scan failed, retrying: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESCAN_INTERVAL_S)
+            self._wake.clear()
+
+    async def _scan(self) -> None:
+        for versioned in await self.store.list_jobs():
+            job = Job.from_bytes(versioned.value)
+            if job.terminal or job.id in self._tasks:
+                continue
+            self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=f"job-{job.id}")
+
+    async def _run(self, job_id: str) -> None:
+        try:
+            async with self._slots:
+                await run_job(JobRunner(self.store, self.agents, job_id, self.epoch))
+        finally:
+            self._tasks.pop(job_id, None)

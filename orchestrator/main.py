@@ -1,0 +1,144 @@
+"""The orchestrator process: serves MigrationService and, while it holds the leader lease, drives
+the jobs. Every replica answers the API; only the leader runs jobs.
+
+    nvmigrate-orchestrator --etcd 127.0.0.1:2379 --listen 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.store import EtcdError, EtcdStore, keep_lease_alive
+from orchestrator.agent_client import AgentDirectory
+from orchestrator.api import MigrationApi
+from orchestrator.dispatcher import JobDispatcher
+from proto.v1 import migration_pb2, migration_pb2_grpc
+
+log = logging.getLogger("orchestrator")
+
+
+class Orchestrator:
+    def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int) -> None:
+        self.store = store
+        self.name = name
+        self.lease_ttl_s = lease_ttl_s
+        self.max_concurrent = max_concurrent
+        self.agents = AgentDirectory()
+        self.dispatcher: JobDispatcher | None = None
+        self.api = MigrationApi(store, on_job_created=self._poke)
+
+    def _poke(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.poke()
+
+    async def lead_forever(self) -> None:
+        """Campaigns for the leader key; while held, a dispatcher drives the jobs."""
+        while True:
+            try:
+                lease_id = await self.store.grant_lease(self.lease_ttl_s)
+                term = await self.store.try_become_leader(self.name, lease_id)
+                if term is None:
+                    await self.store.revoke_lease(lease_id)
+                    await asyncio.sleep(max(self.lease_ttl_s / 3.0, 0.2))  # campaign retry interval
+                    continue
+            except EtcdError as exc:
+                log.warning("etcd unavailable while campaigning: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            log.info("%s leads with epoch %d", self.name, term)
+            lost = asyncio.Event()
+
+            async def on_lost(lost: asyncio.Event = lost) -> None:
+                lost.set()
+
+            keeper = asyncio.create_task(keep_lease_alive(self.store, lease_id, self.lease_ttl_s, on_lost))
+            self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent)
+            self.dispatcher.start()
+            try:
+                await lost.wait()
+                log.error("%s lost the leader lease; stopping job runners", self.name)
+            finally:
+                await self.dispatcher.stop()
+                self.dispatcher = None
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+
+
+async def serve(args: argparse.Namespace) -> int:
+    store = EtcdStore(args.etcd)
+    await store.connect()
+    orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent)
+    server = grpc.aio.server()
+    migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
+                     reflection.SERVICE_NAME, health.SERVICE_NAME)
+    reflection.enable_server_reflection(service_names, server)
+    try:
+        port = server.add_insecure_port(args.listen)
+    except RuntimeError as exc:
+        print(f"error: cannot listen on {args.listen!r}: {exc}", file=sys.stderr)
+        return 2
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    host = args.listen.rpartition(":")[0]
+    print(f"orchestrator {args.name} serving on {host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    leading = asyncio.create_task(orchestrator.lead_forever(), name="lead")
+    await stop.wait()
+    leading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leading
+    if orchestrator.dispatcher is not None:
+        await orchestrator.dispatcher.stop()
+    with contextlib.suppress(EtcdError):
+        await store.resign(args.name)
+    await server.stop(grace=1.0)
+    await orchestrator.agents.close()
+    await store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nvmigrate-orchestrator", description="NVMe live-migration orchestrator")
+    parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"),
+                        help="etcd endpoint HOST:PORT")
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC listen address HOST:PORT")
+    parser.add_argument("--name", default=f"orchestrator-{socket.gethostname()}-{os.getpid()}")
+    parser.add_argument("--lease-ttl-s", type=int, default=5, help="leader lease TTL in seconds")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="migrations driven at once")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if args.lease_ttl_s < 1:
+        parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
+    if args.max_concurrent < 1:
+        parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except EtcdError as exc:
+        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

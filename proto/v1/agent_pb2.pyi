@@ -1,0 +1,225 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentInfo(_message.Message):
+    __slots__ = ("node", "data_address", "capacity_bytes", "allocated_bytes", "controllers", "state_format_version")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    data_address: str
+    capacity_bytes: int
+    allocated_bytes: int
+    controllers: _containers.RepeatedCompositeFieldContainer[ControllerStatus]
+    state_format_version: int
+    def __init__(self, node: _Optional[str] = ..., data_address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[_Union[ControllerStatus, _Mapping]]] = ..., state_format_version: _Optional[int] = ...) -> None: ...
+
+class WorkloadSpec(_message.Message):
+    __slots__ = ("write_iops", "block_bytes", "pattern", "hot_fraction", "seed")
+    WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    HOT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    write_iops: int
+    block_bytes: int
+    pattern: str
+    hot_fraction: float
+    seed: int
+    def __init__(self, write_iops: _Optional[int] = ..., block_bytes: _Optional[int] = ..., pattern: _Optional[str] = ..., hot_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CreateControllerRequest(_message.Message):
+    __slots__ = ("controller_id", "namespace_bytes", "prefill", "workload")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    namespace_bytes: int
+    prefill: bool
+    workload: WorkloadSpec
+    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., prefill: _Optional[bool] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ...) -> None: ...
+
+class GetControllerRequest(_message.Message):
+    __slots__ = ("controller_id",)
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    def __init__(self, controller_id: _Optional[str] = ...) -> None: ...
+
+class StartWorkloadRequest(_message.Message):
+    __slots__ = ("controller_id", "workload")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    workload: WorkloadSpec
+    def __init__(self, controller_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ...) -> None: ...
+
+class WorkloadStatus(_message.Message):
+    __slots__ = ("running", "paused", "acked_writes", "throttle_percent", "max_gap_ms", "blackout_ms", "next_seq", "writes_per_s", "pauses")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    ACKED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_GAP_MS_FIELD_NUMBER: _ClassVar[int]
+    BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    WRITES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSES_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    paused: bool
+    acked_writes: int
+    throttle_percent: int
+    max_gap_ms: float
+    blackout_ms: float
+    next_seq: int
+    writes_per_s: float
+    pauses: int
+    def __init__(self, running: _Optional[bool] = ..., paused: _Optional[bool] = ..., acked_writes: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., max_gap_ms: _Optional[float] = ..., blackout_ms: _Optional[float] = ..., next_seq: _Optional[int] = ..., writes_per_s: _Optional[float] = ..., pauses: _Optional[int] = ...) -> None: ...
+
+class ControllerStatus(_message.Message):
+    __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VFIO_STATE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    node: str
+    vfio_state: str
+    namespace_bytes: int
+    workload: WorkloadStatus
+    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("ok", "blocks_checked", "mismatches", "first_mismatch", "node", "digest", "controller")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    blocks_checked: int
+    mismatches: int
+    first_mismatch: str
+    node: str
+    digest: str
+    controller: ControllerStatus
+    def __init__(self, ok: _Optional[bool] = ..., blocks_checked: _Optional[int] = ..., mismatches: _Optional[int] = ..., first_mismatch: _Optional[str] = ..., node: _Optional[str] = ..., digest: _Optional[str] = ..., controller: _Optional[_Union[ControllerStatus, _Mapping]] = ...) -> None: ...
+
+class MigrationRef(_message.Message):
+    __slots__ = ("job_id", "epoch", "controller_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    controller_id: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., controller_id: _Optional[str] = ...) -> None: ...
+
+class PrepareDestinationRequest(_message.Message):
+    __slots__ = ("ref", "namespace_bytes", "state_format_version", "source_node")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    ref: MigrationRef
+    namespace_bytes: int
+    state_format_version: int
+    source_node: str
+    def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., namespace_bytes: _Optional[int] = ..., state_format_version: _Optional[int] = ..., source_node: _Optional[str] = ...) -> None: ...
+
+class PrepareDestinationResponse(_message.Message):
+    __slots__ = ("data_address", "token")
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    data_address: str
+    token: str
+    def __init__(self, data_address: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class StartPrecopyRequest(_message.Message):
+    __slots__ = ("ref", "destination_data_address", "token", "bandwidth_bytes_per_s")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ref: MigrationRef
+    destination_data_address: str
+    token: str
+    bandwidth_bytes_per_s: int
+    def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., destination_data_address: _Optional[str] = ..., token: _Optional[str] = ..., bandwidth_bytes_per_s: _Optional[int] = ...) -> None: ...
+
+class DirtyRoundRequest(_message.Message):
+    __slots__ = ("ref", "round", "bandwidth_bytes_per_s", "throttle_percent")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ref: MigrationRef
+    round: int
+    bandwidth_bytes_per_s: int
+    throttle_percent: int
+    def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., round: _Optional[int] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., throttle_percent: _Optional[int] = ...) -> None: ...
+
+class TransferResult(_message.Message):
+    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round")
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_BYTES_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    bytes_sent: int
+    blocks_sent: int
+    duration_s: float
+    dirty_bytes_remaining: int
+    dirty_rate_bytes_per_s: float
+    state_bytes: int
+    round: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("job_id", "role", "stage", "epoch", "bytes_sent", "bytes_received", "digest", "error", "guest_blackout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    GUEST_BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    role: str
+    stage: str
+    epoch: int
+    bytes_sent: int
+    bytes_received: int
+    digest: str
+    error: str
+    guest_blackout_ms: float
+    def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ...) -> None: ...
+
+class InjectFaultRequest(_message.Message):
+    __slots__ = ("corrupt_frame",)
+    CORRUPT_FRAME_FIELD_NUMBER: _ClassVar[int]
+    corrupt_frame: int
+    def __init__(self, corrupt_frame: _Optional[int] = ...) -> None: ...
+
+class InjectFaultResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

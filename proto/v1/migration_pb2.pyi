@@ -1,0 +1,218 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    PENDING: _ClassVar[Phase]
+    PREPARING: _ClassVar[Phase]
+    PRECOPY: _ClassVar[Phase]
+    DIRTY_ITERATION: _ClassVar[Phase]
+    STOP_AND_COPY: _ClassVar[Phase]
+    COMMIT: _ClassVar[Phase]
+    RESUMING: _ClassVar[Phase]
+    COMPLETED: _ClassVar[Phase]
+    ROLLED_BACK: _ClassVar[Phase]
+    FAILED: _ClassVar[Phase]
+    CANCELLED: _ClassVar[Phase]
+
+class NoConvergenceAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NO_CONVERGENCE_ACTION_UNSPECIFIED: _ClassVar[NoConvergenceAction]
+    THROTTLE: _ClassVar[NoConvergenceAction]
+    ABORT: _ClassVar[NoConvergenceAction]
+    FORCE: _ClassVar[NoConvergenceAction]
+PHASE_UNSPECIFIED: Phase
+PENDING: Phase
+PREPARING: Phase
+PRECOPY: Phase
+DIRTY_ITERATION: Phase
+STOP_AND_COPY: Phase
+COMMIT: Phase
+RESUMING: Phase
+COMPLETED: Phase
+ROLLED_BACK: Phase
+FAILED: Phase
+CANCELLED: Phase
+NO_CONVERGENCE_ACTION_UNSPECIFIED: NoConvergenceAction
+THROTTLE: NoConvergenceAction
+ABORT: NoConvergenceAction
+FORCE: NoConvergenceAction
+
+class ConvergencePolicy(_message.Message):
+    __slots__ = ("max_downtime_ms", "max_rounds", "bandwidth_bytes_per_s", "on_no_convergence")
+    MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ON_NO_CONVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    max_downtime_ms: int
+    max_rounds: int
+    bandwidth_bytes_per_s: int
+    on_no_convergence: NoConvergenceAction
+    def __init__(self, max_downtime_ms: _Optional[int] = ..., max_rounds: _Optional[int] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., on_no_convergence: _Optional[_Union[NoConvergenceAction, str]] = ...) -> None: ...
+
+class CreateMigrationRequest(_message.Message):
+    __slots__ = ("controller_id", "destination_node", "policy")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    destination_node: str
+    policy: ConvergencePolicy
+    def __init__(self, controller_id: _Optional[str] = ..., destination_node: _Optional[str] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ...) -> None: ...
+
+class PhaseRecord(_message.Message):
+    __slots__ = ("phase", "started_at", "duration_ms", "bytes", "rounds", "note")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    phase: Phase
+    started_at: float
+    duration_ms: float
+    bytes: int
+    rounds: int
+    note: str
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., started_at: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class Migration(_message.Message):
+    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    controller_id: str
+    source_node: str
+    destination_node: str
+    phase: Phase
+    reason: str
+    phases: _containers.RepeatedCompositeFieldContainer[PhaseRecord]
+    bytes_transferred: int
+    namespace_bytes: int
+    rounds: int
+    throttle_percent: int
+    dirty_rate_bytes_per_s: float
+    created_at: float
+    updated_at: float
+    epoch: int
+    cancel_requested: bool
+    policy: ConvergencePolicy
+    source_digest: str
+    destination_digest: str
+    downtime_ms: float
+    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ...) -> None: ...
+
+class GetMigrationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListMigrationsRequest(_message.Message):
+    __slots__ = ("active_only", "controller_id")
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    active_only: bool
+    controller_id: str
+    def __init__(self, active_only: _Optional[bool] = ..., controller_id: _Optional[str] = ...) -> None: ...
+
+class ListMigrationsResponse(_message.Message):
+    __slots__ = ("migrations",)
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    migrations: _containers.RepeatedCompositeFieldContainer[Migration]
+    def __init__(self, migrations: _Optional[_Iterable[_Union[Migration, _Mapping]]] = ...) -> None: ...
+
+class WatchMigrationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class MigrationEvent(_message.Message):
+    __slots__ = ("migration",)
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    migration: Migration
+    def __init__(self, migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
+
+class CancelMigrationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("name", "address", "data_address", "live", "cordoned", "capacity_bytes", "allocated_bytes", "controllers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    data_address: str
+    live: bool
+    cordoned: bool
+    capacity_bytes: int
+    allocated_bytes: int
+    controllers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., live: _Optional[bool] = ..., cordoned: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
+
+class Controller(_message.Message):
+    __slots__ = ("id", "node", "namespace_bytes", "state")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    node: str
+    namespace_bytes: int
+    state: str
+    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ListControllersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListControllersResponse(_message.Message):
+    __slots__ = ("controllers",)
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    controllers: _containers.RepeatedCompositeFieldContainer[Controller]
+    def __init__(self, controllers: _Optional[_Iterable[_Union[Controller, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,81 @@
+"""The convergence policy, table-driven and property-based."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator.convergence import THROTTLE_STEPS, Action, RoundFacts, decide, estimated_downtime_ms
+from orchestrator.jobs import OnNoConvergence, Policy
+
+MB = 1_000_000
+
+
+def facts(round_no: int, remaining: int, sent: int = 100 * MB, duration_s: float = 1.0,
+          dirty_rate: float = 0.0) -> RoundFacts:
+    return RoundFacts(round_no, sent, duration_s, remaining, dirty_rate)
+
+
+def test_small_remainder_goes_to_stop_and_copy() -> None:
+    # 100 MB/s measured, 1 MB left = 10 ms + overhead, under 50 ms
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 1 * MB)], 0)
+    assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms < 50
+
+
+def test_large_remainder_asks_for_another_round_while_progressing() -> None:
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), facts(1, 20 * MB, dirty_rate=5 * MB)], 0)
+    assert d.action is Action.NEXT_ROUND
+
+
+def test_stalled_rounds_throttle_step_by_step_under_throttle_policy() -> None:
+    history = [facts(0, 40 * MB), facts(1, 40 * MB, dirty_rate=95 * MB)]
+    throttle = 0
+    seen = []
+    for _ in THROTTLE_STEPS:
+        d = decide(Policy(), history, throttle)
+        assert d.action is Action.THROTTLE and d.throttle_percent > throttle
+        throttle = d.throttle_percent
+        seen.append(throttle)
+    assert seen == list(THROTTLE_STEPS)
+    assert decide(Policy(), history, throttle).action is Action.NEXT_ROUND  # at the top: keep trying
+
+
+def test_rounds_exhausted_abort_or_force_per_policy() -> None:
+    history = [facts(0, 40 * MB), facts(5, 40 * MB, dirty_rate=95 * MB)]
+    for action, expected in ((OnNoConvergence.ABORT, Action.ABORT), (OnNoConvergence.THROTTLE, Action.ABORT),
+                             (OnNoConvergence.FORCE, Action.STOP_AND_COPY)):
+        d = decide(Policy(max_rounds=5, on_no_convergence=action), history, 40)
+        assert d.action is expected
+        assert "5 rounds" in d.reason
+
+
+def test_abort_policy_never_throttles() -> None:
+    history = [facts(0, 40 * MB), facts(1, 40 * MB, dirty_rate=95 * MB)]
+    assert decide(Policy(on_no_convergence=OnNoConvergence.ABORT), history, 0).action is Action.NEXT_ROUND
+
+
+def test_bandwidth_cap_bounds_the_rate_used_for_the_estimate() -> None:
+    capped = Policy(bandwidth_bytes_per_s=10 * MB)
+    assert estimated_downtime_ms([facts(0, 1 * MB)], capped) > estimated_downtime_ms([facts(0, 1 * MB)], Policy())
+    assert decide(Policy(max_downtime_ms=50, bandwidth_bytes_per_s=10 * MB), [facts(0, 1 * MB)], 0).action \
+        is not Action.STOP_AND_COPY
+
+
+@given(remaining=st.integers(0, 10**10), sent=st.integers(0, 10**10), duration=st.floats(0.0, 100.0),
+       max_downtime=st.integers(1, 10_000), rounds=st.integers(0, 50), max_rounds=st.integers(1, 50),
+       throttle=st.sampled_from((0, *THROTTLE_STEPS)), on=st.sampled_from(OnNoConvergence))
+def test_decisions_are_consistent(remaining: int, sent: int, duration: float, max_downtime: int, rounds: int,
+                                  max_rounds: int, throttle: int, on: OnNoConvergence) -> None:
+    policy = Policy(max_downtime_ms=max_downtime, max_rounds=max_rounds, on_no_convergence=on)
+    history = [facts(rounds, remaining, sent, duration)]
+    d = decide(policy, history, throttle)
+    if d.estimated_downtime_ms <= max_downtime:
+        assert d.action is Action.STOP_AND_COPY
+    if d.action is Action.ABORT:
+        assert on is not OnNoConvergence.FORCE and rounds >= max_rounds
+    if d.action is Action.THROTTLE:
+        assert on is OnNoConvergence.THROTTLE and d.throttle_percent > throttle
+    else:
+        assert d.throttle_percent == throttle
+    if rounds >= max_rounds:
+        assert d.action in (Action.STOP_AND_COPY, Action.ABORT)

@@ -1,0 +1,78 @@
+"""The job state machine: every phase change checked against the table, records round-trip."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator.jobs import ALLOWED, BEFORE_COMMIT, TERMINAL, IllegalPhaseChange, Job, OnNoConvergence, Phase, Policy
+
+# Written out independently of ALLOWED: what an operator may see a job do.
+EXPECTED = {
+    ("PENDING", "PREPARING"), ("PREPARING", "PRECOPY"), ("PREPARING", "PREPARING"),
+    ("PRECOPY", "DIRTY_ITERATION"), ("PRECOPY", "PREPARING"),
+    ("DIRTY_ITERATION", "STOP_AND_COPY"), ("DIRTY_ITERATION", "PREPARING"),
+    ("STOP_AND_COPY", "COMMIT"), ("COMMIT", "RESUMING"), ("RESUMING", "COMPLETED"), ("RESUMING", "FAILED"),
+} | {(a, b) for a in ("PENDING", "PREPARING", "PRECOPY", "DIRTY_ITERATION", "STOP_AND_COPY")
+     for b in ("ROLLED_BACK", "FAILED", "CANCELLED")}
+
+
+def job(**fields: object) -> Job:
+    return Job(id="mig-0123456789ab", controller_id="c1", source_node="n1", namespace_bytes=4096,
+               policy=Policy(), created_at=100.0, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("src", "dst"), list(itertools.product(Phase, Phase)))
+def test_every_phase_change_follows_the_table(src: Phase, dst: Phase) -> None:
+    start = job(phase=src)
+    if (src.value, dst.value) in EXPECTED:
+        moved = start.enter(dst, now=101.0)
+        assert moved.phase is dst and moved.phases[-1].phase is dst
+    else:
+        with pytest.raises(IllegalPhaseChange, match=f"{src} -> {dst}"):
+            start.enter(dst, now=101.0)
+    assert set(ALLOWED) == set(Phase)
+
+
+def test_nothing_goes_back_to_the_source_after_commit() -> None:
+    assert Phase.COMMIT not in BEFORE_COMMIT and Phase.RESUMING not in BEFORE_COMMIT
+    for after in (Phase.COMMIT, Phase.RESUMING):
+        assert not ALLOWED[after] & {Phase.ROLLED_BACK, Phase.CANCELLED}
+    assert all(not ALLOWED[t] for t in TERMINAL)
+
+
+def test_phase_timings_close_when_the_next_phase_starts() -> None:
+    j = job().enter(Phase.PREPARING, now=100.0).enter(Phase.PRECOPY, now=100.25)
+    j = j.record(100.5, add_bytes=4096, add_rounds=0)
+    j = j.enter(Phase.DIRTY_ITERATION, now=101.0)
+    prep, pre, dirty = j.phases
+    assert prep.duration_ms == pytest.approx(250.0)
+    assert pre.duration_ms == pytest.approx(750.0) and pre.bytes == 4096
+    assert dirty.duration_ms == 0.0 and j.bytes_transferred == 4096
+
+
+def test_end_requires_a_terminal_phase_and_keeps_the_reason() -> None:
+    with pytest.raises(IllegalPhaseChange):
+        job().end(Phase.PRECOPY, now=1.0, reason="x")
+    ended = job().enter(Phase.PREPARING, 1.0).end(Phase.FAILED, 2.0, reason="no room")
+    assert ended.terminal and ended.reason == "no room" and ended.phases[-1].note == "no room"
+
+
+@given(
+    phases=st.lists(st.sampled_from([Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION]), max_size=5),
+    policy=st.builds(Policy, max_downtime_ms=st.integers(1, 10_000), max_rounds=st.integers(1, 100),
+                     bandwidth_bytes_per_s=st.integers(0, 10**10), on_no_convergence=st.sampled_from(OnNoConvergence)),
+    cancel=st.booleans(), added=st.integers(0, 2**40),
+)
+def test_records_round_trip_through_json(phases: list[Phase], policy: Policy, cancel: bool, added: int) -> None:
+    j = Job(id="mig-0123456789ab", controller_id="c1", source_node="n1", namespace_bytes=4096, policy=policy,
+            created_at=1.5, cancel_requested=cancel, excluded_destinations=("n2",))
+    now = 2.0
+    for p in phases:
+        if p in ALLOWED[j.phase]:
+            j = j.enter(p, now).record(now, add_bytes=added, add_rounds=1)
+            now += 0.5
+    assert Job.from_bytes(j.to_bytes()) == j
