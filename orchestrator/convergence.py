@@ -48,7 +48,7 @@ def transfer_rate_bytes_per_s(history: Sequence[RoundFacts], policy: Policy) -> 
     """The best recent measure of how fast we copy; rounds too small to time are skipped."""
     rate = 0.0
     for facts in reversed(history):
-        if facts.duration_s > 0.005 and facts.bytes_sent >= 256 * 1024:
+        if facts.duration_s > 0.001 and facts.bytes_sent > 0:
             rate = facts.bytes_sent / facts.duration_s
             break
     if rate <= 0.0:
@@ -87,6 +87,11 @@ def decide(policy: Policy, history: Sequence[RoundFacts], throttle_percent: int)
         raise ValueError("decide() needs at least the precopy pass in history")
     estimate = estimated_downtime_ms(history, policy)
     rounds_done = history[-1].round
+    if rounds_done == 0 and history[-1].dirty_bytes_remaining > 0:
+        # Precopy timed a sequential stream; changed blocks are scattered and cost more per byte.
+        # One round of them measures the rate that the stop-and-copy will really see.
+        return Decision(Action.NEXT_ROUND, throttle_percent, estimate,
+                        "precopy done: one round of changed blocks to measure their copy rate")
     if estimate <= policy.max_downtime_ms:
         return Decision(Action.STOP_AND_COPY, throttle_percent, estimate,
                         f"estimated downtime {estimate:.1f} ms is within {policy.max_downtime_ms} ms")

@@ -324,6 +324,8 @@ class JobRunner:
             fresh = await self._load()
             if fresh.phase is Phase.COMMIT:
                 return  # our write landed before the conflict was reported
+            if fresh.cancel_requested:
+                raise CancelRequested() from None
             raise StepFailed(f"commit refused: job or controller {job.controller_id} changed") from None
         self.job = committed
         self.changed.set()

@@ -18,8 +18,21 @@ def facts(round_no: int, remaining: int, sent: int = 100 * MB, duration_s: float
 
 def test_small_remainder_goes_to_stop_and_copy() -> None:
     # 100 MB/s measured, 1 MB left = 10 ms + overhead, under 50 ms
-    d = decide(Policy(max_downtime_ms=50), [facts(0, 1 * MB)], 0)
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), facts(1, 1 * MB)], 0)
     assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms < 50
+
+
+def test_precopy_alone_never_decides_stop_and_copy_while_blocks_changed() -> None:
+    # the sequential precopy rate would promise 15 ms; scattered blocks must be timed first
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 1 * MB)], 0)
+    assert d.action is Action.NEXT_ROUND and d.estimated_downtime_ms < 50
+    assert decide(Policy(), [facts(0, 0)], 0).action is Action.STOP_AND_COPY
+
+
+def test_the_latest_timed_round_sets_the_rate() -> None:
+    slow_scattered = facts(1, 2 * MB, sent=2 * MB, duration_s=0.2)  # 10 MB/s for scattered blocks
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), slow_scattered], 0)
+    assert d.estimated_downtime_ms > 200 and d.action is Action.NEXT_ROUND
 
 
 def test_large_remainder_asks_for_another_round_while_progressing() -> None:
@@ -57,7 +70,9 @@ def test_abort_policy_never_throttles() -> None:
 def test_bandwidth_cap_bounds_the_rate_used_for_the_estimate() -> None:
     capped = Policy(bandwidth_bytes_per_s=10 * MB)
     assert estimated_downtime_ms([facts(0, 1 * MB)], capped) > estimated_downtime_ms([facts(0, 1 * MB)], Policy())
-    assert decide(Policy(max_downtime_ms=50, bandwidth_bytes_per_s=10 * MB), [facts(0, 1 * MB)], 0).action \
+    history = [facts(0, 9 * MB), facts(1, 1 * MB)]
+    assert decide(Policy(max_downtime_ms=50), history, 0).action is Action.STOP_AND_COPY
+    assert decide(Policy(max_downtime_ms=50, bandwidth_bytes_per_s=10 * MB), history, 0).action \
         is not Action.STOP_AND_COPY
 
 
@@ -69,6 +84,9 @@ def test_decisions_are_consistent(remaining: int, sent: int, duration: float, ma
     policy = Policy(max_downtime_ms=max_downtime, max_rounds=max_rounds, on_no_convergence=on)
     history = [facts(rounds, remaining, sent, duration)]
     d = decide(policy, history, throttle)
+    if rounds == 0 and remaining > 0:
+        assert d.action is Action.NEXT_ROUND
+        return
     if d.estimated_downtime_ms <= max_downtime:
         assert d.action is Action.STOP_AND_COPY
     if d.action is Action.ABORT:

@@ -1,0 +1,102 @@
+"""The backend contract: what the agent needs from a migratable NVMe controller.
+
+Three backends fulfil it: ``emulated`` (agent.emulated.controller.EmulatedController, used by
+every test), ``nvme-passthru`` (admin commands to a real PF) and ``vfio`` (the VFIO migration
+uAPI on a real VF).  The contract is the VFIO migration state machine (agent.vfio_states) plus
+the migration controller's view of the namespace: raw reads and writes, the allocated extents
+for the first copy, and changed-LBA tracking for the dirty rounds.
+
+LBAs are BLOCK_BYTES (4 KiB) blocks; byte offsets are into the namespace.  Every method may
+block on I/O, so asyncio callers run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from agent.vfio_states import VfioState
+
+BLOCK_BYTES = 4096
+
+
+@runtime_checkable
+class Snapshot(Protocol):
+    """A point-in-time view of a namespace that stays fixed while the guest keeps writing."""
+
+    def digest(self) -> str:
+        """sha256 hex of the namespace as it was when the snapshot was taken."""
+        ...
+
+    def close(self) -> None:
+        """Drop the view and the old block contents it preserved."""
+        ...
+
+
+@runtime_checkable
+class MigratableController(Protocol):
+    """A controller the migration controller (the host) can move between hosts."""
+
+    @property
+    def controller_id(self) -> str: ...
+
+    @property
+    def namespace_bytes(self) -> int: ...
+
+    @property
+    def vfio_state(self) -> VfioState: ...
+
+    def read_raw(self, offset: int, length: int) -> bytes:
+        """Read namespace bytes in any state (for copying and verification)."""
+        ...
+
+    def write_raw(self, offset: int, data: bytes) -> None:
+        """Apply migrated namespace bytes; only in RESUMING."""
+        ...
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """Sorted, merged (offset, length) ranges holding data, aligned to BLOCK_BYTES."""
+        ...
+
+    def start_dirty_tracking(self) -> None:
+        """Start logging changed LBAs (Track Send, LACT=start)."""
+        ...
+
+    def take_dirty_lbas(self) -> list[int]:
+        """The LBAs changed since the last call, sorted; clears the set."""
+        ...
+
+    def dirty_block_count(self) -> int:
+        """How many LBAs are changed and not yet taken."""
+        ...
+
+    def stop_dirty_tracking(self) -> None:
+        """Stop logging changed LBAs and drop the ones not yet taken."""
+        ...
+
+    def set_state(self, target: VfioState) -> None:
+        """Walk the VFIO state machine to ``target``, running each arc's device action."""
+        ...
+
+    def save_state(self) -> bytes:
+        """The controller state container (Get Controller State); in STOP or STOP_COPY."""
+        ...
+
+    def load_state(self, blob: bytes) -> None:
+        """Validate and apply a controller state container; only in RESUMING."""
+        ...
+
+    def digest(self) -> str:
+        """sha256 hex over the whole namespace, consistent at one point in time."""
+        ...
+
+    def begin_snapshot(self) -> Snapshot:
+        """A copy-on-write view of the namespace as it is now."""
+        ...
+
+    def release(self) -> None:
+        """Sanitize (destroy the namespace data); the controller is unusable afterwards."""
+        ...
+
+    def close(self) -> None:
+        """Release host resources but keep the namespace data."""
+        ...

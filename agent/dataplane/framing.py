@@ -1,0 +1,170 @@
+"""Wire framing for the migration data plane.
+
+Every message between the source and destination agent is one frame: a fixed 32-byte header
+followed by an opaque payload. The header carries a CRC-32 over the header fields before it and
+the payload, so a flipped bit anywhere in a frame is detected before the destination writes the
+data into a namespace.
+
+Header layout (network byte order)::
+
+    magic   4s   b"NVMG"
+    version u8   1
+    type    u8   FrameType
+    rsvd    u16  0
+    length  u32  payload length in bytes
+    offset  u64  byte offset in the namespace (EXTENT), else 0
+    seq     u64  EXTENT: running frame index; ROUND_END/ACK: round number
+    crc32   u32  zlib.crc32(header[:28] + payload)
+
+This module is pure: no sockets, no tasks. The only I/O is ``read_frame``, which consumes an
+``asyncio.StreamReader`` that somebody else owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_PAYLOAD_DEFAULT",
+    "VERSION",
+    "ChecksumError",
+    "Frame",
+    "FrameError",
+    "FrameType",
+    "encode_frame",
+    "encode_header",
+    "read_frame",
+]
+
+MAGIC = b"NVMG"
+VERSION = 1
+MAX_PAYLOAD_DEFAULT = 8 * 1024 * 1024
+
+# The CRC covers everything before it, so the header is split in two structs: the part that is
+# checksummed and the trailing crc itself. Together they form HEADER.
+_PREFIX = struct.Struct("!4sBBHIQQ")
+_CRC = struct.Struct("!I")
+HEADER = struct.Struct("!4sBBHIQQI")
+HEADER_SIZE = HEADER.size
+assert HEADER_SIZE == _PREFIX.size + _CRC.size == 32
+
+_U32_MAX = 0xFFFF_FFFF
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class FrameType(IntEnum):
+    """What a frame means; the numbers are on the wire and must never be reused."""
+
+    HELLO = 1
+    EXTENT = 2
+    ROUND_END = 3
+    FINAL = 4
+    ACK = 5
+    ABORT = 6
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded (or to-be-encoded) frame."""
+
+    type: FrameType
+    offset: int = 0
+    seq: int = 0
+    payload: bytes = b""
+
+
+class FrameError(Exception):
+    """The byte stream does not hold a valid frame (bad magic, version, type, length, truncation)."""
+
+
+class ChecksumError(FrameError):
+    """A frame's CRC-32 does not match its contents: the data was corrupted on the way."""
+
+
+def _type_name(raw: int) -> str:
+    try:
+        return FrameType(raw).name
+    except ValueError:
+        return f"type#{raw}"
+
+
+def encode_header(frame: Frame) -> bytes:
+    """Return the 32-byte header for ``frame``, including the CRC over header and payload.
+
+    Kept separate from the payload so a sender can write header and payload with two
+    ``writer.write`` calls instead of concatenating (copying) a 1 MiB payload.
+    """
+    length = len(frame.payload)
+    if length > _U32_MAX:
+        raise ValueError(f"frame payload of {length} bytes exceeds the u32 length field; split it")
+    if not 0 <= frame.offset <= _U64_MAX:
+        raise ValueError(f"frame offset {frame.offset} is outside 0..2^64-1")
+    if not 0 <= frame.seq <= _U64_MAX:
+        raise ValueError(f"frame seq {frame.seq} is outside 0..2^64-1")
+    prefix = _PREFIX.pack(MAGIC, VERSION, int(FrameType(frame.type)), 0, length, frame.offset, frame.seq)
+    crc = zlib.crc32(frame.payload, zlib.crc32(prefix))
+    return prefix + _CRC.pack(crc)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Return header and payload as one bytes object (copies the payload; fine for small frames)."""
+    return encode_header(frame) + frame.payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_PAYLOAD_DEFAULT) -> Frame | None:
+    """Read one frame from ``reader``.
+
+    Returns None on a clean EOF exactly at a frame boundary. Raises ``FrameError`` for a
+    truncated frame, bad magic/version, unknown type or a length above ``max_payload`` (checked
+    before reading, so a corrupt length cannot make us allocate gigabytes), and
+    ``ChecksumError`` when the CRC does not match.
+    """
+    try:
+        raw = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise FrameError(
+            f"stream ended inside a frame header ({len(exc.partial)} of {HEADER_SIZE} bytes); "
+            "the peer closed the connection mid-frame"
+        ) from None
+
+    magic, version, ftype, _reserved, length, offset, seq = _PREFIX.unpack_from(raw)
+    (crc_expected,) = _CRC.unpack_from(raw, _PREFIX.size)
+    where = f"{_type_name(ftype)} frame at offset {offset} seq {seq}"
+    if magic != MAGIC:
+        raise FrameError(f"bad frame magic {magic!r} (expected {MAGIC!r}) in {where}; not a data-plane peer")
+    if version != VERSION:
+        raise FrameError(f"unsupported frame version {version} (this agent speaks {VERSION}) in {where}")
+    if ftype not in FrameType._value2member_map_:
+        raise FrameError(f"unknown frame type {ftype} in {where}")
+    if length > max_payload:
+        raise FrameError(
+            f"{where} declares a {length}-byte payload, above the {max_payload}-byte limit; "
+            "corrupt header or a peer with a larger chunk size"
+        )
+
+    if length:
+        try:
+            payload = await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise FrameError(
+                f"stream ended inside the payload of {where} ({len(exc.partial)} of {length} bytes)"
+            ) from None
+    else:
+        payload = b""
+
+    crc_actual = zlib.crc32(payload, zlib.crc32(raw[: _PREFIX.size]))
+    if crc_actual != crc_expected:
+        raise ChecksumError(
+            f"checksum mismatch in {where} ({length} payload bytes): expected crc32 0x{crc_expected:08x}, "
+            f"computed 0x{crc_actual:08x}; the frame was corrupted in transit"
+        )
+    return Frame(FrameType(ftype), offset, seq, payload)

@@ -1,0 +1,491 @@
+"""Destination side of the migration data plane.
+
+The destination agent runs one ``DataReceiver`` (a plain asyncio TCP server). For every incoming
+migration it ``register``s the job with a one-time token and a ``DestinationSink`` that writes
+into the new controller's namespace. The source agent connects with ``DataSender`` and streams:
+
+    HELLO {job_id, token}        -> ACK {"ok": true, "kind": "hello"} or {"ok": false, "error": ...}
+    EXTENT*                      applied in order through sink.apply_extent
+    ROUND_END(seq=round)         -> ACK(seq=round) {"ok": true, "kind": "round_end", "bytes_received": N}
+    ... more rounds ...
+    FINAL(u32 len + state + guest) -> ACK {"ok": true, "kind": "final"} / {"ok": false, "error": ...}
+    ABORT(reason)                ends the session
+
+Any failure (corrupt frame, sink error, protocol violation, idle timeout) marks the session
+failed with a readable reason, answers with a not-ok ACK and closes the connection. A failed or
+used token can never be reused, so a stray or replayed connection cannot write into a namespace;
+the destination must register the job again with a fresh token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.dataplane.framing import (
+    Frame,
+    FrameError,
+    FrameType,
+    encode_frame,
+    read_frame,
+)
+
+__all__ = [
+    "FINAL_MAX_PAYLOAD",
+    "STREAM_LIMIT",
+    "DataReceiver",
+    "DestinationSink",
+    "ReceiverStats",
+    "decode_final_payload",
+    "encode_final_payload",
+]
+
+logger = logging.getLogger(__name__)
+
+# StreamReader buffer limit. The default (64 KiB) makes the transport pause/resume reading many
+# times per 1 MiB frame; a few MiB lets the kernel->buffer copy overlap with sink writes.
+STREAM_LIMIT = 4 * 1024 * 1024
+# Before authentication a peer may only send a small HELLO.
+HELLO_MAX_PAYLOAD = 64 * 1024
+# FINAL carries controller state plus guest state, which can be much larger than an extent.
+FINAL_MAX_PAYLOAD = 64 * 1024 * 1024
+# After a failure we half-close and keep discarding what the source already had in flight for
+# up to this long, so the kernel does not answer its data with a RST that would race (and can
+# destroy) our error ACK on the source side.
+_LINGER_S = 2.0
+_CLOSE_GRACE_S = 2.0
+
+_FINAL_LEN = struct.Struct("!I")
+
+
+def encode_final_payload(state_blob: bytes, guest_blob: bytes) -> bytes:
+    """FINAL payload: u32 length of the state blob, the state blob, then the guest blob."""
+    return _FINAL_LEN.pack(len(state_blob)) + state_blob + guest_blob
+
+
+def decode_final_payload(payload: bytes) -> tuple[bytes, bytes]:
+    """Inverse of ``encode_final_payload``; ValueError names the inconsistent lengths."""
+    if len(payload) < _FINAL_LEN.size:
+        raise ValueError(f"FINAL payload of {len(payload)} bytes is shorter than its 4-byte length prefix")
+    (state_len,) = _FINAL_LEN.unpack_from(payload)
+    if state_len > len(payload) - _FINAL_LEN.size:
+        raise ValueError(
+            f"FINAL payload declares a {state_len}-byte state blob but carries only "
+            f"{len(payload) - _FINAL_LEN.size} bytes after the prefix"
+        )
+    end = _FINAL_LEN.size + state_len
+    return payload[_FINAL_LEN.size : end], payload[end:]
+
+
+class DestinationSink(Protocol):
+    """Where a session's data goes on the destination (the new controller's backend)."""
+
+    async def apply_extent(self, offset: int, data: bytes) -> None: ...
+
+    async def apply_round_end(self, round: int) -> None: ...
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+        """Load controller and guest state; raise to refuse (the message goes to the source)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReceiverStats:
+    """Snapshot of one job's session.
+
+    ``bytes_received`` counts EXTENT payload bytes applied through the sink; ``frames`` counts
+    valid frames processed, HELLO included; ``last_error`` is the first failure reason (None while
+    healthy); ``done`` is True once FINAL was applied and acknowledged.
+    """
+
+    bytes_received: int
+    frames: int
+    last_error: str | None
+    done: bool
+    connected: bool = False
+    rounds: int = 0
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    peer: str
+    task: asyncio.Task[None] = field(init=False)
+
+
+@dataclass(eq=False)
+class _Session:
+    job_id: str
+    token: str
+    sink: DestinationSink
+    bytes_received: int = 0
+    frames: int = 0
+    rounds: int = 0
+    error: str | None = None
+    done: bool = False
+    # Set at the first accepted HELLO and never cleared: the token is one-time.
+    used_by: str | None = None
+    conn: _Connection | None = field(default=None, repr=False)
+    # Set when the (only) connection of this session has ended, for whatever reason.
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def fail(self, reason: str) -> None:
+        # Keep the first reason: later errors are usually consequences of it.
+        if self.error is None:
+            self.error = reason
+
+
+def _ack(seq: int = 0, **body: Any) -> bytes:
+    return encode_frame(Frame(FrameType.ACK, seq=seq, payload=json.dumps(body).encode()))
+
+
+def _exc_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class DataReceiver:
+    """TCP endpoint that accepts data-plane sessions for registered jobs."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        idle_timeout_s: float | None = 300.0,
+        hello_timeout_s: float = 10.0,
+    ) -> None:
+        self._host = host
+        self._port = port
+        # A cut link leaves a TCP read blocked forever; the idle timeout bounds how long a
+        # session waits for the next frame (dirty rounds send continuously, so 5 min is ample).
+        self._idle_timeout_s = idle_timeout_s
+        self._hello_timeout_s = hello_timeout_s
+        self._server: asyncio.Server | None = None
+        self._address: str | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._connections: set[_Connection] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        if self._server is not None:
+            raise RuntimeError(f"DataReceiver already started on {self._address}")
+        try:
+            self._server = await asyncio.start_server(self._on_connect, self._host, self._port, limit=STREAM_LIMIT)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"data-plane receiver cannot listen on {self._host}:{self._port}: {exc.strerror}; "
+                "pick a free port or another address",
+            ) from exc
+        sockname = self._server.sockets[0].getsockname()
+        host = sockname[0]
+        self._address = f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
+        logger.info("data-plane receiver listening on %s", self._address)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (``[v6]:port`` for IPv6)."""
+        if self._address is None:
+            raise RuntimeError("DataReceiver.address is unknown until start() has been awaited")
+        return self._address
+
+    def register(self, job_id: str, token: str, sink: DestinationSink) -> None:
+        """Accept one session for ``job_id`` authenticated by ``token`` (one-time)."""
+        if not job_id:
+            raise ValueError("job_id must be a non-empty string")
+        if not token:
+            raise ValueError(f"token for job {job_id!r} must be a non-empty string")
+        if job_id in self._sessions:
+            raise ValueError(
+                f"job {job_id!r} is already registered on data-plane receiver {self._address}; "
+                "call unregister(job_id) first to replace it"
+            )
+        self._sessions[job_id] = _Session(job_id=job_id, token=token, sink=sink)
+
+    def unregister(self, job_id: str) -> None:
+        """Forget ``job_id`` and cut its connection if one is open. Unknown ids are ignored."""
+        session = self._sessions.pop(job_id, None)
+        if session is None:
+            return
+        session.fail("job unregistered on the destination")
+        session.ended.set()
+        if session.conn is not None:
+            session.conn.task.cancel()
+
+    def _session(self, job_id: str) -> _Session:
+        try:
+            return self._sessions[job_id]
+        except KeyError:
+            raise KeyError(f"job {job_id!r} is not registered on data-plane receiver {self._address}") from None
+
+    async def wait_session_end(self, job_id: str) -> ReceiverStats:
+        """Wait until the session of ``job_id`` has connected and ended (done, failed, aborted,
+        unregistered or receiver closed); return its final stats. Callers bound it with a timeout."""
+        session = self._session(job_id)
+        await session.ended.wait()
+        return self._snapshot(session)
+
+    def session_stats(self, job_id: str) -> ReceiverStats:
+        """Snapshot of the session for ``job_id``; KeyError if it is not registered."""
+        return self._snapshot(self._session(job_id))
+
+    @staticmethod
+    def _snapshot(s: _Session) -> ReceiverStats:
+        return ReceiverStats(
+            bytes_received=s.bytes_received,
+            frames=s.frames,
+            last_error=s.error,
+            done=s.done,
+            connected=s.conn is not None,
+            rounds=s.rounds,
+        )
+
+    async def close(self) -> None:
+        """Stop listening, tell connected sources we are going away, cancel every session task."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.task.cancel()
+        await asyncio.gather(*(c.task for c in conns), return_exceptions=True)
+        for conn in conns:
+            # Best effort: the source learns why instead of seeing a bare reset.
+            with contextlib.suppress(Exception):
+                conn.writer.write(_ack(ok=False, error=f"data-plane receiver {self._address} is shutting down"))
+            conn.writer.transport.abort()
+        for session in self._sessions.values():
+            if not session.done:
+                session.fail("data-plane receiver closed")
+            session.ended.set()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- connection handling -------------------------------------------------------------
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback that spawns a task we own, rather than a coroutine callback: asyncio
+        # 3.11 logs a spurious error when the task it creates for a coroutine is cancelled, and
+        # close()/unregister() cancel session tasks by design.
+        if self._closing:
+            writer.transport.abort()
+            return
+        conn = _Connection(writer=writer, peer=str(writer.get_extra_info("peername")))
+        conn.task = asyncio.get_running_loop().create_task(
+            self._handle_connection(conn, reader, writer), name=f"dataplane-recv-{conn.peer}"
+        )
+        self._connections.add(conn)
+
+    async def _handle_connection(
+        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        session: _Session | None = None
+        try:
+            session = await self._handshake(conn, reader, writer)
+            if session is not None:
+                await self._serve(session, reader, writer)
+        except asyncio.CancelledError:
+            if not self._closing:
+                # unregister(): tell the source why, then cut the connection. close() does the
+                # same for all connections itself once every task has stopped.
+                with contextlib.suppress(Exception):
+                    writer.write(
+                        _ack(
+                            ok=False,
+                            error=session.error
+                            if session and session.error
+                            else "session cancelled on the destination",
+                        )
+                    )
+                writer.transport.abort()
+            raise
+        except OSError as exc:
+            if session is not None:
+                session.fail(f"connection from the source lost: {_exc_text(exc)}")
+        except Exception as exc:  # the last line of defence: never kill the server, record why
+            logger.exception("data-plane connection from %s failed", conn.peer)
+            if session is not None:
+                session.fail(f"internal receiver error: {exc!r}")
+        finally:
+            if session is not None and session.conn is conn:
+                session.conn = None
+                session.ended.set()
+        try:
+            await self._close_writer(writer)
+        finally:
+            # Tracked until the very end so close() can still cancel us while we flush.
+            self._connections.discard(conn)
+
+    async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), _CLOSE_GRACE_S)
+        except (TimeoutError, OSError):
+            writer.transport.abort()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: str) -> None:
+        """Send a not-ok ACK, half-close and discard in-flight data for a while (see _LINGER_S)."""
+        try:
+            writer.write(_ack(ok=False, error=error))
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(writer.drain(), _LINGER_S)
+            async with asyncio.timeout(_LINGER_S):
+                while await reader.read(STREAM_LIMIT):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+
+    async def _handshake(
+        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> _Session | None:
+        try:
+            async with asyncio.timeout(self._hello_timeout_s):
+                frame = await read_frame(reader, max_payload=HELLO_MAX_PAYLOAD)
+        except TimeoutError:
+            logger.warning("data-plane peer %s sent no HELLO within %.1fs", conn.peer, self._hello_timeout_s)
+            return None
+        except FrameError as exc:
+            await self._refuse(reader, writer, f"bad HELLO frame: {exc}")
+            return None
+        except OSError:
+            return None
+        if frame is None:
+            return None
+        if frame.type != FrameType.HELLO:
+            await self._refuse(reader, writer, f"expected HELLO as the first frame, got {frame.type.name}")
+            return None
+        try:
+            hello = json.loads(frame.payload)
+            job_id = hello["job_id"]
+            token = hello["token"]
+            if not isinstance(job_id, str) or not isinstance(token, str):
+                raise TypeError("job_id and token must be strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            await self._refuse(reader, writer, f"HELLO payload must be JSON {{'job_id': str, 'token': str}}: {exc}")
+            return None
+
+        session = self._sessions.get(job_id)
+        error: str | None = None
+        if session is None:
+            error = (
+                f"job {job_id!r} is not registered on data-plane receiver {self._address}; "
+                "the destination must register it before the source connects"
+            )
+        elif not hmac.compare_digest(session.token.encode(), token.encode()):
+            error = (
+                f"wrong data-plane token for job {job_id!r}; "
+                "use the token the destination returned when it registered the job"
+            )
+        elif session.used_by is not None:
+            error = (
+                f"data-plane token for job {job_id!r} was already used by {session.used_by}; tokens are "
+                "one-time: register the job again on the destination to get a new token"
+                + (f" (that session failed: {session.error})" if session.error else "")
+            )
+        if error is not None or session is None:
+            logger.warning("data-plane HELLO from %s refused: %s", conn.peer, error)
+            await self._refuse(reader, writer, error or "refused")
+            return None
+
+        session.used_by = conn.peer
+        session.conn = conn
+        session.frames += 1
+        writer.write(_ack(ok=True, kind="hello", job_id=job_id))
+        await writer.drain()
+        logger.info("data-plane session for job %s from %s started", job_id, conn.peer)
+        return session
+
+    async def _read_next(self, reader: asyncio.StreamReader) -> Frame | None:
+        if self._idle_timeout_s is None:
+            return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
+        async with asyncio.timeout(self._idle_timeout_s):
+            return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
+
+    async def _serve(self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        job = session.job_id
+
+        async def fail(reason: str) -> None:
+            session.fail(reason)
+            logger.warning("data-plane session for job %s failed: %s", job, reason)
+            await self._refuse(reader, writer, reason)
+
+        while True:
+            try:
+                frame = await self._read_next(reader)
+            except FrameError as exc:
+                await fail(f"data-plane frame corrupt: {exc}")
+                return
+            except TimeoutError:
+                await fail(
+                    f"no frame from the source for {self._idle_timeout_s}s (job {job}); "
+                    "the source stalled or the link is down"
+                )
+                return
+            except OSError as exc:
+                session.fail(f"connection from the source lost: {_exc_text(exc)}")
+                return
+            if frame is None:
+                if not session.done:
+                    session.fail(f"source closed the connection before FINAL after {session.bytes_received} bytes")
+                return
+            session.frames += 1
+
+            if frame.type == FrameType.EXTENT:
+                try:
+                    await session.sink.apply_extent(frame.offset, frame.payload)
+                except Exception as exc:
+                    await fail(
+                        f"destination failed to write extent at offset {frame.offset} "
+                        f"({len(frame.payload)} bytes): {_exc_text(exc)}"
+                    )
+                    return
+                session.bytes_received += len(frame.payload)
+            elif frame.type == FrameType.ROUND_END:
+                try:
+                    await session.sink.apply_round_end(frame.seq)
+                except Exception as exc:
+                    await fail(f"destination failed to end round {frame.seq}: {_exc_text(exc)}")
+                    return
+                session.rounds += 1
+                writer.write(
+                    _ack(
+                        frame.seq,
+                        ok=True,
+                        kind="round_end",
+                        round=frame.seq,
+                        bytes_received=session.bytes_received,
+                    )
+                )
+                await writer.drain()
+            elif frame.type == FrameType.FINAL:
+                try:
+                    state_blob, guest_blob = decode_final_payload(frame.payload)
+                except ValueError as exc:
+                    await fail(f"malformed FINAL frame: {exc}")
+                    return
+                try:
+                    await session.sink.apply_final(state_blob, guest_blob)
+                except Exception as exc:
+                    # The sink's own message is what the source (and the operator) needs to see.
+                    await fail(_exc_text(exc))
+                    return
+                session.done = True
+                writer.write(_ack(ok=True, kind="final", bytes_received=session.bytes_received))
+                await writer.drain()
+                logger.info("data-plane session for job %s done (%d bytes)", job, session.bytes_received)
+                return
+            elif frame.type == FrameType.ABORT:
+                reason = frame.payload.decode("utf-8", "replace") or "no reason given"
+                session.fail(f"source aborted the transfer: {reason}")
+                return
+            else:
+                await fail(f"unexpected {frame.type.name} frame from the source during a session")
+                return

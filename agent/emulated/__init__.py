@@ -1,0 +1,1 @@
+"""The emulated NVMe migratable controller: the default backend, used by every test."""

@@ -1,0 +1,249 @@
+"""The host an agent runs on: its controllers (with their guest workloads), its migration
+sessions, its data-plane listener, and its registration in etcd under a liveness lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.dataplane.receiver import DataReceiver
+from agent.emulated.controller import BLOCK_BYTES, EmulatedController
+from agent.emulated.state_format import STATE_FORMAT_VERSION
+from agent.guest.workload import GuestWorkload, WorkloadSpec
+from agent.sessions import DestinationSession, Session, SessionError, SourceSession
+from cluster.records import ControllerRecord, NodeRecord
+from cluster.store import EtcdError, EtcdStore, keep_lease_alive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostedController:
+    controller: EmulatedController
+    workload: GuestWorkload | None = None
+    migrating_job: str = ""
+
+
+class Host:
+    def __init__(self, name: str, store: EtcdStore, data_dir: Path, capacity_bytes: int,
+                 address: str, data_host: str, data_port: int, lease_ttl_s: int) -> None:
+        self.name = name
+        self.store = store
+        self.data_dir = data_dir
+        self.capacity_bytes = capacity_bytes
+        self.address = address
+        self.lease_ttl_s = lease_ttl_s
+        self.receiver = DataReceiver(data_host, data_port)
+        self.controllers: dict[str, HostedController] = {}
+        self.sessions: dict[str, Session] = {}
+        self.pending_corrupt_frame = 0
+        self._lease_id = 0
+        self._keeper: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.started_at = time.time()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.receiver.start()
+        self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
+        await self.publish()
+        self._keeper = asyncio.create_task(
+            keep_lease_alive(self.store, self._lease_id, self.lease_ttl_s, self._lease_lost), name="node-lease")
+
+    async def _lease_lost(self) -> None:
+        # etcd forgot us (for example after a long pause): register again under a new lease.
+        log.warning("node lease expired; registering again")
+        with contextlib.suppress(EtcdError):
+            self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
+            await self.publish()
+            self._keeper = asyncio.create_task(
+                keep_lease_alive(self.store, self._lease_id, self.lease_ttl_s, self._lease_lost))
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await session.close()  # type: ignore[attr-defined]
+        for hosted in self.controllers.values():
+            if hosted.workload is not None:
+                await asyncio.to_thread(hosted.workload.stop)
+            hosted.controller.close()
+        await self.receiver.close()
+        with contextlib.suppress(EtcdError):
+            await self.store.revoke_lease(self._lease_id)
+
+    @property
+    def allocated_bytes(self) -> int:
+        incoming = sum(s.ctrl.namespace_bytes for s in self.sessions.values()
+                       if isinstance(s, DestinationSession) and s.controller is not None
+                       and s.stage not in ("aborted", "running"))
+        return sum(h.controller.namespace_bytes for h in self.controllers.values()) + incoming
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(name=self.name, address=self.address, data_address=self.receiver.address,
+                          capacity_bytes=self.capacity_bytes, allocated_bytes=self.allocated_bytes,
+                          controllers=tuple(sorted(self.controllers)),
+                          state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at)
+
+    async def publish(self) -> None:
+        await self.store.put_node(self.record(), self._lease_id)
+
+    # ---- controllers ------------------------------------------------------------------------
+
+    def hosted(self, controller_id: str) -> HostedController:
+        hosted = self.controllers.get(controller_id)
+        if hosted is None:
+            raise SessionError("not_found", f"controller {controller_id!r} does not run on node {self.name!r}")
+        return hosted
+
+    async def create_controller(self, controller_id: str, namespace_bytes: int, prefill: bool,
+                                spec: WorkloadSpec | None) -> HostedController:
+        async with self._lock:
+            if controller_id in self.controllers:
+                raise SessionError("exists", f"controller {controller_id!r} already runs on node {self.name!r}")
+            if namespace_bytes <= 0 or namespace_bytes % BLOCK_BYTES:
+                raise SessionError("invalid", f"namespace_bytes {namespace_bytes} must be a positive multiple "
+                                              f"of {BLOCK_BYTES}")
+            if self.allocated_bytes + namespace_bytes > self.capacity_bytes:
+                raise SessionError("precondition",
+                                   f"node {self.name!r} has {self.capacity_bytes - self.allocated_bytes} bytes "
+                                   f"free; controller {controller_id!r} needs {namespace_bytes}")
+            if spec is not None:
+                try:
+                    spec.validate(namespace_bytes)
+                except ValueError as exc:
+                    raise SessionError("invalid", str(exc)) from None
+            claimed = await self.store.claim_controller(
+                ControllerRecord(controller_id=controller_id, node=self.name, namespace_bytes=namespace_bytes))
+            if not claimed:
+                owner = await self.store.get_controller(controller_id)
+                where = owner[0].node if owner else "another node"
+                raise SessionError("exists", f"controller {controller_id!r} already exists on node {where!r}")
+            path = self.data_dir / f"{controller_id}.ns"
+            controller = await asyncio.to_thread(EmulatedController, controller_id, path, namespace_bytes,
+                                                 create=True)
+            hosted = HostedController(controller)
+            if prefill or spec is not None:
+                hosted.workload = GuestWorkload(controller, spec or WorkloadSpec())
+                if prefill:
+                    await asyncio.to_thread(hosted.workload.prefill)
+                if spec is not None:
+                    hosted.workload.start()
+            self.controllers[controller_id] = hosted
+        await self.publish()
+        return hosted
+
+    async def start_workload(self, controller_id: str, spec: WorkloadSpec) -> HostedController:
+        hosted = self.hosted(controller_id)
+        try:
+            spec.validate(hosted.controller.namespace_bytes)
+        except ValueError as exc:
+            raise SessionError("invalid", str(exc)) from None
+        if hosted.workload is not None and hosted.workload.status().running:
+            raise SessionError("precondition", f"controller {controller_id!r} already has a running workload")
+        if hosted.workload is not None:
+            hosted.workload = GuestWorkload.from_state(hosted.controller, hosted.workload.export_state(),
+                                                       spec=spec)
+        else:
+            hosted.workload = GuestWorkload(hosted.controller, spec)
+        hosted.workload.start()
+        return hosted
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def _session(self, job_id: str, epoch: int, kind: type[Session]) -> Session | None:
+        session = self.sessions.get(job_id)
+        if session is None:
+            return None
+        if not isinstance(session, kind):
+            raise SessionError("precondition", f"job {job_id} is a {type(session).__name__} on node {self.name!r}")
+        session.check_epoch(epoch)
+        return session
+
+    def session(self, job_id: str) -> Session:
+        session = self.sessions.get(job_id)
+        if session is None:
+            raise SessionError("not_found", f"job {job_id} has no session on node {self.name!r}")
+        return session
+
+    async def source_session(self, job_id: str, epoch: int, controller_id: str) -> SourceSession:
+        found = self._session(job_id, epoch, SourceSession)
+        if found is not None:
+            assert isinstance(found, SourceSession)
+            return found
+        hosted = self.hosted(controller_id)
+        if hosted.migrating_job and hosted.migrating_job != job_id:
+            other = self.sessions.get(hosted.migrating_job)
+            if other is not None and other.stage not in ("aborted", "released"):
+                raise SessionError("precondition", f"controller {controller_id!r} is being moved by job "
+                                                   f"{hosted.migrating_job}")
+        session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
+                                controller=hosted.controller, workload=hosted.workload,
+                                corrupt_frame=self.pending_corrupt_frame)
+        self.pending_corrupt_frame = 0
+        hosted.migrating_job = job_id
+        self.sessions[job_id] = session
+        return session
+
+    async def prepare_destination(self, job_id: str, epoch: int, controller_id: str, namespace_bytes: int,
+                                  state_format_version: int) -> DestinationSession:
+        found = self._session(job_id, epoch, DestinationSession)
+        if found is not None:
+            assert isinstance(found, DestinationSession)
+            if found.stage == "aborted":
+                raise SessionError("precondition", f"job {job_id} was aborted on node {self.name!r}")
+            return found
+        if state_format_version != STATE_FORMAT_VERSION:
+            raise SessionError("precondition", f"controller-state format version {state_format_version} is not "
+                                               f"supported on node {self.name!r} (supported: {STATE_FORMAT_VERSION})")
+        if controller_id in self.controllers:
+            raise SessionError("precondition", f"controller {controller_id!r} already runs on node {self.name!r}")
+        async with self._lock:
+            if self.allocated_bytes + namespace_bytes > self.capacity_bytes:
+                raise SessionError("precondition",
+                                   f"node {self.name!r} has {self.capacity_bytes - self.allocated_bytes} bytes free; "
+                                   f"controller {controller_id!r} needs {namespace_bytes}")
+            path = self.data_dir / f"{controller_id}.{job_id}.incoming"
+            controller = await asyncio.to_thread(EmulatedController.for_resuming, controller_id, path,
+                                                 namespace_bytes, create=True)
+            session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
+                                         controller=controller, token=secrets.token_hex(16), stage="resuming")
+            self.receiver.register(job_id, session.token, session)
+            self.sessions[job_id] = session
+        await self.publish()
+        return session
+
+    async def destination_running(self, session: DestinationSession) -> None:
+        async def on_running(controller: EmulatedController, workload: GuestWorkload | None) -> None:
+            self.controllers[session.controller_id] = HostedController(controller, workload)
+            self.receiver.unregister(session.job_id)
+            await self.publish()
+        await session.resume(on_running)
+
+    async def source_released(self, session: SourceSession) -> str:
+        async def on_released() -> None:
+            self.controllers.pop(session.controller_id, None)
+            await self.publish()
+        return await session.release(on_released)
+
+    async def abort(self, job_id: str, epoch: int, reason: str) -> Session | None:
+        session = self.sessions.get(job_id)
+        if session is None:
+            return None  # never heard of it: nothing to undo
+        session.check_epoch(epoch)
+        if isinstance(session, DestinationSession):
+            self.receiver.unregister(job_id)
+        await session.abort(reason)  # type: ignore[attr-defined]
+        await self.publish()
+        return session

@@ -1,0 +1,112 @@
+"""The agent process: one per host. Registers in etcd under a lease, serves AgentService, owns
+the host's NVMe backends and moves migration data straight to the peer agent.
+
+    nvmigrate-agent --name n1 --etcd 127.0.0.1:2379 --listen 127.0.0.1:0 --data-dir /var/lib/nvmigrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.host import Host
+from agent.service import AgentApi
+from cluster import names
+from cluster.store import EtcdError, EtcdStore
+from proto.v1 import agent_pb2_grpc
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '20G', '4096' -> bytes (binary units)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SUFFIXES and not value[-1:].isdigit() else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a number of bytes like 4096, 512M or 20G")
+    return int(number) * _SUFFIXES[unit]
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"address {text!r} is not HOST:PORT (port 0 picks a free one)")
+    return host, int(port)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    store = EtcdStore(args.etcd)
+    await store.connect()
+    server = grpc.aio.server()
+    listen_host, _ = args.listen
+    try:
+        port = server.add_insecure_port(f"{listen_host}:{args.listen[1]}")
+    except RuntimeError as exc:
+        print(f"error: cannot listen on {listen_host}:{args.listen[1]}: {exc}", file=sys.stderr)
+        return 2
+    advertise = args.advertise_host or listen_host
+    data_host, data_port = args.data_listen or (listen_host, 0)
+    host = Host(args.name, store, Path(args.data_dir), args.capacity, f"{advertise}:{port}",
+                data_host, data_port, args.lease_ttl_s)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(host), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    await host.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"agent {args.name} serving on {advertise}:{port} data {host.receiver.address}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+    await host.stop()
+    with contextlib.suppress(Exception):
+        await store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nvmigrate-agent", description="NVMe live-migration agent (one per host)")
+    parser.add_argument("--name", required=True, help="node name, e.g. n1")
+    parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"))
+    parser.add_argument("--listen", type=split_host_port, default=("127.0.0.1", 0),
+                        help="AgentService address HOST:PORT (port 0: any free port)")
+    parser.add_argument("--data-listen", type=split_host_port, default=None,
+                        help="data-plane address HOST:PORT (default: the --listen host, any port)")
+    parser.add_argument("--advertise-host", default="", help="host name peers use to reach this agent")
+    parser.add_argument("--data-dir", required=True, help="where namespaces are kept (sparse files)")
+    parser.add_argument("--capacity", type=parse_size, default=parse_size("64G"),
+                        help="namespace bytes this node may hold, e.g. 20G")
+    parser.add_argument("--lease-ttl-s", type=int, default=5, help="liveness lease TTL in seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    problem = names.node_name_problem(args.name)
+    if problem:
+        parser.error(problem)
+    if args.lease_ttl_s < 1:
+        parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s agent[{args.name}] %(name)s %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except EtcdError as exc:
+        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""AgentService: the gRPC face of a host. Maps requests to the Host and its sessions, and
+session errors to status codes with the session's message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+
+from agent.guest.verifier import verify as verify_blocks
+from agent.guest.workload import WorkloadSpec
+from agent.host import Host, HostedController
+from agent.sessions import DestinationSession, SessionError, SourceSession, TransferFacts
+from cluster import names
+from cluster.store import EtcdError
+from proto.v1 import agent_pb2, agent_pb2_grpc
+
+T = TypeVar("T")
+
+_CODES = {
+    "stale": grpc.StatusCode.FAILED_PRECONDITION,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "data_loss": grpc.StatusCode.DATA_LOSS,
+    "aborted": grpc.StatusCode.ABORTED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def spec_from_message(msg: agent_pb2.WorkloadSpec) -> WorkloadSpec:
+    return WorkloadSpec(write_iops=msg.write_iops, block_bytes=msg.block_bytes or 4096,
+                        pattern=msg.pattern or "random", hot_fraction=msg.hot_fraction or 0.1, seed=msg.seed)
+
+
+def controller_status(node: str, hosted: HostedController) -> agent_pb2.ControllerStatus:
+    status = agent_pb2.ControllerStatus(controller_id=hosted.controller.controller_id, node=node,
+                                        vfio_state=hosted.controller.vfio_state.name,
+                                        namespace_bytes=hosted.controller.namespace_bytes)
+    if hosted.workload is not None:
+        w = hosted.workload.status()
+        status.workload.CopyFrom(agent_pb2.WorkloadStatus(
+            running=w.running, paused=w.paused, acked_writes=w.acked_writes, throttle_percent=w.throttle_percent,
+            max_gap_ms=w.max_gap_ms, blackout_ms=w.blackout_ms, next_seq=w.next_seq, writes_per_s=w.writes_per_s,
+            pauses=w.pauses))
+    return status
+
+
+def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
+    return agent_pb2.TransferResult(bytes_sent=facts.bytes_sent, blocks_sent=facts.blocks_sent,
+                                    duration_s=facts.duration_s, dirty_bytes_remaining=facts.dirty_bytes_remaining,
+                                    dirty_rate_bytes_per_s=facts.dirty_rate_bytes_per_s,
+                                    state_bytes=facts.state_bytes, round=facts.round)
+
+
+class AgentApi(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def _guard(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        try:
+            return await work
+        except SessionError as exc:
+            await context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
+        except EtcdError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}")
+        raise AssertionError("context.abort raises")
+
+    def _session_status(self, session: SourceSession | DestinationSession | None,
+                        job_id: str) -> agent_pb2.SessionStatus:
+        if session is None:
+            return agent_pb2.SessionStatus(job_id=job_id, stage="unknown")
+        status = agent_pb2.SessionStatus(job_id=session.job_id, stage=session.stage, epoch=session.epoch,
+                                         digest=session.digest, error=session.error)
+        if isinstance(session, SourceSession):
+            status.role = "source"
+            status.bytes_sent = session.bytes_sent
+        else:
+            status.role = "destination"
+            status.bytes_received = session.bytes_received
+            status.guest_blackout_ms = session.guest_blackout_ms()
+            try:
+                stats = self.host.receiver.session_stats(session.job_id)
+            except KeyError:
+                stats = None  # unregistered once the controller runs here or the job was aborted
+            if stats is not None and stats.last_error and not status.error:
+                status.error = stats.last_error
+        return status
+
+    @staticmethod
+    def _check_ref(ref: agent_pb2.MigrationRef) -> None:
+        problem = names.job_id_problem(ref.job_id) or names.controller_id_problem(ref.controller_id)
+        if problem:
+            raise SessionError("invalid", problem)
+
+    # ---- info and controllers ----------------------------------------------------------
+
+    async def GetInfo(self, request: agent_pb2.GetInfoRequest,
+                      context: grpc.aio.ServicerContext) -> agent_pb2.AgentInfo:
+        h = self.host
+        return agent_pb2.AgentInfo(node=h.name, data_address=h.receiver.address, capacity_bytes=h.capacity_bytes,
+                                   allocated_bytes=h.allocated_bytes,
+                                   controllers=[controller_status(h.name, c) for c in h.controllers.values()],
+                                   state_format_version=h.record().state_format_version)
+
+    async def CreateController(self, request: agent_pb2.CreateControllerRequest,
+                               context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def create() -> agent_pb2.ControllerStatus:
+            problem = names.controller_id_problem(request.controller_id)
+            if problem:
+                raise SessionError("invalid", problem)
+            spec = spec_from_message(request.workload) if request.HasField("workload") else None
+            hosted = await self.host.create_controller(request.controller_id, request.namespace_bytes,
+                                                       request.prefill, spec)
+            return controller_status(self.host.name, hosted)
+        return await self._guard(context, create())
+
+    async def GetController(self, request: agent_pb2.GetControllerRequest,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def get() -> agent_pb2.ControllerStatus:
+            return controller_status(self.host.name, self.host.hosted(request.controller_id))
+        return await self._guard(context, get())
+
+    async def StartWorkload(self, request: agent_pb2.StartWorkloadRequest,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def start() -> agent_pb2.ControllerStatus:
+            hosted = await self.host.start_workload(request.controller_id, spec_from_message(request.workload))
+            return controller_status(self.host.name, hosted)
+        return await self._guard(context, start())
+
+    async def StopWorkload(self, request: agent_pb2.GetControllerRequest,
+                           context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def stop() -> agent_pb2.ControllerStatus:
+            hosted = self.host.hosted(request.controller_id)
+            if hosted.workload is not None:
+                await asyncio.to_thread(hosted.workload.stop)
+            return controller_status(self.host.name, hosted)
+        return await self._guard(context, stop())
+
+    async def Verify(self, request: agent_pb2.GetControllerRequest,
+                     context: grpc.aio.ServicerContext) -> agent_pb2.VerifyResponse:
+        async def verify() -> agent_pb2.VerifyResponse:
+            hosted = self.host.hosted(request.controller_id)
+            if hosted.workload is None:
+                raise SessionError("precondition", f"controller {request.controller_id!r} has no guest workload "
+                                                   "whose writes could be verified")
+            result = await asyncio.to_thread(verify_blocks, hosted.controller, hosted.workload)
+            return agent_pb2.VerifyResponse(ok=result.ok, blocks_checked=result.blocks_checked,
+                                            mismatches=result.mismatches, first_mismatch=result.first_mismatch,
+                                            node=self.host.name,
+                                            controller=controller_status(self.host.name, hosted))
+        return await self._guard(context, verify())
+
+    # ---- destination ----------------------------------------------------------------------
+
+    async def PrepareDestination(self, request: agent_pb2.PrepareDestinationRequest,
+                                 context: grpc.aio.ServicerContext) -> agent_pb2.PrepareDestinationResponse:
+        async def prepare() -> agent_pb2.PrepareDestinationResponse:
+            self._check_ref(request.ref)
+            session = await self.host.prepare_destination(
+                request.ref.job_id, request.ref.epoch, request.ref.controller_id, request.namespace_bytes,
+                request.state_format_version)
+            return agent_pb2.PrepareDestinationResponse(data_address=self.host.receiver.address,
+                                                        token=session.token)
+        return await self._guard(context, prepare())
+
+    async def ResumeDestination(self, request: agent_pb2.MigrationRef,
+                                context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:
+        async def resume() -> agent_pb2.SessionStatus:
+            self._check_ref(request)
+            session = self.host.session(request.job_id)
+            if not isinstance(session, DestinationSession):
+                raise SessionError("precondition", f"job {request.job_id} is not a destination here")
+            session.check_epoch(request.epoch)
+            await self.host.destination_running(session)
+            return self._session_status(session, request.job_id)
+        return await self._guard(context, resume())
+
+    # ---- source ---------------------------------------------------------------------------
+
+    async def StartPrecopy(self, request: agent_pb2.StartPrecopyRequest,
+                           context: grpc.aio.ServicerContext) -> agent_pb2.TransferResult:
+        async def precopy() -> agent_pb2.TransferResult:
+            self._check_ref(request.ref)
+            session = await self.host.source_session(request.ref.job_id, request.ref.epoch,
+                                                     request.ref.controller_id)
+            facts = await session.start_precopy(request.destination_data_address, request.token,
+                                                request.bandwidth_bytes_per_s)
+            return transfer_result(facts)
+        return await self._guard(context, precopy())
+
+    async def _source(self, ref: agent_pb2.MigrationRef) -> SourceSession:
+        self._check_ref(ref)
+        session = self.host.session(ref.job_id)
+        if not isinstance(session, SourceSession):
+            raise SessionError("precondition", f"job {ref.job_id} is not a source here")
+        session.check_epoch(ref.epoch)
+        return session
+
+    async def DirtyRound(self, request: agent_pb2.DirtyRoundRequest,
+                         context: grpc.aio.ServicerContext) -> agent_pb2.TransferResult:
+        async def dirty_round() -> agent_pb2.TransferResult:
+            session = await self._source(request.ref)
+            if not 0 <= request.throttle_percent <= 99:
+                raise SessionError("invalid", f"throttle_percent {request.throttle_percent} must be 0..99")
+            facts = await session.dirty_round(request.round, request.bandwidth_bytes_per_s,
+                                              request.throttle_percent)
+            return transfer_result(facts)
+        return await self._guard(context, dirty_round())
+
+    async def StopAndCopy(self, request: agent_pb2.MigrationRef,
+                          context: grpc.aio.ServicerContext) -> agent_pb2.TransferResult:
+        async def stop_and_copy() -> agent_pb2.TransferResult:
+            session = await self._source(request)
+            return transfer_result(await session.stop_and_copy())
+        return await self._guard(context, stop_and_copy())
+
+    async def ReleaseSource(self, request: agent_pb2.MigrationRef,
+                            context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:
+        async def release() -> agent_pb2.SessionStatus:
+            session = await self._source(request)
+            await self.host.source_released(session)
+            return self._session_status(session, request.job_id)
+        return await self._guard(context, release())
+
+    async def AbortMigration(self, request: agent_pb2.MigrationRef,
+                             context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:
+        async def abort() -> agent_pb2.SessionStatus:
+            self._check_ref(request)
+            session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator")
+            assert session is None or isinstance(session, SourceSession | DestinationSession)
+            return self._session_status(session, request.job_id)
+        return await self._guard(context, abort())
+
+    async def GetSession(self, request: agent_pb2.MigrationRef,
+                         context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:
+        session = self.host.sessions.get(request.job_id)
+        assert session is None or isinstance(session, SourceSession | DestinationSession)
+        return self._session_status(session, request.job_id)
+
+    async def InjectFault(self, request: agent_pb2.InjectFaultRequest,
+                          context: grpc.aio.ServicerContext) -> agent_pb2.InjectFaultResponse:
+        if request.corrupt_frame < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"corrupt_frame {request.corrupt_frame} must be >= 0")
+        self.host.pending_corrupt_frame = request.corrupt_frame
+        return agent_pb2.InjectFaultResponse()

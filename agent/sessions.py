@@ -1,0 +1,378 @@
+"""One migration as one agent sees it: the source session (copy out) and the destination session
+(copy in). Both are keyed by job id and remember the highest epoch seen, so a repeated command
+attaches to the work in flight or returns its result, and a command from a stale orchestrator is
+refused.
+
+The source follows the vfio-nvme mapping: RUNNING -> PRE_COPY (user-data change tracking on),
+rounds of changed blocks, guest paused and PRE_COPY -> STOP_COPY (Suspend, then Get Controller
+State), and on rollback back to RUNNING (Resume). The destination is created in RESUMING, loads
+the data and the state (Set Controller State, RESUMING -> STOP), then STOP -> RUNNING (Resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
+from agent.emulated.controller import BLOCK_BYTES, EmulatedController
+from agent.guest.workload import GuestWorkload
+from agent.vfio_states import VfioState
+
+log = logging.getLogger(__name__)
+
+MAX_PIECE_BYTES = 1 << 20
+BATCH_PIECES = 256  # changed extents read per thread hop
+SMALL_WRITE_BYTES = 64 * 1024
+
+
+class SessionError(Exception):
+    """A command that cannot be carried out; `kind` picks the gRPC status code."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "stale", "precondition", "data_loss", "aborted", "internal", "not_found"
+        self.message = message
+
+
+@dataclass
+class TransferFacts:
+    bytes_sent: int = 0
+    blocks_sent: int = 0
+    duration_s: float = 0.0
+    dirty_bytes_remaining: int = 0
+    dirty_rate_bytes_per_s: float = 0.0
+    state_bytes: int = 0
+    round: int = 0
+
+
+def lbas_to_extents(lbas: list[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers to (offset, length) runs, so neighbours travel in one frame."""
+    extents: list[tuple[int, int]] = []
+    start = prev = -2
+    for lba in lbas:
+        if lba == prev + 1:
+            prev = lba
+            continue
+        if start >= 0:
+            extents.append((start * BLOCK_BYTES, (prev - start + 1) * BLOCK_BYTES))
+        start = prev = lba
+    if start >= 0:
+        extents.append((start * BLOCK_BYTES, (prev - start + 1) * BLOCK_BYTES))
+    return extents
+
+
+@dataclass
+class Session:
+    job_id: str
+    epoch: int
+    controller_id: str
+    stage: str = "new"
+    error: str = ""
+    digest: str = ""
+
+    def check_epoch(self, epoch: int) -> None:
+        if epoch < self.epoch:
+            raise SessionError("stale", f"stale epoch {epoch} for job {self.job_id}: epoch {self.epoch} "
+                                        "already drives it")
+        self.epoch = epoch
+
+
+@dataclass
+class SourceSession(Session):
+    controller: EmulatedController | None = None
+    workload: GuestWorkload | None = None
+    corrupt_frame: int = 0
+    sender: DataSender | None = None
+    precopy_task: asyncio.Task[TransferFacts] | None = None
+    round_tasks: dict[int, asyncio.Task[TransferFacts]] = field(default_factory=dict)
+    stop_copy_task: asyncio.Task[TransferFacts] | None = None
+    digest_task: asyncio.Task[str] | None = None
+    bytes_sent_before: int = 0  # sent by senders that are gone (a rollback and a new attempt)
+
+    @property
+    def ctrl(self) -> EmulatedController:
+        assert self.controller is not None
+        return self.controller
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.bytes_sent_before + (self.sender.bytes_sent if self.sender else 0)
+
+    async def _attach(self, task: asyncio.Task[TransferFacts]) -> TransferFacts:
+        # shield: a caller that gives up (deadline) must not cancel the transfer itself
+        try:
+            return await asyncio.shield(task)
+        except DataPlaneError as exc:
+            raise SessionError("data_loss", f"data plane failed: {exc}") from exc
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise SessionError("aborted", f"job {self.job_id} was aborted on the source") from None
+            raise
+
+    async def start_precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
+        if self.stage in ("aborted", "released"):
+            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+        if self.precopy_task is None:
+            self.precopy_task = asyncio.create_task(self._precopy(address, token, bandwidth),
+                                                    name=f"precopy-{self.job_id}")
+        return await self._attach(self.precopy_task)
+
+    async def _precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
+        self.stage = "precopy"
+        started = time.monotonic()
+        self.sender = await DataSender.connect(address, self.job_id, token,
+                                               bandwidth_bytes_per_s=bandwidth or None)
+        self.sender.corrupt_frame = self.corrupt_frame
+        # Tracking starts before the first read, so every later guest write is sent again.
+        await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
+        extents = await asyncio.to_thread(self.ctrl.data_extents)
+        sent = await stream_extents(self.sender, self._read, extents)
+        await self.sender.end_round(0)
+        return await self._facts(0, sent, started)
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self.ctrl.read_raw, offset, length)
+
+    def _read_many(self, extents: list[tuple[int, int]]) -> list[bytes]:
+        return [self.ctrl.read_raw(offset, length) for offset, length in extents]
+
+    async def _send_changed(self, lbas: list[int]) -> int:
+        """Sends changed blocks. They are scattered, so reads are batched into one thread hop
+        per few MiB: a hop per 4 KiB block would cost more than the copy itself."""
+        assert self.sender is not None
+        pieces: list[tuple[int, int]] = []
+        for offset, length in lbas_to_extents(lbas):
+            while length > 0:
+                n = min(length, MAX_PIECE_BYTES)
+                pieces.append((offset, n))
+                offset, length = offset + n, length - n
+        sent = 0
+        for start in range(0, len(pieces), BATCH_PIECES):
+            batch = pieces[start:start + BATCH_PIECES]
+            datas = await asyncio.to_thread(self._read_many, batch)
+            for (offset, _), data in zip(batch, datas, strict=True):
+                await self.sender.send_extent(offset, data)
+                sent += len(data)
+        return sent
+
+    async def _facts(self, round_no: int, sent: int, started: float) -> TransferFacts:
+        duration = max(time.monotonic() - started, 1e-6)
+        dirty = await asyncio.to_thread(self.ctrl.dirty_block_count) * BLOCK_BYTES
+        return TransferFacts(bytes_sent=sent, blocks_sent=sent // BLOCK_BYTES, duration_s=duration,
+                             dirty_bytes_remaining=dirty, dirty_rate_bytes_per_s=dirty / duration, round=round_no)
+
+    async def dirty_round(self, round_no: int, bandwidth: int, throttle_percent: int) -> TransferFacts:
+        if self.precopy_task is None or not self.precopy_task.done():
+            raise SessionError("precondition", f"job {self.job_id}: dirty round {round_no} before precopy ended")
+        if self.stage in ("aborted", "released", "stopped"):
+            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+        task = self.round_tasks.get(round_no)
+        if task is None:
+            task = asyncio.create_task(self._round(round_no, bandwidth, throttle_percent),
+                                       name=f"round-{self.job_id}-{round_no}")
+            self.round_tasks[round_no] = task
+        return await self._attach(task)
+
+    async def _round(self, round_no: int, bandwidth: int, throttle_percent: int) -> TransferFacts:
+        assert self.sender is not None
+        self.stage = f"round {round_no}"
+        if self.workload is not None:
+            self.workload.set_throttle(throttle_percent)
+        self.sender.set_bandwidth(bandwidth or None)
+        started = time.monotonic()
+        lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
+        sent = await self._send_changed(lbas)
+        await self.sender.end_round(round_no)
+        return await self._facts(round_no, sent, started)
+
+    async def stop_and_copy(self) -> TransferFacts:
+        if self.stage in ("aborted", "released"):
+            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+        if self.precopy_task is None or not self.precopy_task.done():
+            raise SessionError("precondition", f"job {self.job_id}: stop-and-copy before precopy ended")
+        if self.stop_copy_task is None:
+            self.stop_copy_task = asyncio.create_task(self._stop_and_copy(), name=f"stopcopy-{self.job_id}")
+        return await self._attach(self.stop_copy_task)
+
+    async def _stop_and_copy(self) -> TransferFacts:
+        assert self.sender is not None
+        for task in self.round_tasks.values():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        self.stage = "stop-and-copy"
+        started = time.monotonic()
+        if self.workload is not None:
+            await asyncio.to_thread(self.workload.pause)  # the guest's I/O stalls from here
+        await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP_COPY)  # Suspend
+        lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
+        self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
+        sent = await self._send_changed(lbas)
+        state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
+        guest = self.workload.export_state() if self.workload is not None else b""
+        await self.sender.send_final(state, guest)
+        await self._drop_sender()  # everything is across and acknowledged
+        self.stage = "stopped"
+        # The source is frozen from here until release: its digest is the switchover digest.
+        self.digest_task = asyncio.create_task(asyncio.to_thread(self.ctrl.digest),
+                                               name=f"digest-{self.job_id}")
+        facts = TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
+                              state_bytes=len(state) + len(guest))
+        return facts
+
+    async def _cancel_tasks(self, *extra: asyncio.Task[Any] | None) -> None:
+        tasks = [t for t in (self.precopy_task, self.stop_copy_task, *self.round_tasks.values(), *extra) if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _drop_sender(self, abort_reason: str = "") -> None:
+        if self.sender is None:
+            return
+        if abort_reason:
+            with contextlib.suppress(Exception):
+                await self.sender.abort(abort_reason)
+        with contextlib.suppress(Exception):
+            await self.sender.close()
+        self.bytes_sent_before += self.sender.bytes_sent
+        self.sender = None
+
+    async def abort(self, reason: str) -> None:
+        """Back to RUNNING with the guest going; idempotent. Refused once released (after COMMIT)."""
+        if self.stage == "released":
+            raise SessionError("precondition", f"job {self.job_id} already released the source after COMMIT")
+        if self.stage == "aborted":
+            return
+        await self._cancel_tasks()
+        await self._drop_sender(abort_reason=reason)
+        if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
+            await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
+        if self.workload is not None:
+            self.workload.set_throttle(0)
+            self.workload.unpause()
+        self.stage = "aborted"
+        self.error = reason
+
+    async def release(self, on_released: Callable[[], Awaitable[None]]) -> str:
+        """After COMMIT: the destination owns the controller; sanitize ours. Returns the digest."""
+        if self.stage == "released":
+            return self.digest
+        if self.stage != "stopped":
+            raise SessionError("precondition", f"job {self.job_id}: release before stop-and-copy finished "
+                                               f"(stage {self.stage})")
+        if self.digest_task is not None:
+            self.digest = await self.digest_task
+        await self._drop_sender()
+        if self.workload is not None:
+            await asyncio.to_thread(self.workload.stop)
+        await asyncio.to_thread(self.ctrl.release)
+        self.stage = "released"
+        await on_released()
+        return self.digest
+
+    async def close(self) -> None:
+        await self._cancel_tasks(self.digest_task)
+        await self._drop_sender()
+
+
+@dataclass
+class DestinationSession(Session):
+    controller: EmulatedController | None = None
+    token: str = ""
+    workload: GuestWorkload | None = None
+    snapshot: Any = None
+    digest_task: asyncio.Task[str] | None = None
+    bytes_received: int = 0
+    guest_blob: bytes = b""
+
+    @property
+    def ctrl(self) -> EmulatedController:
+        assert self.controller is not None
+        return self.controller
+
+    # DestinationSink: the data plane calls these as frames arrive.
+    async def apply_extent(self, offset: int, data: bytes) -> None:
+        if len(data) <= SMALL_WRITE_BYTES:
+            # A small pwrite into the page cache takes microseconds, a thread hop far longer;
+            # during stop-and-copy thousands of 4 KiB blocks arrive and the guest is waiting.
+            self.ctrl.write_raw(offset, data)
+        else:
+            await asyncio.to_thread(self.ctrl.write_raw, offset, data)
+        self.bytes_received += len(data)
+
+    async def apply_round_end(self, round: int) -> None:
+        self.stage = f"received round {round}"
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+        await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
+        await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
+        self.guest_blob = guest_blob
+        # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
+        self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
+        self.stage = "loaded"
+
+    async def resume(self, on_running: Callable[[EmulatedController, GuestWorkload | None], Awaitable[None]]
+                     ) -> None:
+        if self.stage == "running":
+            return
+        if self.stage != "loaded":
+            raise SessionError("precondition", f"job {self.job_id}: cannot resume the destination in stage "
+                                               f"{self.stage!r}; the controller state has not been loaded")
+        await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
+        if self.guest_blob:
+            self.workload = GuestWorkload.from_state(self.ctrl, self.guest_blob)
+            self.workload.start()
+        self.stage = "running"
+        snapshot = self.snapshot
+
+        def digest_and_close() -> str:
+            try:
+                return str(snapshot.digest())
+            finally:
+                snapshot.close()
+
+        self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close), name=f"digest-{self.job_id}")
+        self.digest_task.add_done_callback(self._digest_done)
+        await on_running(self.ctrl, self.workload)
+
+    def _digest_done(self, task: asyncio.Task[str]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.error = f"digest failed: {exc}"
+        else:
+            self.digest = task.result()
+
+    def guest_blackout_ms(self) -> float:
+        if self.workload is None:
+            return 0.0
+        return float(self.workload.status().blackout_ms)
+
+    async def abort(self, reason: str) -> None:
+        if self.stage == "running":
+            raise SessionError("precondition", f"job {self.job_id}: the destination already runs the controller "
+                                               "(after COMMIT); it cannot be discarded")
+        if self.stage == "aborted":
+            return
+        if self.snapshot is not None:
+            with contextlib.suppress(Exception):
+                self.snapshot.close()
+        if self.controller is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.ctrl.release)
+        self.stage = "aborted"
+        self.error = reason
+
+    async def close(self) -> None:
+        if self.digest_task is not None:
+            self.digest_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.digest_task

@@ -1,0 +1,610 @@
+"""orchctl: the operator CLI for the NVMe live-migration orchestrator.
+
+    orchctl migrate CONTROLLER [--to NODE] [--bandwidth 100M] [--wait]
+    orchctl get JOB | list [--active] [--controller ID] | watch JOB | cancel JOB
+    orchctl nodes | controllers | demo ... | version
+
+Tables for people, `-o json` for scripts (protobuf JSON with snake_case keys and enum names;
+`watch -o json` prints one JSON object per line). Global options (--server, -o, --timeout) are
+accepted before or after the subcommand.
+
+Exit codes: 0 success; 1 other failures (and `watch` of a job that did not complete);
+2 usage errors and INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION / ALREADY_EXISTS;
+3 orchestrator unreachable (UNAVAILABLE / DEADLINE_EXCEEDED); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import grpc
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.text import Text
+
+from orchctl import render
+from orchctl.client import (
+    DEFAULT_TIMEOUT_S,
+    ENV_SERVER,
+    ClientConfig,
+    OrchestratorClient,
+    default_server,
+)
+from proto.v1 import migration_pb2
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+PIPE_WIDTH = 200  # columns for table output when stdout is not a terminal
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a SIGPIPE'd command (`orchctl list | head`)
+
+# Status codes that mean "you asked for something wrong", like a usage error.
+_USER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+# A watch stream that breaks mid-job (orchestrator restart, leader change) is re-opened for this
+# long before giving up: a leader failover waits out the old leader's etcd lease, which takes
+# seconds to tens of seconds, and `migrate --wait` in a script should ride through it.
+WATCH_RECONNECT_WINDOW_S = 60.0
+_WATCH_RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+_ON_NO_CONVERGENCE = {
+    "throttle": migration_pb2.THROTTLE,
+    "abort": migration_pb2.ABORT,
+    "force": migration_pb2.FORCE,
+}
+
+
+class CliError(Exception):
+    """A failure to report as one `error: ...` line with a given exit code (no traceback)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types
+
+
+_SIZE_RE = re.compile(r"^(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]*)$")
+
+
+def _size_units() -> dict[str, int]:
+    # Same convention as dd/coreutils: K, Ki, KiB are powers of 1024; KB, MB are powers of 1000.
+    units = {"": 1, "b": 1}
+    for power, letter in enumerate("kmgtp", start=1):
+        units[letter] = units[f"{letter}i"] = units[f"{letter}ib"] = 1024**power
+        units[f"{letter}b"] = 1000**power
+    return units
+
+
+_SIZE_UNITS = _size_units()
+
+
+def parse_bandwidth(value: str) -> int:
+    """Bytes per second from '1048576', '100M', '1.5G', '500MB', '100MiB/s'."""
+    text = value.strip().lower()
+    if text.endswith("/s"):
+        text = text[:-2].rstrip()
+    match = _SIZE_RE.match(text)
+    units = match and _SIZE_UNITS.get(match.group("unit"))
+    if not match or not units:
+        raise argparse.ArgumentTypeError(
+            f"invalid bandwidth {value!r}: expected bytes per second as a number with an optional "
+            "suffix K, M, G, T (powers of 1024; KB, MB, GB, TB are powers of 1000), e.g. 100M or 1.5G"
+        )
+    result = math.floor(float(match.group("num")) * units)
+    if result < 1:
+        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: must be at least 1 byte per second")
+    if result >= 2**63:
+        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: too large")
+    return result
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a whole number") from None
+    if number <= 0:
+        # The server treats set policy fields as "must be > 0"; say so before the round trip.
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be greater than 0")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a number of seconds") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be greater than 0")
+    return number
+
+
+def _server_address(value: str) -> str:
+    address = value.strip()
+    if not address:
+        raise argparse.ArgumentTypeError("the orchestrator address must not be empty (HOST:PORT)")
+    return address
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    # Registered on the top-level parser (with real defaults) and again on every subcommand
+    # (with SUPPRESS) so `orchctl list -o json` works as well as `orchctl -o json list`: a
+    # suppressed default leaves the top-level value alone when the option is not repeated.
+    def default(value: Any) -> Any:
+        return value if top_level else argparse.SUPPRESS
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        type=_server_address,
+        default=default(default_server()),
+        help=f"orchestrator address (default: ${ENV_SERVER} or 127.0.0.1:50051)",
+    )
+    group.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default=default("table"),
+        help="output format (default: table)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=default(DEFAULT_TIMEOUT_S),
+        help=f"deadline for each request; streams have none (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchctl",
+        description="Operate the NVMe live-migration orchestrator.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 bad request, 3 orchestrator unreachable, 130 interrupted.",
+    )
+    _add_global_options(parser, top_level=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(p, top_level=False)
+        return p
+
+    p = command("migrate", "start a live migration of a controller")
+    p.add_argument("controller", metavar="CONTROLLER", help="controller id")
+    p.add_argument("--to", metavar="NODE", default="", help="destination node (default: scheduler picks)")
+    p.add_argument("--max-downtime-ms", metavar="N", type=_positive_int, help="downtime budget (ms)")
+    p.add_argument("--max-rounds", metavar="N", type=_positive_int, help="dirty rounds before giving up")
+    p.add_argument(
+        "--bandwidth",
+        metavar="BYTES_PER_S",
+        type=parse_bandwidth,
+        help="copy rate limit, e.g. 100M or 1G (K/M/G/T = powers of 1024; KB/MB/GB = powers of 1000)",
+    )
+    p.add_argument(
+        "--on-no-convergence",
+        choices=sorted(_ON_NO_CONVERGENCE),
+        help="when the guest dirties faster than we copy: throttle it, abort, or force stop-and-copy",
+    )
+    p.add_argument("--wait", action="store_true", help="then follow it like `watch` (same exit codes)")
+    p.set_defaults(handler=cmd_migrate)
+
+    p = command("get", "show a migration: fields and phase timeline")
+    p.add_argument("job", metavar="JOB", help="migration id")
+    p.set_defaults(handler=cmd_get)
+
+    p = command("list", "list migrations")
+    p.add_argument("--active", action="store_true", help="only jobs not yet in a terminal phase")
+    p.add_argument("--controller", metavar="ID", default="", help="only jobs for this controller")
+    p.set_defaults(handler=cmd_list)
+
+    p = command(
+        "watch",
+        "follow a migration until it ends (exit 0 if it COMPLETED, 1 otherwise)",
+    )
+    p.add_argument("job", metavar="JOB", help="migration id")
+    p.set_defaults(handler=cmd_watch)
+
+    p = command("cancel", "cancel a migration before COMMIT (it rolls back to the source)")
+    p.add_argument("job", metavar="JOB", help="migration id")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = command("nodes", "list nodes")
+    p.set_defaults(handler=cmd_nodes)
+
+    p = command("controllers", "list controllers and where they run")
+    p.set_defaults(handler=cmd_controllers)
+
+    # The demo owns its own options (and --help); everything after `demo` is passed through.
+    p = sub.add_parser("demo", add_help=False, help="run the local demo (orchctl demo --help)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = command("version", "print the orchctl version")
+    p.set_defaults(handler=cmd_version)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Running commands
+
+
+@dataclass
+class Context:
+    """What a command handler needs: its arguments, where to print, and a lazily opened client
+    (so `version` and `demo` never open a channel)."""
+
+    args: argparse.Namespace
+    extra: list[str]
+    out: Console
+    err: Console
+    _client: OrchestratorClient | None = field(default=None, init=False)
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.output == "json")
+
+    @property
+    def server(self) -> str:
+        return str(self.args.server)
+
+    def client(self) -> OrchestratorClient:
+        if self._client is None:
+            self._client = OrchestratorClient(ClientConfig(server=self.server, timeout_s=self.args.timeout))
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def print_json(self, data: Any, *, indent: int | None = 2) -> None:
+        # Plain json.dumps, not rich: no colour codes and no wrapping for whatever parses this.
+        sys.stdout.write(json.dumps(data, indent=indent) + "\n")
+        sys.stdout.flush()
+
+    def show(self, renderable: RenderableType) -> None:
+        self.out.print(renderable)
+
+
+def cmd_migrate(ctx: Context) -> int:
+    args = ctx.args
+    if not args.controller.strip():
+        raise CliError("CONTROLLER must not be empty", EXIT_USAGE)
+    policy = migration_pb2.ConvergencePolicy()
+    # Only set what was given: unset optional fields mean "server default".
+    if args.max_downtime_ms is not None:
+        policy.max_downtime_ms = args.max_downtime_ms
+    if args.max_rounds is not None:
+        policy.max_rounds = args.max_rounds
+    if args.bandwidth is not None:
+        policy.bandwidth_bytes_per_s = args.bandwidth
+    if args.on_no_convergence is not None:
+        policy.on_no_convergence = _ON_NO_CONVERGENCE[args.on_no_convergence]
+    request = migration_pb2.CreateMigrationRequest(
+        controller_id=args.controller.strip(), destination_node=args.to.strip(), policy=policy
+    )
+    client = ctx.client()
+    job = client.stub.CreateMigration(request, timeout=client.timeout)
+    if ctx.json:
+        # With --wait the first watch event repeats the job, so the output stays uniform:
+        # one MigrationEvent per line, exactly like `watch -o json`.
+        if not args.wait:
+            ctx.print_json(render.message_to_dict(job))
+    else:
+        ctx.show(render.migration_summary_table(job))
+        if not args.wait:
+            ctx.show(Text(f"follow it with: orchctl watch {job.id}", style="dim"))
+    if args.wait:
+        return watch_job(ctx, job.id)
+    return EXIT_OK
+
+
+def cmd_get(ctx: Context) -> int:
+    client = ctx.client()
+    job = client.stub.GetMigration(migration_pb2.GetMigrationRequest(id=ctx.args.job), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(job))
+    else:
+        ctx.show(render.migration_detail(job, time.time()))
+    return EXIT_OK
+
+
+def cmd_list(ctx: Context) -> int:
+    client = ctx.client()
+    request = migration_pb2.ListMigrationsRequest(
+        active_only=ctx.args.active, controller_id=ctx.args.controller.strip()
+    )
+    response = client.stub.ListMigrations(request, timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(response))
+    elif response.migrations:
+        ctx.show(render.migrations_table(response.migrations, time.time()))
+    else:
+        ctx.err.print("no migrations found")
+    return EXIT_OK
+
+
+def cmd_watch(ctx: Context) -> int:
+    return watch_job(ctx, ctx.args.job)
+
+
+def cmd_cancel(ctx: Context) -> int:
+    client = ctx.client()
+    job = client.stub.CancelMigration(migration_pb2.CancelMigrationRequest(id=ctx.args.job), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(job))
+    else:
+        ctx.show(render.migration_summary_table(job))
+        if not render.is_terminal(job.phase):
+            ctx.show(Text(f"cancel requested; follow it with: orchctl watch {job.id}", style="dim"))
+    return EXIT_OK
+
+
+def cmd_nodes(ctx: Context) -> int:
+    client = ctx.client()
+    response = client.stub.ListNodes(migration_pb2.ListNodesRequest(), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(response))
+    elif response.nodes:
+        ctx.show(render.nodes_table(response.nodes))
+    else:
+        ctx.err.print("no nodes registered")
+    return EXIT_OK
+
+
+def cmd_controllers(ctx: Context) -> int:
+    client = ctx.client()
+    response = client.stub.ListControllers(migration_pb2.ListControllersRequest(), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(response))
+    elif response.controllers:
+        ctx.show(render.controllers_table(response.controllers))
+    else:
+        ctx.err.print("no controllers registered")
+    return EXIT_OK
+
+
+def cmd_demo(ctx: Context) -> int:
+    # Imported here, by name: the demo pulls in the whole local cluster (agents, orchestrator),
+    # which no other command needs; importlib also keeps type-checking of the CLI independent
+    # of the demo's code.
+    try:
+        demo = importlib.import_module("orchctl.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name == "orchctl.demo":
+            raise CliError("the demo is not available in this build (orchctl.demo is missing)") from None
+        raise CliError(f"the demo could not be loaded: {exc}") from None
+    run_demo: Callable[[list[str]], int] = demo.run_demo
+    return int(run_demo(list(ctx.extra)))
+
+
+def _version() -> str:
+    try:
+        return metadata.version("nvmigrate")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"  # running from a source tree that was never installed
+
+
+def cmd_version(ctx: Context) -> int:
+    api = migration_pb2.DESCRIPTOR.package
+    if ctx.json:
+        ctx.print_json({"orchctl": _version(), "api": api})
+    else:
+        ctx.out.print(f"orchctl {_version()} (API {api})", markup=False, highlight=False)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# watch
+
+
+class _LiveView:
+    """Re-rendered by rich.Live on every refresh, so the elapsed time ticks between events."""
+
+    def __init__(self) -> None:
+        self.migration: migration_pb2.Migration | None = None
+
+    def __rich__(self) -> RenderableType:
+        if self.migration is None:
+            return Text("waiting for the orchestrator…", style="dim")
+        return render.watch_view(self.migration, time.time())
+
+
+def watch_job(ctx: Context, job_id: str) -> int:
+    """Follow WatchMigration to the end; exit 0 if the job COMPLETED, 1 for any other outcome."""
+    live_view = _LiveView()
+    # A live display only makes sense on a terminal; for logs and CI print one line per phase.
+    use_live = not ctx.json and ctx.out.is_terminal
+    live: Live | None = None
+    if use_live:
+        live = Live(live_view, console=ctx.out, refresh_per_second=4, transient=False)
+        live.start()
+    printed_phase: int | None = None
+
+    def on_event(event: migration_pb2.MigrationEvent) -> None:
+        nonlocal printed_phase
+        job = event.migration
+        if ctx.json:
+            ctx.print_json(render.message_to_dict(event), indent=None)
+        elif live is not None:
+            live_view.migration = job
+            live.refresh()
+        elif job.phase != printed_phase:
+            ctx.out.print(render.phase_change_line(job))
+            printed_phase = job.phase
+
+    try:
+        last = _follow_stream(ctx, job_id, on_event)
+    finally:
+        if live is not None:
+            live.stop()
+
+    if not ctx.json:
+        ctx.out.print(render.final_line(last))
+    return EXIT_OK if last.phase == migration_pb2.COMPLETED else EXIT_FAILURE
+
+
+def _follow_stream(
+    ctx: Context,
+    job_id: str,
+    on_event: Callable[[migration_pb2.MigrationEvent], None],
+) -> migration_pb2.Migration:
+    """Read WatchMigration until a terminal phase, re-opening the stream if it breaks after the
+    first event (orchestrator restart or leader change). Returns the last state seen."""
+    client = ctx.client()
+    request = migration_pb2.WatchMigrationRequest(id=job_id)
+    last: migration_pb2.Migration | None = None
+    broken_since: float | None = None
+    backoff = 0.5
+    while True:
+        call = client.stub.WatchMigration(request)
+        problem: str
+        try:
+            for event in call:
+                last = event.migration
+                broken_since, backoff = None, 0.5
+                on_event(event)
+            problem = "the stream ended"
+        except grpc.RpcError as exc:
+            # A stream torn down after the terminal event lost nothing.
+            if last is not None and render.is_terminal(last.phase):
+                return last
+            # Before the first event an error is the answer (unknown job, nothing listening).
+            if last is None or exc.code() not in _WATCH_RECONNECT_CODES:
+                raise
+            problem = f"the stream broke ({_one_line(exc.details())}, {exc.code().name})"
+            if broken_since is None:
+                broken_since = time.monotonic()
+            if time.monotonic() - broken_since > WATCH_RECONNECT_WINDOW_S:
+                raise
+        finally:
+            call.cancel()
+        if last is None:
+            raise CliError(f"the orchestrator sent nothing for migration {job_id}")
+        if render.is_terminal(last.phase):
+            return last
+        if broken_since is None:
+            broken_since = time.monotonic()
+        if time.monotonic() - broken_since > WATCH_RECONNECT_WINDOW_S:
+            raise CliError(
+                f"watch of migration {job_id} ended before it finished "
+                f"(last phase {render.phase_name(last.phase)}); check it with: orchctl get {job_id}"
+            )
+        ctx.err.print(Text(f"{problem} in phase {render.phase_name(last.phase)}; reconnecting…", style="yellow"))
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and entry point
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def describe_rpc_error(exc: grpc.RpcError, server: str) -> tuple[str, int]:
+    """The one-line message and exit code for a failed call."""
+    code_fn = getattr(exc, "code", None)
+    details_fn = getattr(exc, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = _one_line(details_fn() if callable(details_fn) else None) or "no details"
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if code in _UNREACHABLE_CODES:
+        message = (
+            f"cannot reach the orchestrator at {server}: {details}; is it running? pass --server or set {ENV_SERVER}"
+        )
+        return f"{message} ({name})", EXIT_UNREACHABLE
+    exit_code = EXIT_USAGE if code in _USER_ERROR_CODES else EXIT_FAILURE
+    return f"{details} ({name})", exit_code
+
+
+def _error(message: str) -> None:
+    # Plain write, not rich: server messages may contain [brackets] that rich would eat as markup.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def _stdout_console() -> Console:
+    # Piped into grep/less/a file, rich would assume 80 columns and cut table cells ("SOUR…").
+    # Give it room instead; tables only take the width their content needs. An explicit
+    # COLUMNS still wins.
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=PIPE_WIDTH)
+    return console
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command != "demo" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    ctx = Context(args=args, extra=extra, out=_stdout_console(), err=Console(stderr=True, highlight=False))
+    try:
+        handler: Callable[[Context], int] = args.handler
+        return handler(ctx)
+    except grpc.RpcError as exc:
+        message, code = describe_rpc_error(exc, ctx.server)
+        _error(message)
+        return code
+    except CliError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    finally:
+        ctx.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    try:
+        return _run(argv)
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        _error(str(exc.code))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`orchctl list | head`). Point stdout at devnull so the interpreter's
+        # final flush does not raise again and print a traceback.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_BROKEN_PIPE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""A whole cluster on one machine: etcd, orchestrators and agents as real processes.
+
+The demo uses it, and so do the integration tests. Every process it starts is stopped by its
+pid in `stop()`; waiting is done on conditions with deadlines (a port answers, a node shows up
+in etcd), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.v1 import agent_pb2_grpc, migration_pb2, migration_pb2_grpc
+
+T = TypeVar("T")
+
+
+class ClusterError(Exception):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 0.05,
+             alive: Callable[[], str | None] | None = None) -> T:
+    """Polls `probe` until it returns something truthy; `alive` reports a dead process early."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = probe()
+        if result:
+            return result
+        if alive is not None:
+            dead = alive()
+            if dead:
+                raise ClusterError(f"{what}: {dead}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def find_etcd() -> str:
+    path = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+    if path is None:
+        raise ClusterError("etcd is not installed: `apt-get install etcd-server` (Debian) provides it")
+    return path
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def exited(self) -> str | None:
+        code = self.popen.poll()
+        if code is None:
+            return None
+        return f"{self.name} exited with code {code}; last log lines:\n{self.tail()}"
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class LocalCluster:
+    """Start with `start_etcd()`, `start_orchestrator()`, `start_agent()`; always `stop()`."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nvmigrate-")))
+    host: str = "127.0.0.1"
+    lease_ttl_s: int = 2
+    procs: list[Proc] = field(default_factory=list)
+    etcd_endpoint: str = ""
+    orchestrator_address: str = ""
+    agents: dict[str, Proc] = field(default_factory=dict)
+    orchestrators: list[Proc] = field(default_factory=list)
+    _etcd: Proc | None = None
+    _owns_workdir: bool = True
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        log = open(log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, start_new_session=True)
+        log.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    # ---- etcd -------------------------------------------------------------------------------
+
+    def start_etcd(self, timeout_s: float = 30.0) -> str:
+        client, peer = free_port(self.host), free_port(self.host)
+        # tmpfs when there is one: fsync on a slow disk would dominate the switchover time
+        shm = Path("/dev/shm")
+        base = Path(tempfile.mkdtemp(prefix="nvmigrate-etcd-", dir=shm if shm.is_dir() else self.workdir))
+        self._etcd_dir = base
+        url = f"http://{self.host}:{client}"
+        self._etcd = self._spawn("etcd", [
+            find_etcd(), "--name", "nvmigrate", "--data-dir", str(base / "data"),
+            "--listen-client-urls", url, "--advertise-client-urls", url,
+            "--listen-peer-urls", f"http://{self.host}:{peer}",
+            "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
+            "--initial-cluster", f"nvmigrate=http://{self.host}:{peer}",
+            "--log-level", "warn",
+        ])
+        self.etcd_endpoint = f"{self.host}:{client}"
+        wait_for("etcd to answer", lambda: self._tcp_open(self.host, client), timeout_s,
+                 alive=self._etcd.exited)
+        return self.etcd_endpoint
+
+    def stop_etcd(self) -> None:
+        if self._etcd is not None:
+            self._etcd.stop()
+
+    @staticmethod
+    def _tcp_open(host: str, port: int) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((host, port)) == 0
+
+    # ---- orchestrator -----------------------------------------------------------------------
+
+    def start_orchestrator(self, name: str = "orch-1", port: int | None = None, timeout_s: float = 30.0) -> Proc:
+        port = port or free_port(self.host)
+        proc = self._spawn(name, [
+            sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint,
+            "--listen", f"{self.host}:{port}", "--name", name, "--lease-ttl-s", str(self.lease_ttl_s),
+        ])
+        address = f"{self.host}:{port}"
+        wait_for(f"orchestrator {name} to serve", lambda: self._healthy(address), timeout_s, alive=proc.exited)
+        self.orchestrators.append(proc)
+        if not self.orchestrator_address:
+            self.orchestrator_address = address
+        proc.address = address  # type: ignore[attr-defined]
+        return proc
+
+    @staticmethod
+    def _healthy(address: str) -> bool:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.RpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def migration_stub(self) -> tuple[grpc.Channel, migration_pb2_grpc.MigrationServiceStub]:
+        channel = grpc.insecure_channel(self.orchestrator_address)
+        return channel, migration_pb2_grpc.MigrationServiceStub(channel)
+
+    # ---- agents -----------------------------------------------------------------------------
+
+    def start_agent(self, name: str, capacity: str = "4G", timeout_s: float = 30.0) -> Proc:
+        data_dir = self.workdir / name
+        proc = self._spawn(name, [
+            sys.executable, "-m", "agent.main", "--name", name, "--etcd", self.etcd_endpoint,
+            "--listen", f"{self.host}:0", "--data-dir", str(data_dir), "--capacity", capacity,
+            "--lease-ttl-s", str(self.lease_ttl_s),
+        ])
+        self.agents[name] = proc
+        wait_for(f"agent {name} to register", lambda: self.node(name), timeout_s, alive=proc.exited)
+        return proc
+
+    def nodes(self) -> list[migration_pb2.Node]:
+        channel, stub = self.migration_stub()
+        with channel:
+            try:
+                return list(stub.ListNodes(migration_pb2.ListNodesRequest(), timeout=5.0).nodes)
+            except grpc.RpcError:
+                return []
+
+    def node(self, name: str) -> migration_pb2.Node | None:
+        return next((n for n in self.nodes() if n.name == name), None)
+
+    def agent_stub(self, name: str) -> tuple[grpc.Channel, agent_pb2_grpc.AgentServiceStub]:
+        node = self.node(name)
+        if node is None:
+            raise ClusterError(f"agent {name!r} is not registered")
+        channel = grpc.insecure_channel(node.address)
+        return channel, agent_pb2_grpc.AgentServiceStub(channel)
+
+    # ---- teardown ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        # agents and orchestrators first, etcd last (they deregister through it)
+        for proc in reversed(self.procs):
+            if proc is not self._etcd:
+                proc.stop()
+        if self._etcd is not None:
+            self._etcd.stop()
+        etcd_dir = getattr(self, "_etcd_dir", None)
+        if etcd_dir is not None:
+            shutil.rmtree(etcd_dir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

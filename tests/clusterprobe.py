@@ -1,0 +1,117 @@
+"""What the integration tests ask of a running cluster: small synchronous calls with deadlines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import grpc
+
+from orchctl.localcluster import LocalCluster, wait_for
+from proto.v1 import agent_pb2, migration_pb2
+
+TERMINAL = {migration_pb2.COMPLETED, migration_pb2.ROLLED_BACK, migration_pb2.FAILED, migration_pb2.CANCELLED}
+
+
+def create_controller(cluster: LocalCluster, node: str, cid: str, namespace_bytes: int,
+                      write_iops: int = 400) -> agent_pb2.ControllerStatus:
+    channel, stub = cluster.agent_stub(node)
+    with channel:
+        status = stub.CreateController(agent_pb2.CreateControllerRequest(
+            controller_id=cid, namespace_bytes=namespace_bytes, prefill=True,
+            workload=agent_pb2.WorkloadSpec(write_iops=write_iops, seed=7)), timeout=120)
+        wait_for(f"guest writes on {cid}", lambda: controller(cluster, node, cid).workload.acked_writes > 50, 60)
+    return status
+
+
+def controller(cluster: LocalCluster, node: str, cid: str) -> agent_pb2.ControllerStatus:
+    channel, stub = cluster.agent_stub(node)
+    with channel:
+        return stub.GetController(agent_pb2.GetControllerRequest(controller_id=cid), timeout=10)
+
+
+def controller_missing(cluster: LocalCluster, node: str, cid: str) -> bool:
+    try:
+        controller(cluster, node, cid)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined, no-any-return]
+    return False
+
+
+def verify(cluster: LocalCluster, node: str, cid: str) -> agent_pb2.VerifyResponse:
+    channel, stub = cluster.agent_stub(node)
+    with channel:
+        return stub.Verify(agent_pb2.GetControllerRequest(controller_id=cid), timeout=120)
+
+
+def migrate(cluster: LocalCluster, cid: str, to: str = "", **policy: Any) -> migration_pb2.Migration:
+    channel, api = cluster.migration_stub()
+    with channel:
+        return api.CreateMigration(migration_pb2.CreateMigrationRequest(
+            controller_id=cid, destination_node=to, policy=migration_pb2.ConvergencePolicy(**policy)), timeout=10)
+
+
+def get_job(cluster: LocalCluster, job_id: str) -> migration_pb2.Migration:
+    channel, api = cluster.migration_stub()
+    with channel:
+        return api.GetMigration(migration_pb2.GetMigrationRequest(id=job_id), timeout=10)
+
+
+def wait_phase(cluster: LocalCluster, job_id: str, phases: set[Any], timeout_s: float = 120,
+               also: object = None) -> migration_pb2.Migration:
+    def probe() -> migration_pb2.Migration | None:
+        try:
+            job = get_job(cluster, job_id)
+        except grpc.RpcError:
+            return None  # orchestrator restarting
+        if job.phase in phases and (also is None or also(job)):  # type: ignore[operator]
+            return job
+        if job.phase in TERMINAL and not phases & TERMINAL:
+            raise AssertionError(f"job ended {migration_pb2.Phase.Name(job.phase)} ({job.reason}) before reaching "
+                                 f"{[migration_pb2.Phase.Name(p) for p in phases]}")
+        return None
+    return wait_for(f"job {job_id} to reach {[migration_pb2.Phase.Name(p) for p in phases]}", probe, timeout_s,
+                    interval_s=0.05)
+
+
+def owners(cluster: LocalCluster) -> dict[str, str]:
+    channel, api = cluster.migration_stub()
+    with channel:
+        return {c.id: c.node for c in api.ListControllers(migration_pb2.ListControllersRequest(), timeout=10)
+                .controllers}
+
+
+def etcd_json(cluster: LocalCluster, key: str) -> dict[str, object] | None:
+    """Reads a record with etcdctl, a client that is not ours."""
+    done = subprocess.run(["etcdctl", f"--endpoints={cluster.etcd_endpoint}", "get", key, "--print-value-only"],
+                          capture_output=True, text=True, check=True, env={"ETCDCTL_API": "3"})
+    out = done.stdout.strip()
+    return json.loads(out) if out else None
+
+
+def etcd_keys(cluster: LocalCluster, prefix: str) -> list[str]:
+    done = subprocess.run(["etcdctl", f"--endpoints={cluster.etcd_endpoint}", "get", prefix, "--prefix",
+                           "--keys-only"], capture_output=True, text=True, check=True, env={"ETCDCTL_API": "3"})
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def running_on(cluster: LocalCluster, cid: str, nodes: list[str]) -> list[str]:
+    """Nodes where the controller accepts guest I/O right now (invariant 1: at most one)."""
+    found = []
+    for node in nodes:
+        try:
+            status = controller(cluster, node, cid)
+        except grpc.RpcError:
+            continue
+        if status.vfio_state in ("RUNNING", "PRE_COPY"):
+            found.append(node)
+    return found
+
+
+def wait_more_writes(cluster: LocalCluster, node: str, cid: str, than: int, timeout_s: float = 30) -> int:
+    """Waits until the guest on `node` has acknowledged more than `than` writes; returns the count."""
+    def probe() -> int | None:
+        acked = int(controller(cluster, node, cid).workload.acked_writes)
+        return acked if acked > than else None
+    return wait_for(f"{cid} on {node} to acknowledge more than {than} writes", probe, timeout_s)

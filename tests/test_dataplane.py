@@ -1,0 +1,635 @@
+"""Tests for the migration data plane (agent/dataplane): framing, rate limit, sender <-> receiver.
+
+Everything runs over real sockets on 127.0.0.1 into a real file; the only test-specific class is
+``FileSink``, a minimal DestinationSink that is the target of the transfer, not a stand-in for
+one of our components. Waits are on conditions with deadlines, never on bare sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.dataplane.framing import (
+    HEADER_SIZE,
+    MAGIC,
+    ChecksumError,
+    Frame,
+    FrameError,
+    FrameType,
+    encode_frame,
+    encode_header,
+    read_frame,
+)
+from agent.dataplane.ratelimit import MAX_SLEEP_SLICE_S, TokenBucket
+from agent.dataplane.receiver import DataReceiver, decode_final_payload, encode_final_payload
+from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
+
+MiB = 1024 * 1024
+DEADLINE_S = 10.0  # generous upper bound for anything that should finish "promptly"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class FileSink:
+    """Writes extents into a real file, records rounds and final blobs."""
+
+    def __init__(self, path: Path, *, final_error: str | None = None, notify_at: int = 0) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.final_error = final_error
+        self.rounds: list[int] = []
+        self.final: tuple[bytes, bytes] | None = None
+        self.extents: list[tuple[int, int]] = []
+        self.written = 0
+        self.notify_at = notify_at
+        self.reached = asyncio.Event()
+        self.block: asyncio.Event | None = None  # when set to an Event, apply_extent waits on it
+
+    async def apply_extent(self, offset: int, data: bytes) -> None:
+        if self.block is not None:
+            await self.block.wait()
+        await asyncio.to_thread(os.pwrite, self.fd, data, offset)
+        self.extents.append((offset, len(data)))
+        self.written += len(data)
+        if self.notify_at and self.written >= self.notify_at:
+            self.reached.set()
+
+    async def apply_round_end(self, round: int) -> None:
+        self.rounds.append(round)
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+        if self.final_error is not None:
+            raise RuntimeError(self.final_error)
+        self.final = (state_blob, guest_blob)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def file_reader(path: Path) -> tuple[int, Callable[[int, int], Awaitable[bytes]]]:
+    fd = os.open(path, os.O_RDONLY)
+
+    async def read(offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(os.pread, fd, length, offset)
+
+    return fd, read
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[DataReceiver]:
+    r = DataReceiver("127.0.0.1")
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+@pytest.fixture
+def sinks(tmp_path: Path) -> Iterator[list[FileSink]]:
+    made: list[FileSink] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def new_sink(sinks: list[FileSink], tmp_path: Path, name: str = "dest.img", **kw: object) -> FileSink:
+    s = FileSink(tmp_path / name, **kw)  # type: ignore[arg-type]
+    sinks.append(s)
+    return s
+
+
+# -- framing -----------------------------------------------------------------------------------
+
+
+frames = st.builds(
+    Frame,
+    type=st.sampled_from(list(FrameType)),
+    offset=st.integers(0, 2**64 - 1),
+    seq=st.integers(0, 2**64 - 1),
+    payload=st.binary(max_size=1024),
+)
+
+
+def decode(data: bytes, max_payload: int = 8 * MiB) -> Frame | None:
+    async def run() -> Frame | None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_frame(reader, max_payload=max_payload)
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames)
+def test_frame_round_trip(frame: Frame) -> None:
+    data = encode_frame(frame)
+    assert len(data) == HEADER_SIZE + len(frame.payload)
+    assert data[:HEADER_SIZE] == encode_header(frame)
+    assert decode(data) == frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames, st.data())
+def test_any_single_bit_flip_is_detected(frame: Frame, data: st.DataObject) -> None:
+    encoded = bytearray(encode_frame(frame))
+    bit = data.draw(st.integers(0, len(encoded) * 8 - 1), label="bit")
+    encoded[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(FrameError):
+        decode(bytes(encoded))
+
+
+def test_payload_bit_flip_is_a_checksum_error_naming_the_frame() -> None:
+    frame = Frame(FrameType.EXTENT, offset=4096, seq=7, payload=b"x" * 100)
+    encoded = bytearray(encode_frame(frame))
+    encoded[HEADER_SIZE + 50] ^= 0x10
+    with pytest.raises(ChecksumError) as info:
+        decode(bytes(encoded))
+    msg = str(info.value)
+    assert "EXTENT" in msg and "offset 4096" in msg and "seq 7" in msg
+    assert "expected crc32 0x" in msg and "computed 0x" in msg
+
+
+def test_clean_eof_truncation_oversize_and_garbage() -> None:
+    good = encode_frame(Frame(FrameType.EXTENT, offset=1, seq=2, payload=b"abc"))
+    assert decode(b"") is None
+    with pytest.raises(FrameError, match="inside a frame header"):
+        decode(good[:10])
+    with pytest.raises(FrameError, match="inside the payload"):
+        decode(good[:-1])
+    with pytest.raises(FrameError, match="above the 2-byte limit"):
+        decode(good, max_payload=2)
+    with pytest.raises(FrameError, match="bad frame magic"):
+        decode(b"HTTP" + good[4:])
+    assert good.startswith(MAGIC)
+
+
+async def test_back_to_back_frames_then_eof() -> None:
+    sent = [Frame(FrameType.EXTENT, offset=i * 10, seq=i, payload=bytes([i]) * i) for i in range(5)]
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(encode_frame(f) for f in sent))
+    reader.feed_eof()
+    got = [await read_frame(reader) for _ in sent]
+    assert got == sent
+    assert await read_frame(reader) is None
+
+
+def test_encode_rejects_out_of_range_fields() -> None:
+    with pytest.raises(ValueError, match="offset -1"):
+        encode_header(Frame(FrameType.EXTENT, offset=-1))
+    with pytest.raises(ValueError, match="seq"):
+        encode_header(Frame(FrameType.ROUND_END, seq=2**64))
+
+
+def test_final_payload_codec() -> None:
+    assert decode_final_payload(encode_final_payload(b"state", b"guest")) == (b"state", b"guest")
+    assert decode_final_payload(encode_final_payload(b"", b"")) == (b"", b"")
+    with pytest.raises(ValueError, match="declares a 100-byte state blob"):
+        decode_final_payload((100).to_bytes(4, "big") + b"short")
+
+
+# -- token bucket (deterministic: fake clock, fake sleep) --------------------------------------
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+async def test_bucket_holds_average_rate() -> None:
+    t = FakeTime()
+    bucket = TokenBucket(1000, burst_bytes=100, clock=t.clock, sleep=t.sleep)
+    await bucket.acquire(100)  # the initial burst is free
+    assert t.sleeps == []
+    start = t.now
+    for _ in range(10):
+        await bucket.acquire(500)
+    # 5000 bytes at 1000 B/s: exactly 5 s, no more, no less.
+    assert t.now - start == pytest.approx(5.0, abs=1e-6)
+    assert max(t.sleeps) <= MAX_SLEEP_SLICE_S + 1e-9
+
+
+async def test_bucket_credit_is_capped_at_burst() -> None:
+    t = FakeTime()
+    bucket = TokenBucket(1000, burst_bytes=200, clock=t.clock, sleep=t.sleep)
+    t.now += 3600  # idle for an hour: credit must not exceed the burst
+    start = t.now
+    await bucket.acquire(1200)
+    assert t.now - start == pytest.approx(1.0, abs=1e-6)
+
+
+async def test_bucket_default_burst_and_rate_changes() -> None:
+    t = FakeTime()
+    bucket = TokenBucket(10_000, clock=t.clock, sleep=t.sleep)
+    assert bucket.burst == 1000 and bucket.rate == 10_000
+
+    # Dropping to unlimited while a waiter pays a long debt releases it at the next slice.
+    slow = TokenBucket(100, burst_bytes=1, clock=t.clock, sleep=t.sleep)
+    calls = 0
+
+    async def sleep_then_unlimit(seconds: float) -> None:
+        nonlocal calls
+        calls += 1
+        await t.sleep(seconds)
+        if calls == 3:
+            slow.set_rate(None)
+
+    slow._sleep = sleep_then_unlimit
+    start = t.now
+    await slow.acquire(1_000_000)  # would be ~10000 s at 100 B/s
+    assert calls == 3 and t.now - start == pytest.approx(3 * MAX_SLEEP_SLICE_S)
+    assert slow.rate is None
+
+    before = len(t.sleeps)
+    await bucket.acquire(0)
+    unlimited = TokenBucket(None, clock=t.clock, sleep=t.sleep)
+    await unlimited.acquire(10**12)
+    assert len(t.sleeps) == before
+
+    # A cancelled acquire refunds its tokens: the next caller is not charged for unsent bytes.
+    refund = TokenBucket(1000, burst_bytes=100, clock=t.clock, sleep=t.sleep)
+    waiter = asyncio.create_task(refund.acquire(100_000))
+    gate = asyncio.Event()
+
+    async def parked_sleep(seconds: float) -> None:
+        gate.set()
+        await asyncio.Event().wait()
+
+    refund._sleep = parked_sleep
+    await asyncio.wait_for(gate.wait(), DEADLINE_S)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    refund._sleep = t.sleep
+    start = t.now
+    await refund.acquire(100)
+    assert t.now == start
+
+    with pytest.raises(ValueError, match="-5"):
+        TokenBucket(-5)
+    with pytest.raises(ValueError, match="negative"):
+        await bucket.acquire(-1)
+
+
+# -- sender <-> receiver over real sockets ---------------------------------------------------
+
+
+async def test_32mib_arrives_byte_identical_with_rounds_and_final(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    src = tmp_path / "src.img"
+    size = 32 * MiB
+    src.write_bytes(os.urandom(size))
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-1", "tok-1", sink)
+
+    # Irregular extents in shuffled order: exercises chunk splitting and out-of-order offsets.
+    rng = random.Random(7)
+    cuts = sorted(rng.sample(range(1, size), 40))
+    bounds = [0, *cuts, size]
+    extents = [(a, b - a) for a, b in itertools.pairwise(bounds)]
+    rng.shuffle(extents)
+    half = len(extents) // 2
+
+    fd, read = await file_reader(src)
+    progress: list[int] = []
+    try:
+        sender = await DataSender.connect(receiver.address, "job-1", "tok-1")
+        async with sender:
+            n1 = await stream_extents(sender, read, extents[:half], progress=progress.append)
+            ack0 = await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
+            n2 = await stream_extents(sender, read, extents[half:], chunk_bytes=512 * 1024)
+            ack1 = await asyncio.wait_for(sender.end_round(1), DEADLINE_S)
+            final = await asyncio.wait_for(sender.send_final(b"\x00state\xff", b"guest" * 1000), DEADLINE_S)
+            assert sender.bytes_sent == size
+    finally:
+        os.close(fd)
+
+    assert n1 + n2 == size
+    assert progress == sorted(progress) and progress[-1] == n1
+    assert ack0["ok"] and ack0["round"] == 0 and ack0["bytes_received"] == n1
+    assert ack1["round"] == 1 and ack1["bytes_received"] == size
+    assert final["ok"] is True
+    assert sink.rounds == [0, 1]
+    assert sink.final == (b"\x00state\xff", b"guest" * 1000)
+    assert sha256_file(sink.path) == sha256_file(src)
+    stats = receiver.session_stats("job-1")
+    assert stats.done and stats.last_error is None
+    assert stats.bytes_received == size and stats.rounds == 2
+
+
+async def test_extents_are_applied_in_send_order(receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]) -> None:
+    # Overlapping writes: only in-order application gives the last value at offset 0.
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-o", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-o", "t")
+    async with sender:
+        for i in range(50):
+            await sender.send_extent(0, bytes([i]) * 4096)
+        await asyncio.wait_for(sender.end_round(5), DEADLINE_S)
+    assert sink.path.read_bytes() == bytes([49]) * 4096
+    assert [off for off, _ in sink.extents] == [0] * 50
+
+
+async def test_apply_final_error_reaches_the_source(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path, final_error="controller state version 9 is not supported (max 1)")
+    receiver.register("job-f", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-f", "t")
+    async with sender:
+        await sender.send_extent(0, b"a" * 1000)
+        with pytest.raises(DataPlaneError) as info:
+            await asyncio.wait_for(sender.send_final(b"s", b"g"), DEADLINE_S)
+        # And the sender stays failed afterwards instead of pretending all is well.
+        with pytest.raises(DataPlaneError):
+            await sender.send_extent(0, b"b")
+    assert info.value.reason == "controller state version 9 is not supported (max 1)"
+    assert "job-f" in str(info.value)
+    stats = receiver.session_stats("job-f")
+    assert not stats.done and stats.last_error == "controller state version 9 is not supported (max 1)"
+
+
+async def test_corrupt_frame_is_detected_and_stops_writes(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-c", "tok-c", sink)
+    sender = await DataSender.connect(receiver.address, "job-c", "tok-c")
+    sender.corrupt_frame = 3
+
+    async def push() -> None:
+        for i in range(16):
+            await sender.send_extent(i * MiB, bytes([i + 1]) * MiB)
+        await sender.end_round(0)
+
+    async with sender:
+        with pytest.raises(DataPlaneError) as info:
+            await asyncio.wait_for(push(), DEADLINE_S)
+    assert "checksum" in str(info.value)
+    stats = receiver.session_stats("job-c")
+    assert stats.last_error is not None and "checksum" in stats.last_error
+    assert "data-plane frame corrupt" in stats.last_error and "seq 3" in stats.last_error
+    assert stats.bytes_received == 2 * MiB and not stats.done
+    # Frames 1 and 2 landed; nothing at or after the corrupt frame did.
+    assert sink.extents == [(0, MiB), (MiB, MiB)]
+    assert sink.path.read_bytes() == b"\x01" * MiB + b"\x02" * MiB
+
+    # The job is dead on the destination: a new connection with the same token is refused.
+    with pytest.raises(DataPlaneError, match="already used"):
+        await DataSender.connect(receiver.address, "job-c", "tok-c")
+    assert os.fstat(sink.fd).st_size == 2 * MiB
+
+
+async def test_wrong_token_unknown_job_and_replay_are_refused(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-a", "right", sink)
+
+    with pytest.raises(DataPlaneError, match="wrong data-plane token for job 'job-a'") as info:
+        await DataSender.connect(receiver.address, "job-a", "wrong")
+    assert "right" not in str(info.value)  # the real token never leaks into errors
+    with pytest.raises(DataPlaneError, match="'job-zz' is not registered"):
+        await DataSender.connect(receiver.address, "job-zz", "right")
+
+    first = await DataSender.connect(receiver.address, "job-a", "right")
+    async with first:
+        with pytest.raises(DataPlaneError, match="already used"):
+            await DataSender.connect(receiver.address, "job-a", "right")
+        # The refused replay did not disturb the real session.
+        await first.send_extent(0, b"ok" * 100)
+        await asyncio.wait_for(first.end_round(0), DEADLINE_S)
+    # Still refused after the first session ended.
+    with pytest.raises(DataPlaneError, match="already used"):
+        await DataSender.connect(receiver.address, "job-a", "right")
+    assert sink.written == 200
+
+    # Re-registering requires an explicit unregister; then a new token works.
+    with pytest.raises(ValueError, match="unregister"):
+        receiver.register("job-a", "again", sink)
+    receiver.unregister("job-a")
+    receiver.register("job-a", "fresh", sink)
+    second = await DataSender.connect(receiver.address, "job-a", "fresh")
+    await second.close()
+
+
+async def test_bandwidth_limit_on_a_real_socket(receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-bw", "t", sink)
+    rate = 4 * MiB
+    total = 3 * MiB
+    sender = await DataSender.connect(receiver.address, "job-bw", "t", bandwidth_bytes_per_s=rate)
+    async with sender:
+        chunk = os.urandom(256 * 1024)
+        start = time.monotonic()
+        for i in range(total // len(chunk)):
+            await sender.send_extent(i * len(chunk), chunk)
+        await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
+        elapsed = time.monotonic() - start
+    # Lower bound only (robust on slow machines): at least ~80% of bytes/rate.
+    assert elapsed >= 0.8 * total / rate, f"{total} bytes at {rate} B/s took only {elapsed:.3f}s"
+    assert sink.written == total
+
+
+async def test_receiver_close_mid_stream_fails_sender_promptly(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path, notify_at=4 * MiB)
+    receiver.register("job-x", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-x", "t")
+    chunk = os.urandom(MiB)
+
+    async def stream_forever() -> None:
+        i = 0
+        while True:
+            await sender.send_extent((i % 8) * MiB, chunk)
+            i += 1
+
+    task = asyncio.create_task(stream_forever())
+    try:
+        await asyncio.wait_for(sink.reached.wait(), DEADLINE_S)
+        await asyncio.wait_for(receiver.close(), DEADLINE_S)
+        with pytest.raises(DataPlaneError):
+            await asyncio.wait_for(task, DEADLINE_S)
+        with pytest.raises(DataPlaneError):
+            await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
+    finally:
+        task.cancel()
+        await sender.close()
+    assert sender.error is not None
+
+
+async def test_unregister_mid_stream_cuts_the_session(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path, notify_at=2 * MiB)
+    receiver.register("job-u", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-u", "t")
+
+    async def stream_forever() -> None:
+        while True:
+            await sender.send_extent(0, b"u" * MiB)
+
+    task = asyncio.create_task(stream_forever())
+    try:
+        await asyncio.wait_for(sink.reached.wait(), DEADLINE_S)
+        receiver.unregister("job-u")
+        with pytest.raises(DataPlaneError):
+            await asyncio.wait_for(task, DEADLINE_S)
+    finally:
+        task.cancel()
+        await sender.close()
+    with pytest.raises(KeyError, match="job-u"):
+        receiver.session_stats("job-u")
+
+
+async def test_stuck_destination_times_out_instead_of_hanging(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    sink.block = asyncio.Event()  # the sink never finishes a write
+    receiver.register("job-s", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-s", "t")
+    async with sender:
+        await sender.send_extent(0, b"z" * 4096)
+        with pytest.raises(DataPlaneError, match=r"no ACK for round 3 within 0\.3s"):
+            await asyncio.wait_for(sender.end_round(3, timeout_s=0.3), DEADLINE_S)
+        with pytest.raises(DataPlaneError, match="no ACK"):
+            await sender.send_extent(0, b"again")
+    sink.block.set()
+
+
+async def test_receiver_idle_timeout_fails_session(tmp_path: Path, sinks: list[FileSink]) -> None:
+    r = DataReceiver("127.0.0.1", idle_timeout_s=0.2)
+    await r.start()
+    try:
+        r.register("job-i", "t", new_sink(sinks, tmp_path))
+        sender = await DataSender.connect(r.address, "job-i", "t")
+        async with sender:
+            # The receiver gives up on a silent source and tells it why.
+            await asyncio.wait_for(sender._read_task, DEADLINE_S)
+            with pytest.raises(DataPlaneError, match="no frame from the source"):
+                await sender.send_extent(0, b"late")
+        assert "no frame from the source" in (r.session_stats("job-i").last_error or "")
+    finally:
+        await r.close()
+
+
+async def test_abort_ends_the_session_with_reason(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-ab", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-ab", "t")
+    await sender.send_extent(0, b"q" * 10)
+    await sender.abort("operator cancelled")
+
+    stats = await asyncio.wait_for(receiver.wait_session_end("job-ab"), DEADLINE_S)
+    assert not stats.connected and not stats.done
+    assert stats.last_error == "source aborted the transfer: operator cancelled"
+    with pytest.raises(DataPlaneError, match="aborted by the source: operator cancelled"):
+        await sender.send_extent(0, b"x")
+
+
+async def test_connect_errors_are_prompt_and_readable(tmp_path: Path) -> None:
+    r = DataReceiver("127.0.0.1")
+    await r.start()
+    address = r.address
+    await r.close()  # nothing listens there any more
+    with pytest.raises(DataPlaneError, match="cannot connect"):
+        await asyncio.wait_for(DataSender.connect(address, "j", "t", connect_timeout_s=2), DEADLINE_S)
+    with pytest.raises(ValueError, match="not 'host:port'"):
+        await DataSender.connect("no-port-here", "j", "t")
+
+
+async def test_stream_extents_short_read_and_read_errors(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    receiver.register("job-r", "t", new_sink(sinks, tmp_path))
+    sender = await DataSender.connect(receiver.address, "job-r", "t")
+    reads: list[tuple[int, int]] = []
+    read_tasks: list[asyncio.Task[object]] = []
+
+    async def short_read(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        task = asyncio.current_task()
+        assert task is not None
+        read_tasks.append(task)
+        return b"x" * (length if offset == 0 else length - 1)
+
+    async with sender:
+        with pytest.raises(DataPlaneError, match=r"read\(100, 100\) returned 99 bytes"):
+            await stream_extents(sender, short_read, [(0, 250)], chunk_bytes=100)
+        assert reads[:2] == [(0, 100), (100, 100)]
+        assert sender.bytes_sent == 100
+
+        async def broken_read(offset: int, length: int) -> bytes:
+            raise OSError(5, f"I/O error reading offset {offset}")
+
+        with pytest.raises(OSError, match="offset 0"):
+            await stream_extents(sender, broken_read, [(0, 10)])
+        with pytest.raises(ValueError, match="negative"):
+            await stream_extents(sender, short_read, [(-1, 10)])
+    # Pipeline depth 2: the failing piece was already read ahead, the third never started.
+    assert len(read_tasks) == 2 and all(t.done() for t in read_tasks)
+
+
+async def test_stream_extents_cancels_its_read_ahead(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-p", "t", sink)
+    # 50 B/s: sending the first 1000-byte piece waits in the rate limiter for ~20 s, so the
+    # cancellation below lands while the read-ahead of the second piece is still pending.
+    sender = await DataSender.connect(receiver.address, "job-p", "t", bandwidth_bytes_per_s=50)
+    second_read_started = asyncio.Event()
+    blocked: list[asyncio.Task[object]] = []
+
+    async def read(offset: int, length: int) -> bytes:
+        if offset == 0:
+            return b"a" * length
+        task = asyncio.current_task()
+        assert task is not None
+        blocked.append(task)
+        second_read_started.set()
+        await asyncio.Event().wait()  # a backend read that never completes
+        raise AssertionError("unreachable")
+
+    async with sender:
+        streaming = asyncio.create_task(stream_extents(sender, read, [(0, 2000)], chunk_bytes=1000))
+        await asyncio.wait_for(second_read_started.wait(), DEADLINE_S)
+        streaming.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(streaming, DEADLINE_S)
+        assert len(blocked) == 1 and blocked[0].cancelled()
+        sender.set_bandwidth(None)
+        await sender.send_extent(0, b"b" * 10)
+        await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
+    assert sink.extents == [(0, 10)]

@@ -1,0 +1,183 @@
+"""A live migration end to end: real etcd, a real orchestrator process, real agent processes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from orchctl.localcluster import LocalCluster
+from proto.v1 import agent_pb2, migration_pb2
+from tests.clusterprobe import (
+    TERMINAL,
+    controller,
+    controller_missing,
+    create_controller,
+    etcd_json,
+    etcd_keys,
+    get_job,
+    migrate,
+    owners,
+    running_on,
+    verify,
+    wait_more_writes,
+    wait_phase,
+)
+
+MiB = 1 << 20
+FORWARD = ["PENDING", "PREPARING", "PRECOPY", "DIRTY_ITERATION", "STOP_AND_COPY", "COMMIT", "RESUMING",
+           "COMPLETED"]
+
+
+def test_migration_completes_and_every_acknowledged_write_verifies(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c1", 16 * MiB, write_iops=500)
+    job = migrate(cluster, "c1", to="n2")
+    assert job.phase == migration_pb2.PENDING and job.source_node == "n1"
+    job = wait_phase(cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+
+    # the destination namespace equals the source's at switchover
+    assert job.source_digest and job.source_digest == job.destination_digest
+    # every acknowledged write reads back on the destination, which now runs the guest
+    result = verify(cluster, "n2", "c1")
+    assert result.ok, result.first_mismatch
+    assert result.blocks_checked == 16 * MiB // 4096
+    assert result.controller.workload.blackout_ms > 0
+    wait_more_writes(cluster, "n2", "c1", result.controller.workload.acked_writes)
+    assert owners(cluster)["c1"] == "n2"
+    assert running_on(cluster, "c1", ["n1", "n2", "n3"]) == ["n2"]
+    assert controller_missing(cluster, "n1", "c1")
+    assert not list((cluster.workdir / "n1").glob("c1*")), "source namespace was not sanitized"
+
+    # the job record in etcd holds every phase with timings and byte counts
+    record = etcd_json(cluster, f"/nvmigrate/jobs/{job.id}")
+    assert record is not None
+    phases = record["phases"]
+    assert isinstance(phases, list)
+    assert [p["phase"] for p in phases] == FORWARD
+    assert all(p["started_at"] > 0 for p in phases)
+    assert all(p["duration_ms"] > 0 for p in phases[:-1])
+    by_phase = {p["phase"]: p for p in phases}
+    assert by_phase["PRECOPY"]["bytes"] >= 16 * MiB  # the prefilled namespace went across
+    assert by_phase["STOP_AND_COPY"]["bytes"] > 0  # at least the controller state
+    assert record["bytes_transferred"] == sum(p["bytes"] for p in phases)
+    assert etcd_keys(cluster, "/nvmigrate/active/") == []
+
+
+def test_cancel_during_precopy_leaves_the_controller_running_on_the_source(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c2", 32 * MiB, write_iops=300)
+    job = migrate(cluster, "c2", to="n2", bandwidth_bytes_per_s=2 * MiB)
+    wait_phase(cluster, job.id, {migration_pb2.PRECOPY}, also=lambda j: j.bytes_transferred > 0)
+    channel, api = cluster.migration_stub()
+    with channel:
+        cancelled = api.CancelMigration(migration_pb2.CancelMigrationRequest(id=job.id), timeout=10)
+    assert cancelled.cancel_requested
+    job = wait_phase(cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "CANCELLED", job.reason
+    assert "cancelled" in job.reason
+
+    status = controller(cluster, "n1", "c2")
+    assert status.vfio_state == "RUNNING"
+    assert status.workload.running and not status.workload.paused
+    assert status.workload.pauses == 0, "the guest was paused although the job never reached stop-and-copy"
+    assert status.workload.throttle_percent == 0
+    wait_more_writes(cluster, "n1", "c2", status.workload.acked_writes)
+    assert owners(cluster)["c2"] == "n1"
+    assert running_on(cluster, "c2", ["n1", "n2", "n3"]) == ["n1"]
+    assert controller_missing(cluster, "n2", "c2")
+    assert cluster.node("n2").allocated_bytes == 0  # type: ignore[union-attr]
+    assert not list((cluster.workdir / "n2").glob("c2*")), "destination did not discard its copy"
+    result = verify(cluster, "n1", "c2")
+    assert result.ok, result.first_mismatch
+
+
+def test_corrupted_frame_is_detected_and_the_job_rolls_back(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c3", 16 * MiB, write_iops=300)
+    channel, n1 = cluster.agent_stub("n1")
+    with channel:
+        n1.InjectFault(agent_pb2.InjectFaultRequest(corrupt_frame=3), timeout=5)
+    job = migrate(cluster, "c3", to="n2")
+    job = wait_phase(cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "ROLLED_BACK", job.reason
+    assert "checksum" in job.reason or "corrupt" in job.reason, job.reason
+    status = controller(cluster, "n1", "c3")
+    assert status.vfio_state == "RUNNING" and status.workload.running
+    wait_more_writes(cluster, "n1", "c3", status.workload.acked_writes)
+    assert running_on(cluster, "c3", ["n1", "n2", "n3"]) == ["n1"]
+    result = verify(cluster, "n1", "c3")
+    assert result.ok, result.first_mismatch
+
+
+def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c4", 24 * MiB, write_iops=300)
+    job = migrate(cluster, "c4", to="n2", bandwidth_bytes_per_s=6 * MiB)
+    first = wait_phase(cluster, job.id, {migration_pb2.PRECOPY}, also=lambda j: j.bytes_transferred > 0)
+    cluster.orchestrators[0].kill()
+    cluster.orchestrators.clear()
+    cluster.orchestrator_address = ""
+    cluster.start_orchestrator(name="orch-2")
+    job = wait_phase(cluster, job.id, TERMINAL, timeout_s=180)
+    end = migration_pb2.Phase.Name(job.phase)
+    assert end in ("COMPLETED", "ROLLED_BACK"), f"{end}: {job.reason}"
+    assert job.epoch > first.epoch, "the new leader did not take the job over with a newer epoch"
+    owner = owners(cluster)["c4"]
+    assert owner == ("n2" if end == "COMPLETED" else "n1")
+    assert running_on(cluster, "c4", ["n1", "n2", "n3"]) == [owner]
+    result = verify(cluster, owner, "c4")
+    assert result.ok, result.first_mismatch
+
+
+@pytest.mark.parametrize(("request_fields", "code", "named"), [
+    ({"controller_id": "nope"}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+    ({"controller_id": "Bad_ID!"}, grpc.StatusCode.INVALID_ARGUMENT, "'Bad_ID!'"),
+    ({"controller_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "controller_id"),
+    ({"controller_id": "c5", "destination_node": "n1"}, grpc.StatusCode.FAILED_PRECONDITION, "'n1'"),
+    ({"controller_id": "c5", "destination_node": "n9"}, grpc.StatusCode.NOT_FOUND, "'n9'"),
+    ({"controller_id": "c5", "destination_node": "N 2"}, grpc.StatusCode.INVALID_ARGUMENT, "'N 2'"),
+    ({"controller_id": "c5", "policy": {"max_downtime_ms": 0}}, grpc.StatusCode.INVALID_ARGUMENT, "got 0"),
+    ({"controller_id": "c5", "policy": {"max_rounds": -3}}, grpc.StatusCode.INVALID_ARGUMENT, "got -3"),
+    ({"controller_id": "c5", "policy": {"bandwidth_bytes_per_s": -1}}, grpc.StatusCode.INVALID_ARGUMENT,
+     "bandwidth_bytes_per_s"),
+])
+def test_bad_migration_requests_are_refused_and_write_nothing(
+        bad_input_cluster: LocalCluster, request_fields: dict[str, object], code: grpc.StatusCode,
+        named: str) -> None:
+    before = etcd_keys(bad_input_cluster, "/nvmigrate/jobs/")
+    fields = dict(request_fields)
+    policy = migration_pb2.ConvergencePolicy(**fields.pop("policy", {}))  # type: ignore[arg-type]
+    channel, api = bad_input_cluster.migration_stub()
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        api.CreateMigration(migration_pb2.CreateMigrationRequest(policy=policy, **fields), timeout=10)  # type: ignore[arg-type]
+    assert caught.value.code() == code, caught.value.details()  # type: ignore[attr-defined]
+    assert named in caught.value.details()  # type: ignore[attr-defined]
+    assert etcd_keys(bad_input_cluster, "/nvmigrate/jobs/") == before
+    assert etcd_keys(bad_input_cluster, "/nvmigrate/active/") == []
+
+
+@pytest.mark.parametrize(("job_id", "code"), [
+    ("mig-", grpc.StatusCode.INVALID_ARGUMENT),
+    ("../etc", grpc.StatusCode.INVALID_ARGUMENT),
+    ("mig-0123456789ab", grpc.StatusCode.NOT_FOUND),
+])
+def test_bad_job_ids_are_refused(bad_input_cluster: LocalCluster, job_id: str, code: grpc.StatusCode) -> None:
+    channel, api = bad_input_cluster.migration_stub()
+    with channel:
+        for call, request in ((api.GetMigration, migration_pb2.GetMigrationRequest(id=job_id)),
+                              (api.CancelMigration, migration_pb2.CancelMigrationRequest(id=job_id))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, timeout=10)
+            assert caught.value.code() == code  # type: ignore[attr-defined]
+            assert repr(job_id) in caught.value.details()  # type: ignore[attr-defined]
+
+
+def test_second_migration_of_a_moving_controller_is_refused(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c6", 32 * MiB, write_iops=100)
+    job = migrate(cluster, "c6", to="n2", bandwidth_bytes_per_s=2 * MiB)
+    with pytest.raises(grpc.RpcError) as caught:
+        migrate(cluster, "c6", to="n3")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert job.id in caught.value.details()  # type: ignore[attr-defined]
+    channel, api = cluster.migration_stub()
+    with channel:
+        api.CancelMigration(migration_pb2.CancelMigrationRequest(id=job.id), timeout=10)
+    assert get_job(cluster, job.id).cancel_requested
+    wait_phase(cluster, job.id, TERMINAL)
