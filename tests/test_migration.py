@@ -117,8 +117,11 @@ def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: 
     cluster.start_orchestrator(name="orch-2")
     job = wait_phase(cluster, job.id, TERMINAL, timeout_s=180)
     end = migration_pb2.Phase.Name(job.phase)
+    print(f"after the restart the job ended {end} ({job.reason or 'no reason'}) with epoch {job.epoch}")
     assert end in ("COMPLETED", "ROLLED_BACK"), f"{end}: {job.reason}"
     assert job.epoch > first.epoch, "the new leader did not take the job over with a newer epoch"
+    # continued from etcd: the precopy was attached to, not started over
+    assert [p.phase for p in job.phases].count(migration_pb2.PRECOPY) == 1
     owner = owners(cluster)["c4"]
     assert owner == ("n2" if end == "COMPLETED" else "n1")
     assert running_on(cluster, "c4", ["n1", "n2", "n3"]) == [owner]
@@ -181,3 +184,52 @@ def test_second_migration_of_a_moving_controller_is_refused(cluster: LocalCluste
         api.CancelMigration(migration_pb2.CancelMigrationRequest(id=job.id), timeout=10)
     assert get_job(cluster, job.id).cancel_requested
     wait_phase(cluster, job.id, TERMINAL)
+
+
+def test_unconvergeable_job_throttles_the_guest_then_rolls_back_and_unthrottles(cluster: LocalCluster) -> None:
+    # 1 ms is below the fixed switchover cost, so no round can ever promise it.
+    create_controller(cluster, "n1", "c7", 8 * MiB, write_iops=2000)
+    job = migrate(cluster, "c7", to="n3", max_downtime_ms=1, max_rounds=6)
+    throttled = wait_phase(cluster, job.id, {migration_pb2.DIRTY_ITERATION, *TERMINAL},
+                           also=lambda j: j.throttle_percent > 0 or j.phase in TERMINAL)
+    job = wait_phase(cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "ROLLED_BACK", job.reason
+    assert "did not converge in 6 rounds" in job.reason
+    assert throttled.throttle_percent > 0 or job.throttle_percent > 0
+    status = controller(cluster, "n1", "c7")
+    assert status.vfio_state == "RUNNING" and status.workload.throttle_percent == 0
+    assert status.workload.pauses == 0
+    assert verify(cluster, "n1", "c7").ok
+
+
+def test_force_policy_stops_and_copies_after_max_rounds(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c8", 8 * MiB, write_iops=2000)
+    job = migrate(cluster, "c8", to="n3", max_downtime_ms=1, max_rounds=2,
+                  on_no_convergence=migration_pb2.FORCE)
+    job = wait_phase(cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+    assert job.rounds == 2 and job.throttle_percent == 0
+    stop = next(p for p in job.phases if p.phase == migration_pb2.STOP_AND_COPY)
+    assert "forced stop-and-copy after 2 rounds" in stop.note
+    result = verify(cluster, "n3", "c8")
+    assert result.ok, result.first_mismatch
+
+
+def test_orchctl_drives_a_migration_against_the_real_orchestrator(cluster: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    create_controller(cluster, "n2", "c9", 4 * MiB, write_iops=200)
+    base = [sys.executable, "-m", "orchctl.cli", "--server", cluster.orchestrator_address]
+    done = subprocess.run([*base, "migrate", "c9", "--wait"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = json.loads(subprocess.run([*base, "-o", "json", "list"], capture_output=True, text=True,
+                                       timeout=30, check=True).stdout)
+    jobs = listed["migrations"] if isinstance(listed, dict) else listed
+    (job,) = [j for j in jobs if j["controller_id"] == "c9"]
+    assert job["phase"] == "COMPLETED" and job["destination_node"] in ("n1", "n3")
+    refused = subprocess.run([*base, "migrate", "c9", "--to", "nowhere"], capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert refused.returncode == 2 and "'nowhere'" in refused.stderr and "Traceback" not in refused.stderr
