@@ -76,7 +76,8 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
         throttle_percent=job.throttle_percent, dirty_rate_bytes_per_s=job.dirty_rate_bytes_per_s,
         created_at=job.created_at, updated_at=job.updated_at, epoch=job.epoch,
         cancel_requested=job.cancel_requested, policy=policy, source_digest=job.source_digest,
-        destination_digest=job.destination_digest, downtime_ms=job.downtime_ms)
+        destination_digest=job.destination_digest, downtime_ms=job.downtime_ms,
+        trace_id=job.trace_context.get("trace_id", ""), guest_blackout_ms=job.guest_blackout_ms)
 
 
 class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
@@ -247,6 +248,21 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                 migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes,
                                          state=c.state) for c in records])
         return await self._guard(context, list_controllers())
+
+    async def ExportController(self, request: migration_pb2.ExportControllerRequest,
+                               context: grpc.aio.ServicerContext) -> migration_pb2.ControllerExport:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportController is not available yet")
+        raise AssertionError("abort raises")
+
+    async def CordonNode(self, request: migration_pb2.CordonNodeRequest,
+                         context: grpc.aio.ServicerContext) -> migration_pb2.Node:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CordonNode is not available yet")
+        raise AssertionError("abort raises")
+
+    async def UncordonNode(self, request: migration_pb2.CordonNodeRequest,
+                           context: grpc.aio.ServicerContext) -> migration_pb2.Node:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UncordonNode is not available yet")
+        raise AssertionError("abort raises")
 
 
 def phase_of(message: migration_pb2.Migration) -> Phase:

@@ -223,3 +223,9 @@ class InjectFaultRequest(_message.Message):
 class InjectFaultResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ExportControllerResponse(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...

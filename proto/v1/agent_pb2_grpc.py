@@ -104,6 +104,16 @@ class AgentServiceStub:
                 request_serializer=proto_dot_v1_dot_agent__pb2.MigrationRef.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_agent__pb2.SessionStatus.FromString,
                 _registered_method=True)
+        self.ExportController = channel.unary_unary(
+                '/nvmigrate.v1.AgentService/ExportController',
+                request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_agent__pb2.ExportControllerResponse.FromString,
+                _registered_method=True)
+        self.UnexportController = channel.unary_unary(
+                '/nvmigrate.v1.AgentService/UnexportController',
+                request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_agent__pb2.ExportControllerResponse.FromString,
+                _registered_method=True)
         self.InjectFault = channel.unary_unary(
                 '/nvmigrate.v1.AgentService/InjectFault',
                 request_serializer=proto_dot_v1_dot_agent__pb2.InjectFaultRequest.SerializeToString,
@@ -203,6 +213,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportController(self, request, context):
+        """Serves the controller's namespace over NBD (guest I/O path); idempotent, returns the URI.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnexportController(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InjectFault(self, request, context):
         """Test hook: corrupt the payload of the Nth data-plane frame this agent sends.
         """
@@ -282,6 +305,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=proto_dot_v1_dot_agent__pb2.MigrationRef.FromString,
                     response_serializer=proto_dot_v1_dot_agent__pb2.SessionStatus.SerializeToString,
+            ),
+            'ExportController': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportController,
+                    request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_agent__pb2.ExportControllerResponse.SerializeToString,
+            ),
+            'UnexportController': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnexportController,
+                    request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_agent__pb2.ExportControllerResponse.SerializeToString,
             ),
             'InjectFault': grpc.unary_unary_rpc_method_handler(
                     servicer.InjectFault,
@@ -667,6 +700,60 @@ class AgentService:
             '/nvmigrate.v1.AgentService/GetSession',
             proto_dot_v1_dot_agent__pb2.MigrationRef.SerializeToString,
             proto_dot_v1_dot_agent__pb2.SessionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.AgentService/ExportController',
+            proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+            proto_dot_v1_dot_agent__pb2.ExportControllerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnexportController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.AgentService/UnexportController',
+            proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+            proto_dot_v1_dot_agent__pb2.ExportControllerResponse.FromString,
             options,
             channel_credentials,
             insecure,

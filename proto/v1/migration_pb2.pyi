@@ -84,7 +84,7 @@ class PhaseRecord(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., started_at: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Migration(_message.Message):
-    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms")
+    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms", "trace_id", "guest_blackout_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class Migration(_message.Message):
     SOURCE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    GUEST_BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     controller_id: str
     source_node: str
@@ -125,7 +127,9 @@ class Migration(_message.Message):
     source_digest: str
     destination_digest: str
     downtime_ms: float
-    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ...) -> None: ...
+    trace_id: str
+    guest_blackout_ms: float
+    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ..., trace_id: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ...) -> None: ...
 
 class GetMigrationRequest(_message.Message):
     __slots__ = ("id",)
@@ -216,3 +220,25 @@ class ListControllersResponse(_message.Message):
     CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
     controllers: _containers.RepeatedCompositeFieldContainer[Controller]
     def __init__(self, controllers: _Optional[_Iterable[_Union[Controller, _Mapping]]] = ...) -> None: ...
+
+class ExportControllerRequest(_message.Message):
+    __slots__ = ("controller_id",)
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    def __init__(self, controller_id: _Optional[str] = ...) -> None: ...
+
+class ControllerExport(_message.Message):
+    __slots__ = ("controller_id", "node", "uri")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    node: str
+    uri: str
+    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., uri: _Optional[str] = ...) -> None: ...
+
+class CordonNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,21 @@ class MigrationServiceStub:
                 request_serializer=proto_dot_v1_dot_migration__pb2.ListControllersRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_migration__pb2.ListControllersResponse.FromString,
                 _registered_method=True)
+        self.ExportController = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/ExportController',
+                request_serializer=proto_dot_v1_dot_migration__pb2.ExportControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.ControllerExport.FromString,
+                _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/CordonNode',
+                request_serializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Node.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/UncordonNode',
+                request_serializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Node.FromString,
+                _registered_method=True)
 
 
 class MigrationServiceServicer:
@@ -119,6 +134,26 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportController(self, request, context):
+        """Serves a controller's namespace over NBD from the node that runs it; returns the nbd:// URI.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CordonNode(self, request, context):
+        """A cordoned node takes no new controllers (it is never chosen as a destination).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +191,21 @@ def add_MigrationServiceServicer_to_server(servicer, server):
                     servicer.ListControllers,
                     request_deserializer=proto_dot_v1_dot_migration__pb2.ListControllersRequest.FromString,
                     response_serializer=proto_dot_v1_dot_migration__pb2.ListControllersResponse.SerializeToString,
+            ),
+            'ExportController': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportController,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.ExportControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.ControllerExport.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Node.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Node.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +397,87 @@ class MigrationService:
             '/nvmigrate.v1.MigrationService/ListControllers',
             proto_dot_v1_dot_migration__pb2.ListControllersRequest.SerializeToString,
             proto_dot_v1_dot_migration__pb2.ListControllersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/ExportController',
+            proto_dot_v1_dot_migration__pb2.ExportControllerRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.ControllerExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/CordonNode',
+            proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/UncordonNode',
+            proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Node.FromString,
             options,
             channel_credentials,
             insecure,
