@@ -22,6 +22,7 @@ from agent.emulated.controller import (
     StateFormatError,
     WrongStateError,
 )
+from agent.emulated.model.subsystem import PRIMARY_CNTLID
 from agent.emulated.state_format import (
     HEADER_BYTES,
     MAGIC,
@@ -32,6 +33,9 @@ from agent.emulated.state_format import (
     decode_state,
     encode_state,
 )
+from agent.nvme import commands
+from agent.nvme.commands import Cqe
+from agent.nvme.spec import Status
 from agent.vfio_states import IllegalTransition, VfioState
 
 MIB = 1 << 20
@@ -169,6 +173,80 @@ def test_pre_copy_tracks_and_stop_copy_suspends(ctrl: EmulatedController) -> Non
     ctrl.set_state(S.RUNNING)  # rollback: Resume, tracking off
     assert ctrl.vfio_state is S.RUNNING
     assert not ctrl.dirty_tracking
+
+
+# ----- the NVMe commands underneath ----------------------------------------------------------------
+
+
+def _cdq_pointers(ctrl: EmulatedController, cdqid: int = 1) -> tuple[int, int] | int:
+    """(head, tail) of the change log from Get Features 21h on the primary, or the error status."""
+    cqe = Cqe.decode(ctrl.model.submit_admin(PRIMARY_CNTLID, commands.get_cdq_pointers(cdqid).encode())[0])
+    return (cqe.dw0, cqe.dw1) if cqe.ok else cqe.status
+
+
+def test_dirty_lbas_come_from_the_change_log(ctrl: EmulatedController) -> None:
+    assert _cdq_pointers(ctrl) == Status.INVALID_CONTROLLER_DATA_QUEUE  # no queue before tracking
+    ctrl.set_state(S.PRE_COPY)
+    for lba in range(100, 110):  # sequential: the controller coalesces them into one entry
+        ctrl.write_blocks(lba, blk(1))
+    ctrl.write_blocks(7, blk(1))
+    ctrl.write_blocks(500, blk(1, 3))
+    assert _cdq_pointers(ctrl) == (0, 3)  # three ranges posted, none consumed yet
+    assert ctrl.dirty_block_count() == 14
+    assert _cdq_pointers(ctrl) == (3, 3)  # the host took them and moved the head
+    assert ctrl.take_dirty_lbas() == [7, *range(100, 110), 500, 501, 502]
+    ctrl.set_state(S.STOP_COPY)  # Suspend: the guest's controller is suspended in the model
+    assert ctrl.model.suspended(ctrl.cntlid)
+    ctrl.set_state(S.RUNNING)  # Resume, and the change log is deleted
+    assert not ctrl.model.suspended(ctrl.cntlid)
+    assert _cdq_pointers(ctrl) == Status.INVALID_CONTROLLER_DATA_QUEUE
+
+
+def test_a_full_change_log_makes_every_block_dirty(ctrl: EmulatedController) -> None:
+    ctrl.cdq_entries = 8  # too small to drain early: room for six ranges, then "all LBAs changed"
+    ctrl.set_state(S.PRE_COPY)
+    for n in range(10):
+        ctrl.write_blocks(n * 10, blk(n))
+    assert ctrl.dirty_block_count() == ctrl.block_count
+    ctrl.write_blocks(5, blk(1))
+    assert ctrl.take_dirty_lbas() == list(range(ctrl.block_count))
+    ctrl.write_blocks(6, blk(1))  # logging was turned back on when the full queue was seen
+    assert ctrl.take_dirty_lbas() == [6]
+
+
+def test_the_host_drains_the_change_log_before_it_fills(ctrl: EmulatedController) -> None:
+    ctrl.cdq_entries = 64  # the guest's write path drains once four entries wait
+    ctrl.set_state(S.PRE_COPY)
+    written = [n * 37 % 1000 for n in range(300)]  # never adjacent: one entry per write
+    for lba in written:
+        ctrl.write_blocks(lba, blk(1))
+    assert ctrl.take_dirty_lbas() == sorted(written)  # exact: the 64-entry queue never overflowed
+
+
+def test_state_moves_in_pieces(tmp_path: Path) -> None:
+    src = EmulatedController("c" * 200, tmp_path / "src.img", MIB, create=True)
+    src.state_piece_bytes = 64
+    for n in range(9):
+        src.write_blocks(n, blk(n))
+    src.set_state(S.STOP_COPY)
+    blob = src.save_state()
+    assert len(blob) > 5 * 64
+    assert blob == encode_state(src.current_state())
+    dst = EmulatedController.for_resuming("c" * 200, tmp_path / "dst.img", MIB)
+    dst.state_piece_bytes = 64
+    empty = dst.current_state()
+    with pytest.raises(StateFormatError, match=r"Set Controller State failed with INVALID_FIELD: .*checksum mismatch"):
+        dst.load_state(blob[:-1] + bytes([blob[-1] ^ 1]))
+    assert dst.current_state() == empty  # a rejected state changes nothing
+    dst.load_state(blob)
+    assert dst.current_state() == src.current_state()
+    dst.set_state(S.RUNNING)
+    dst.write_blocks(9, blk(9))  # the guest continues on the loaded queues, from I/O queue 1
+    sq1 = src.current_state().submission_queues[1]
+    assert (sq1.qid, sq1.tail) == (1, 3)
+    assert dst.current_state().submission_queues[1].tail == 4
+    for c in (src, dst):
+        c.close()
 
 
 # ----- controller state ---------------------------------------------------------------------------

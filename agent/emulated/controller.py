@@ -1,24 +1,29 @@
-"""The emulated NVMe migratable controller: a namespace in a sparse file plus controller state.
+"""The emulated NVMe migratable controller: the default backend, a façade over the NVMe subsystem model.
 
-It plays both roles the TP4159 model has: the *migratable controller* a guest drives
-(``write_blocks`` / ``read_blocks``) and the *migration controller* the host uses to move it
-(raw namespace access, changed-LBA tracking, the VFIO state machine, Get/Set Controller State).
-The vfio-nvme mapping of VFIO arcs to NVMe actions is implemented in ``set_state``.
+It plays both roles of the TP4159 model, and each speaks real NVMe commands to the model
+(``agent.emulated.model``, one subsystem per controller):
 
-Thread safety: one lock guards the file descriptor, the state, the dirty set and the queues.
-A guest thread and the agent's asyncio loop (through ``asyncio.to_thread``) call in at the same
-time; doing the pwrite and the dirty marking under the same lock is what guarantees that
-``take_dirty_lbas`` never misses an acknowledged write.
+* the guest driver of a secondary controller (the VF): at power-on it enables the controller and
+  creates I/O queue pairs with admin commands; ``write_blocks`` / ``read_blocks`` are Write / Read
+  commands on those queues, round robin;
+* the host as migration controller, on the primary controller's admin queue: changed-LBA tracking
+  is a User Data Migration Queue (Controller Data Queue create + Track Send), read by phase tag and
+  handed back with Set Features (FID 21h); the VFIO arcs are Suspend, Resume and Get / Set
+  Controller State (in pieces) as the vfio-nvme mapping in DESIGN.md lays out.
+
+The migration controller's bulk path to the namespace (``read_raw``, ``write_raw``,
+``data_extents``, ``digest``, snapshots) goes straight to the namespace store, as a host copying
+a namespace would use its own fast path rather than one 4 KiB command at a time.
+
+Thread safety: the subsystem's re-entrant lock guards everything; façade calls that issue several
+commands (a drain of the change log, a state transfer) hold it across them.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Lock
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -31,13 +36,14 @@ from agent.emulated.errors import (
     StateFormatError,
     WrongStateError,
 )
-from agent.emulated.state_format import (
-    ControllerRegisters,
-    ControllerState,
-    QueueState,
-    decode_state,
-    encode_state,
-)
+from agent.emulated.model.namespace import NamespaceSnapshot, NamespaceStore
+from agent.emulated.model.structures import MAX_TRANSFER_BYTES, parse_error_detail
+from agent.emulated.model.subsystem import PRIMARY_CNTLID, NvmeSubsystemModel
+from agent.emulated.state_format import ControllerState, container_length
+from agent.nvme import cdq, commands
+from agent.nvme.cdq import CdqReader, EntrySequence, LbaChange
+from agent.nvme.commands import Cqe, Sqe, cqe_status
+from agent.nvme.spec import CDQ_ENTRY_BYTES, LoggingAction, LogPageId, SequenceIndicator, Status
 from agent.vfio_states import DEFAULT_FEATURES, VfioState, path
 
 __all__ = [
@@ -52,154 +58,84 @@ __all__ = [
     "WrongStateError",
 ]
 
-CHUNK_BYTES = 1 << 20
+NSID = 1
 IO_QUEUE_PAIRS = 4
 IO_QUEUE_ENTRIES = 256
 ADMIN_QUEUE_ENTRIES = 32
-
-# Register values of an enabled controller: CC.EN=1, IOSQES=6 (64-byte SQEs), IOCQES=4 (16-byte
-# CQEs); CSTS.RDY=1; AQA holds the zero-based admin queue sizes.
-_CC_ENABLED = 0x0046_0001
-_CSTS_READY = 0x1
-_AQA = (ADMIN_QUEUE_ENTRIES - 1) | ((ADMIN_QUEUE_ENTRIES - 1) << 16)
-# Guest-physical addresses the guest driver "allocated" for its queues; arbitrary but fixed.
+# Guest-physical addresses the guest driver "allocated" for its queues and buffers; arbitrary but
+# fixed, since they travel in the controller state.
 _ASQ_BASE = 0x1_0000_0000
 _ACQ_BASE = 0x1_0001_0000
 _IO_SQ_BASE = 0x1_0010_0000
 _IO_CQ_BASE = 0x1_0020_0000
 _QUEUE_STRIDE = 0x1_0000
-
-# Queue attribute bits (our own encoding, see state_format): bit 0 physically contiguous;
-# for completion queues bit 1 interrupts enabled and bit 2 the current phase tag; bits 31:16
-# hold the bound CQ id (submission queues) or the interrupt vector (completion queues).
-ATTR_PC = 1 << 0
-ATTR_IEN = 1 << 1
-ATTR_PHASE = 1 << 2
+_GUEST_BUFFER = 0x2_0000_0000
+# The change log: 65536 entries (2 MiB of host memory).  The host drains it once a sixteenth of it
+# is waiting (4096 entries, a few milliseconds of work), as a driver would on the tail pointer
+# event, so a guest does not fill it between two dirty rounds.
+CDQ_ENTRIES = 1 << 16
+CDQ_DRAIN_FRACTION = 16
+STATE_PIECE_BYTES = 4096
 
 _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
 _SAVE_STATES = frozenset({VfioState.STOP, VfioState.STOP_COPY})
 
 
 @dataclass
-class _Queue:
-    """Mutable queue registers while the controller runs; frozen into QueueState on save."""
+class _ChangeTracking:
+    """The host's side of one user data migration queue, and the LBAs drained from it not yet taken."""
 
-    qid: int
-    base_address: int
-    size: int
-    head: int = 0
-    tail: int = 0
-    attributes: int = 0
-
-    def frozen(self) -> QueueState:
-        return QueueState(self.qid, self.base_address, self.size, self.head, self.tail, self.attributes)
-
-    @classmethod
-    def thawed(cls, q: QueueState) -> _Queue:
-        return cls(q.qid, q.base_address, q.size, q.head, q.tail, q.attributes)
-
-
-def _enabled_queues() -> tuple[list[_Queue], list[_Queue]]:
-    """The queues a guest driver sets up at boot: admin pair plus IO_QUEUE_PAIRS I/O pairs."""
-    sqs = [_Queue(0, _ASQ_BASE, ADMIN_QUEUE_ENTRIES, attributes=ATTR_PC)]
-    cqs = [_Queue(0, _ACQ_BASE, ADMIN_QUEUE_ENTRIES, attributes=ATTR_PC | ATTR_IEN | ATTR_PHASE)]
-    for qid in range(1, IO_QUEUE_PAIRS + 1):
-        sqs.append(_Queue(qid, _IO_SQ_BASE + qid * _QUEUE_STRIDE, IO_QUEUE_ENTRIES,
-                          attributes=ATTR_PC | (qid << 16)))
-        cqs.append(_Queue(qid, _IO_CQ_BASE + qid * _QUEUE_STRIDE, IO_QUEUE_ENTRIES,
-                          attributes=ATTR_PC | ATTR_IEN | ATTR_PHASE | (qid << 16)))
-    return sqs, cqs
-
-
-class NamespaceSnapshot:
-    """Copy-on-write view of a namespace: later writes first save the blocks' old contents.
-
-    The saved blocks live in memory, so a snapshot costs at most the blocks overwritten while it
-    is open; close it as soon as its digest is taken.
-    """
-
-    def __init__(self, controller: EmulatedController) -> None:
-        self._controller = controller
-        self.saved: dict[int, bytes] = {}
-        self.closed = False
-
-    def digest(self) -> str:
-        """sha256 hex of the namespace as it was when the snapshot was taken."""
-        return self._controller._snapshot_digest(self)
-
-    def close(self) -> None:
-        self._controller._drop_snapshot(self)
-
-    def __enter__(self) -> NamespaceSnapshot:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    cdqid: int
+    address: int
+    reader: CdqReader
+    drain_at: int  # entries waiting that make the guest's write path drain the log (0: never)
+    dirty: set[int] = field(default_factory=set)
+    all_changed: bool = False
 
 
 class EmulatedController:
     """An NVMe controller model whose namespace lives in a sparse file."""
 
     migration_features: frozenset[str] = DEFAULT_FEATURES
+    # Sizes of the host's transfers; an instance may change them before it migrates (tests use
+    # small ones to reach a full change log and multi-piece state transfers).
+    cdq_entries: int = CDQ_ENTRIES
+    state_piece_bytes: int = STATE_PIECE_BYTES
 
     def __init__(
-        self, controller_id: str, namespace_path: Path, namespace_bytes: int, *, create: bool
+        self, controller_id: str, namespace_path: Path, namespace_bytes: int, *, create: bool,
+        resuming: bool = False,
     ) -> None:
+        """Open (or with ``create``, make) the namespace and power the controller on, RUNNING.
+
+        ``resuming`` makes a migration destination instead; ``for_resuming`` is the usual way.
+        """
         if not isinstance(controller_id, str) or not 0 < len(controller_id.encode("utf-8")) <= 255:
             raise ValueError(
                 f"controller_id={controller_id!r} must be a non-empty string of at most 255 UTF-8 bytes"
             )
-        if (
-            not isinstance(namespace_bytes, int)
-            or namespace_bytes <= 0
-            or namespace_bytes % BLOCK_BYTES
-        ):
-            raise ValueError(
-                f"namespace_bytes={namespace_bytes!r} must be a positive multiple of {BLOCK_BYTES}"
-            )
         self._id = controller_id
         self._path = Path(namespace_path)
         self._bytes = namespace_bytes
-        self._lock = Lock()
-        if create:
-            try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"namespace file {self._path} already exists; pass create=False to open it, "
-                    "or remove it first"
-                ) from None
-            try:
-                os.ftruncate(fd, namespace_bytes)
-            except BaseException:
-                os.close(fd)
-                self._path.unlink(missing_ok=True)
-                raise
-        else:
-            try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"namespace file {self._path} does not exist; pass create=True to make it"
-                ) from None
-            size = os.fstat(fd).st_size
-            if size != namespace_bytes:
-                os.close(fd)
-                raise ValueError(
-                    f"namespace file {self._path} is {size} bytes but namespace_bytes={namespace_bytes}; "
-                    "pass the size it was created with"
-                )
-        self._fd: int | None = fd
-        self._gone: str | None = None
-        self._state = VfioState.RUNNING
-        self._registers = ControllerRegisters(_CC_ENABLED, _CSTS_READY, _AQA, _ASQ_BASE, _ACQ_BASE)
-        self._sqs, self._cqs = _enabled_queues()
+        serial = "NVMIG" + hashlib.sha256(controller_id.encode("utf-8")).hexdigest()[:15].upper()
+        self._model = NvmeSubsystemModel(serial)
+        self._lock = self._model.lock
+        self._store = NamespaceStore(self._path, namespace_bytes, create=create, lock=self._lock,
+                                     label=f"controller {controller_id}")
+        self._cntlid = self._model.add_secondary(controller_id, suspended=resuming)
+        self._model.attach_namespace(NSID, self._store, (PRIMARY_CNTLID, self._cntlid))
+        self._cid = 0
+        self._io_sqids: list[int] = []
         self._io_count = 0
-        self._dirty: set[int] | None = None
+        self._tracking: _ChangeTracking | None = None
+        self._stop_copy_state: bytes | None = None
         self._state_loaded = False
-        self._snapshots: list[NamespaceSnapshot] = []
+        if resuming:
+            # No registers and no queues until Set Controller State brings the source's.
+            self._state = VfioState.RESUMING
+        else:
+            self._state = VfioState.RUNNING
+            self._boot()
 
     @classmethod
     def for_resuming(
@@ -210,13 +146,22 @@ class EmulatedController:
         create=True makes an empty namespace (the usual case); create=False reopens one already
         partly filled by an earlier attempt, which then must still receive every block.
         """
-        ctrl = cls(controller_id, namespace_path, namespace_bytes, create=create)
-        with ctrl._lock:
-            # Power-on values until Set Controller State arrives; no queues exist yet.
-            ctrl._registers = ControllerRegisters()
-            ctrl._sqs, ctrl._cqs = [], []
-            ctrl._state = VfioState.RESUMING
-        return ctrl
+        return cls(controller_id, namespace_path, namespace_bytes, create=create, resuming=True)
+
+    def _boot(self) -> None:
+        """What the guest's NVMe driver does at power-on: enable, identify, create I/O queue pairs."""
+        self._model.enable_controller(self._cntlid, admin_entries=ADMIN_QUEUE_ENTRIES, asq=_ASQ_BASE,
+                                      acq=_ACQ_BASE)
+        guest = self._cntlid
+        self._command(guest, commands.identify_controller(cid=self._next_cid()), "Identify")
+        self._command(guest, commands.set_number_of_queues(IO_QUEUE_PAIRS, IO_QUEUE_PAIRS, cid=self._next_cid()),
+                      "Set Features (number of queues)")
+        for qid in range(1, IO_QUEUE_PAIRS + 1):
+            self._command(guest, commands.create_io_cq(qid, IO_QUEUE_ENTRIES, _IO_CQ_BASE + qid * _QUEUE_STRIDE,
+                                                       vector=qid, cid=self._next_cid()), "Create I/O CQ")
+            self._command(guest, commands.create_io_sq(qid, IO_QUEUE_ENTRIES, _IO_SQ_BASE + qid * _QUEUE_STRIDE,
+                                                       qid, cid=self._next_cid()), "Create I/O SQ")
+        self._io_sqids = list(range(1, IO_QUEUE_PAIRS + 1))
 
     # ----- identity ---------------------------------------------------------------------------
     # Identity stays readable after release/close so that logs and error paths can name it.
@@ -238,202 +183,262 @@ class EmulatedController:
         return self._path
 
     @property
+    def model(self) -> NvmeSubsystemModel:
+        """The subsystem underneath (raw commands, health, inspection)."""
+        return self._model
+
+    @property
+    def cntlid(self) -> int:
+        """The secondary controller the guest drives."""
+        return self._cntlid
+
+    @property
     def vfio_state(self) -> VfioState:
         with self._lock:
-            self._usable_fd()
+            self._store.usable_fd()
             return self._state
 
     @property
     def dirty_tracking(self) -> bool:
         with self._lock:
-            self._usable_fd()
-            return self._dirty is not None
+            self._store.usable_fd()
+            return self._tracking is not None
+
+    # ----- commands ---------------------------------------------------------------------------
+
+    def _next_cid(self) -> int:
+        self._cid = (self._cid + 1) & 0xFFFF
+        return self._cid
+
+    def _command(self, cntlid: int, sqe: Sqe, what: str, data: bytes | None = None,
+                 error: type[ControllerError] = ControllerError) -> tuple[Cqe, bytes]:
+        """One admin command; a failure raises ``error`` with the controller's detail text."""
+        raw, out = self._model.submit_admin(cntlid, sqe.encode(), data)
+        cqe = Cqe.decode(raw)
+        if not cqe.ok:
+            raise error(f"controller {self._id}: {what} failed with {cqe.status_name}: "
+                        f"{self._error_detail(cntlid, cqe)}")
+        return cqe, out
+
+    def _error_detail(self, cntlid: int, cqe: Cqe) -> str:
+        """The failed command's explanation from the error detail log page, when the More bit says so."""
+        if not cqe.more:
+            return "no detail reported"
+        raw, page = self._model.submit_admin(
+            cntlid, commands.get_log_page(LogPageId.ERROR_DETAIL, 4096, cid=self._next_cid()).encode())
+        return parse_error_detail(page)[1] if not cqe_status(raw) else "the error detail log could not be read"
+
+    def _host(self, sqe: Sqe, what: str, data: bytes | None = None,
+              error: type[ControllerError] = ControllerError) -> tuple[Cqe, bytes]:
+        """A migration controller command about our secondary, on the primary's admin queue."""
+        return self._command(PRIMARY_CNTLID, sqe, what, data, error)
 
     # ----- checks (call with the lock held) ---------------------------------------------------
 
-    def _usable_fd(self) -> int:
-        if self._fd is None:
-            raise ControllerGoneError(f"controller {self._id} was {self._gone}; it cannot be used any more")
-        return self._fd
-
     def _check_lbas(self, lba: int, count: int) -> None:
+        # The driver checks against NSZE before it splits a request into commands, so a request
+        # that ends outside the namespace changes nothing.
         if not isinstance(lba, int) or lba < 0 or lba + count > self.block_count:
             raise LbaOutOfRangeError(
                 f"controller {self._id}: lba {lba}..{lba + count - 1} is outside the namespace "
                 f"(lba 0..{self.block_count - 1})"
             )
 
-    def _check_bytes(self, offset: int, length: int) -> None:
-        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
-                or offset + length > self._bytes:
-            raise LbaOutOfRangeError(
-                f"controller {self._id}: byte range offset={offset} length={length} is outside the "
-                f"{self._bytes}-byte namespace"
-            )
-
-    def _guest_io_allowed(self, what: str) -> int:
-        fd = self._usable_fd()
-        if self._state not in _GUEST_IO_STATES:
-            raise NotRunningError(
-                f"controller {self._id}: guest {what} refused in state {self._state.name}; "
-                "guest I/O runs only in RUNNING or PRE_COPY"
-            )
-        return fd
-
-    def _require_state(self, allowed: frozenset[VfioState], what: str) -> int:
-        fd = self._usable_fd()
+    def _require_state(self, allowed: frozenset[VfioState], what: str) -> None:
+        self._store.usable_fd()
         if self._state not in allowed:
             names = " or ".join(s.name for s in sorted(allowed))
             raise WrongStateError(
                 f"controller {self._id}: {what} needs state {names}, but it is {self._state.name}"
             )
-        return fd
 
     # ----- guest side -------------------------------------------------------------------------
 
+    def _next_sqid(self, what: str) -> int:
+        if not self._io_sqids:
+            if self._state not in _GUEST_IO_STATES:
+                raise NotRunningError(f"controller {self._id}: guest {what} refused in state {self._state.name}; "
+                                      "guest I/O runs only in RUNNING or PRE_COPY")
+            raise ControllerError(f"controller {self._id}: guest {what} impossible: the controller has no I/O "
+                                  "submission queues")
+        sqid = self._io_sqids[self._io_count % len(self._io_sqids)]
+        self._io_count += 1
+        return sqid
+
+    def _io_failure(self, raw: bytes, what: str) -> ControllerError:
+        cqe = Cqe.decode(raw)
+        if cqe.status == Status.NAMESPACE_NOT_READY and not cqe.dnr:
+            return NotRunningError(f"controller {self._id}: guest {what} refused in state {self._state.name}; "
+                                   "guest I/O runs only in RUNNING or PRE_COPY")
+        detail = self._error_detail(self._cntlid, cqe)
+        if cqe.status == Status.LBA_OUT_OF_RANGE:
+            return LbaOutOfRangeError(f"controller {self._id}: {detail}")
+        return ControllerError(f"controller {self._id}: guest {what} failed with {cqe.status_name}: {detail}")
+
     def write_blocks(self, lba: int, data: bytes) -> None:
-        """Guest Write command: ``data`` (a multiple of BLOCK_BYTES) at ``lba``."""
+        """Guest Write command(s): ``data`` (a multiple of BLOCK_BYTES) at ``lba``."""
         if not data or len(data) % BLOCK_BYTES:
             raise ValueError(
                 f"write of {len(data)} bytes: length must be a positive multiple of {BLOCK_BYTES}"
             )
-        count = len(data) // BLOCK_BYTES
         with self._lock:
-            fd = self._guest_io_allowed("write")
-            self._check_lbas(lba, count)
-            self._write_locked(fd, lba * BLOCK_BYTES, data)
-            if self._dirty is not None:
-                self._dirty.update(range(lba, lba + count))
-            self._advance_queues()
+            self._store.usable_fd()
+            self._check_lbas(lba, len(data) // BLOCK_BYTES)
+            for at in range(0, len(data), MAX_TRANSFER_BYTES):
+                piece = data if len(data) <= MAX_TRANSFER_BYTES else data[at : at + MAX_TRANSFER_BYTES]
+                sqe = commands.write(NSID, lba + at // BLOCK_BYTES, len(piece) // BLOCK_BYTES,
+                                     cid=self._next_cid(), prp1=_GUEST_BUFFER)
+                raw, _ = self._model.submit_io(self._cntlid, self._next_sqid("write"), sqe.encode(), piece)
+                if cqe_status(raw):
+                    raise self._io_failure(raw, "write")
+            tracking = self._tracking
+            if tracking is not None and tracking.reader.has_at_least(tracking.drain_at):
+                self._drain(tracking, flush=False)
 
     def read_blocks(self, lba: int, count: int) -> bytes:
-        """Guest Read command: ``count`` blocks from ``lba``."""
+        """Guest Read command(s): ``count`` blocks from ``lba``."""
         if not isinstance(count, int) or count <= 0:
             raise ValueError(f"read of count={count!r} blocks: count must be a positive integer")
+        per_command = MAX_TRANSFER_BYTES // BLOCK_BYTES
         with self._lock:
-            fd = self._guest_io_allowed("read")
+            self._store.usable_fd()
             self._check_lbas(lba, count)
-            data = os.pread(fd, count * BLOCK_BYTES, lba * BLOCK_BYTES)
-            self._advance_queues()
-            return data
+            pieces = []
+            for first in range(lba, lba + count, per_command):
+                sqe = commands.read(NSID, first, min(per_command, lba + count - first), cid=self._next_cid(),
+                                    prp1=_GUEST_BUFFER)
+                raw, out = self._model.submit_io(self._cntlid, self._next_sqid("read"), sqe.encode())
+                if cqe_status(raw):
+                    raise self._io_failure(raw, "read")
+                pieces.append(out)
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _advance_queues(self) -> None:
-        """One command through an I/O queue pair: submitted, fetched, completed, reaped."""
-        if len(self._sqs) <= 1 or len(self._cqs) <= 1:
-            return
-        pair = 1 + self._io_count % (min(len(self._sqs), len(self._cqs)) - 1)
-        self._io_count += 1
-        sq, cq = self._sqs[pair], self._cqs[pair]
-        sq.tail = (sq.tail + 1) % sq.size
-        sq.head = sq.tail
-        cq.tail = (cq.tail + 1) % cq.size
-        if cq.tail == 0:
-            # The controller inverts the phase tag each time it wraps the completion queue.
-            cq.attributes ^= ATTR_PHASE
-        cq.head = cq.tail
-
-    def _write_locked(self, fd: int, offset: int, data: bytes) -> None:
-        live = [s for s in self._snapshots if not s.closed]
-        if live:
-            first = offset // BLOCK_BYTES
-            count = len(data) // BLOCK_BYTES
-            old: bytes | None = None
-            for snap in live:
-                for i in range(count):
-                    if first + i not in snap.saved:
-                        if old is None:
-                            old = os.pread(fd, len(data), offset)
-                        snap.saved[first + i] = old[i * BLOCK_BYTES : (i + 1) * BLOCK_BYTES]
-        written = os.pwrite(fd, data, offset)
-        if written != len(data):
-            raise OSError(
-                errno.EIO, f"short write to {self._path}: {written} of {len(data)} bytes at {offset}"
-            )
-
-    # ----- migration-controller side ----------------------------------------------------------
+    # ----- migration-controller side: the namespace ---------------------------------------------
 
     def read_raw(self, offset: int, length: int) -> bytes:
         """Namespace bytes, in any state; holes read as zeros."""
-        with self._lock:
-            fd = self._usable_fd()
-            self._check_bytes(offset, length)
-            return os.pread(fd, length, offset)
+        return self._store.read(offset, length)
 
     def write_raw(self, offset: int, data: bytes) -> None:
         """Apply migrated namespace bytes; only while RESUMING."""
         with self._lock:
-            fd = self._require_state(frozenset({VfioState.RESUMING}), "write_raw")
-            self._check_bytes(offset, len(data))
-            if offset % BLOCK_BYTES == 0 and len(data) % BLOCK_BYTES == 0:
-                self._write_locked(fd, offset, data)
-            else:
-                # Copy-on-write works on whole blocks: widen an unaligned piece to the blocks it
-                # touches so an open snapshot still preserves their old contents.
-                start = offset // BLOCK_BYTES * BLOCK_BYTES
-                end = -(-(offset + len(data)) // BLOCK_BYTES) * BLOCK_BYTES
-                block = bytearray(os.pread(fd, end - start, start))
-                block[offset - start : offset - start + len(data)] = data
-                self._write_locked(fd, start, bytes(block))
+            self._require_state(frozenset({VfioState.RESUMING}), "write_raw")
+            self._store.write(offset, data)
 
     def data_extents(self) -> list[tuple[int, int]]:
-        """(offset, length) of allocated data from SEEK_DATA/SEEK_HOLE, block-aligned and merged."""
-        with self._lock:
-            fd = self._usable_fd()
-            merged: list[list[int]] = []
-            pos = 0
-            while pos < self._bytes:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break  # no data after pos
-                    if exc.errno == errno.EINVAL:
-                        # The file system cannot report holes: everything counts as data.
-                        return [(0, self._bytes)]
-                    raise
-                if start >= self._bytes:
-                    break
-                stop = min(os.lseek(fd, start, os.SEEK_HOLE), self._bytes)
-                lo = start // BLOCK_BYTES * BLOCK_BYTES
-                hi = min(-(-stop // BLOCK_BYTES) * BLOCK_BYTES, self._bytes)
-                if merged and lo <= merged[-1][1]:
-                    merged[-1][1] = max(merged[-1][1], hi)
-                else:
-                    merged.append([lo, hi])
-                pos = stop
-            return [(lo, hi - lo) for lo, hi in merged]
+        """(offset, length) of allocated data, block-aligned and merged."""
+        return self._store.extents()
+
+    def digest(self) -> str:
+        """sha256 hex of the whole namespace at one instant, even while the guest writes."""
+        return self._store.digest()
+
+    def begin_snapshot(self) -> NamespaceSnapshot:
+        """A copy-on-write view of the namespace as it is now."""
+        return self._store.begin_snapshot()
+
+    # ----- migration-controller side: changed LBAs --------------------------------------------
 
     def start_dirty_tracking(self) -> None:
-        """Track Send, LACT=start: log every LBA the guest writes from now on (idempotent)."""
+        """Controller Data Queue create + Track Send start; idempotent (keeps what is logged)."""
         with self._lock:
-            self._usable_fd()
-            if self._dirty is None:
-                self._dirty = set()
+            self._store.usable_fd()
+            if self._tracking is None:
+                self._start_tracking()
+
+    def _start_tracking(self) -> None:
+        entries = self.cdq_entries
+        size_bytes = entries * CDQ_ENTRY_BYTES
+        address = self._model.host_memory.allocate(size_bytes)
+        try:
+            cqe, _ = self._host(commands.cdq_create(self._cntlid, size_bytes // 4, address, cid=self._next_cid()),
+                                "Controller Data Queue create")
+        except ControllerError:
+            self._model.host_memory.free(address)
+            raise
+        reader = CdqReader(self._model.host_memory.view(address, size_bytes), entries)
+        self._tracking = _ChangeTracking(cqe.dw0 & 0xFFFF, address, reader, entries // CDQ_DRAIN_FRACTION)
+        self._log_changes(self._tracking)
+
+    def _log_changes(self, tracking: _ChangeTracking) -> None:
+        """Track Send start.  A suspended controller refuses it, and may: it runs no guest I/O, and
+        the Resume that ends the suspension ends this tracking too."""
+        raw, _ = self._model.submit_admin(
+            PRIMARY_CNTLID, commands.track_send(tracking.cdqid, LoggingAction.START, cid=self._next_cid()).encode())
+        if cqe_status(raw) not in (Status.SUCCESS, Status.CONTROLLER_SUSPENDED):
+            cqe = Cqe.decode(raw)
+            raise ControllerError(f"controller {self._id}: Track Send start failed with {cqe.status_name}: "
+                                  f"{self._error_detail(PRIMARY_CNTLID, cqe)}")
+
+    def _drain(self, tracking: _ChangeTracking, *, flush: bool) -> None:
+        """Move the posted entries into ``tracking.dirty`` and hand their slots back.
+
+        ``flush`` first asks for the pointers (Get Features 21h), which makes the controller post
+        the range it was still extending.  An entry reporting a full queue means logging stopped
+        with "all LBAs changed": it is turned back on before the lock is released, so every later
+        change is logged again while the whole namespace counts as changed until taken.
+        """
+        if flush:
+            self._host(commands.get_cdq_pointers(tracking.cdqid, cid=self._next_cid()), "Get Features (CDQ)")
+        head = tracking.reader.head
+        restart = False
+        dirty = tracking.dirty
+        for _, slba, nlb, attributes in tracking.reader.take():
+            change = cdq.change_of(attributes)
+            if change == LbaChange.RANGE_VALID:
+                dirty.update(range(slba, slba + nlb + 1))
+            elif change == LbaChange.ALL_CHANGED:
+                tracking.all_changed = True
+            if cdq.sequence_of(attributes) == EntrySequence.LAST_QUEUE_FULL:
+                restart = True
+        if tracking.reader.head != head:
+            self._host(commands.set_cdq_head(tracking.cdqid, tracking.reader.head, cid=self._next_cid()),
+                       "Set Features (CDQ head)")
+        if restart:
+            self._log_changes(tracking)
 
     def take_dirty_lbas(self) -> list[int]:
-        """The LBAs written since the last call, sorted; the set is cleared."""
+        """The LBAs written since the last call, sorted, from the change log's entries."""
         with self._lock:
-            self._usable_fd()
-            if self._dirty is None:
+            self._store.usable_fd()
+            tracking = self._tracking
+            if tracking is None:
                 raise WrongStateError(
                     f"controller {self._id}: dirty tracking is off; call start_dirty_tracking() or "
                     "set_state(PRE_COPY) first"
                 )
-            taken = sorted(self._dirty)
-            self._dirty.clear()
+            self._drain(tracking, flush=True)
+            taken = list(range(self.block_count)) if tracking.all_changed else sorted(tracking.dirty)
+            tracking.dirty = set()
+            tracking.all_changed = False
             return taken
 
     def dirty_block_count(self) -> int:
         """LBAs changed and not yet taken; 0 while tracking is off."""
         with self._lock:
-            self._usable_fd()
-            return 0 if self._dirty is None else len(self._dirty)
+            self._store.usable_fd()
+            tracking = self._tracking
+            if tracking is None:
+                return 0
+            self._drain(tracking, flush=True)
+            return self.block_count if tracking.all_changed else len(tracking.dirty)
 
     def stop_dirty_tracking(self) -> None:
-        """Track Send, LACT=stop: stop logging and forget what was not taken."""
+        """Track Send stop + Controller Data Queue delete: forget what was not taken."""
         with self._lock:
-            self._usable_fd()
-            self._dirty = None
+            self._store.usable_fd()
+            self._end_tracking()
+
+    def _end_tracking(self) -> None:
+        tracking = self._tracking
+        if tracking is None:
+            return
+        self._tracking = None
+        self._host(commands.track_send(tracking.cdqid, LoggingAction.STOP, cid=self._next_cid()), "Track Send stop")
+        self._host(commands.cdq_delete(tracking.cdqid, cid=self._next_cid()), "Controller Data Queue delete")
+        self._model.host_memory.free(tracking.address)
+
+    # ----- migration-controller side: the VFIO state machine ----------------------------------
 
     def set_state(self, target: VfioState) -> None:
         """Walk ``vfio_states.path`` to ``target``, running the vfio-nvme action of each arc.
@@ -441,7 +446,7 @@ class EmulatedController:
         If an arc's action fails, the controller stays in the last state it reached.
         """
         with self._lock:
-            self._usable_fd()
+            self._store.usable_fd()
             for step in path(self._state, VfioState(target), self.migration_features):
                 self._run_arc(self._state, step)
                 self._state = step
@@ -449,13 +454,24 @@ class EmulatedController:
     def _run_arc(self, cur: VfioState, nxt: VfioState) -> None:
         arc = (cur, nxt)
         if arc == (VfioState.RUNNING, VfioState.PRE_COPY):
-            # Track Send start: a fresh log, so that stale entries from an earlier attempt are
-            # not mistaken for changes of this one.
-            self._dirty = set()
-        elif arc in ((VfioState.PRE_COPY, VfioState.RUNNING), (VfioState.STOP, VfioState.RUNNING)):
-            # Track Send stop (PRE_COPY->RUNNING), or Resume after a rollback: nothing is being
-            # migrated any more, so the log would only grow.
-            self._dirty = None
+            # A fresh log, so that stale entries from an earlier attempt are not mistaken for
+            # changes of this one.
+            self._end_tracking()
+            self._start_tracking()
+        elif arc == (VfioState.PRE_COPY, VfioState.RUNNING):
+            self._end_tracking()  # nothing is being migrated any more: the log would only grow
+        elif arc in ((VfioState.RUNNING, VfioState.STOP), (VfioState.PRE_COPY, VfioState.STOP_COPY)):
+            self._host(commands.migration_suspend(self._cntlid, cid=self._next_cid()), "Suspend")
+            if nxt == VfioState.STOP_COPY:
+                self._stop_copy_state = self._get_state()
+        elif arc == (VfioState.STOP, VfioState.STOP_COPY):
+            self._stop_copy_state = self._get_state()
+        elif arc == (VfioState.STOP_COPY, VfioState.STOP):
+            self._stop_copy_state = None  # the saving session ends
+        elif arc == (VfioState.STOP, VfioState.RUNNING):
+            # Resume after a rollback: nothing is being migrated any more.
+            self._host(commands.migration_resume(self._cntlid, cid=self._next_cid()), "Resume")
+            self._end_tracking()
         elif arc == (VfioState.STOP, VfioState.RESUMING):
             # A new resuming session needs its own Set Controller State before it may end.
             self._state_loaded = False
@@ -464,122 +480,79 @@ class EmulatedController:
                 f"controller {self._id}: no controller state loaded; call load_state() with the "
                 "source's save_state() before leaving RESUMING"
             )
-        # RUNNING->STOP and PRE_COPY->STOP_COPY are Suspend: guest I/O is refused from the
-        # state alone.  STOP->STOP_COPY and STOP_COPY->STOP need no action here: the state is
-        # captured when save_state() is called.
 
     def current_state(self) -> ControllerState:
         """The controller state as it is now (for inspection; save_state() is the migration path)."""
         with self._lock:
-            self._usable_fd()
-            return self._state_locked()
+            self._store.usable_fd()
+            return self._model.controller_state(self._cntlid)
 
-    def _state_locked(self) -> ControllerState:
-        return ControllerState(
-            controller_id=self._id,
-            namespace_bytes=self._bytes,
-            registers=self._registers,
-            submission_queues=tuple(q.frozen() for q in self._sqs),
-            completion_queues=tuple(q.frozen() for q in self._cqs),
-        )
+    def _get_state(self) -> bytes:
+        """Get Controller State in pieces: the first says how long the container is."""
+        def piece(offset: int, length: int) -> tuple[Cqe, bytes]:
+            return self._host(commands.get_controller_state(self._cntlid, offset, length, cid=self._next_cid()),
+                              "Get Controller State")
+
+        cqe, first = piece(0, self.state_piece_bytes)
+        if not cqe.dw0 & 1:
+            raise WrongStateError(f"controller {self._id}: Get Controller State reports CSUP=0; the controller "
+                                  "is not suspended, so its state is not stable")
+        total = container_length(first)
+        blob = bytearray(first[:total])
+        while len(blob) < total:
+            remaining = total - len(blob)
+            _, more = piece(len(blob), min(self.state_piece_bytes, remaining + -remaining % 4))
+            blob += more[:remaining]
+        return bytes(blob)
 
     def save_state(self) -> bytes:
-        """Get Controller State: the versioned container; in STOP_COPY or STOP (suspended)."""
+        """The versioned container; in STOP_COPY (captured on entry) or STOP (suspended)."""
         with self._lock:
             self._require_state(_SAVE_STATES, "save_state")
-            return encode_state(self._state_locked())
+            if self._state == VfioState.STOP_COPY and self._stop_copy_state is not None:
+                return self._stop_copy_state
+            return self._get_state()
 
     def load_state(self, blob: bytes) -> None:
-        """Set Controller State: validate ``blob`` and apply it; only in RESUMING."""
+        """Set Controller State in pieces; the controller validates the whole before applying it."""
         with self._lock:
             self._require_state(frozenset({VfioState.RESUMING}), "load_state")
-            state = decode_state(blob)
-            if state.controller_id != self._id:
-                raise StateFormatError(
-                    f"controller state is for controller {state.controller_id!r}, not {self._id!r}"
-                )
-            if state.namespace_bytes != self._bytes:
-                raise StateFormatError(
-                    f"controller state has namespace_bytes={state.namespace_bytes}, but controller "
-                    f"{self._id} has {self._bytes}; create the destination with the source's size"
-                )
-            self._registers = state.registers
-            self._sqs = [_Queue.thawed(q) for q in state.submission_queues]
-            self._cqs = [_Queue.thawed(q) for q in state.completion_queues]
+            stream = bytes(blob) + bytes(-len(blob) % 4 or (4 if not blob else 0))
+            size = self.state_piece_bytes
+            offsets = range(0, len(stream), size)
+            for n, offset in enumerate(offsets):
+                if len(offsets) == 1:
+                    sequence = SequenceIndicator.ENTIRE
+                elif n == 0:
+                    sequence = SequenceIndicator.FIRST
+                elif n == len(offsets) - 1:
+                    sequence = SequenceIndicator.LAST
+                else:
+                    sequence = SequenceIndicator.MIDDLE
+                chunk = stream[offset : offset + size]
+                self._host(commands.set_controller_state(self._cntlid, offset, len(chunk), sequence,
+                                                         cid=self._next_cid()),
+                           "Set Controller State", chunk, StateFormatError)
+            # The guest driver's view of its queues is in guest memory, which migrates with the
+            # guest; here it is the loaded state's I/O submission queues.
+            loaded = self._model.controller_state(self._cntlid)
+            self._io_sqids = [q.qid for q in loaded.submission_queues if q.qid]
             self._io_count = 0
             self._state_loaded = True
-
-    def digest(self) -> str:
-        """sha256 hex of the whole namespace at one instant, even while the guest writes."""
-        with self.begin_snapshot() as snap:
-            return snap.digest()
-
-    def begin_snapshot(self) -> NamespaceSnapshot:
-        """A copy-on-write view of the namespace as it is now."""
-        with self._lock:
-            self._usable_fd()
-            snap = NamespaceSnapshot(self)
-            self._snapshots.append(snap)
-            return snap
-
-    def _snapshot_digest(self, snap: NamespaceSnapshot) -> str:
-        h = hashlib.sha256()
-        for offset in range(0, self._bytes, CHUNK_BYTES):
-            length = min(CHUNK_BYTES, self._bytes - offset)
-            # The lock is held per chunk only, so the guest is not stalled for a whole pass;
-            # the file read and the saved-block overlay are consistent within the chunk.
-            with self._lock:
-                fd = self._usable_fd()
-                if snap.closed:
-                    raise ValueError("snapshot is closed; take a new one with begin_snapshot()")
-                chunk = os.pread(fd, length, offset)
-                first = offset // BLOCK_BYTES
-                overlay = [
-                    (lba, snap.saved[lba])
-                    for lba in range(first, first + length // BLOCK_BYTES)
-                    if lba in snap.saved
-                ]
-            if overlay:
-                patched = bytearray(chunk)
-                for lba, old in overlay:
-                    at = (lba - first) * BLOCK_BYTES
-                    patched[at : at + BLOCK_BYTES] = old
-                chunk = bytes(patched)
-            h.update(chunk)
-        return h.hexdigest()
-
-    def _drop_snapshot(self, snap: NamespaceSnapshot) -> None:
-        with self._lock:
-            snap.closed = True
-            snap.saved.clear()
-            if snap in self._snapshots:
-                self._snapshots.remove(snap)
 
     # ----- lifetime ---------------------------------------------------------------------------
 
     def release(self) -> None:
         """Sanitize: delete the namespace file.  Idempotent, so a retried release is harmless."""
         with self._lock:
-            self._shut("released")
-            self._path.unlink(missing_ok=True)
+            self._store.release()
+            self._tracking = None
 
     def close(self) -> None:
         """Close the namespace file but keep it (agent shutdown).  Idempotent."""
         with self._lock:
-            self._shut("closed")
-
-    def _shut(self, how: str) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._gone = how
-        elif how == "released":
-            self._gone = how
-        for snap in self._snapshots:
-            snap.closed = True
-            snap.saved.clear()
-        self._snapshots.clear()
-        self._dirty = None
+            self._store.close()
+            self._tracking = None
 
     def __enter__(self) -> EmulatedController:
         return self

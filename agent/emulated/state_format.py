@@ -34,7 +34,16 @@ own order::
 Per-kind details the specification's queue state structures keep in separate fields (such as a
 submission queue's completion queue id, or a completion queue's interrupt vector and phase tag)
 live in the attribute bits here, so one entry shape serves both queue kinds; the emulated
-controller documents its bits.
+controller documents its bits (agent/emulated/model/controllers.py).
+
+Which layout this is, against the public ones: libvfn's ``examples/migrate.c`` uses a 56-byte
+container header with 16-byte NVMe and vendor state sizes, the vfio-nvme RFC (Aug 2025) a header
+with u16 dword counts at 10h/12h, both followed by the NVMe-defined state (version, NIOSQ, NIOCQ,
+then 24-byte queue entries).  Ours is neither: it is our own container, identified as format
+version 1 in Identify CNS 20h (CSVI 0 selects it), with a checksum and the controller identity
+the NVMe layouts lack.  The TP4159 commands move it as a stream of dwords, so Get Controller
+State pads it with zeros to a whole dword and Set Controller State finds its end from the header
+(``container_length``) and accepts at most three zero bytes of padding after it.
 """
 
 from __future__ import annotations
@@ -173,13 +182,17 @@ class _Reader:
         return chunk
 
 
-def decode_state(blob: bytes) -> ControllerState:
-    """Parse and verify a container; raises StateFormatError saying what is wrong."""
+def container_length(blob: bytes) -> int:
+    """Total bytes of the container that ``blob`` starts with, from its header (which is checked).
+
+    Set Controller State delivers the container in dword pieces, so the receiver needs to know
+    where the container ends and the padding begins.
+    """
     if len(blob) < HEADER_BYTES:
         raise StateFormatError(
             f"controller state truncated: {len(blob)} bytes, the header alone is {HEADER_BYTES}"
         )
-    magic, version, flags, length, checksum = _HEADER.unpack_from(blob)
+    magic, version, flags, length, _ = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise StateFormatError(f"controller state has bad magic {magic!r}, expected {MAGIC!r}")
     if version not in SUPPORTED_VERSIONS:
@@ -190,6 +203,13 @@ def decode_state(blob: bytes) -> ControllerState:
         )
     if flags != 0:
         raise StateFormatError(f"controller state has unknown flags {flags:#06x}; version 1 defines none")
+    return int(HEADER_BYTES + length)
+
+
+def decode_state(blob: bytes) -> ControllerState:
+    """Parse and verify a container; raises StateFormatError saying what is wrong."""
+    length = container_length(blob) - HEADER_BYTES
+    checksum = _HEADER.unpack_from(blob)[4]
     payload = blob[HEADER_BYTES:]
     if len(payload) < length:
         raise StateFormatError(
