@@ -1,0 +1,149 @@
+"""The backends that fulfil the agent's controller contract (agent.backend.MigratableController).
+
+- ``emulated`` (the default): agent.emulated.controller.EmulatedController, a model in the agent.
+- ``nvme-passthru``: agent.backends.nvme_passthru.NvmePassthruController, TP4159 admin commands to
+  a real PF (``/dev/nvmeN``) through the Linux NVMe admin passthrough ioctl.
+- ``vfio``: agent.backends.vfio.VfioMigrationDevice, the VFIO migration uAPI on a real VF
+  (``/dev/vfio/devices/vfioN``, or a group ``/dev/vfio/N`` plus the VF's PCI address).
+
+``device_problem`` is the check the agent runs at start-up; ``open_backend`` opens one controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from agent.backend import BLOCK_BYTES, MigratableController
+from agent.backends.ioctl_abi import IoctlFn, kernel_ioctl
+from agent.backends.namespace_device import DeviceUnavailableError, NamespaceDevice
+
+EMULATED = "emulated"
+NVME_PASSTHRU = "nvme-passthru"
+VFIO = "vfio"
+BACKEND_KINDS = (EMULATED, NVME_PASSTHRU, VFIO)
+
+# What each real backend's --device is, and what to check when it is missing.
+_DEVICE_HINTS = {
+    NVME_PASSTHRU: ("the NVMe PF's character device, e.g. /dev/nvme0",
+                    "is the NVMe PF bound to the nvme driver (ls /dev/nvme*)? pass --device"),
+    VFIO: ("the VF's VFIO device, /dev/vfio/devices/vfioN or the group /dev/vfio/N",
+           "is the VF bound to a vfio-pci migration driver (ls /dev/vfio)? pass --device"),
+}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in BACKEND_KINDS:
+        raise ValueError(f"backend {kind!r} is unknown; choose one of {', '.join(BACKEND_KINDS)}")
+
+
+def device_problem(kind: str, device: str | None) -> str | None:
+    """Why ``device`` cannot serve backend ``kind``, or None when it can (or needs no device)."""
+    _check_kind(kind)
+    if kind == EMULATED:
+        if device:
+            return f"--device {device} is for the nvme-passthru and vfio backends; the emulated backend takes none"
+        return None
+    what, hint = _DEVICE_HINTS[kind]
+    if not device:
+        return f"backend {kind} needs --device: {what}"
+    try:
+        mode = os.stat(device).st_mode
+    except FileNotFoundError:
+        return f"device {device} does not exist: {hint}"
+    except PermissionError:
+        return f"device {device} is not accessible: run the agent as root"
+    if not stat.S_ISCHR(mode):
+        return f"device {device} is not a character device; backend {kind} needs {what}"
+    return None
+
+
+def hosting_problem(kind: str) -> str | None:
+    """Why the agent process cannot host controllers on ``kind`` yet, or None.
+
+    The real backends are complete as controllers, but the agent's Host creates and adopts
+    emulated controllers only (sparse files, the emulated guest workload); starting an agent that
+    claims a real device and then runs emulated controllers would mislead, so it refuses.
+    """
+    _check_kind(kind)
+    if kind == EMULATED:
+        return None
+    return (f"backend {kind} can open the device, but this agent hosts emulated controllers only "
+            "(agent/host.py); run with --backend emulated")
+
+
+def open_backend(
+    kind: str,
+    controller_id: str,
+    *,
+    namespace_path: Path,
+    namespace_bytes: int = 0,
+    create: bool = False,
+    device: Path | None = None,
+    cntlid: int | None = None,
+    nsid: int = 1,
+    pf_device: Path | None = None,
+    pci_address: str | None = None,
+    ioctl: IoctlFn = kernel_ioctl,
+) -> MigratableController:
+    """Open one controller on backend ``kind``.
+
+    - emulated: ``namespace_path`` is the sparse file, ``namespace_bytes`` its size, ``create``
+      whether to make it.
+    - nvme-passthru: ``device`` is the PF (/dev/nvmeN), ``cntlid`` the migratable controller (the
+      VF), ``nsid`` its namespace, ``namespace_path`` the PF's namespace block device.
+    - vfio: ``device`` is the VF's cdev or group (then ``pci_address`` too), ``namespace_path`` the
+      PF's namespace block device; ``pf_device`` and ``cntlid`` give the PF's changed-LBA log.
+    """
+    _check_kind(kind)
+    if kind == EMULATED:
+        from agent.emulated.controller import EmulatedController
+
+        return EmulatedController(controller_id, namespace_path, namespace_bytes, create=create)
+    if device is None:
+        raise DeviceUnavailableError(f"backend {kind} needs a device: {_DEVICE_HINTS[kind][0]}")
+    from agent.backends.nvme_passthru import CdqChangedLbaLog, NvmeAdminChannel, NvmePassthruController
+    from agent.backends.vfio import VfioMigrationDevice, open_cdev_device, open_group_device
+
+    with contextlib.ExitStack() as undo:  # whatever was opened is closed again if a later step fails
+        ctrl: MigratableController
+        if kind == NVME_PASSTHRU:
+            if cntlid is None:
+                raise ValueError("backend nvme-passthru needs cntlid: the controller id of the VF to migrate")
+            admin = NvmeAdminChannel.open(device, ioctl=ioctl)
+            undo.callback(admin.close)
+            namespace = NamespaceDevice(namespace_path, ioctl=ioctl)
+            undo.callback(namespace.close)
+            ctrl = NvmePassthruController(controller_id, admin, cntlid, nsid, namespace)
+        else:
+            if device.parent == Path("/dev/vfio") and pci_address is None:
+                raise ValueError(f"VFIO group {device} needs pci_address: which VF of the group to open, "
+                                 "e.g. 0000:3b:00.1")
+            handles = (open_group_device(device, pci_address, ioctl=ioctl) if pci_address is not None
+                       else open_cdev_device(device, ioctl=ioctl))
+            undo.callback(handles.close)
+            namespace = NamespaceDevice(namespace_path, ioctl=ioctl)
+            undo.callback(namespace.close)
+            lba_log = None
+            if pf_device is not None and cntlid is not None:
+                pf_admin = NvmeAdminChannel.open(pf_device, ioctl=ioctl)
+                undo.callback(pf_admin.close)
+                lba_log = CdqChangedLbaLog(pf_admin, cntlid, nsid, namespace_blocks=namespace.size_bytes // BLOCK_BYTES,
+                                           owns_admin=True)
+            ctrl = VfioMigrationDevice(controller_id, handles, namespace, lba_log=lba_log, ioctl=ioctl)
+        undo.pop_all()
+        return ctrl
+
+
+__all__ = [
+    "BACKEND_KINDS",
+    "EMULATED",
+    "NVME_PASSTHRU",
+    "VFIO",
+    "DeviceUnavailableError",
+    "device_problem",
+    "hosting_problem",
+    "open_backend",
+]
