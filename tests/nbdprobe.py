@@ -1,0 +1,96 @@
+"""What the NBD tests share: a two-agent cluster, controller and export calls, qemu-io, and a raw
+NBD client written from the protocol document (independent of agent/nbd)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+
+from orchctl.localcluster import LocalCluster
+from proto.v1 import agent_pb2, migration_pb2
+
+MiB = 1 << 20
+
+
+def two_agents() -> Iterator[LocalCluster]:
+    """etcd, an orchestrator and agents n1, n2, for a module-scoped fixture; stopped by pid after."""
+    with LocalCluster() as c:
+        c.start_etcd()
+        c.start_orchestrator()
+        for name in ("n1", "n2"):
+            c.start_agent(name)
+        yield c
+
+
+def create(cluster: LocalCluster, cid: str, namespace_bytes: int = 16 * MiB, node: str = "n1") -> None:
+    channel, stub = cluster.agent_stub(node)
+    with channel:
+        stub.CreateController(agent_pb2.CreateControllerRequest(controller_id=cid, namespace_bytes=namespace_bytes),
+                              timeout=30)
+
+
+def export(cluster: LocalCluster, cid: str) -> migration_pb2.ControllerExport:
+    channel, api = cluster.migration_stub()
+    with channel:
+        return api.ExportController(migration_pb2.ExportControllerRequest(controller_id=cid), timeout=15)
+
+
+def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    argv = ["qemu-io", "-f", "raw", uri]
+    for command in commands:
+        argv += ["-c", command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+class RawNbd:
+    """A minimal NBD client written from the protocol document (independent of agent/nbd)."""
+
+    def __init__(self, uri: str) -> None:
+        host_port = uri.removeprefix("nbd://").split("/", 1)[0]
+        host, _, port = host_port.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        magic, opt, flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (0x4E42444D41474943, 0x49484156454F5054) and flags & 1
+        self.sock.sendall(struct.pack(">I", 1 | 2))  # fixed newstyle, no zeroes
+        self.cookie = 0
+
+    def recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"server closed the connection after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        """Replies up to and including the final ACK or error."""
+        self.sock.sendall(struct.pack(">QII", 0x49484156454F5054, option, len(data)) + data)
+        replies = []
+        while True:
+            magic, _opt, kind, length = struct.unpack(">QIII", self.recv(20))
+            assert magic == 0x3E889045565A9
+            replies.append((kind, self.recv(length)))
+            if kind == 1 or kind & (1 << 31):
+                return replies
+
+    def go(self, name: str) -> list[tuple[int, bytes]]:
+        raw = name.encode()
+        return self.option(7, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+
+    def request(self, command: int, offset: int, length: int, payload: bytes = b"", flags: int = 0
+                ) -> tuple[int, bytes]:
+        self.cookie += 1
+        self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, flags, command, self.cookie, offset, length) + payload)
+        magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+        assert magic == 0x67446698 and cookie == self.cookie
+        data = self.recv(length) if command == 0 and error == 0 else b""
+        return error, data
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
