@@ -1,0 +1,168 @@
+"""Prometheus metrics of the orchestrator, served on /metrics by `orchestrator.web`.
+
+Two kinds:
+- events counted by the leader that drove them (jobs finished by outcome, phase durations,
+  blackout and downtime, bytes moved, dirty rounds, evacuations): counters and histograms of this
+  process, fed by `job_written` after every etcd write of a job;
+- the state of the cluster, read from etcd at each scrape (jobs by phase, live agents, nodes,
+  the progress of each active job, who leads): the same on every replica, so a dashboard takes
+  `max` across replicas instead of trusting whichever one leads right now.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cluster.records import NodeRecord
+from cluster.store import EtcdError, EtcdStore
+from orchestrator.jobs import TERMINAL, Job, Phase
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry()
+
+JOBS_FINISHED = Counter("nvmigrate_jobs_finished", "Jobs this orchestrator drove to an end, by outcome",
+                        ["outcome"], registry=REGISTRY)
+PHASE_DURATION = Histogram("nvmigrate_phase_duration_seconds", "Time a job spent in a phase", ["phase"],
+                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+                           registry=REGISTRY)
+GUEST_BLACKOUT = Histogram("nvmigrate_guest_blackout_seconds",
+                           "Longest gap between guest I/O completions across the switchover, as the guest saw it",
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                           registry=REGISTRY)
+SWITCHOVER_DOWNTIME = Histogram("nvmigrate_switchover_downtime_seconds",
+                                "Orchestrator-side switchover time: source suspended to destination running",
+                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                registry=REGISTRY)
+BYTES_MOVED = Counter("nvmigrate_bytes_moved", "Migration bytes sent between agents (data and controller state)",
+                      registry=REGISTRY)
+DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds completed", registry=REGISTRY)
+EVACUATIONS = Counter("nvmigrate_evacuations", "Node evacuations started", registry=REGISTRY)
+ProcessCollector(registry=REGISTRY)
+
+# Every phase shows up in nvmigrate_jobs, at 0 when no job is in it, so panels need no `or vector(0)`.
+_ALL_PHASES = tuple(Phase)
+
+
+def job_written(old: Job, new: Job) -> None:
+    """Counts what changed between two consecutive records of a job this process wrote."""
+    moved = new.bytes_transferred - old.bytes_transferred
+    if moved > 0:
+        BYTES_MOVED.inc(moved)
+    if new.rounds > old.rounds:
+        DIRTY_ROUNDS.inc(new.rounds - old.rounds)
+    for index in range(max(len(old.phases) - 1, 0), len(new.phases) - 1):
+        entry = new.phases[index]
+        PHASE_DURATION.labels(entry.phase.value).observe(entry.duration_ms / 1000.0)
+    if new.terminal and not old.terminal:
+        JOBS_FINISHED.labels(new.phase.value).inc()
+        if new.phase is Phase.COMPLETED:
+            # 0 means "not measured" (no guest workload; a leader change lost the suspend time).
+            if new.guest_blackout_ms > 0:
+                GUEST_BLACKOUT.observe(new.guest_blackout_ms / 1000.0)
+            if new.downtime_ms > 0:
+                SWITCHOVER_DOWNTIME.observe(new.downtime_ms / 1000.0)
+
+
+@dataclass
+class ClusterSnapshot:
+    jobs: list[Job] = field(default_factory=list)
+    nodes: list[NodeRecord] = field(default_factory=list)
+    leading: bool = False
+    etcd_up: bool = False
+
+
+class ClusterState(Collector):
+    """The etcd-derived gauges: `refresh()` (async, before a scrape) reads etcd, `collect()`
+    (sync, called by the exposition code) reports the last snapshot."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.snapshot = ClusterSnapshot()
+        # Its own registry, so several (in tests, one per server) never clash in REGISTRY.
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def exposition(self) -> bytes:
+        """The whole /metrics body: this process's events, then the cluster gauges."""
+        return generate_latest(REGISTRY) + generate_latest(self.registry)
+
+    async def refresh(self, store: EtcdStore) -> None:
+        try:
+            jobs = [Job.from_bytes(v.value) for v in await store.list_jobs()]
+            nodes = await store.list_nodes()
+            leader = await store.leader()
+        except EtcdError as exc:
+            log.warning("metrics: etcd unavailable, cluster gauges not refreshed: %s", exc)
+            self.snapshot = ClusterSnapshot()
+            return
+        self.snapshot = ClusterSnapshot(jobs, nodes, leader == self.name, True)
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(ClusterSnapshot()))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self.snapshot))
+
+    def _families(self, snap: ClusterSnapshot) -> Iterator[Metric]:
+        up = GaugeMetricFamily("nvmigrate_etcd_up", "1 if the last scrape could read etcd")
+        up.add_metric([], 1.0 if snap.etcd_up else 0.0)
+        yield up
+        leading = GaugeMetricFamily("nvmigrate_is_leader", "1 if this orchestrator holds the leader lease")
+        leading.add_metric([], 1.0 if snap.leading else 0.0)
+        yield leading
+
+        by_phase = GaugeMetricFamily("nvmigrate_jobs", "Jobs in etcd by current phase (terminal phases are "
+                                     "outcomes)", labels=["phase"])
+        counts = {phase: 0 for phase in _ALL_PHASES}
+        for job in snap.jobs:
+            counts[job.phase] += 1
+        if snap.etcd_up:
+            for phase, count in counts.items():
+                by_phase.add_metric([phase.value], float(count))
+        yield by_phase
+
+        agents = GaugeMetricFamily("nvmigrate_live_agents", "Agents registered in etcd (their lease is alive)")
+        if snap.etcd_up:
+            agents.add_metric([], float(len(snap.nodes)))
+        yield agents
+
+        capacity = GaugeMetricFamily("nvmigrate_node_capacity_bytes", "Namespace bytes a node may hold",
+                                     labels=["node"])
+        allocated = GaugeMetricFamily("nvmigrate_node_allocated_bytes", "Namespace bytes allocated on a node",
+                                      labels=["node"])
+        controllers = GaugeMetricFamily("nvmigrate_node_controllers", "Controllers running on a node (an "
+                                        "evacuated node drains to 0)", labels=["node"])
+        for node in snap.nodes:
+            capacity.add_metric([node.name], float(node.capacity_bytes))
+            allocated.add_metric([node.name], float(node.allocated_bytes))
+            controllers.add_metric([node.name], float(len(node.controllers)))
+        yield from (capacity, allocated, controllers)
+
+        labels = ["job_id", "controller", "phase"]
+        sent = GaugeMetricFamily("nvmigrate_job_bytes_transferred", "Bytes an active job has sent so far",
+                                 labels=labels)
+        size = GaugeMetricFamily("nvmigrate_job_namespace_bytes", "Namespace size of an active job's controller",
+                                 labels=labels)
+        rate = GaugeMetricFamily("nvmigrate_job_dirty_rate_bytes_per_second",
+                                 "Rate at which the guest dirties data, last measured by an active job",
+                                 labels=labels)
+        throttle = GaugeMetricFamily("nvmigrate_job_throttle_percent", "Guest throttle an active job applies "
+                                     "(auto-converge)", labels=labels)
+        rounds = GaugeMetricFamily("nvmigrate_job_rounds", "Dirty rounds an active job has run", labels=labels)
+        for job in snap.jobs:
+            if job.phase in TERMINAL:
+                continue
+            values = [job.id, job.controller_id, job.phase.value]
+            sent.add_metric(values, float(job.bytes_transferred))
+            size.add_metric(values, float(job.namespace_bytes))
+            rate.add_metric(values, job.dirty_rate_bytes_per_s)
+            throttle.add_metric(values, float(job.throttle_percent))
+            rounds.add_metric(values, float(job.rounds))
+        yield from (sent, size, rate, throttle, rounds)
