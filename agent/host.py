@@ -1,11 +1,13 @@
 """The host an agent runs on: its controllers (with their guest workloads), its migration
-sessions, its data-plane listener, and its registration in etcd under a liveness lease.
+sessions, its data-plane listener, its NBD server, and its registration in etcd under a
+liveness lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -16,7 +18,9 @@ from agent.dataplane.receiver import DataReceiver
 from agent.emulated.controller import BLOCK_BYTES, EmulatedController
 from agent.emulated.state_format import STATE_FORMAT_VERSION
 from agent.guest.workload import GuestWorkload, WorkloadSpec
+from agent.nbd.server import NbdServer
 from agent.sessions import DestinationSession, Session, SessionError, SourceSession
+from agent.vfio_states import VfioState
 from cluster.records import ControllerRecord, NodeRecord
 from cluster.store import EtcdError, EtcdStore, keep_lease_alive
 
@@ -41,6 +45,9 @@ class Host:
         self.lease_ttl_s = lease_ttl_s
         self.receiver = DataReceiver(data_host, data_port)
         self.controllers: dict[str, HostedController] = {}
+        # NBD listens beside the data plane (the data-path network) on a port picked at start;
+        # its URIs name the host peers use to reach this agent.
+        self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller)
         self.sessions: dict[str, Session] = {}
         self.pending_corrupt_frame = 0
         self._lease_id = 0
@@ -52,11 +59,64 @@ class Host:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.recover()
         await self.receiver.start()
+        await self.nbd.start()
         self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
         await self.publish()
         self._keeper = asyncio.create_task(
             keep_lease_alive(self.store, self._lease_id, self.lease_ttl_s, self._lease_lost), name="node-lease")
+
+    # ---- restart recovery ---------------------------------------------------------------------
+    #
+    # Files in the data dir:  <cid>.json            a controller this node runs (its metadata)
+    #                         <ns file>             its namespace (sparse)
+    #                         <cid>.<job>.incoming  a namespace arriving for a migration
+    #                         <cid>.<job>.state     its controller and guest state, once loaded
+
+    def _meta_path(self, controller_id: str) -> Path:
+        return self.data_dir / f"{controller_id}.json"
+
+    def _write_meta(self, controller: EmulatedController) -> None:
+        meta = {"controller_id": controller.controller_id, "namespace_bytes": controller.namespace_bytes,
+                "namespace_file": controller.namespace_path.name}
+        tmp = self._meta_path(controller.controller_id).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(self._meta_path(controller.controller_id))  # atomic: never a half-written record
+
+    async def recover(self) -> None:
+        """After a restart: reopen the controllers this node still owns (etcd decides), sanitize
+        copies another node now owns, reload destinations whose state had arrived, and discard
+        migrations that never got that far."""
+        in_use: set[str] = set()
+        for meta_path in sorted(self.data_dir.glob("*.json")):
+            meta = json.loads(meta_path.read_text())
+            cid, ns_path = meta["controller_id"], self.data_dir / meta["namespace_file"]
+            in_use.add(ns_path.name)
+            owner = await self.store.get_controller(cid)
+            if owner is not None and owner[0].node != self.name:
+                log.warning("controller %s now belongs to %s: sanitizing the stale copy here", cid, owner[0].node)
+                ns_path.unlink(missing_ok=True)
+                meta_path.unlink()
+                continue
+            controller = await asyncio.to_thread(EmulatedController, cid, ns_path, meta["namespace_bytes"],
+                                                 create=False)
+            if owner is not None and owner[0].state == "LOST":
+                # The orchestrator gave it up while we were gone: keep it suspended for an operator.
+                await asyncio.to_thread(controller.set_state, VfioState.STOP)
+            self.controllers[cid] = HostedController(controller)
+            log.info("recovered controller %s (%s)", cid, controller.vfio_state.name)
+        for incoming in sorted(self.data_dir.glob("*.incoming")):
+            if incoming.name in in_use:
+                continue  # a migration that completed here: the controller runs from this file
+            cid, job_id = incoming.name.split(".")[:2]
+            state_path = incoming.with_suffix(".state")
+            if not state_path.exists():
+                incoming.unlink()  # never loaded: the orchestrator will redo or abandon it
+                continue
+            session = await DestinationSession.reload(self.data_dir, incoming, state_path, cid, job_id)
+            self.sessions[job_id] = session
+            log.info("recovered destination of job %s for %s, ready to resume", job_id, cid)
 
     async def _lease_lost(self) -> None:
         # etcd forgot us (for example after a long pause): register again under a new lease.
@@ -75,6 +135,7 @@ class Host:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.close()  # type: ignore[attr-defined]
+        await self.nbd.close()
         for hosted in self.controllers.values():
             if hosted.workload is not None:
                 await asyncio.to_thread(hosted.workload.stop)
@@ -100,6 +161,15 @@ class Host:
         await self.store.put_node(self.record(), self._lease_id)
 
     # ---- controllers ------------------------------------------------------------------------
+
+    def _running_controller(self, controller_id: str) -> EmulatedController | None:
+        hosted = self.controllers.get(controller_id)
+        return hosted.controller if hosted is not None else None
+
+    def export_controller(self, controller_id: str) -> str:
+        """Serves the controller over NBD; returns its nbd:// URI (idempotent)."""
+        self.hosted(controller_id)
+        return self.nbd.export(controller_id)
 
     def hosted(self, controller_id: str) -> HostedController:
         hosted = self.controllers.get(controller_id)
@@ -133,6 +203,7 @@ class Host:
             path = self.data_dir / f"{controller_id}.ns"
             controller = await asyncio.to_thread(EmulatedController, controller_id, path, namespace_bytes,
                                                  create=True)
+            await asyncio.to_thread(self._write_meta, controller)
             hosted = HostedController(controller)
             if prefill or spec is not None:
                 hosted.workload = GuestWorkload(controller, spec or WorkloadSpec())
@@ -177,12 +248,16 @@ class Host:
             raise SessionError("not_found", f"job {job_id} has no session on node {self.name!r}")
         return session
 
-    async def source_session(self, job_id: str, epoch: int, controller_id: str) -> SourceSession:
+    async def source_session(self, job_id: str, epoch: int, controller_id: str, token: str) -> SourceSession:
         found = self._session(job_id, epoch, SourceSession)
-        if found is not None:
-            assert isinstance(found, SourceSession)
+        assert found is None or isinstance(found, SourceSession)
+        # A new token means a new destination for the same job (the old one was lost): start over.
+        if found is not None and not (found.stage == "aborted" and found.token != token):
             return found
         hosted = self.hosted(controller_id)
+        if hosted.controller.vfio_state != VfioState.RUNNING:
+            raise SessionError("precondition", f"controller {controller_id!r} is {hosted.controller.vfio_state.name} "
+                                               f"on node {self.name!r}, not RUNNING: it cannot be migrated")
         if hosted.migrating_job and hosted.migrating_job != job_id:
             other = self.sessions.get(hosted.migrating_job)
             if other is not None and other.stage not in ("aborted", "released"):
@@ -190,7 +265,7 @@ class Host:
                                                    f"{hosted.migrating_job}")
         session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                 controller=hosted.controller, workload=hosted.workload,
-                                corrupt_frame=self.pending_corrupt_frame)
+                                corrupt_frame=self.pending_corrupt_frame, token=token)
         self.pending_corrupt_frame = 0
         hosted.migrating_job = job_id
         self.sessions[job_id] = session
@@ -226,6 +301,7 @@ class Host:
 
     async def destination_running(self, session: DestinationSession) -> None:
         async def on_running(controller: EmulatedController, workload: GuestWorkload | None) -> None:
+            await asyncio.to_thread(self._write_meta, controller)
             self.controllers[session.controller_id] = HostedController(controller, workload)
             self.receiver.unregister(session.job_id)
             await self.publish()
@@ -234,6 +310,9 @@ class Host:
     async def source_released(self, session: SourceSession) -> str:
         async def on_released() -> None:
             self.controllers.pop(session.controller_id, None)
+            # The destination runs it now: NBD clients must go there, so their connections end.
+            self.nbd.unexport(session.controller_id)
+            self._meta_path(session.controller_id).unlink(missing_ok=True)
             await self.publish()
         return await session.release(on_released)
 
@@ -245,5 +324,7 @@ class Host:
         if isinstance(session, DestinationSession):
             self.receiver.unregister(job_id)
         await session.abort(reason)  # type: ignore[attr-defined]
+        # A rolled-back source runs again: NBD requests stalled by the suspend go on now.
+        self.nbd.controller_changed(session.controller_id)
         await self.publish()
         return session

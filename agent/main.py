@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -19,9 +18,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agent import backends
 from agent.host import Host
 from agent.service import AgentApi
-from cluster import names
+from cluster import logs, names, telemetry
 from cluster.store import EtcdError, EtcdStore
 from proto.v1 import agent_pb2_grpc
 
@@ -48,7 +48,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 async def serve(args: argparse.Namespace) -> int:
     store = EtcdStore(args.etcd)
     await store.connect()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors())  # tracing on: a span per call
     listen_host, _ = args.listen
     try:
         port = server.add_insecure_port(f"{listen_host}:{args.listen[1]}")
@@ -92,17 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=parse_size, default=parse_size("64G"),
                         help="namespace bytes this node may hold, e.g. 20G")
     parser.add_argument("--lease-ttl-s", type=int, default=5, help="liveness lease TTL in seconds")
+    parser.add_argument("--backend", choices=backends.BACKEND_KINDS, default=backends.EMULATED,
+                        help="controller backend: emulated (default), nvme-passthru (a PF) or vfio (a VF)")
+    parser.add_argument("--device", default=None, help="device node of a real backend, e.g. /dev/nvme0")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                        help="text, or json: one object per line with job_id and trace_id")
     args = parser.parse_args(argv)
     problem = names.node_name_problem(args.name)
     if problem:
         parser.error(problem)
     if args.lease_ttl_s < 1:
         parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s agent[{args.name}] %(name)s %(message)s")
+    problem = backends.device_problem(args.backend, args.device) or backends.hosting_problem(args.backend)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if telemetry.config_problem():  # the OTEL_* environment variables
+        parser.error(str(telemetry.config_problem()))
     try:
-        return asyncio.run(serve(args))
+        with telemetry.running("nvmigrate-agent", args.name, f"agent[{args.name}]", args.log_level, args.log_format):
+            return asyncio.run(serve(args))
     except EtcdError as exc:
         print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
         return 2

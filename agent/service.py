@@ -92,6 +92,12 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         return status
 
     @staticmethod
+    def _check_controller_id(controller_id: str) -> None:
+        problem = names.controller_id_problem(controller_id)
+        if problem:
+            raise SessionError("invalid", problem)
+
+    @staticmethod
     def _check_ref(ref: agent_pb2.MigrationRef) -> None:
         problem = names.job_id_problem(ref.job_id) or names.controller_id_problem(ref.controller_id)
         if problem:
@@ -105,14 +111,14 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.AgentInfo(node=h.name, data_address=h.receiver.address, capacity_bytes=h.capacity_bytes,
                                    allocated_bytes=h.allocated_bytes,
                                    controllers=[controller_status(h.name, c) for c in h.controllers.values()],
-                                   state_format_version=h.record().state_format_version)
+                                   state_format_version=h.record().state_format_version,
+                                   sessions=[self._session_status(s, job_id) for job_id, s in h.sessions.items()
+                                             if isinstance(s, SourceSession | DestinationSession)])
 
     async def CreateController(self, request: agent_pb2.CreateControllerRequest,
                                context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
         async def create() -> agent_pb2.ControllerStatus:
-            problem = names.controller_id_problem(request.controller_id)
-            if problem:
-                raise SessionError("invalid", problem)
+            self._check_controller_id(request.controller_id)
             spec = spec_from_message(request.workload) if request.HasField("workload") else None
             hosted = await self.host.create_controller(request.controller_id, request.namespace_bytes,
                                                        request.prefill, spec)
@@ -187,7 +193,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def precopy() -> agent_pb2.TransferResult:
             self._check_ref(request.ref)
             session = await self.host.source_session(request.ref.job_id, request.ref.epoch,
-                                                     request.ref.controller_id)
+                                                     request.ref.controller_id, request.token)
             facts = await session.start_precopy(request.destination_data_address, request.token,
                                                 request.bandwidth_bytes_per_s)
             return transfer_result(facts)
@@ -230,7 +236,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     async def AbortMigration(self, request: agent_pb2.MigrationRef,
                              context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:
         async def abort() -> agent_pb2.SessionStatus:
-            self._check_ref(request)
+            problem = names.job_id_problem(request.job_id)  # the controller id may be unknown to the caller
+            if problem:
+                raise SessionError("invalid", problem)
             session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator")
             assert session is None or isinstance(session, SourceSession | DestinationSession)
             return self._session_status(session, request.job_id)
@@ -241,6 +249,24 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         session = self.host.sessions.get(request.job_id)
         assert session is None or isinstance(session, SourceSession | DestinationSession)
         return self._session_status(session, request.job_id)
+
+    # ---- NBD ------------------------------------------------------------------------------
+
+    async def ExportController(self, request: agent_pb2.GetControllerRequest,
+                               context: grpc.aio.ServicerContext) -> agent_pb2.ExportControllerResponse:
+        async def export() -> agent_pb2.ExportControllerResponse:
+            self._check_controller_id(request.controller_id)
+            return agent_pb2.ExportControllerResponse(uri=self.host.export_controller(request.controller_id))
+        return await self._guard(context, export())
+
+    async def UnexportController(self, request: agent_pb2.GetControllerRequest,
+                                 context: grpc.aio.ServicerContext) -> agent_pb2.ExportControllerResponse:
+        async def unexport() -> agent_pb2.ExportControllerResponse:
+            self._check_controller_id(request.controller_id)
+            # Idempotent, even for a controller that is gone: the caller wants no export either way.
+            self.host.nbd.unexport(request.controller_id)
+            return agent_pb2.ExportControllerResponse(uri="")
+        return await self._guard(context, unexport())
 
     async def InjectFault(self, request: agent_pb2.InjectFaultRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.InjectFaultResponse:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
 from agent.emulated.controller import BLOCK_BYTES, EmulatedController
 from agent.guest.workload import GuestWorkload
@@ -26,6 +29,9 @@ from agent.vfio_states import VfioState
 
 log = logging.getLogger(__name__)
 
+# A destination that stops reading (hung, partitioned) fails the transfer after this long, so
+# the orchestrator can pick another destination instead of waiting on TCP.
+DATA_STALL_TIMEOUT_S = 10.0
 MAX_PIECE_BYTES = 1 << 20
 BATCH_PIECES = 256  # changed extents read per thread hop
 SMALL_WRITE_BYTES = 64 * 1024
@@ -49,6 +55,27 @@ class TransferFacts:
     dirty_rate_bytes_per_s: float = 0.0
     state_bytes: int = 0
     round: int = 0
+
+
+def encode_guest(workload: GuestWorkload | None) -> bytes:
+    """The guest's state for the destination, led by one byte saying whether it was running:
+    a guest that only prefilled (no workload asked for) must not start writing over there."""
+    if workload is None:
+        return b""
+    return bytes([1 if workload.status().running else 0]) + workload.export_state()
+
+
+def decode_guest(controller: EmulatedController, blob: bytes) -> tuple[GuestWorkload, bool]:
+    return GuestWorkload.from_state(controller, blob[1:]), blob[0] == 1
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def lbas_to_extents(lbas: list[int]) -> list[tuple[int, int]]:
@@ -86,6 +113,7 @@ class Session:
 @dataclass
 class SourceSession(Session):
     controller: EmulatedController | None = None
+    token: str = ""  # names the destination attempt this session streams to
     workload: GuestWorkload | None = None
     corrupt_frame: int = 0
     sender: DataSender | None = None
@@ -127,7 +155,8 @@ class SourceSession(Session):
         self.stage = "precopy"
         started = time.monotonic()
         self.sender = await DataSender.connect(address, self.job_id, token,
-                                               bandwidth_bytes_per_s=bandwidth or None)
+                                               bandwidth_bytes_per_s=bandwidth or None,
+                                               stall_timeout_s=DATA_STALL_TIMEOUT_S)
         self.sender.corrupt_frame = self.corrupt_frame
         # Tracking starts before the first read, so every later guest write is sent again.
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
@@ -214,7 +243,7 @@ class SourceSession(Session):
         self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
         sent = await self._send_changed(lbas)
         state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
-        guest = self.workload.export_state() if self.workload is not None else b""
+        guest = encode_guest(self.workload)
         await self.sender.send_final(state, guest)
         await self._drop_sender()  # everything is across and acknowledged
         self.stage = "stopped"
@@ -310,13 +339,37 @@ class DestinationSession(Session):
     async def apply_round_end(self, round: int) -> None:
         self.stage = f"received round {round}"
 
+    @property
+    def state_path(self) -> Path:
+        return self.ctrl.namespace_path.with_suffix(".state")
+
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
         await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
+        # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
+        await asyncio.to_thread(_write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
         self.guest_blob = guest_blob
         # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
         self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
         self.stage = "loaded"
+
+    @classmethod
+    async def reload(cls, data_dir: Path, incoming: Path, state_path: Path, controller_id: str,
+                     job_id: str) -> DestinationSession:
+        """A destination whose data and state had fully arrived before the agent restarted."""
+        def load() -> tuple[EmulatedController, bytes]:
+            state_blob, guest_blob = decode_final_payload(state_path.read_bytes())
+            controller = EmulatedController.for_resuming(controller_id, incoming, incoming.stat().st_size,
+                                                         create=False)
+            controller.load_state(state_blob)
+            controller.set_state(VfioState.STOP)
+            return controller, guest_blob
+
+        controller, guest_blob = await asyncio.to_thread(load)
+        session = cls(job_id=job_id, epoch=0, controller_id=controller_id, controller=controller, stage="loaded",
+                      guest_blob=guest_blob)
+        session.snapshot = await asyncio.to_thread(controller.begin_snapshot)
+        return session
 
     async def resume(self, on_running: Callable[[EmulatedController, GuestWorkload | None], Awaitable[None]]
                      ) -> None:
@@ -327,8 +380,9 @@ class DestinationSession(Session):
                                                f"{self.stage!r}; the controller state has not been loaded")
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.guest_blob:
-            self.workload = GuestWorkload.from_state(self.ctrl, self.guest_blob)
-            self.workload.start()
+            self.workload, was_running = decode_guest(self.ctrl, self.guest_blob)
+            if was_running:
+                self.workload.start()
         self.stage = "running"
         snapshot = self.snapshot
 
@@ -341,6 +395,7 @@ class DestinationSession(Session):
         self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close), name=f"digest-{self.job_id}")
         self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
+        self.state_path.unlink(missing_ok=True)  # the controller's metadata now stands for it
 
     def _digest_done(self, task: asyncio.Task[str]) -> None:
         if task.cancelled():
@@ -366,6 +421,7 @@ class DestinationSession(Session):
             with contextlib.suppress(Exception):
                 self.snapshot.close()
         if self.controller is not None:
+            self.state_path.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.ctrl.release)
         self.stage = "aborted"

@@ -6,7 +6,10 @@ Keys (prefix /nvmigrate/):
   active/<controller-id>     the job currently moving that controller (one at a time)
   controllers/<id>           ControllerRecord: which node owns the controller
   nodes/<name>               NodeRecord, attached to the agent's liveness lease
-  leader                     the orchestrator that drives jobs, attached to its lease
+  leader                     the orchestrator that drives jobs, attached to its lease; its create
+                             revision is the leader's term (the epoch it stamps on jobs)
+  cordon/<name>              a cordoned node (kept apart from the node record, which vanishes
+                             with the agent's lease: a restart must not uncordon a node)
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aetcd
 import aetcd.exceptions
@@ -30,6 +33,7 @@ ACTIVE = PREFIX + b"active/"
 CONTROLLERS = PREFIX + b"controllers/"
 NODES = PREFIX + b"nodes/"
 LEADER = PREFIX + b"leader"
+CORDON = PREFIX + b"cordon/"
 
 EtcdError = aetcd.exceptions.ClientError
 
@@ -99,29 +103,33 @@ class EtcdStore:
         return [v for _, v in await self._list(JOBS)]
 
     async def update_job(self, job_id: str, record: bytes, expected_revision: int, *,
-                         release_controller: str | None = None) -> int:
-        """CAS on the job's mod revision; with release_controller the active marker goes too."""
+                         release_controller: str | None = None, leader_term: int | None = None) -> int:
+        """CAS on the job's mod revision; with release_controller the active marker goes too.
+        With leader_term the write also requires that leader still holds the leader key: a
+        leader that lost its lease cannot write, however current its revision."""
         job_key = JOBS + job_id.encode()
         ops = [self._tx.put(job_key, record)]
         if release_controller is not None:
             ops.append(self._tx.delete(ACTIVE + release_controller.encode()))
-        ok, responses = await self._client.transaction(
-            compare=[self._tx.mod(job_key) == expected_revision], success=ops, failure=[],
-        )
+        compare = [self._tx.mod(job_key) == expected_revision]
+        if leader_term is not None:
+            compare.append(self._tx.create(LEADER) == leader_term)
+        ok, responses = await self._client.transaction(compare=compare, success=ops, failure=[])
         if not ok:
             raise ConflictError(f"job {job_id} changed since revision {expected_revision}")
         return int(responses[0].response_put.header.revision)
 
     async def commit_ownership(self, job_id: str, record: bytes, expected_revision: int,
                                controller: ControllerRecord, controller_revision: int,
-                               new_owner: str) -> int:
+                               new_owner: str, leader_term: int) -> int:
         """The switchover point: job phase and controller ownership change in one transaction."""
         job_key = JOBS + job_id.encode()
         ctrl_key = CONTROLLERS + controller.controller_id.encode()
         moved = controller.moved_to(new_owner, job_id)
         ok, responses = await self._client.transaction(
             compare=[self._tx.mod(job_key) == expected_revision,
-                     self._tx.mod(ctrl_key) == controller_revision],
+                     self._tx.mod(ctrl_key) == controller_revision,
+                     self._tx.create(LEADER) == leader_term],
             success=[self._tx.put(job_key, record), self._tx.put(ctrl_key, moved.to_bytes())],
             failure=[],
         )
@@ -146,6 +154,26 @@ class EtcdStore:
             return True
         existing = await self.get_controller(record.controller_id)
         return existing is not None and existing[0].node == record.node
+
+    async def set_controller_state(self, controller_id: str, state: str, *, only_if_node: str | None = None) -> bool:
+        """Records a controller's state (RUNNING, LOST, ...) by CAS; False if it changed owner
+        meanwhile (only_if_node) or does not exist."""
+        for _ in range(10):
+            got = await self.get_controller(controller_id)
+            if got is None:
+                return False
+            record, revision = got
+            if only_if_node is not None and record.node != only_if_node:
+                return False
+            if record.state == state:
+                return True
+            key = CONTROLLERS + controller_id.encode()
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == revision],
+                success=[self._tx.put(key, replace(record, state=state).to_bytes())], failure=[])
+            if ok:
+                return True
+        return False
 
     async def list_controllers(self) -> list[ControllerRecord]:
         return [ControllerRecord.from_bytes(v.value) for _, v in await self._list(CONTROLLERS)]
@@ -174,6 +202,15 @@ class EtcdStore:
     async def put_node(self, record: NodeRecord, lease_id: int) -> None:
         await self._client.put(NODES + record.name.encode(), record.to_bytes(), lease=lease_id)
 
+    async def set_cordon(self, name: str, cordoned: bool) -> None:
+        if cordoned:
+            await self._client.put(CORDON + name.encode(), b"1")
+        else:
+            await self._client.delete(CORDON + name.encode())
+
+    async def cordoned_nodes(self) -> set[str]:
+        return {key[len(CORDON):].decode() for key, _ in await self._list(CORDON)}
+
     # ---- leader -----------------------------------------------------------------------------
 
     async def try_become_leader(self, candidate: str, lease_id: int) -> int | None:
@@ -189,6 +226,11 @@ class EtcdStore:
     async def leader(self) -> str | None:
         got = await self._get(LEADER)
         return got.value.decode() if got else None
+
+    async def leader_term(self) -> int | None:
+        """The current leader's term, or None when nobody leads."""
+        got = await self._client.get(LEADER)
+        return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:
         await self._client.transaction(

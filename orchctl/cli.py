@@ -1,8 +1,8 @@
 """orchctl: the operator CLI for the NVMe live-migration orchestrator.
 
     orchctl migrate CONTROLLER [--to NODE] [--bandwidth 100M] [--wait]
-    orchctl get JOB | list [--active] [--controller ID] | watch JOB | cancel JOB
-    orchctl nodes | controllers | demo ... | version
+    orchctl get JOB | list [--active] [--controller ID] | watch JOB | trace JOB | cancel JOB
+    orchctl nodes | controllers | export CONTROLLER | demo ... | version
 
 Tables for people, `-o json` for scripts (protobuf JSON with snake_case keys and enum names;
 `watch -o json` prints one JSON object per line). Global options (--server, -o, --timeout) are
@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB", help="migration id")
     p.set_defaults(handler=cmd_watch)
 
+    p = command("trace", "show a migration's phases as a waterfall, with its trace id")
+    p.add_argument("job", metavar="JOB", help="migration id")
+    p.add_argument("--width", metavar="COLUMNS", type=_positive_int, default=48, help="waterfall width (default 48)")
+    p.set_defaults(handler=cmd_trace)
+
     p = command("cancel", "cancel a migration before COMMIT (it rolls back to the source)")
     p.add_argument("job", metavar="JOB", help="migration id")
     p.set_defaults(handler=cmd_cancel)
@@ -243,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("controllers", "list controllers and where they run")
     p.set_defaults(handler=cmd_controllers)
+
+    for verb, what in (("cordon", "take no new controllers (never chosen as a destination)"),
+                       ("uncordon", "take controllers again")):
+        p = command(verb, f"mark a node so it will {what}")
+        p.add_argument("node", metavar="NODE", help="node name")
+        p.set_defaults(handler=cmd_cordon, cordon=verb == "cordon")
+
+    p = command("export", "serve a controller's namespace over NBD from the node that runs it; prints the URI")
+    p.add_argument("controller", metavar="CONTROLLER", help="controller id")
+    p.set_defaults(handler=cmd_export)
 
     # The demo owns its own options (and --help); everything after `demo` is passed through.
     p = sub.add_parser("demo", add_help=False, help="run the local demo (orchctl demo --help)")
@@ -357,6 +372,17 @@ def cmd_watch(ctx: Context) -> int:
     return watch_job(ctx, ctx.args.job)
 
 
+def cmd_trace(ctx: Context) -> int:
+    client = ctx.client()
+    job = client.stub.GetMigration(migration_pb2.GetMigrationRequest(id=ctx.args.job), timeout=client.timeout)
+    now = time.time()
+    if ctx.json:
+        ctx.print_json(render.trace_dict(job, now))
+    else:
+        ctx.show(render.trace_view(job, now, width=ctx.args.width))
+    return EXIT_OK
+
+
 def cmd_cancel(ctx: Context) -> int:
     client = ctx.client()
     job = client.stub.CancelMigration(migration_pb2.CancelMigrationRequest(id=ctx.args.job), timeout=client.timeout)
@@ -381,6 +407,17 @@ def cmd_nodes(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_cordon(ctx: Context) -> int:
+    client = ctx.client()
+    call = client.stub.CordonNode if ctx.args.cordon else client.stub.UncordonNode
+    node = call(migration_pb2.CordonNodeRequest(name=ctx.args.node), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(node))
+    else:
+        ctx.show(f"node {node.name} {'cordoned' if node.cordoned else 'uncordoned'}")
+    return EXIT_OK
+
+
 def cmd_controllers(ctx: Context) -> int:
     client = ctx.client()
     response = client.stub.ListControllers(migration_pb2.ListControllersRequest(), timeout=client.timeout)
@@ -390,6 +427,21 @@ def cmd_controllers(ctx: Context) -> int:
         ctx.show(render.controllers_table(response.controllers))
     else:
         ctx.err.print("no controllers registered")
+    return EXIT_OK
+
+
+def cmd_export(ctx: Context) -> int:
+    client = ctx.client()
+    request = migration_pb2.ExportControllerRequest(controller_id=ctx.args.controller.strip())
+    export = client.stub.ExportController(request, timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(export))
+    else:
+        # The URI alone on stdout, so `qemu-io -f raw "$(orchctl export c1)"` works; the node is a note.
+        sys.stdout.write(export.uri + "\n")
+        sys.stdout.flush()
+        ctx.err.print(Text(f"served by node {export.node}; after a migration, ask again for the new URI",
+                           style="dim"))
     return EXIT_OK
 
 

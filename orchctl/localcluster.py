@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -68,6 +68,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    http_address: str = ""  # an orchestrator's /metrics and web page, HOST:PORT
 
     def exited(self) -> str | None:
         code = self.popen.poll()
@@ -86,6 +87,8 @@ class Proc:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.popen.pid, sig)
+            # a process frozen with SIGSTOP (an e2e hang) only acts on SIGTERM once continued
+            os.kill(self.popen.pid, signal.SIGCONT)
         try:
             self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -104,6 +107,7 @@ class LocalCluster:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nvmigrate-")))
     host: str = "127.0.0.1"
     lease_ttl_s: int = 2
+    agent_call_budget_s: float = 5.0  # short, so fault tests end quickly
     procs: list[Proc] = field(default_factory=list)
     etcd_endpoint: str = ""
     orchestrator_address: str = ""
@@ -111,11 +115,12 @@ class LocalCluster:
     orchestrators: list[Proc] = field(default_factory=list)
     _etcd: Proc | None = None
     _owns_workdir: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
 
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         log_path = self.workdir / f"{name}.log"
         log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=env, start_new_session=True)
         log.close()
@@ -132,14 +137,15 @@ class LocalCluster:
         base = Path(tempfile.mkdtemp(prefix="nvmigrate-etcd-", dir=shm if shm.is_dir() else self.workdir))
         self._etcd_dir = base
         url = f"http://{self.host}:{client}"
-        self._etcd = self._spawn("etcd", [
+        self._etcd_argv = [
             find_etcd(), "--name", "nvmigrate", "--data-dir", str(base / "data"),
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", f"http://{self.host}:{peer}",
             "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
             "--initial-cluster", f"nvmigrate=http://{self.host}:{peer}",
             "--log-level", "warn",
-        ])
+        ]
+        self._etcd = self._spawn("etcd", self._etcd_argv)
         self.etcd_endpoint = f"{self.host}:{client}"
         wait_for("etcd to answer", lambda: self._tcp_open(self.host, client), timeout_s,
                  alive=self._etcd.exited)
@@ -149,6 +155,19 @@ class LocalCluster:
         if self._etcd is not None:
             self._etcd.stop()
 
+    def restart_etcd(self, timeout_s: float = 30.0) -> str:
+        """Starts etcd again on the same port and data dir (stopping it first if it runs), as an
+        operator's restart would: clients keep their endpoint and etcd keeps its data and leases."""
+        argv = getattr(self, "_etcd_argv", None)
+        if argv is None:
+            raise ClusterError("restart_etcd: etcd was never started; call start_etcd() first")
+        self.stop_etcd()
+        self._etcd = self._spawn("etcd", argv)
+        host, _, port = self.etcd_endpoint.rpartition(":")
+        wait_for("etcd to answer again", lambda: self._tcp_open(host, int(port)), timeout_s,
+                 alive=self._etcd.exited)
+        return self.etcd_endpoint
+
     @staticmethod
     def _tcp_open(host: str, port: int) -> bool:
         with socket.socket() as s:
@@ -157,12 +176,16 @@ class LocalCluster:
 
     # ---- orchestrator -----------------------------------------------------------------------
 
-    def start_orchestrator(self, name: str = "orch-1", port: int | None = None, timeout_s: float = 30.0) -> Proc:
+    def start_orchestrator(self, name: str = "orch-1", port: int | None = None, timeout_s: float = 30.0,
+                           extra_args: list[str] | None = None) -> Proc:
         port = port or free_port(self.host)
+        http = f"{self.host}:{free_port(self.host)}"  # never the fixed default: several may run here
         proc = self._spawn(name, [
             sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint,
             "--listen", f"{self.host}:{port}", "--name", name, "--lease-ttl-s", str(self.lease_ttl_s),
+            "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http, *(extra_args or []),
         ])
+        proc.http_address = http
         address = f"{self.host}:{port}"
         wait_for(f"orchestrator {name} to serve", lambda: self._healthy(address), timeout_s, alive=proc.exited)
         self.orchestrators.append(proc)
@@ -186,15 +209,26 @@ class LocalCluster:
 
     # ---- agents -----------------------------------------------------------------------------
 
-    def start_agent(self, name: str, capacity: str = "4G", timeout_s: float = 30.0) -> Proc:
+    def start_agent(self, name: str, capacity: str = "4G", timeout_s: float = 30.0, *,
+                    listen_host: str = "", command_prefix: Sequence[str] = ()) -> Proc:
+        """`listen_host` gives the agent its own address (it listens and advertises there);
+        `command_prefix` wraps the command, e.g. `ip netns exec NS` to run it in a namespace."""
         data_dir = self.workdir / name
-        proc = self._spawn(name, [
-            sys.executable, "-m", "agent.main", "--name", name, "--etcd", self.etcd_endpoint,
-            "--listen", f"{self.host}:0", "--data-dir", str(data_dir), "--capacity", capacity,
+        host = listen_host or self.host
+        argv = [
+            *command_prefix, sys.executable, "-m", "agent.main", "--name", name, "--etcd", self.etcd_endpoint,
+            "--listen", f"{host}:0", "--data-dir", str(data_dir), "--capacity", capacity,
             "--lease-ttl-s", str(self.lease_ttl_s),
-        ])
+        ]
+        if listen_host:
+            argv += ["--advertise-host", listen_host]
+        # A restarted agent's old record lingers until its lease expires: wait for a new address.
+        before = self.node(name)
+        stale = before.address if before is not None else None
+        proc = self._spawn(name, argv)
         self.agents[name] = proc
-        wait_for(f"agent {name} to register", lambda: self.node(name), timeout_s, alive=proc.exited)
+        wait_for(f"agent {name} to register",
+                 lambda: (n := self.node(name)) is not None and n.address != stale, timeout_s, alive=proc.exited)
         return proc
 
     def nodes(self) -> list[migration_pb2.Node]:

@@ -2,7 +2,7 @@
 
 Nothing here talks to the network, reads the clock or prints; functions that need "now" take it
 as an argument. That keeps every view testable by rendering into a recording rich Console, and
-lets `orchctl trace` (later) reuse the waterfall without the rest of the CLI.
+lets `orchctl trace` reuse the waterfall without the rest of the CLI.
 
 User data (ids, node names, reasons, notes) always goes into rich `Text` objects, never into
 markup strings, so a reason containing "[...]" is shown as written instead of being eaten as
@@ -527,3 +527,50 @@ def phase_waterfall(migration: migration_pb2.Migration, width: int = 40, now: fl
             label = "-"
         lines.append(f"{phase_name(rec.phase):<{_LABEL_WIDTH}} |{field}| {label:>9}")
     return lines
+
+
+def trace_id_text(m: migration_pb2.Migration) -> Text:
+    if m.trace_id:
+        return Text(m.trace_id)
+    return Text("- (tracing was off when the job was created)", style="dim")
+
+
+def trace_view(m: migration_pb2.Migration, now: float, width: int = 40) -> Group:
+    """`orchctl trace`: the job's phases as a waterfall, straight from the job record (no tracing
+    backend needed), with the trace id to look the same job up in Jaeger or Tempo."""
+    header = Text.assemble(("migration ", "dim"), (m.id, "bold"), ("  controller ", "dim"), m.controller_id, "  ",
+                           route(m), "  ", phase_text(m.phase))
+    parts: list[RenderableType] = [header, Text.assemble(("trace id  ", "dim"), trace_id_text(m)), Text("")]
+    if not m.phases:
+        parts.append(Text("no phases recorded yet", style="dim"))
+        return Group(*parts)
+    for rec, line in zip(m.phases, phase_waterfall(m, width=width, now=now), strict=True):
+        extra = [human_bytes(rec.bytes) if rec.bytes else "", f"{rec.rounds} rounds" if rec.rounds else ""]
+        row = Text(line, style=phase_style(rec.phase))
+        shown = "  ".join(e for e in extra if e)
+        if shown:
+            row.append(f"  {shown}", style="dim")
+        parts.append(row)
+    totals = Text.assemble(("\ntook ", "dim"), human_duration_s(migration_elapsed_s(m, now)),
+                           ("   sent ", "dim"), human_bytes(m.bytes_transferred), ("   rounds ", "dim"), str(m.rounds))
+    if m.downtime_ms > 0:
+        totals.append_text(Text.assemble(("   downtime ", "dim"), human_duration_ms(m.downtime_ms)))
+    if m.guest_blackout_ms > 0:
+        totals.append_text(Text.assemble(("   guest blackout ", "dim"), human_duration_ms(m.guest_blackout_ms)))
+    parts.append(totals)
+    if m.reason:
+        parts.append(Text.assemble(("reason ", "dim"), m.reason))
+    return Group(*parts)
+
+
+def trace_dict(m: migration_pb2.Migration, now: float) -> dict[str, Any]:
+    """`orchctl trace -o json`: each phase with its offset from the first, for scripts."""
+    t0 = min((rec.started_at for rec in m.phases if rec.started_at > 0), default=0.0)
+    phases = []
+    for rec in m.phases:
+        running = rec.duration_ms <= 0 and rec.phase == m.phase and not is_terminal(m.phase) and rec.started_at > 0
+        duration = max(now - rec.started_at, 0.0) * 1000.0 if running else rec.duration_ms
+        phases.append({"phase": phase_name(rec.phase), "offset_ms": round((rec.started_at - t0) * 1000.0, 3),
+                       "duration_ms": round(duration, 3), "running": running, "bytes": rec.bytes,
+                       "rounds": rec.rounds, "note": rec.note})
+    return {"id": m.id, "trace_id": m.trace_id, "phase": phase_name(m.phase), "phases": phases}

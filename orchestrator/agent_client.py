@@ -14,6 +14,8 @@ import grpc
 import grpc.aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from cluster import telemetry
+from orchestrator import tracing
 from proto.v1 import agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ class AgentDirectory:
     def stub(self, address: str) -> agent_pb2_grpc.AgentServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            # Tracing on: each call is a span of its job's trace, carried to the agent as traceparent.
+            channel = grpc.aio.insecure_channel(
+                address, interceptors=telemetry.client_interceptors(address, tracing.call_parent))
             self._channels[address] = channel
         return agent_pb2_grpc.AgentServiceStub(channel)
 

@@ -16,10 +16,12 @@ import grpc
 import grpc.aio
 
 from cluster import names
+from cluster.records import NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
-from orchestrator import scheduler
+from orchestrator import scheduler, tracing
+from orchestrator.agent_client import AgentUnreachable, call_with_retry
 from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, PhaseEntry, Policy
-from proto.v1 import migration_pb2, migration_pb2_grpc
+from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
 
@@ -118,6 +120,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                           f"controller {request.controller_id!r} is not known; `orchctl controllers` lists them")
         controller = owned[0]
         nodes = {n.name: n for n in await self.store.list_nodes()}
+        cordoned = await self.store.cordoned_nodes()
         if controller.node not in nodes:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"controller {controller.controller_id!r} is on node {controller.node!r}, whose agent "
@@ -133,12 +136,12 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                               f"destination node {dest!r} is not a registered live agent; `orchctl nodes` "
                               "lists them")
             problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
-                                             namespace_bytes=controller.namespace_bytes, cordoned=())
+                                             namespace_bytes=controller.namespace_bytes, cordoned=cordoned)
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
             placement = scheduler.choose_destination(list(nodes.values()), source=controller.node,
-                                                     namespace_bytes=controller.namespace_bytes)
+                                                     namespace_bytes=controller.namespace_bytes, cordoned=cordoned)
             if placement.node is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
         active = await self.store.active_job_for(controller.controller_id)
@@ -150,7 +153,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
         job = Job(id=f"mig-{secrets.token_hex(6)}", controller_id=controller.controller_id,
                   source_node=controller.node, namespace_bytes=controller.namespace_bytes, policy=policy,
                   created_at=now, updated_at=now, requested_destination=dest,
-                  phases=(PhaseEntry(Phase.PENDING, now),))
+                  phases=(PhaseEntry(Phase.PENDING, now),), trace_context=tracing.new_job_context())
         try:
             await self.store.create_job(job.id, job.controller_id, job.to_bytes())
         except ConflictError as exc:
@@ -233,11 +236,11 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                         context: grpc.aio.ServicerContext) -> migration_pb2.ListNodesResponse:
         async def list_nodes() -> migration_pb2.ListNodesResponse:
             nodes = sorted(await self.store.list_nodes(), key=lambda n: n.name)
-            return migration_pb2.ListNodesResponse(nodes=[
-                migration_pb2.Node(name=n.name, address=n.address, data_address=n.data_address, live=True,
-                                   capacity_bytes=n.capacity_bytes, allocated_bytes=n.allocated_bytes,
-                                   controllers=list(n.controllers))
-                for n in nodes])
+            cordoned = await self.store.cordoned_nodes()
+            live = {n.name for n in nodes}
+            return migration_pb2.ListNodesResponse(
+                nodes=[_node_message(n, n.name in cordoned) for n in nodes]
+                + [migration_pb2.Node(name=name, live=False, cordoned=True) for name in sorted(cordoned - live)])
         return await self._guard(context, list_nodes())
 
     async def ListControllers(self, request: migration_pb2.ListControllersRequest,
@@ -251,18 +254,70 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
 
     async def ExportController(self, request: migration_pb2.ExportControllerRequest,
                                context: grpc.aio.ServicerContext) -> migration_pb2.ControllerExport:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExportController is not available yet")
-        raise AssertionError("abort raises")
+        async def export() -> migration_pb2.ControllerExport:
+            cid = request.controller_id
+            if not cid:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "controller_id is required")
+            problem = names.controller_id_problem(cid)
+            if problem:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            owned = await self.store.get_controller(cid)
+            if owned is None:
+                raise Refused(grpc.StatusCode.NOT_FOUND,
+                              f"controller {cid!r} is not known; `orchctl controllers` lists them")
+            node = await self.store.get_node(owned[0].node)
+            if node is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"controller {cid!r} is on node {owned[0].node!r}, whose agent is not live; "
+                              "it cannot be exported until that node is back")
+            # A short-lived channel: exports are rare, and this keeps the API free of agent state.
+            async with grpc.aio.insecure_channel(node.address) as channel:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                try:
+                    reply = await call_with_retry(
+                        f"export {cid} on {node.name}",
+                        lambda: stub.ExportController(agent_pb2.GetControllerRequest(controller_id=cid),
+                                                      timeout=5.0),
+                        budget_s=10.0)
+                except AgentUnreachable as exc:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry shortly") from None
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        # etcd names the new owner from COMMIT on; the controller runs there a moment later.
+                        raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"controller {cid!r} belongs to node {node.name!r} but does not run there "
+                                      "yet (a migration is switching it over); retry in a moment") from None
+                    raise Refused(exc.code(), f"node {node.name!r} refused to export {cid!r}: "
+                                              f"{exc.details()}") from None
+            return migration_pb2.ControllerExport(controller_id=cid, node=node.name, uri=reply.uri)
+        return await self._guard(context, export())  # type: ignore[no-any-return]
 
     async def CordonNode(self, request: migration_pb2.CordonNodeRequest,
                          context: grpc.aio.ServicerContext) -> migration_pb2.Node:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CordonNode is not available yet")
-        raise AssertionError("abort raises")
+        return await self._guard(context, self._cordon(request.name, True))
 
     async def UncordonNode(self, request: migration_pb2.CordonNodeRequest,
                            context: grpc.aio.ServicerContext) -> migration_pb2.Node:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "UncordonNode is not available yet")
-        raise AssertionError("abort raises")
+        return await self._guard(context, self._cordon(request.name, False))
+
+    async def _cordon(self, name: str, cordoned: bool) -> migration_pb2.Node:
+        problem = names.node_name_problem(name)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        node = await self.store.get_node(name)
+        if node is None and name not in await self.store.cordoned_nodes():
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"node {name!r} is not a registered live agent; "
+                                                     "`orchctl nodes` lists them")
+        await self.store.set_cordon(name, cordoned)
+        if node is None:
+            return migration_pb2.Node(name=name, live=False, cordoned=cordoned)
+        return _node_message(node, cordoned)
+
+
+def _node_message(n: NodeRecord, cordoned: bool) -> migration_pb2.Node:
+    return migration_pb2.Node(name=n.name, address=n.address, data_address=n.data_address, live=True,
+                              cordoned=cordoned, capacity_bytes=n.capacity_bytes, allocated_bytes=n.allocated_bytes,
+                              controllers=list(n.controllers))
 
 
 def phase_of(message: migration_pb2.Migration) -> Phase:

@@ -14,7 +14,7 @@ import logging
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_client import AgentDirectory
 from orchestrator.jobs import Job
-from orchestrator.runner import JobRunner, run_job
+from orchestrator.runner import JobRunner, RunnerSettings, run_job
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ RESCAN_INTERVAL_S = 2.0
 
 
 class JobDispatcher:
-    def __init__(self, store: EtcdStore, agents: AgentDirectory, epoch: int, max_concurrent: int) -> None:
+    def __init__(self, store: EtcdStore, agents: AgentDirectory, epoch: int, max_concurrent: int,
+                 settings: RunnerSettings | None = None) -> None:
+        self.settings = settings or RunnerSettings()
         self.store = store
         self.agents = agents
         self.epoch = epoch
@@ -67,6 +69,6 @@ class JobDispatcher:
     async def _run(self, job_id: str) -> None:
         try:
             async with self._slots:
-                await run_job(JobRunner(self.store, self.agents, job_id, self.epoch))
+                await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings))
         finally:
             self._tasks.pop(job_id, None)

@@ -20,17 +20,23 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster import logs, telemetry
 from cluster.store import EtcdError, EtcdStore, keep_lease_alive
+from orchestrator import web
 from orchestrator.agent_client import AgentDirectory
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
+from orchestrator.reconciler import Reconciler
+from orchestrator.runner import RunnerSettings
 from proto.v1 import migration_pb2, migration_pb2_grpc
 
 log = logging.getLogger("orchestrator")
 
 
 class Orchestrator:
-    def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int) -> None:
+    def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
+                 settings: RunnerSettings | None = None) -> None:
+        self.settings = settings or RunnerSettings()
         self.store = store
         self.name = name
         self.lease_ttl_s = lease_ttl_s
@@ -64,23 +70,26 @@ class Orchestrator:
                 lost.set()
 
             keeper = asyncio.create_task(keep_lease_alive(self.store, lease_id, self.lease_ttl_s, on_lost))
-            self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent)
+            self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings)
             self.dispatcher.start()
+            reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             try:
                 await lost.wait()
                 log.error("%s lost the leader lease; stopping job runners", self.name)
             finally:
                 await self.dispatcher.stop()
                 self.dispatcher = None
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+                for task in (keeper, reconciling):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
 
 async def serve(args: argparse.Namespace) -> int:
     store = EtcdStore(args.etcd)
     await store.connect()
-    orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent)
+    settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s)
+    orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings)
     server = grpc.aio.server()
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -92,6 +101,11 @@ async def serve(args: argparse.Namespace) -> int:
         port = server.add_insecure_port(args.listen)
     except RuntimeError as exc:
         print(f"error: cannot listen on {args.listen!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        http = await web.start(store, args.name, args.http)  # /metrics and the web page
+    except OSError as exc:
+        print(f"error: cannot serve HTTP on {args.http[0]}:{args.http[1]}: {exc}; pass --http", file=sys.stderr)
         return 2
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -112,6 +126,8 @@ async def serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(EtcdError):
         await store.resign(args.name)
     await server.stop(grace=1.0)
+    if http is not None:
+        await http.stop()
     await orchestrator.agents.close()
     await store.close()
     return 0
@@ -125,16 +141,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=f"orchestrator-{socket.gethostname()}-{os.getpid()}")
     parser.add_argument("--lease-ttl-s", type=int, default=5, help="leader lease TTL in seconds")
     parser.add_argument("--max-concurrent", type=int, default=4, help="migrations driven at once")
+    parser.add_argument("--agent-call-budget-s", type=float, default=15.0,
+                        help="how long an agent may not answer before it is declared lost for a job")
+    parser.add_argument("--job-deadline-s", type=float, default=3600.0,
+                        help="a job not committed by then rolls back")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                        help="text, or json: one object per line with job_id and trace_id")
+    parser.add_argument("--http", default=web.DEFAULT_HTTP, metavar="HOST:PORT",
+                        help=f"serve /metrics and the web page here (default {web.DEFAULT_HTTP}; 'off': not at all)")
     args = parser.parse_args(argv)
+    try:
+        args.http = web.parse_http_address(args.http)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.lease_ttl_s < 1:
         parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
+    for flag in ("agent_call_budget_s", "job_deadline_s"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.max_concurrent < 1:
         parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if telemetry.config_problem():  # the OTEL_* environment variables
+        parser.error(str(telemetry.config_problem()))
     try:
-        return asyncio.run(serve(args))
+        with telemetry.running("nvmigrate-orchestrator", args.name, f"orchestrator[{args.name}]", args.log_level,
+                               args.log_format):
+            return asyncio.run(serve(args))
     except EtcdError as exc:
         print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -22,18 +23,27 @@ import grpc.aio
 from cluster.records import NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import convergence, scheduler
-from orchestrator.agent_client import AgentDirectory, AgentUnreachable, call_with_retry
+from orchestrator.agent_client import TRANSIENT_CODES, AgentDirectory, AgentUnreachable, call_with_retry
 from orchestrator.jobs import BEFORE_COMMIT, Job, Phase
+from orchestrator.observer import JobObserver
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATE_FORMAT_VERSION = 1
-AGENT_CALL_BUDGET_S = 15.0  # how long an agent may stay unreachable before we call it lost
 LONG_CALL_DEADLINE_S = 20.0  # a long transfer call is re-issued (it attaches) after this
 PROGRESS_INTERVAL_S = 0.5
 DIGEST_WAIT_S = 120.0
+MAX_DESTINATION_ATTEMPTS = 3
+# Phases in which a lost destination is replaced by another one (precopy starts over).
+REPLACEABLE_DESTINATION = frozenset({Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION})
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    agent_call_budget_s: float = 15.0  # how long an agent may stay unreachable before we call it lost
+    job_deadline_s: float = 3600.0  # past this, a job not yet committed rolls back
 
 
 class Superseded(Exception):
@@ -60,7 +70,8 @@ def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
 
 class JobRunner:
     def __init__(self, store: EtcdStore, agents: AgentDirectory, job_id: str, epoch: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, settings: RunnerSettings | None = None) -> None:
+        self.settings = settings or RunnerSettings()
         self.store = store
         self.agents = agents
         self.job_id = job_id
@@ -71,6 +82,7 @@ class JobRunner:
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None
         self.changed = asyncio.Event()  # set on every saved change (WatchMigration listens)
+        self.observer = JobObserver(job_id, epoch)  # trace, metrics and log context of the job
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -87,16 +99,21 @@ class JobRunner:
     async def _save(self, new: Job, *, release: bool = False) -> Job:
         """CAS the job. A lost CAS re-reads: a newer epoch stops us; an operator's cancel (the
         only other writer) is merged into our change and the write retried."""
+        before, new = self.j, self.observer.prepare(new)
         while True:
             try:
                 self.revision = await self.store.update_job(
                     new.id, new.to_bytes(), self.revision,
-                    release_controller=new.controller_id if release else None)
+                    release_controller=new.controller_id if release else None, leader_term=self.epoch)
+                self.observer.written(before, new)
                 self.job = new
                 self.changed.set()
                 self.changed = asyncio.Event()
                 return new
             except ConflictError:
+                term = await self.store.leader_term()
+                if term != self.epoch:
+                    raise Superseded(f"leadership moved (term {term}, ours {self.epoch})") from None
                 fresh = await self._load()
                 if fresh.terminal:
                     raise Superseded(f"job {self.job_id} already ended as {fresh.phase}") from None
@@ -127,7 +144,8 @@ class JobRunner:
         return self.agents.stub(node.address)
 
     async def _call(self, role: str, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub], Awaitable[T]],
-                    *, budget_s: float = AGENT_CALL_BUDGET_S) -> T:
+                    *, budget_s: float | None = None) -> T:
+        budget_s = self.settings.agent_call_budget_s if budget_s is None else budget_s
         name = self.j.source_node if role == "source" else self.j.destination_node
         lost = {"source_lost": role == "source", "destination_lost": role == "destination"}
         try:
@@ -142,25 +160,48 @@ class JobRunner:
 
     async def _long_call(self, role: str, what: str,
                          fn: Callable[[agent_pb2_grpc.AgentServiceStub, float], Awaitable[T]]) -> T:
-        """A transfer that may outlast one RPC deadline: re-issued (the agent attaches) while we
-        watch for cancel and publish progress."""
+        """A transfer that may outlast one RPC deadline: re-issued (the agent attaches to the work
+        in flight) while we watch for cancel and publish progress. A deadline alone does not make
+        an agent lost; failing to answer a ping for the call budget does."""
+        name = self.j.source_node if role == "source" else self.j.destination_node
+        lost = {"source_lost": role == "source", "destination_lost": role == "destination"}
+        silent_since: float | None = None
         while True:
-            task = asyncio.create_task(self._call(role, what, lambda s: fn(s, LONG_CALL_DEADLINE_S)))
+            stub = await self._stub(name, role=role)
+            task: asyncio.Future[T] = asyncio.ensure_future(fn(stub, LONG_CALL_DEADLINE_S))
             try:
                 while True:
                     done, _ = await asyncio.wait({task}, timeout=PROGRESS_INTERVAL_S)
                     if done:
                         return task.result()
                     await self._poll_progress_and_cancel()
-            except StepFailed as exc:
-                if "DEADLINE_EXCEEDED" in exc.reason and not exc.source_lost:
-                    continue
-                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch" in (exc.details() or ""):
+                    raise Superseded(_rpc_reason(exc)) from exc
+                if exc.code() not in TRANSIENT_CODES:
+                    raise StepFailed(f"{what} on {role} {name} failed: {_rpc_reason(exc)}") from exc
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and await self._answers(stub):
+                    silent_since = None
+                    continue  # alive and still working: attach again
+                now = time.monotonic()
+                silent_since = silent_since or now
+                if now - silent_since > self.settings.agent_call_budget_s:
+                    raise StepFailed(f"{what}: {role} {name} did not answer for "
+                                     f"{self.settings.agent_call_budget_s:.0f} s ({_rpc_reason(exc)})",
+                                     **lost) from exc
+                await asyncio.sleep(0.2)  # back off before the next attempt on an unreachable agent
             finally:
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+
+    async def _answers(self, stub: agent_pb2_grpc.AgentServiceStub) -> bool:
+        try:
+            await stub.GetSession(self._ref(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def _poll_progress_and_cancel(self) -> None:
         got = await self.store.get_job(self.job_id)
@@ -184,6 +225,7 @@ class JobRunner:
 
     async def run(self) -> Job:
         job = await self._load()
+        self.observer.adopt(job)
         if job.terminal:
             return job
         if job.epoch != self.epoch:
@@ -195,15 +237,55 @@ class JobRunner:
             try:
                 if self.j.cancel_requested and self.j.phase in BEFORE_COMMIT:
                     raise CancelRequested()
+                if self.j.phase in BEFORE_COMMIT and self._now() - self.j.created_at > self.settings.job_deadline_s:
+                    raise StepFailed(f"job deadline of {self.settings.job_deadline_s:.0f} s passed before COMMIT")
                 await self._step()
             except CancelRequested:
                 await self._roll_back(Phase.CANCELLED, "cancelled by operator", source_lost=False)
             except StepFailed as exc:
-                if self.j.phase in BEFORE_COMMIT:
-                    await self._roll_back(Phase.ROLLED_BACK, exc.reason, source_lost=exc.source_lost)
-                else:
+                if self.j.phase not in BEFORE_COMMIT:
                     await self._save(self.j.end(Phase.FAILED, self._now(), exc.reason), release=True)
+                elif (not exc.source_lost and self.j.phase in REPLACEABLE_DESTINATION
+                      and not self.j.requested_destination
+                      and len(self.j.excluded_destinations) + 1 < MAX_DESTINATION_ATTEMPTS
+                      and await self._destination_lost(exc)):
+                    await self._replace_destination(exc.reason)
+                else:
+                    await self._roll_back(Phase.ROLLED_BACK, exc.reason, source_lost=exc.source_lost)
         return self.j
+
+    async def _destination_lost(self, exc: StepFailed) -> bool:
+        """Was this failure the destination going away (rather than, say, corrupt data)?"""
+        if exc.destination_lost:
+            return True
+        if not self.j.destination_node:
+            return False
+        try:
+            status = await self._call("destination", "GetSession",
+                                      lambda s: s.GetSession(self._ref(), timeout=2.0), budget_s=3.0)
+        except StepFailed as probe:
+            return probe.destination_lost
+        # An agent that restarted has forgotten the job: that destination is gone for this job.
+        return status.stage in ("unknown", "aborted")
+
+    async def _replace_destination(self, reason: str) -> None:
+        """Destination lost before COMMIT: the source takes the controller back to RUNNING, the
+        lost node is excluded, and PREPARING picks another; precopy starts over."""
+        lost = self.j.destination_node
+        with contextlib.suppress(StepFailed):
+            await self._call("destination", "AbortMigration",
+                             lambda s: s.AbortMigration(self._ref(), timeout=5.0), budget_s=2.0)
+        try:
+            await self._call("source", "AbortMigration", lambda s: s.AbortMigration(self._ref(), timeout=10.0))
+        except StepFailed as exc:
+            await self._roll_back(Phase.FAILED, f"{reason}; then {exc.reason}", source_lost=True)
+            return
+        self.history = []
+        job = self.j.with_fields(self._now(), destination_node="", destination_data_address="",
+                                 destination_token="", throttle_percent=0,
+                                 excluded_destinations=(*self.j.excluded_destinations, lost))
+        await self._save(job.enter(Phase.PREPARING, self._now(),
+                                   note=f"destination {lost} lost ({reason}); choosing another"))
 
     async def _step(self) -> None:
         phase = self.j.phase
@@ -232,26 +314,28 @@ class JobRunner:
                                      f"not the job's source {job.source_node}"), release=True)
             return
         if not job.destination_node:
-            nodes = [n for n in await self.store.list_nodes()]
+            nodes = await self.store.list_nodes()
+            cordoned = await self.store.cordoned_nodes()
             if job.requested_destination:
                 node = next((n for n in nodes if n.name == job.requested_destination), None)
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
-                                                 namespace_bytes=job.namespace_bytes, cordoned=())
+                                                 namespace_bytes=job.namespace_bytes, cordoned=cordoned)
                 if problem:
                     await self._save(job.end(Phase.FAILED, self._now(), problem), release=True)
                     return
                 chosen = job.requested_destination
             else:
                 placement = scheduler.choose_destination(nodes, source=job.source_node,
-                                                         namespace_bytes=job.namespace_bytes,
+                                                         namespace_bytes=job.namespace_bytes, cordoned=cordoned,
                                                          excluded=job.excluded_destinations)
                 if placement.node is None:
                     await self._save(job.end(Phase.FAILED, self._now(), placement.reason), release=True)
                     return
                 chosen = placement.node.name
             # Recorded before the destination is touched, so a restart knows whom to clean up.
-            job = await self._save(job.record(self._now(), note=f"destination {chosen}",
-                                              destination_node=chosen))
+            earlier = job.phases[-1].note if job.phases else ""
+            note = f"{earlier}; destination {chosen}" if earlier else f"destination {chosen}"
+            job = await self._save(job.record(self._now(), note=note, destination_node=chosen))
         request = agent_pb2.PrepareDestinationRequest(
             ref=self._ref(), namespace_bytes=job.namespace_bytes,
             state_format_version=STATE_FORMAT_VERSION, source_node=job.source_node)
@@ -299,8 +383,10 @@ class JobRunner:
         request = agent_pb2.DirtyRoundRequest(ref=self._ref(), round=round_no,
                                               bandwidth_bytes_per_s=self.j.policy.bandwidth_bytes_per_s,
                                               throttle_percent=self.j.throttle_percent)
-        result = await self._long_call("source", f"DirtyRound {round_no}",
-                                       lambda s, t: s.DirtyRound(request, timeout=t))
+        with self.observer.round(self.j, round_no) as round_span:
+            result = await self._long_call("source", f"DirtyRound {round_no}",
+                                           lambda s, t: s.DirtyRound(request, timeout=t))
+            round_span.result(result)
         self.history.append(convergence.RoundFacts(round_no, result.bytes_sent, result.duration_s,
                                                    result.dirty_bytes_remaining,
                                                    result.dirty_rate_bytes_per_s))
@@ -316,10 +402,12 @@ class JobRunner:
         owned = await self.store.get_controller(job.controller_id)
         if owned is None or owned[0].node != job.source_node:
             raise StepFailed(f"controller {job.controller_id} ownership changed under the job")
-        committed = job.enter(Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}")
+        committed = self.observer.prepare(
+            job.enter(Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}"))
         try:
             self.revision = await self.store.commit_ownership(
-                job.id, committed.to_bytes(), self.revision, owned[0], owned[1], job.destination_node)
+                job.id, committed.to_bytes(), self.revision, owned[0], owned[1], job.destination_node,
+                leader_term=self.epoch)
         except ConflictError:
             fresh = await self._load()
             if fresh.phase is Phase.COMMIT:
@@ -327,15 +415,34 @@ class JobRunner:
             if fresh.cancel_requested:
                 raise CancelRequested() from None
             raise StepFailed(f"commit refused: job or controller {job.controller_id} changed") from None
+        self.observer.written(self.j, committed)
         self.job = committed
         self.changed.set()
         self.changed = asyncio.Event()
 
     async def _resume(self) -> None:
-        # After COMMIT only the destination may run the controller; retry until it does.
-        status = await self._call("destination", "ResumeDestination",
-                                  lambda s: s.ResumeDestination(self._ref(), timeout=10.0),
-                                  budget_s=AGENT_CALL_BUDGET_S * 4)
+        # After COMMIT only the destination may run the controller: retry until it does, or
+        # until it is declared lost (its liveness lease expired). Never back to the source.
+        while True:
+            try:
+                await self._call("destination", "ResumeDestination",
+                                 lambda s: s.ResumeDestination(self._ref(), timeout=10.0))
+                break
+            except StepFailed as exc:
+                dest = self.j.destination_node
+                declared_lost = await self.store.get_node(dest) is None
+                forgot = not exc.destination_lost  # it answered, but cannot resume this job
+                if declared_lost or forgot:
+                    await self.store.set_controller_state(self.j.controller_id, "LOST", only_if_node=dest)
+                    why = "its agent is gone (lease expired)" if declared_lost else exc.reason
+                    await self._save(self.j.end(
+                        Phase.FAILED, self._now(),
+                        f"destination {dest} cannot resume after COMMIT: {why}; controller "
+                        f"{self.j.controller_id} marked lost (it never ran again on {self.j.source_node})"),
+                        release=True)
+                    return
+                log.warning("job %s: destination %s not answering after COMMIT, retrying: %s",
+                            self.j.id, dest, exc.reason)
         downtime_ms = (self._now() - self.suspended_at) * 1000.0 if self.suspended_at else 0.0
         job = self.j.with_fields(self._now(), downtime_ms=round(downtime_ms, 3))
         job = await self._save(job)
@@ -385,6 +492,7 @@ class JobRunner:
         if source_lost:
             ending = Phase.FAILED
             reason = f"{reason}; source {job.source_node} lost: controller {job.controller_id} marked lost"
+            await self.store.set_controller_state(job.controller_id, "LOST", only_if_node=job.source_node)
         full = "; ".join([reason, *notes])
         await self._save(self.j.end(ending, self._now(), full), release=True)
 
@@ -392,7 +500,8 @@ class JobRunner:
 async def run_job(runner: JobRunner) -> Job | None:
     """Runs a job to its end; a lost leadership or newer epoch just stops this runner."""
     try:
-        return await runner.run()
+        with runner.observer.running():
+            return await runner.run()
     except Superseded as exc:
         log.info("job %s: stopping: %s", runner.job_id, exc)
     except EtcdError as exc:

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in etcd-server etcd-client fio qemu-utils libnbd-bin; do
+# chromium: the web page test drives it headless
+for pkg in etcd-server etcd-client fio qemu-utils libnbd-bin chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -115,3 +115,12 @@ def wait_more_writes(cluster: LocalCluster, node: str, cid: str, than: int, time
         acked = int(controller(cluster, node, cid).workload.acked_writes)
         return acked if acked > than else None
     return wait_for(f"{cid} on {node} to acknowledge more than {than} writes", probe, timeout_s)
+
+
+def replace_orchestrator(cluster: LocalCluster, name: str) -> None:
+    """Kills the running orchestrator (SIGKILL: no resign, its lease must expire) and starts
+    another, which takes over the jobs once it leads."""
+    cluster.orchestrators[0].kill()
+    cluster.orchestrators.clear()
+    cluster.orchestrator_address = ""
+    cluster.start_orchestrator(name=name)

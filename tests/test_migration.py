@@ -17,6 +17,7 @@ from tests.clusterprobe import (
     get_job,
     migrate,
     owners,
+    replace_orchestrator,
     running_on,
     verify,
     wait_more_writes,
@@ -111,10 +112,7 @@ def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: 
     create_controller(cluster, "n1", "c4", 24 * MiB, write_iops=300)
     job = migrate(cluster, "c4", to="n2", bandwidth_bytes_per_s=6 * MiB)
     first = wait_phase(cluster, job.id, {migration_pb2.PRECOPY}, also=lambda j: j.bytes_transferred > 0)
-    cluster.orchestrators[0].kill()
-    cluster.orchestrators.clear()
-    cluster.orchestrator_address = ""
-    cluster.start_orchestrator(name="orch-2")
+    replace_orchestrator(cluster, "orch-2")
     job = wait_phase(cluster, job.id, TERMINAL, timeout_s=180)
     end = migration_pb2.Phase.Name(job.phase)
     print(f"after the restart the job ended {end} ({job.reason or 'no reason'}) with epoch {job.epoch}")
@@ -233,3 +231,17 @@ def test_orchctl_drives_a_migration_against_the_real_orchestrator(cluster: Local
     refused = subprocess.run([*base, "migrate", "c9", "--to", "nowhere"], capture_output=True, text=True,
                              timeout=30, check=False)
     assert refused.returncode == 2 and "'nowhere'" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_guest_that_only_prefilled_does_not_start_writing_on_the_destination(cluster: LocalCluster) -> None:
+    channel, n1 = cluster.agent_stub("n1")
+    with channel:
+        n1.CreateController(agent_pb2.CreateControllerRequest(controller_id="c10", namespace_bytes=4 * MiB,
+                                                              prefill=True), timeout=60)
+    job = wait_phase(cluster, migrate(cluster, "c10", to="n2").id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+    status = controller(cluster, "n2", "c10")
+    assert not status.workload.running
+    result = verify(cluster, "n2", "c10")
+    assert result.ok and result.blocks_checked == 4 * MiB // 4096
+    assert controller(cluster, "n2", "c10").workload.next_seq == status.workload.next_seq  # nothing written

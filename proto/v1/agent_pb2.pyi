@@ -11,20 +11,22 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("node", "data_address", "capacity_bytes", "allocated_bytes", "controllers", "state_format_version")
+    __slots__ = ("node", "data_address", "capacity_bytes", "allocated_bytes", "controllers", "state_format_version", "sessions")
     NODE_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
     STATE_FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     node: str
     data_address: str
     capacity_bytes: int
     allocated_bytes: int
     controllers: _containers.RepeatedCompositeFieldContainer[ControllerStatus]
     state_format_version: int
-    def __init__(self, node: _Optional[str] = ..., data_address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[_Union[ControllerStatus, _Mapping]]] = ..., state_format_version: _Optional[int] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
+    def __init__(self, node: _Optional[str] = ..., data_address: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[_Union[ControllerStatus, _Mapping]]] = ..., state_format_version: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ...) -> None: ...
 
 class WorkloadSpec(_message.Message):
     __slots__ = ("write_iops", "block_bytes", "pattern", "hot_fraction", "seed")
