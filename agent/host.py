@@ -21,8 +21,8 @@ from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
 from agent.sessions import DestinationSession, Session, SessionError, SourceSession
 from agent.vfio_states import VfioState
-from cluster.records import ControllerRecord, NodeRecord
-from cluster.store import EtcdError, EtcdStore, keep_lease_alive
+from cluster.records import COMMITTED, LOST, ControllerRecord, NodeRecord
+from cluster.store import EtcdError, EtcdStore
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,8 @@ class Host:
         await self.recover()
         await self.receiver.start()
         await self.nbd.start()
-        self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
-        await self.publish()
-        self._keeper = asyncio.create_task(
-            keep_lease_alive(self.store, self._lease_id, self.lease_ttl_s, self._lease_lost), name="node-lease")
+        await self._register()
+        self._keeper = asyncio.create_task(self._keep_registered(), name="node-lease")
 
     # ---- restart recovery ---------------------------------------------------------------------
     #
@@ -94,15 +92,18 @@ class Host:
             cid, ns_path = meta["controller_id"], self.data_dir / meta["namespace_file"]
             in_use.add(ns_path.name)
             owner = await self.store.get_controller(cid)
-            if owner is not None and owner[0].node != self.name:
+            elsewhere = owner is not None and owner[0].node != self.name
+            if elsewhere and owner is not None and owner[0].state != COMMITTED:
                 log.warning("controller %s now belongs to %s: sanitizing the stale copy here", cid, owner[0].node)
                 ns_path.unlink(missing_ok=True)
                 meta_path.unlink()
                 continue
             controller = await asyncio.to_thread(EmulatedController, cid, ns_path, meta["namespace_bytes"],
                                                  create=False)
-            if owner is not None and owner[0].state == "LOST":
-                # The orchestrator gave it up while we were gone: keep it suspended for an operator.
+            if elsewhere or (owner is not None and owner[0].state == LOST):
+                # Given up while we were gone (LOST: kept for an operator), or committed to another
+                # node that has not run it yet (COMMITTED: this copy is the way back if that node
+                # is lost). Either way it stays suspended here.
                 await asyncio.to_thread(controller.set_state, VfioState.STOP)
             self.controllers[cid] = HostedController(controller)
             log.info("recovered controller %s (%s)", cid, controller.vfio_state.name)
@@ -118,14 +119,21 @@ class Host:
             self.sessions[job_id] = session
             log.info("recovered destination of job %s for %s, ready to resume", job_id, cid)
 
-    async def _lease_lost(self) -> None:
-        # etcd forgot us (for example after a long pause): register again under a new lease.
-        log.warning("node lease expired; registering again")
-        with contextlib.suppress(EtcdError):
-            self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
-            await self.publish()
-            self._keeper = asyncio.create_task(
-                keep_lease_alive(self.store, self._lease_id, self.lease_ttl_s, self._lease_lost))
+    async def _register(self) -> None:
+        self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
+        await self.store.put_node(self.record(), self._lease_id)
+
+    async def _keep_registered(self) -> None:
+        """Refreshes the liveness lease at a third of its TTL; when etcd has expired it (we were
+        paused, partitioned, or etcd restarted), registers again under a new one."""
+        while True:
+            await asyncio.sleep(max(self.lease_ttl_s / 3.0, 0.2))
+            try:
+                if not await self.store.refresh_lease(self._lease_id):
+                    log.warning("node lease expired; registering again")
+                    await self._register()
+            except EtcdError as exc:
+                log.warning("etcd unavailable for the node lease, retrying: %s", exc)
 
     async def stop(self) -> None:
         if self._keeper is not None:
@@ -158,7 +166,12 @@ class Host:
                           state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at)
 
     async def publish(self) -> None:
-        await self.store.put_node(self.record(), self._lease_id)
+        try:
+            await self.store.put_node(self.record(), self._lease_id)
+        except EtcdError as exc:
+            if "lease not found" not in str(exc):
+                raise
+            await self._register()  # expired under us (e.g. a long prefill starved the loop)
 
     # ---- controllers ------------------------------------------------------------------------
 
@@ -300,6 +313,12 @@ class Host:
         return session
 
     async def destination_running(self, session: DestinationSession) -> None:
+        if session.stage != "running":
+            # Claim RUNNING in etcd before running it: after this, ownership can no longer go
+            # back to the source, and if it already went back, we must not run it.
+            problem = await self.store.claim_running(session.controller_id, self.name)
+            if problem:
+                raise SessionError("precondition", problem)
         async def on_running(controller: EmulatedController, workload: GuestWorkload | None) -> None:
             await asyncio.to_thread(self._write_meta, controller)
             self.controllers[session.controller_id] = HostedController(controller, workload)
@@ -316,11 +335,33 @@ class Host:
             await self.publish()
         return await session.release(on_released)
 
-    async def abort(self, job_id: str, epoch: int, reason: str) -> Session | None:
+    async def _owned_here(self, controller_id: str) -> str | None:
+        """None when etcd says this node owns the controller, else why not."""
+        owner = await self.store.get_controller(controller_id)
+        if owner is None:
+            return f"controller {controller_id!r} is not known to etcd"
+        if owner[0].node != self.name:
+            return (f"controller {controller_id!r} belongs to {owner[0].node!r} since COMMIT; "
+                    f"the source must not run it again")
+        return None
+
+    async def abort(self, job_id: str, epoch: int, reason: str, controller_id: str = "") -> Session | None:
         session = self.sessions.get(job_id)
         if session is None:
-            return None  # never heard of it: nothing to undo
+            # Unknown job: nothing to undo, unless we restarted holding the source's suspended
+            # copy and ownership came back to us (a destination lost after COMMIT): run it again.
+            hosted = self.controllers.get(controller_id)
+            if hosted is not None and hosted.controller.vfio_state != VfioState.RUNNING \
+                    and await self._owned_here(controller_id) is None:
+                await asyncio.to_thread(hosted.controller.set_state, VfioState.RUNNING)
+                await self.publish()
+            return None
         session.check_epoch(epoch)
+        if isinstance(session, SourceSession) and session.stage == "stopped":
+            # Past stop-and-copy the switchover may have committed: etcd decides who runs it.
+            problem = await self._owned_here(session.controller_id)
+            if problem:
+                raise SessionError("precondition", problem)
         if isinstance(session, DestinationSession):
             self.receiver.unregister(job_id)
         await session.abort(reason)  # type: ignore[attr-defined]

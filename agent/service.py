@@ -239,7 +239,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             problem = names.job_id_problem(request.job_id)  # the controller id may be unknown to the caller
             if problem:
                 raise SessionError("invalid", problem)
-            session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator")
+            session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator",
+                                            request.controller_id)
             assert session is None or isinstance(session, SourceSession | DestinationSession)
             return self._session_status(session, request.job_id)
         return await self._guard(context, abort())

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # A destination that stops reading (hung, partitioned) fails the transfer after this long, so
 # the orchestrator can pick another destination instead of waiting on TCP.
 DATA_STALL_TIMEOUT_S = 10.0
+# How long the destination may take to acknowledge a round or the final state once everything is
+# sent. During stop-and-copy the guest is paused for this long at worst, so it stays short.
+ACK_TIMEOUT_S = 10.0
 MAX_PIECE_BYTES = 1 << 20
 BATCH_PIECES = 256  # changed extents read per thread hop
 SMALL_WRITE_BYTES = 64 * 1024
@@ -162,7 +165,7 @@ class SourceSession(Session):
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
         extents = await asyncio.to_thread(self.ctrl.data_extents)
         sent = await stream_extents(self.sender, self._read, extents)
-        await self.sender.end_round(0)
+        await self.sender.end_round(0, timeout_s=ACK_TIMEOUT_S)
         return await self._facts(0, sent, started)
 
     async def _read(self, offset: int, length: int) -> bytes:
@@ -217,7 +220,7 @@ class SourceSession(Session):
         started = time.monotonic()
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
         sent = await self._send_changed(lbas)
-        await self.sender.end_round(round_no)
+        await self.sender.end_round(round_no, timeout_s=ACK_TIMEOUT_S)
         return await self._facts(round_no, sent, started)
 
     async def stop_and_copy(self) -> TransferFacts:
@@ -244,7 +247,7 @@ class SourceSession(Session):
         sent = await self._send_changed(lbas)
         state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
         guest = encode_guest(self.workload)
-        await self.sender.send_final(state, guest)
+        await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
         await self._drop_sender()  # everything is across and acknowledged
         self.stage = "stopped"
         # The source is frozen from here until release: its digest is the switchover digest.

@@ -37,6 +37,13 @@ class NodeRecord:
         return self.capacity_bytes - self.allocated_bytes
 
 
+# Controller states kept in etcd.
+RUNNING = "RUNNING"  # its owner runs it (or may run it)
+COMMITTED = "COMMITTED"  # ownership moved at COMMIT; the new owner has not started it yet
+LOST = "LOST"  # its node died or hung mid-migration: it is not resumed anywhere without an operator
+MISSING = "MISSING"  # its owner is live but does not report it
+
+
 @dataclass(frozen=True)
 class ControllerRecord:
     """Who owns a controller. Only the owner may run it; COMMIT moves ownership in one CAS."""
@@ -58,4 +65,6 @@ class ControllerRecord:
         return cls(**data)
 
     def moved_to(self, node: str, job_id: str) -> ControllerRecord:
-        return replace(self, node=node, job_id=job_id, history=(*self.history, self.node))
+        # COMMITTED until the new owner claims RUNNING: while nobody has run it there, ownership
+        # may still go back to the source (see EtcdStore.move_back).
+        return replace(self, node=node, job_id=job_id, state=COMMITTED, history=(*self.history, self.node))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import aetcd
 import aetcd.exceptions
 
-from cluster.records import ControllerRecord, NodeRecord
+from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,44 @@ class EtcdStore:
             if ok:
                 return True
         return False
+
+    async def claim_running(self, controller_id: str, node: str) -> str | None:
+        """The new owner's last step before it runs the controller: state -> RUNNING, by CAS,
+        only while `node` owns it. Returns None when granted, else why not. Once granted,
+        ownership can no longer be moved back to the source."""
+        for _ in range(10):
+            got = await self.get_controller(controller_id)
+            if got is None:
+                return f"controller {controller_id!r} is not known to etcd"
+            record, revision = got
+            if record.node != node:
+                return f"controller {controller_id!r} now belongs to {record.node!r}, not {node!r}"
+            if record.state == RUNNING:
+                return None
+            key = CONTROLLERS + controller_id.encode()
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == revision],
+                success=[self._tx.put(key, replace(record, state=RUNNING).to_bytes())], failure=[])
+            if ok:
+                return None
+        return f"controller {controller_id!r} kept changing; retry"
+
+    async def move_back(self, controller_id: str, from_node: str, to_node: str, leader_term: int) -> bool:
+        """After COMMIT, a destination lost before it ever ran: ownership returns to the source.
+        Only while the record still says COMMITTED on from_node (the destination never claimed
+        RUNNING), so the controller can never run on both."""
+        got = await self.get_controller(controller_id)
+        if got is None:
+            return False
+        record, revision = got
+        if record.node != from_node or record.state != COMMITTED:
+            return False
+        key = CONTROLLERS + controller_id.encode()
+        back = replace(record, node=to_node, state=RUNNING, history=(*record.history, from_node))
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.mod(key) == revision, self._tx.create(LEADER) == leader_term],
+            success=[self._tx.put(key, back.to_bytes())], failure=[])
+        return bool(ok)
 
     async def list_controllers(self) -> list[ControllerRecord]:
         return [ControllerRecord.from_bytes(v.value) for _, v in await self._list(CONTROLLERS)]

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from cluster import names
-from cluster.records import NodeRecord
+from cluster.records import RUNNING, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import scheduler, tracing
 from orchestrator.agent_client import AgentUnreachable, call_with_retry
@@ -119,6 +119,10 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(grpc.StatusCode.NOT_FOUND,
                           f"controller {request.controller_id!r} is not known; `orchctl controllers` lists them")
         controller = owned[0]
+        if controller.state != RUNNING:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {controller.controller_id!r} is {controller.state} on node {controller.node!r}, "
+                          "not RUNNING; it cannot be migrated until it runs again")
         nodes = {n.name: n for n in await self.store.list_nodes()}
         cordoned = await self.store.cordoned_nodes()
         if controller.node not in nodes:

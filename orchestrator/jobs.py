@@ -39,9 +39,10 @@ ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.PRECOPY: frozenset({Phase.DIRTY_ITERATION, Phase.PREPARING}) | _ENDINGS,
     Phase.DIRTY_ITERATION: frozenset({Phase.STOP_AND_COPY, Phase.PREPARING}) | _ENDINGS,
     Phase.STOP_AND_COPY: frozenset({Phase.COMMIT}) | _ENDINGS,
-    # After COMMIT only the destination may run the controller: there is no way back.
+    # After COMMIT the destination owns the controller. The one way back is for a destination
+    # lost before it ever ran it (it never claimed RUNNING in etcd; see EtcdStore.move_back).
     Phase.COMMIT: frozenset({Phase.RESUMING}),
-    Phase.RESUMING: frozenset({Phase.COMPLETED, Phase.FAILED}),
+    Phase.RESUMING: frozenset({Phase.COMPLETED, Phase.FAILED, Phase.ROLLED_BACK}),
     Phase.COMPLETED: frozenset(),
     Phase.ROLLED_BACK: frozenset(),
     Phase.FAILED: frozenset(),

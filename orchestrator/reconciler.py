@@ -1,10 +1,13 @@
 """Reconciles what etcd says with what the agents report. Run by the leader, periodically.
 
-- A migration session an agent still holds for a job that ended (or that etcd never heard of)
-  is aborted there: the source goes back to RUNNING, a destination copy is discarded. Sessions
-  past the point of no return (released source, running destination) refuse the abort.
-- A controller marked LOST whose owner reports it RUNNING again (a hung agent that came back)
-  is marked RUNNING; one the owner, alive, does not report at all is marked MISSING.
+For migration sessions an agent still holds for a job that ended (or that etcd never heard of):
+- a destination holding the loaded controller that etcd says it owns (the job ended while it was
+  unreachable after COMMIT) is resumed: it is the one node allowed to run it;
+- a source frozen after stop-and-copy whose controller now runs elsewhere is released (sanitized);
+- anything else is aborted: a source goes back to RUNNING (the agent itself refuses when etcd
+  says the controller belongs to another node), a destination copy is discarded.
+For controllers: one marked LOST or MISSING whose owner reports it RUNNING is marked RUNNING;
+one whose owner, alive, does not report it at all is marked MISSING.
 The decisions are in `plan`, pure; `Reconciler` does the calls.
 """
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
-from cluster.records import ControllerRecord
+from cluster.records import LOST, MISSING, RUNNING, ControllerRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_client import AgentDirectory
 from orchestrator.jobs import Job
@@ -32,7 +35,8 @@ SETTLED_STAGES = frozenset({"released", "running", "aborted", "unknown"})
 
 
 @dataclass(frozen=True)
-class AbortSession:
+class SessionAction:
+    verb: str  # "abort", "resume" or "release"
     node: str
     job_id: str
     controller_id: str
@@ -48,20 +52,34 @@ class SetControllerState:
     why: str
 
 
+def _session_action(node: str, session: agent_pb2.SessionStatus, job: Job | None,
+                    records: Mapping[str, ControllerRecord]) -> SessionAction | None:
+    if session.stage in SETTLED_STAGES or (job is not None and not job.terminal):
+        return None
+    epoch = max(session.epoch, job.epoch if job else 0)
+    cid = job.controller_id if job else ""
+    record = records.get(cid)
+    ended = "job unknown to etcd" if job is None else f"job ended {job.phase}"
+    if record is not None and session.role == "destination" and session.stage == "loaded" \
+            and record.node == node and record.job_id == session.job_id:
+        return SessionAction("resume", node, session.job_id, cid, epoch,
+                             f"{ended}; {node} owns {cid} and holds it loaded")
+    if record is not None and session.role == "source" and session.stage == "stopped" \
+            and record.node != node and record.state == RUNNING:
+        return SessionAction("release", node, session.job_id, cid, epoch, f"{ended}; {cid} runs on {record.node}")
+    return SessionAction("abort", node, session.job_id, cid, epoch, ended)
+
+
 def plan(controllers: Sequence[ControllerRecord], reports: Mapping[str, agent_pb2.AgentInfo],
-         jobs: Mapping[str, Job]) -> list[AbortSession | SetControllerState]:
+         jobs: Mapping[str, Job]) -> list[SessionAction | SetControllerState]:
     """What to repair, from etcd's records, the agents' reports (live nodes only) and the jobs."""
-    actions: list[AbortSession | SetControllerState] = []
+    records = {c.controller_id: c for c in controllers}
+    actions: list[SessionAction | SetControllerState] = []
     for node, info in reports.items():
         for session in info.sessions:
-            if session.stage in SETTLED_STAGES:
-                continue
-            job = jobs.get(session.job_id)
-            if job is None or job.terminal:
-                why = "job unknown to etcd" if job is None else f"job ended {job.phase}"
-                epoch = max(session.epoch, job.epoch if job else 0)
-                cid = job.controller_id if job else ""
-                actions.append(AbortSession(node, session.job_id, cid, epoch, why))
+            action = _session_action(node, session, jobs.get(session.job_id), records)
+            if action is not None:
+                actions.append(action)
     for record in controllers:
         owner = reports.get(record.node)
         if owner is None:
@@ -69,12 +87,12 @@ def plan(controllers: Sequence[ControllerRecord], reports: Mapping[str, agent_pb
         reported = {c.controller_id: c for c in owner.controllers}
         status = reported.get(record.controller_id)
         if status is None:
-            if record.state != "MISSING" and not any(
+            if record.state == RUNNING and not any(
                     j.controller_id == record.controller_id and not j.terminal for j in jobs.values()):
-                actions.append(SetControllerState(record.controller_id, record.node, "MISSING",
+                actions.append(SetControllerState(record.controller_id, record.node, MISSING,
                                                   f"{record.node} is live but does not report it"))
-        elif record.state in ("LOST", "MISSING") and status.vfio_state == "RUNNING":
-            actions.append(SetControllerState(record.controller_id, record.node, "RUNNING",
+        elif record.state in (LOST, MISSING) and status.vfio_state == "RUNNING":
+            actions.append(SetControllerState(record.controller_id, record.node, RUNNING,
                                               f"{record.node} reports it running again"))
     return actions
 
@@ -98,7 +116,7 @@ class Reconciler:
         except grpc.aio.AioRpcError:
             return None
 
-    async def reconcile_once(self) -> list[AbortSession | SetControllerState]:
+    async def reconcile_once(self) -> list[SessionAction | SetControllerState]:
         nodes = await self.store.list_nodes()
         addresses = {n.name: n.address for n in nodes}
         infos = await asyncio.gather(*(self._report(a) for a in addresses.values()))
@@ -107,11 +125,17 @@ class Reconciler:
         actions = plan(await self.store.list_controllers(), reports, jobs)
         for action in actions:
             log.info("reconcile: %s", action)
-            if isinstance(action, AbortSession):
+            if isinstance(action, SessionAction):
                 ref = agent_pb2.MigrationRef(job_id=action.job_id, epoch=action.epoch,
                                              controller_id=action.controller_id)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self.agents.stub(addresses[action.node]).AbortMigration(ref, timeout=10.0)
+                stub = self.agents.stub(addresses[action.node])
+                call = {"abort": stub.AbortMigration, "resume": stub.ResumeDestination,
+                        "release": stub.ReleaseSource}[action.verb]
+                try:
+                    await call(ref, timeout=30.0)
+                except grpc.aio.AioRpcError as exc:
+                    log.info("reconcile: %s %s on %s refused: %s", action.verb, action.job_id, action.node,
+                             exc.details())
             else:
                 await self.store.set_controller_state(action.controller_id, action.state,
                                                       only_if_node=action.node)

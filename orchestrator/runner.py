@@ -20,7 +20,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
-from cluster.records import NodeRecord
+from cluster.records import LOST, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import convergence, scheduler
 from orchestrator.agent_client import TRANSIENT_CODES, AgentDirectory, AgentUnreachable, call_with_retry
@@ -421,8 +421,8 @@ class JobRunner:
         self.changed = asyncio.Event()
 
     async def _resume(self) -> None:
-        # After COMMIT only the destination may run the controller: retry until it does, or
-        # until it is declared lost (its liveness lease expired). Never back to the source.
+        # After COMMIT the destination owns the controller: retry until it runs it, or until it is
+        # declared lost (its liveness lease expired, or it answers that it cannot resume).
         while True:
             try:
                 await self._call("destination", "ResumeDestination",
@@ -431,15 +431,9 @@ class JobRunner:
             except StepFailed as exc:
                 dest = self.j.destination_node
                 declared_lost = await self.store.get_node(dest) is None
-                forgot = not exc.destination_lost  # it answered, but cannot resume this job
-                if declared_lost or forgot:
-                    await self.store.set_controller_state(self.j.controller_id, "LOST", only_if_node=dest)
+                if declared_lost or not exc.destination_lost:
                     why = "its agent is gone (lease expired)" if declared_lost else exc.reason
-                    await self._save(self.j.end(
-                        Phase.FAILED, self._now(),
-                        f"destination {dest} cannot resume after COMMIT: {why}; controller "
-                        f"{self.j.controller_id} marked lost (it never ran again on {self.j.source_node})"),
-                        release=True)
+                    await self._destination_lost_after_commit(dest, why)
                     return
                 log.warning("job %s: destination %s not answering after COMMIT, retrying: %s",
                             self.j.id, dest, exc.reason)
@@ -461,6 +455,31 @@ class JobRunner:
         job = job.with_fields(self._now(), source_digest=source_digest, destination_digest=dest_digest,
                               guest_blackout_ms=status.guest_blackout_ms)
         await self._save(job.end(Phase.COMPLETED, self._now(), reason), release=True)
+
+    async def _destination_lost_after_commit(self, dest: str, why: str) -> None:
+        """If the destination never claimed RUNNING in etcd, it never ran the controller: ownership
+        goes back to the source (one CAS, which a late claim by the destination then loses), and
+        the source, still frozen at the switchover image, runs it again. Otherwise the controller
+        stays the destination's, marked lost."""
+        job, cid = self.j, self.j.controller_id
+        lead = f"destination {dest} cannot resume after COMMIT ({why})"
+        if await self.store.move_back(cid, dest, job.source_node, leader_term=self.epoch):
+            try:
+                await self._call("source", "AbortMigration", lambda s: s.AbortMigration(self._ref(), timeout=10.0))
+            except StepFailed as exc:
+                await self.store.set_controller_state(cid, LOST, only_if_node=job.source_node)
+                await self._save(job.end(Phase.FAILED, self._now(),
+                                         f"{lead}; ownership went back to {job.source_node}, which did not "
+                                         f"resume ({exc.reason}): controller {cid} marked lost"), release=True)
+                return
+            await self._save(job.end(Phase.ROLLED_BACK, self._now(),
+                                     f"{lead}; it never ran the controller, so ownership went back to "
+                                     f"{job.source_node}, which runs it again"), release=True)
+            return
+        await self.store.set_controller_state(cid, LOST, only_if_node=dest)
+        await self._save(job.end(Phase.FAILED, self._now(),
+                                 f"{lead} after it had claimed the controller: {cid} marked lost on {dest}"),
+                         release=True)
 
     async def _destination_digest(self) -> str:
         deadline = time.monotonic() + DIGEST_WAIT_S
@@ -492,7 +511,7 @@ class JobRunner:
         if source_lost:
             ending = Phase.FAILED
             reason = f"{reason}; source {job.source_node} lost: controller {job.controller_id} marked lost"
-            await self.store.set_controller_state(job.controller_id, "LOST", only_if_node=job.source_node)
+            await self.store.set_controller_state(job.controller_id, LOST, only_if_node=job.source_node)
         full = "; ".join([reason, *notes])
         await self._save(self.j.end(ending, self._now(), full), release=True)
 

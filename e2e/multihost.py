@@ -1,0 +1,360 @@
+"""A multi-host cluster on one machine for the e2e suite, and the faults it can suffer.
+
+etcd and 2-3 orchestrators run in the root namespace on the fabric's control address; 4+ agents
+each run in their own network namespace on their own address (see `e2e.fabric`; 127.0.0.x
+fallback when namespaces cannot be made). Processes are started through `LocalCluster`, so the
+same code paths as the integration tests start them.
+
+Faults: SIGKILL an agent, SIGSTOP it (a hang; SIGCONT ends it), cut its link (a partition; in
+loopback mode SIGSTOP stands in, and the report says so), stop and start etcd on the same port
+and data dir, kill the orchestrator that holds the leader key. Everything made here (processes,
+namespaces, links, the bridge) is torn down in `close()`, which the context manager and an
+atexit hook both call, so a failing test does not leave namespaces or processes behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from e2e.fabric import LoopbackFabric, NetnsFabric, open_fabric
+from orchctl.localcluster import ClusterError, LocalCluster, Proc, wait_for
+from proto.v1 import agent_pb2_grpc, migration_pb2, migration_pb2_grpc
+
+T = TypeVar("T")
+
+LEADER_KEY = "/nvmigrate/leader"
+API_TIMEOUT_S = 5.0
+
+
+@dataclass
+class FaultRecord:
+    """One injected fault, for the report: what, on whom, when (monotonic and wall clock)."""
+
+    kind: str
+    target: str
+    at_monotonic: float
+    at_wall: float
+    note: str = ""
+
+
+@dataclass
+class MultiHostConfig:
+    orchestrators: int = 2
+    agents: int = 4
+    lease_ttl_s: int = 2
+    agent_capacity: str = "2G"
+    job_deadline_s: float = 60.0  # the orchestrator rolls back a job not committed by then
+    mode: str = "auto"  # "auto", "netns" or "loopback"
+    quiet: bool = False
+
+
+@dataclass
+class MultiHostCluster:
+    config: MultiHostConfig = field(default_factory=MultiHostConfig)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nvmigrate-e2e-")))
+    keep_workdir: bool = False
+    fabric: NetnsFabric | LoopbackFabric | None = None
+    cluster: LocalCluster | None = None
+    agent_addresses: dict[str, str] = field(default_factory=dict)
+    killed_agents: set[str] = field(default_factory=set)
+    hung_agents: set[str] = field(default_factory=set)
+    partitioned: set[str] = field(default_factory=set)
+    killed_orchestrators: set[str] = field(default_factory=set)
+    faults: list[FaultRecord] = field(default_factory=list)
+    _closed: bool = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> MultiHostCluster:
+        atexit.register(self.close)
+        try:
+            self.fabric = open_fabric(self.config.mode)
+            self._say(f"e2e cluster: {self.fabric.describe()}")
+            self.cluster = LocalCluster(workdir=self.workdir, host=self.fabric.control_host,
+                                        lease_ttl_s=self.config.lease_ttl_s)
+            self.cluster._owns_workdir = False  # we decide whether the logs stay
+            self.cluster.start_etcd()
+            for i in range(self.config.orchestrators):
+                # each replica its own metrics port: the default one would be taken twice
+                self.cluster.start_orchestrator(name=f"orch-{i + 1}", extra_args=[
+                    "--http", f"{self.fabric.control_host}:0", "--job-deadline-s", str(self.config.job_deadline_s)])
+            for name in self.agent_names:
+                self.fabric.add_host(name)
+                self.start_agent(name)
+            self._say(f"e2e cluster up: {self.fabric.describe()}; etcd {self.cluster.etcd_endpoint}; "
+                      f"orchestrators {', '.join(self.orchestrator_addresses().values())}; logs in {self.workdir}")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def mode(self) -> str:
+        return self.fabric.mode if self.fabric else "none"
+
+    @property
+    def agent_names(self) -> list[str]:
+        return [f"n{i + 1}" for i in range(self.config.agents)]
+
+    @property
+    def c(self) -> LocalCluster:
+        if self.cluster is None:
+            raise ClusterError("the e2e cluster is not started")
+        return self.cluster
+
+    def _say(self, text: str) -> None:
+        if not self.config.quiet:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        """Stops every process by pid, then removes namespaces, links and the bridge. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        if self.cluster is not None:
+            for proc in self.cluster.procs:
+                # a frozen process would sit out SIGTERM's grace period; kill what hangs at once
+                if proc.name in self.hung_agents:
+                    proc.kill()
+            self.cluster.stop()
+        if self.fabric is not None:
+            self.fabric.close()
+        if not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> MultiHostCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- processes --------------------------------------------------------------------------
+
+    def start_agent(self, name: str) -> Proc:
+        assert self.fabric is not None
+        host = self.fabric.host_of(name)
+        proc = self.c.start_agent(name, self.config.agent_capacity, listen_host=host,
+                                  command_prefix=self.fabric.command_prefix(name))
+        node = self.c.node(name)
+        assert node is not None
+        self.agent_addresses[name] = node.address
+        self.killed_agents.discard(name)
+        return proc
+
+    def agent_proc(self, name: str) -> Proc:
+        return self.c.agents[name]
+
+    def live_orchestrators(self) -> list[Proc]:
+        return [p for p in self.c.orchestrators if p.popen.poll() is None]
+
+    def orchestrator_addresses(self) -> dict[str, str]:
+        return {p.name: str(getattr(p, "address", "")) for p in self.live_orchestrators()}
+
+    def orchestrator_logs(self) -> dict[str, Path]:
+        return {p.name: p.log_path for p in self.c.orchestrators}
+
+    def agent_logs(self) -> dict[str, Path]:
+        return {p.name: p.log_path for p in self.c.procs if p.name in self.agent_names}
+
+    # ---- clients ----------------------------------------------------------------------------
+
+    def api(self, call: Callable[[migration_pb2_grpc.MigrationServiceStub], T]) -> T:
+        """Calls MigrationService on a live orchestrator (every replica answers the API), trying
+        the others when one does not answer."""
+        last: grpc.RpcError | None = None
+        addresses = list(self.orchestrator_addresses().values())
+        if self.c.orchestrator_address in addresses:  # the last one that answered goes first
+            addresses.remove(self.c.orchestrator_address)
+            addresses.insert(0, self.c.orchestrator_address)
+        for address in addresses:
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    result = call(migration_pb2_grpc.MigrationServiceStub(channel))
+                except grpc.RpcError as exc:
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+                                          grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    last = exc
+                    continue
+            self.c.orchestrator_address = address
+            return result
+        if last is not None:
+            raise last
+        raise ClusterError("no orchestrator is running")
+
+    def job(self, job_id: str) -> migration_pb2.Migration:
+        return self.api(lambda s: s.GetMigration(migration_pb2.GetMigrationRequest(id=job_id), timeout=API_TIMEOUT_S))
+
+    def agent(self, name: str, call: Callable[[agent_pb2_grpc.AgentServiceStub], T],
+              address: str | None = None) -> T:
+        """Calls one agent directly at the address it registered with (cached, so this works
+        while etcd or the orchestrators are down)."""
+        with grpc.insecure_channel(address or self.agent_addresses[name]) as channel:
+            return call(agent_pb2_grpc.AgentServiceStub(channel))
+
+    # ---- etcd, read with clients that are not ours -------------------------------------------
+
+    def etcd_url(self) -> str:
+        return f"http://{self.c.etcd_endpoint}"
+
+    def etcd_range(self, key: str, revision: int = 0, prefix: bool = False,
+                   timeout_s: float = 5.0) -> list[dict[str, object]]:
+        """etcd's own JSON gateway (/v3/kv/range): values decoded, revisions as ints."""
+        body: dict[str, object] = {"key": base64.b64encode(key.encode()).decode()}
+        if revision:
+            body["revision"] = revision
+        if prefix:
+            end = key[:-1] + chr(ord(key[-1]) + 1)
+            body["range_end"] = base64.b64encode(end.encode()).decode()
+        request = urllib.request.Request(f"{self.etcd_url()}/v3/kv/range", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            data = json.loads(reply.read())
+        kvs = []
+        for kv in data.get("kvs", []):
+            kvs.append({"key": base64.b64decode(kv["key"]).decode(),
+                        "value": base64.b64decode(kv.get("value", "")).decode(errors="replace"),
+                        "mod_revision": int(kv.get("mod_revision", 0)),
+                        "create_revision": int(kv.get("create_revision", 0)),
+                        "version": int(kv.get("version", 0))})
+        return kvs
+
+    def etcd_history(self, key: str) -> list[dict[str, object]]:
+        """Every version of a key still in etcd's history, oldest first (etcd here never
+        compacts, so that is every write since the key was created)."""
+        versions: list[dict[str, object]] = []
+        current = self.etcd_range(key)
+        if not current:
+            return versions
+        kv = current[0]
+        while True:
+            versions.append(kv)
+            if int(kv["version"]) <= 1:  # type: ignore[call-overload]
+                break
+            older = self.etcd_range(key, revision=int(kv["mod_revision"]) - 1)  # type: ignore[call-overload]
+            if not older or older[0]["create_revision"] != kv["create_revision"]:
+                break
+            kv = older[0]
+        return list(reversed(versions))
+
+    def leader(self) -> str | None:
+        """The orchestrator named by the leader key, or None (no leader, or etcd down)."""
+        try:
+            got = self.etcd_range(LEADER_KEY, timeout_s=2.0)
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+        return str(got[0]["value"]) if got else None
+
+    def wait_leader(self, timeout_s: float = 30.0, other_than: str = "") -> str:
+        def probe() -> str | None:
+            name = self.leader()
+            return name if name and name != other_than else None
+        return wait_for("an orchestrator to hold the leader key" + (f" (not {other_than})" if other_than else ""),
+                        probe, timeout_s)
+
+    def watch_prefix(self, prefix: str) -> subprocess.Popen[str]:
+        """`etcdctl watch --prefix KEY -w json`: one JSON line per write, as it happens (a fault
+        trigger reacts within milliseconds of a phase change instead of a polling interval)."""
+        return subprocess.Popen(["etcdctl", f"--endpoints={self.c.etcd_endpoint}", "watch", "--prefix", prefix,
+                                 "-w", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "ETCDCTL_API": "3"})
+
+    # ---- faults -----------------------------------------------------------------------------
+
+    def _record(self, kind: str, target: str, note: str = "") -> FaultRecord:
+        fault = FaultRecord(kind, target, time.monotonic(), time.time(), note)
+        self.faults.append(fault)
+        self._say(f"fault: {kind} {target}" + (f" ({note})" if note else ""))
+        return fault
+
+    def kill_agent(self, name: str) -> FaultRecord:
+        fault = self._record("SIGKILL agent", name)
+        self.agent_proc(name).kill()
+        self.killed_agents.add(name)
+        return fault
+
+    def hang_agent(self, name: str, note: str = "") -> FaultRecord:
+        fault = self._record("SIGSTOP agent", name, note)
+        os.kill(self.agent_proc(name).popen.pid, signal.SIGSTOP)
+        self.hung_agents.add(name)
+        return fault
+
+    def unhang_agent(self, name: str) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.agent_proc(name).popen.pid, signal.SIGCONT)
+        self.hung_agents.discard(name)
+
+    def partition_agent(self, name: str) -> FaultRecord:
+        """Cuts the agent's link; in loopback mode SIGSTOP stands in (the agent cannot act on its
+        own either, unlike a real partitioned host, which keeps running its guest)."""
+        assert self.fabric is not None
+        if not self.fabric.can_partition:
+            return self.hang_agent(name, note="partition stand-in: loopback mode cannot cut links")
+        fault = self._record("partition agent", name, f"veth {self.fabric.links[name]} down")  # type: ignore[union-attr]
+        self.fabric.cut(name)
+        self.partitioned.add(name)
+        return fault
+
+    def heal(self) -> list[str]:
+        """Ends every hang and partition; returns what was healed."""
+        healed = []
+        for name in sorted(self.hung_agents):
+            self.unhang_agent(name)
+            healed.append(f"SIGCONT {name}")
+        for name in sorted(self.partitioned):
+            assert self.fabric is not None
+            self.fabric.restore(name)
+            healed.append(f"link of {name} up")
+        self.partitioned.clear()
+        if healed:
+            self._say(f"healed: {', '.join(healed)}")
+        return healed
+
+    def restart_killed_agents(self) -> list[str]:
+        restarted = sorted(self.killed_agents)
+        for name in restarted:
+            self.start_agent(name)
+        if restarted:
+            self._say(f"recovery: restarted agents {', '.join(restarted)} (same name, data dir, address)")
+        return restarted
+
+    def stop_etcd(self) -> FaultRecord:
+        fault = self._record("etcd stop", self.c.etcd_endpoint)
+        self.c.stop_etcd()
+        return fault
+
+    def start_etcd_again(self) -> None:
+        self.c.restart_etcd()
+        self._say(f"etcd started again on {self.c.etcd_endpoint} (same data dir)")
+
+    def kill_leader(self) -> FaultRecord:
+        name = self.leader()
+        proc = next((p for p in self.live_orchestrators() if p.name == name), None)
+        if proc is None:
+            raise ClusterError(f"the leader key names {name!r}, which is not a live orchestrator of this cluster")
+        fault = self._record("SIGKILL orchestrator leader", proc.name)
+        proc.kill()
+        self.killed_orchestrators.add(proc.name)
+        live = self.orchestrator_addresses()
+        if live:  # LocalCluster's own calls (ListNodes when an agent starts) need a live replica
+            self.c.orchestrator_address = next(iter(live.values()))
+        return fault
