@@ -19,9 +19,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
 
@@ -36,6 +38,9 @@ LEADER = PREFIX + b"leader"
 CORDON = PREFIX + b"cordon/"
 
 EtcdError = aetcd.exceptions.ClientError
+TRANSIENT_ETCD_ERRORS = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+READ_RETRY_BUDGET_S = 3.0
+T = TypeVar("T")
 
 
 class ConflictError(Exception):
@@ -68,14 +73,28 @@ class EtcdStore:
     async def close(self) -> None:
         await self._client.close()
 
+    async def _read(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Reads are idempotent: retried on the transient errors only (etcd restarting or a
+        deadline), briefly; writes are not retried here: a CAS that may have landed is re-read
+        and decided again by its caller."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT_ETCD_ERRORS),
+            stop=stop_after_delay(READ_RETRY_BUDGET_S),
+            wait=wait_exponential(multiplier=0.05, max=0.5),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError(f"unreachable: {what}")
+
     async def _get(self, key: bytes) -> Versioned | None:
-        got = await self._client.get(key)
+        got = await self._read(f"get {key!r}", lambda: self._client.get(key))
         if got is None:
             return None
         return Versioned(got.value, got.mod_revision)
 
     async def _list(self, prefix: bytes) -> list[tuple[bytes, Versioned]]:
-        got = await self._client.get_prefix(prefix)
+        got = await self._read(f"list {prefix!r}", lambda: self._client.get_prefix(prefix))
         return [(kv.key, Versioned(kv.value, kv.mod_revision)) for kv in got]
 
     # ---- jobs -------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ class EtcdStore:
 
     async def leader_term(self) -> int | None:
         """The current leader's term, or None when nobody leads."""
-        got = await self._client.get(LEADER)
+        got = await self._read("get leader", lambda: self._client.get(LEADER))
         return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:
