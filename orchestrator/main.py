@@ -31,6 +31,7 @@ from orchestrator.runner import RunnerSettings
 from proto.v1 import migration_pb2, migration_pb2_grpc
 
 log = logging.getLogger("orchestrator")
+CAMPAIGN_POLL_S = 0.2
 
 
 class Orchestrator:
@@ -53,11 +54,15 @@ class Orchestrator:
         """Campaigns for the leader key; while held, a dispatcher drives the jobs."""
         while True:
             try:
+                # A standby only reads while someone leads (cheap), so it can look often and take
+                # over within the lease TTL plus a poll once the old leader's lease expires.
+                if await self.store.leader() is not None:
+                    await asyncio.sleep(CAMPAIGN_POLL_S)
+                    continue
                 lease_id = await self.store.grant_lease(self.lease_ttl_s)
                 term = await self.store.try_become_leader(self.name, lease_id)
                 if term is None:
                     await self.store.revoke_lease(lease_id)
-                    await asyncio.sleep(max(self.lease_ttl_s / 3.0, 0.2))  # campaign retry interval
                     continue
             except EtcdError as exc:
                 log.warning("etcd unavailable while campaigning: %s", exc)
