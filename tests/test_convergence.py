@@ -23,7 +23,7 @@ def test_small_remainder_goes_to_stop_and_copy() -> None:
 
 
 def test_precopy_alone_never_decides_stop_and_copy_while_blocks_changed() -> None:
-    # the sequential precopy rate would promise 15 ms; scattered blocks must be timed first
+    # the sequential precopy rate would promise 25 ms; scattered blocks must be timed first
     d = decide(Policy(max_downtime_ms=50), [facts(0, 1 * MB)], 0)
     assert d.action is Action.NEXT_ROUND and d.estimated_downtime_ms < 50
     assert decide(Policy(), [facts(0, 0)], 0).action is Action.STOP_AND_COPY
