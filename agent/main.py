@@ -63,7 +63,16 @@ async def serve(args: argparse.Namespace) -> int:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
-    await host.start()
+    try:
+        await host.start()
+    except EtcdError as exc:
+        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        await server.stop(grace=None)
+        with contextlib.suppress(Exception):  # tear down what started; etcd is the problem being reported
+            await host.stop()
+        with contextlib.suppress(Exception):
+            await store.close()
+        return 2
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print(f"agent {args.name} serving on {advertise}:{port} data {host.receiver.address}", flush=True)
 
