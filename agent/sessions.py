@@ -239,17 +239,31 @@ class SourceSession(Session):
                 await task
         self.stage = "stop-and-copy"
         started = time.monotonic()
+        steps: list[tuple[str, float]] = []
+
+        def step(name: str) -> None:
+            steps.append((name, time.monotonic()))
+
         if self.workload is not None:
             await asyncio.to_thread(self.workload.pause)  # the guest's I/O stalls from here
+        step("pause guest")
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP_COPY)  # Suspend
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
+        step("suspend")
         self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
         sent = await self._send_changed(lbas)
+        step(f"last {len(lbas)} blocks")
         state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
         guest = encode_guest(self.workload)
+        step("states")
         await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
+        step("destination loaded")
         await self._drop_sender()  # everything is across and acknowledged
+        step("close")
         self.stage = "stopped"
+        marks = [started, *(t for _, t in steps)]
+        log.info("job %s stop-and-copy %.1f ms: %s", self.job_id, (marks[-1] - started) * 1000,
+                 ", ".join(f"{name} {(marks[i + 1] - marks[i]) * 1000:.1f} ms" for i, (name, _) in enumerate(steps)))
         # The source is frozen from here until release: its digest is the switchover digest.
         self.digest_task = asyncio.create_task(asyncio.to_thread(self.ctrl.digest),
                                                name=f"digest-{self.job_id}")

@@ -36,6 +36,7 @@ LONG_CALL_DEADLINE_S = 20.0  # a long transfer call is re-issued (it attaches) a
 PROGRESS_INTERVAL_S = 0.5
 DIGEST_WAIT_S = 120.0
 MAX_DESTINATION_ATTEMPTS = 3
+ADDRESS_CACHE_S = 1.0
 # Phases in which a lost destination is replaced by another one (precopy starts over).
 REPLACEABLE_DESTINATION = frozenset({Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION})
 
@@ -72,6 +73,7 @@ class JobRunner:
     def __init__(self, store: EtcdStore, agents: AgentDirectory, job_id: str, epoch: int,
                  clock: Callable[[], float] = time.time, settings: RunnerSettings | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        self._addresses: dict[str, tuple[str, float]] = {}
         self.store = store
         self.agents = agents
         self.job_id = job_id
@@ -137,10 +139,17 @@ class JobRunner:
         return await self.store.get_node(name)
 
     async def _stub(self, name: str, *, role: str) -> agent_pb2_grpc.AgentServiceStub:
+        # Addresses are remembered briefly: the switchover makes several calls within a few
+        # milliseconds, and an etcd read before each would add to the guest's blackout.
+        cached = self._addresses.get(name)
+        if cached is not None and time.monotonic() - cached[1] < ADDRESS_CACHE_S:
+            return self.agents.stub(cached[0])
         node = await self._node(name)
         if node is None:
+            self._addresses.pop(name, None)
             raise StepFailed(f"{role} node {name!r} is not registered (its agent is down)",
                              source_lost=role == "source", destination_lost=role == "destination")
+        self._addresses[name] = (node.address, time.monotonic())
         return self.agents.stub(node.address)
 
     async def _call(self, role: str, what: str, fn: Callable[[agent_pb2_grpc.AgentServiceStub], Awaitable[T]],
@@ -395,13 +404,15 @@ class JobRunner:
                                     dirty_rate_bytes_per_s=result.dirty_rate_bytes_per_s))
 
     async def _stop_and_copy(self) -> None:
+        # Read before the guest is paused: the commit's CAS still catches any change since.
+        owned = await self.store.get_controller(self.j.controller_id)
+        if owned is None or owned[0].node != self.j.source_node:
+            raise StepFailed(f"controller {self.j.controller_id} ownership changed under the job")
+        await self._stub(self.j.destination_node, role="destination")  # its address, for the resume
         self.suspended_at = self._now()
         result = await self._long_call("source", "StopAndCopy",
                                        lambda s, t: s.StopAndCopy(self._ref(), timeout=t))
         job = self.j.record(self._now(), add_bytes=result.bytes_sent + result.state_bytes)
-        owned = await self.store.get_controller(job.controller_id)
-        if owned is None or owned[0].node != job.source_node:
-            raise StepFailed(f"controller {job.controller_id} ownership changed under the job")
         committed = self.observer.prepare(
             job.enter(Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}"))
         try:
