@@ -115,7 +115,7 @@ class Host:
             if not state_path.exists():
                 incoming.unlink()  # never loaded: the orchestrator will redo or abandon it
                 continue
-            session = await DestinationSession.reload(self.data_dir, incoming, state_path, cid, job_id)
+            session = await DestinationSession.reload(incoming, state_path, cid, job_id)
             self.sessions[job_id] = session
             log.info("recovered destination of job %s for %s, ready to resume", job_id, cid)
 

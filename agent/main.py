@@ -65,14 +65,15 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start()
     try:
         await host.start()
-    except EtcdError as exc:
-        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+    except EtcdError:
+        # Tear down what started before main() reports etcd; a server left running would
+        # outlive the event loop.
         await server.stop(grace=None)
-        with contextlib.suppress(Exception):  # tear down what started; etcd is the problem being reported
+        with contextlib.suppress(Exception):
             await host.stop()
         with contextlib.suppress(Exception):
             await store.close()
-        return 2
+        raise
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print(f"agent {args.name} serving on {advertise}:{port} data {host.receiver.address}", flush=True)
 

@@ -371,8 +371,7 @@ class DestinationSession(Session):
         self.stage = "loaded"
 
     @classmethod
-    async def reload(cls, data_dir: Path, incoming: Path, state_path: Path, controller_id: str,
-                     job_id: str) -> DestinationSession:
+    async def reload(cls, incoming: Path, state_path: Path, controller_id: str, job_id: str) -> DestinationSession:
         """A destination whose data and state had fully arrived before the agent restarted."""
         def load() -> tuple[EmulatedController, bytes]:
             state_blob, guest_blob = decode_final_payload(state_path.read_bytes())

@@ -395,16 +395,21 @@ def cmd_cancel(ctx: Context) -> int:
     return EXIT_OK
 
 
+def _show_listing(ctx: Context, response: Any, rows: Any, table: Any, empty: str) -> int:
+    """A List* response: JSON as is, else a table of its rows, else one line saying there are none."""
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(response))
+    elif rows:
+        ctx.show(table(rows))
+    else:
+        ctx.err.print(empty)
+    return EXIT_OK
+
+
 def cmd_nodes(ctx: Context) -> int:
     client = ctx.client()
     response = client.stub.ListNodes(migration_pb2.ListNodesRequest(), timeout=client.timeout)
-    if ctx.json:
-        ctx.print_json(render.message_to_dict(response))
-    elif response.nodes:
-        ctx.show(render.nodes_table(response.nodes))
-    else:
-        ctx.err.print("no nodes registered")
-    return EXIT_OK
+    return _show_listing(ctx, response, response.nodes, render.nodes_table, "no nodes registered")
 
 
 def cmd_cordon(ctx: Context) -> int:
@@ -421,13 +426,7 @@ def cmd_cordon(ctx: Context) -> int:
 def cmd_controllers(ctx: Context) -> int:
     client = ctx.client()
     response = client.stub.ListControllers(migration_pb2.ListControllersRequest(), timeout=client.timeout)
-    if ctx.json:
-        ctx.print_json(render.message_to_dict(response))
-    elif response.controllers:
-        ctx.show(render.controllers_table(response.controllers))
-    else:
-        ctx.err.print("no controllers registered")
-    return EXIT_OK
+    return _show_listing(ctx, response, response.controllers, render.controllers_table, "no controllers registered")
 
 
 def cmd_export(ctx: Context) -> int:

@@ -83,7 +83,6 @@ class JobRunner:
         self.revision = 0
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None
-        self.changed = asyncio.Event()  # set on every saved change (WatchMigration listens)
         self.observer = JobObserver(job_id, epoch)  # trace, metrics and log context of the job
 
     # ---- persistence ----------------------------------------------------------------------
@@ -109,8 +108,6 @@ class JobRunner:
                     release_controller=new.controller_id if release else None, leader_term=self.epoch)
                 self.observer.written(before, new)
                 self.job = new
-                self.changed.set()
-                self.changed = asyncio.Event()
                 return new
             except ConflictError:
                 term = await self.store.leader_term()
@@ -428,8 +425,6 @@ class JobRunner:
             raise StepFailed(f"commit refused: job or controller {job.controller_id} changed") from None
         self.observer.written(self.j, committed)
         self.job = committed
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     async def _resume(self) -> None:
         # After COMMIT the destination owns the controller: retry until it runs it, or until it is

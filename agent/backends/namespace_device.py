@@ -25,6 +25,7 @@ from pathlib import Path
 from agent.backend import BLOCK_BYTES
 from agent.backends.ioctl_abi import BLKZEROOUT, BlkRange, IoctlFn, kernel_ioctl
 from agent.emulated.errors import ControllerGoneError, LbaOutOfRangeError
+from agent.sparse_extents import data_extents
 
 CHUNK_BYTES = 1 << 20
 
@@ -120,27 +121,7 @@ class NamespaceDevice:
         A block device has no holes to report (the kernel answers SEEK_DATA with "all data"), so on
         real hardware this is the whole namespace; a sparse file in tests reports its extents.
         """
-        fd = self._usable_fd()
-        extents: list[tuple[int, int]] = []
-        pos = 0
-        while pos < self.size_bytes:
-            try:
-                data_at = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                if exc.errno == errno.EINVAL:
-                    return [(0, self.size_bytes)]
-                raise
-            hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), self.size_bytes)
-            lo, hi = _widen(data_at, hole_at - data_at)
-            hi = min(hi, self.size_bytes)
-            if extents and lo <= extents[-1][0] + extents[-1][1]:
-                first = extents.pop()
-                lo = first[0]
-            extents.append((lo, hi - lo))
-            pos = hole_at
-        return extents
+        return data_extents(self._usable_fd(), self.size_bytes, BLOCK_BYTES)
 
     def digest(self) -> str:
         """sha256 hex of the whole namespace as it is on the media now."""

@@ -23,6 +23,7 @@ from types import TracebackType
 
 from agent.emulated.errors import ControllerGoneError, LbaOutOfRangeError
 from agent.nvme.spec import LBA_BYTES
+from agent.sparse_extents import data_extents
 
 CHUNK_BYTES = 1 << 20
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -168,30 +169,7 @@ class NamespaceStore:
     def extents(self) -> list[tuple[int, int]]:
         """(offset, length) of allocated data from SEEK_DATA/SEEK_HOLE, block-aligned and merged."""
         with self.lock:
-            fd = self.usable_fd()
-            merged: list[list[int]] = []
-            pos = 0
-            while pos < self.size_bytes:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        break  # no data after pos
-                    if exc.errno == errno.EINVAL:
-                        # The file system cannot report holes: everything counts as data.
-                        return [(0, self.size_bytes)]
-                    raise
-                if start >= self.size_bytes:
-                    break
-                stop = min(os.lseek(fd, start, os.SEEK_HOLE), self.size_bytes)
-                lo = start // LBA_BYTES * LBA_BYTES
-                hi = min(-(-stop // LBA_BYTES) * LBA_BYTES, self.size_bytes)
-                if merged and lo <= merged[-1][1]:
-                    merged[-1][1] = max(merged[-1][1], hi)
-                else:
-                    merged.append([lo, hi])
-                pos = stop
-            return [(lo, hi - lo) for lo, hi in merged]
+            return data_extents(self.usable_fd(), self.size_bytes, LBA_BYTES)
 
     # ----- snapshots ----------------------------------------------------------------------------
 
