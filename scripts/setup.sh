@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine (as root): the Debian packages the product and its tests use,
-# then this project with its development extras.
+# then this project with its development extras in a virtual environment, .venv/ beside this
+# script's repository (Debian's python3 is "externally managed" and refuses a system-wide pip).
+# Afterwards: .venv/bin/orchctl, .venv/bin/nvmigrate-orchestrator, .venv/bin/nvmigrate-agent,
+# or `. .venv/bin/activate` to have them on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-# chromium: the web page test drives it headless
-for pkg in etcd-server etcd-client fio qemu-utils libnbd-bin chromium; do
+# python3-venv: the virtual environment; chromium: the web page test drives it headless
+for pkg in python3 python3-venv etcd-server etcd-client fio qemu-utils libnbd-bin chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -13,4 +16,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}"
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
+# The system's Python, whatever else is first on PATH: it is the one a stock Debian 12 has.
+python=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  rm -rf .venv
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/orchctl --help >/dev/null
+echo "nvmigrate is installed in $(pwd)/.venv: run .venv/bin/orchctl, or '. .venv/bin/activate' first"
