@@ -14,7 +14,7 @@ from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
 from agent.host import Host, HostedController
 from agent.sessions import DestinationSession, SessionError, SourceSession, TransferFacts
-from cluster import names
+from cluster import agent_errors, names
 from cluster.store import EtcdError
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -54,7 +54,8 @@ def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
     return agent_pb2.TransferResult(bytes_sent=facts.bytes_sent, blocks_sent=facts.blocks_sent,
                                     duration_s=facts.duration_s, dirty_bytes_remaining=facts.dirty_bytes_remaining,
                                     dirty_rate_bytes_per_s=facts.dirty_rate_bytes_per_s,
-                                    state_bytes=facts.state_bytes, round=facts.round)
+                                    state_bytes=facts.state_bytes, round=facts.round,
+                                    total_bytes_sent=facts.total_bytes_sent)
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
@@ -65,6 +66,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         try:
             return await work
         except SessionError as exc:
+            if exc.stale is not None:
+                await context.abort_with_status(agent_errors.stale_epoch_status(exc.message, exc.stale))
             await context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}")
@@ -75,7 +78,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if session is None:
             return agent_pb2.SessionStatus(job_id=job_id, stage="unknown")
         status = agent_pb2.SessionStatus(job_id=session.job_id, stage=session.stage, epoch=session.epoch,
-                                         digest=session.digest, error=session.error)
+                                         digest=session.digest, error=session.error,
+                                         digest_error=session.digest_error)
         if isinstance(session, SourceSession):
             status.role = "source"
             status.bytes_sent = session.bytes_sent

@@ -26,6 +26,7 @@ from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
 from agent.emulated.controller import BLOCK_BYTES, EmulatedController
 from agent.guest.workload import GuestWorkload
 from agent.vfio_states import VfioState
+from cluster.agent_errors import StaleEpochDetail
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,11 @@ SMALL_WRITE_BYTES = 64 * 1024
 class SessionError(Exception):
     """A command that cannot be carried out; `kind` picks the gRPC status code."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, *, stale: StaleEpochDetail | None = None) -> None:
         super().__init__(message)
         self.kind = kind  # "stale", "precondition", "data_loss", "aborted", "internal", "not_found"
         self.message = message
+        self.stale = stale  # with kind "stale": what the orchestrator reads from the status detail
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TransferFacts:
     dirty_rate_bytes_per_s: float = 0.0
     state_bytes: int = 0
     round: int = 0
+    total_bytes_sent: int = 0  # the session's whole count after this step (data and state)
 
 
 def encode_guest(workload: GuestWorkload | None) -> bytes:
@@ -105,12 +108,23 @@ class Session:
     stage: str = "new"
     error: str = ""
     digest: str = ""
+    digest_error: str = ""  # why the switchover digest could not be computed
 
     def check_epoch(self, epoch: int) -> None:
         if epoch < self.epoch:
             raise SessionError("stale", f"stale epoch {epoch} for job {self.job_id}: epoch {self.epoch} "
-                                        "already drives it")
+                                        "already drives it", stale=StaleEpochDetail(self.job_id, epoch, self.epoch))
         self.epoch = epoch
+
+    def _digest_done(self, task: asyncio.Task[str]) -> None:
+        """The switchover digest, visible to GetSession as soon as it is computed."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.digest_error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.digest = task.result()
 
 
 @dataclass
@@ -125,6 +139,7 @@ class SourceSession(Session):
     stop_copy_task: asyncio.Task[TransferFacts] | None = None
     digest_task: asyncio.Task[str] | None = None
     bytes_sent_before: int = 0  # sent by senders that are gone (a rollback and a new attempt)
+    state_bytes_sent: int = 0  # controller and guest state, once the destination loaded them
 
     @property
     def ctrl(self) -> EmulatedController:
@@ -133,7 +148,7 @@ class SourceSession(Session):
 
     @property
     def bytes_sent(self) -> int:
-        return self.bytes_sent_before + (self.sender.bytes_sent if self.sender else 0)
+        return self.bytes_sent_before + self.state_bytes_sent + (self.sender.bytes_sent if self.sender else 0)
 
     async def _attach(self, task: asyncio.Task[TransferFacts]) -> TransferFacts:
         # shield: a caller that gives up (deadline) must not cancel the transfer itself
@@ -197,7 +212,8 @@ class SourceSession(Session):
         duration = max(time.monotonic() - started, 1e-6)
         dirty = await asyncio.to_thread(self.ctrl.dirty_block_count) * BLOCK_BYTES
         return TransferFacts(bytes_sent=sent, blocks_sent=sent // BLOCK_BYTES, duration_s=duration,
-                             dirty_bytes_remaining=dirty, dirty_rate_bytes_per_s=dirty / duration, round=round_no)
+                             dirty_bytes_remaining=dirty, dirty_rate_bytes_per_s=dirty / duration, round=round_no,
+                             total_bytes_sent=self.bytes_sent)
 
     async def dirty_round(self, round_no: int, bandwidth: int, throttle_percent: int) -> TransferFacts:
         if self.precopy_task is None or not self.precopy_task.done():
@@ -257,6 +273,7 @@ class SourceSession(Session):
         guest = encode_guest(self.workload)
         step("states")
         await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
+        self.state_bytes_sent = len(state) + len(guest)
         step("destination loaded")
         await self._drop_sender()  # everything is across and acknowledged
         step("close")
@@ -267,9 +284,9 @@ class SourceSession(Session):
         # The source is frozen from here until release: its digest is the switchover digest.
         self.digest_task = asyncio.create_task(asyncio.to_thread(self.ctrl.digest),
                                                name=f"digest-{self.job_id}")
-        facts = TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
-                              state_bytes=len(state) + len(guest))
-        return facts
+        self.digest_task.add_done_callback(self._digest_done)
+        return TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
+                             state_bytes=len(state) + len(guest), total_bytes_sent=self.bytes_sent)
 
     async def _cancel_tasks(self, *extra: asyncio.Task[Any] | None) -> None:
         tasks = [t for t in (self.precopy_task, self.stop_copy_task, *self.round_tasks.values(), *extra) if t]
@@ -314,7 +331,10 @@ class SourceSession(Session):
             raise SessionError("precondition", f"job {self.job_id}: release before stop-and-copy finished "
                                                f"(stage {self.stage})")
         if self.digest_task is not None:
-            self.digest = await self.digest_task
+            # Sanitizing under a hashing thread would pull the file from under it; its outcome is
+            # recorded by _digest_done either way.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.digest_task)
         await self._drop_sender()
         if self.workload is not None:
             await asyncio.to_thread(self.workload.stop)
@@ -412,15 +432,6 @@ class DestinationSession(Session):
         self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
         self.state_path.unlink(missing_ok=True)  # the controller's metadata now stands for it
-
-    def _digest_done(self, task: asyncio.Task[str]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            self.error = f"digest failed: {exc}"
-        else:
-            self.digest = task.result()
 
     def guest_blackout_ms(self) -> float:
         if self.workload is None:

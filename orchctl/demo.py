@@ -142,6 +142,11 @@ def _run(cluster: LocalCluster, args: argparse.Namespace, console: Console) -> d
                     f"{job.bytes_transferred / 2**20:8.1f} MiB  rounds {job.rounds}")
                 last_phase = job.phase
         job = api.GetMigration(migration_pb2.GetMigrationRequest(id=job.id), timeout=10)
+        if job.phase == migration_pb2.COMPLETED:
+            # Verification comes after COMPLETED (the guest already runs on the destination).
+            job = wait_for("the migration's verification", lambda: (
+                j if (j := api.GetMigration(migration_pb2.GetMigrationRequest(id=job.id), timeout=10)).verification
+                != migration_pb2.VERIFICATION_PENDING else None), 600, interval_s=0.1)
         owner = {c.id: c.node for c in api.ListControllers(migration_pb2.ListControllersRequest(), timeout=10)
                  .controllers}["c1"]
     channel, where = cluster.agent_stub(owner)
@@ -253,6 +258,8 @@ def _summary(job: migration_pb2.Migration, verify: agent_pb2.VerifyResponse, own
         "bytes_transferred": job.bytes_transferred, "rounds": job.rounds,
         "precopy_throughput_bytes_per_s": round(throughput),
         "digests_equal": bool(job.source_digest) and job.source_digest == job.destination_digest,
+        "verification": migration_pb2.Verification.Name(job.verification).removeprefix("VERIFICATION_"),
+        "verification_note": job.verification_note,
         "phases": phases,
     }
 
@@ -272,7 +279,8 @@ def _print_result(console: Console, result: dict[str, Any]) -> None:
                   f"guest-observed blackout: {result['blackout_ms']:.1f} ms "
                   f"(orchestrator switchover {result['switchover_ms']:.1f} ms)")
     console.print(f"{result['blocks_checked']} acknowledged blocks on {result['controller_now_on']}: {ok}; "
-                  f"namespace digests equal at switchover: {result['digests_equal']}")
+                  f"namespace verification: {result['verification']}"
+                  f"{' (' + result['verification_note'] + ')' if result['verification_note'] else ''}")
     if "fio" in result:
         f = result["fio"]
         before, across = f["written_before_migration"], f["written_across_migration"]

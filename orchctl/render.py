@@ -236,6 +236,21 @@ def policy_text(policy: migration_pb2.ConvergencePolicy) -> str:
     return ", ".join(parts)
 
 
+_VERIFICATION_STYLE = {
+    migration_pb2.VERIFICATION_PENDING: ("pending: hashing both copies; the source copy is kept meanwhile", "yellow"),
+    migration_pb2.VERIFICATION_PASSED: ("passed: the source copy was released", "green"),
+    migration_pb2.VERIFICATION_FAILED: ("FAILED: the source copy is kept for an operator", "bold red"),
+}
+
+
+def verification_text(m: migration_pb2.Migration) -> Text:
+    words, style = _VERIFICATION_STYLE.get(m.verification, ("-", ""))
+    text = Text(words, style=style)
+    if m.verification_note:
+        text.append(f" ({m.verification_note})")
+    return text
+
+
 def digest_text(m: migration_pb2.Migration) -> Text:
     src, dst = m.source_digest, m.destination_digest
     if not src and not dst:
@@ -281,6 +296,7 @@ def migration_fields(m: migration_pb2.Migration, now: float) -> Table:
         ("downtime", Text(human_duration_ms(m.downtime_ms) if m.downtime_ms > 0 else "-")),
         ("policy", Text(policy_text(m.policy))),
         ("epoch", Text(str(m.epoch))),
+        ("verification", verification_text(m)),
         ("digests", digest_text(m)),
         ("reason", Text(m.reason or "-")),
     ]

@@ -19,17 +19,26 @@ from cluster import names
 from cluster.records import RUNNING, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import scheduler, tracing
-from orchestrator.agent_client import AgentUnreachable, call_with_retry
-from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, PhaseEntry, Policy
-from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2, migration_pb2_grpc
+from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable
+from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, PhaseEntry, Policy, Verification
+from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
+EXPORT_BUDGET_S = 10.0
 
 _ON_NO_CONVERGENCE = {
     migration_pb2.NO_CONVERGENCE_ACTION_UNSPECIFIED: OnNoConvergence.THROTTLE,
     migration_pb2.THROTTLE: OnNoConvergence.THROTTLE,
     migration_pb2.ABORT: OnNoConvergence.ABORT,
     migration_pb2.FORCE: OnNoConvergence.FORCE,
+}
+
+
+_VERIFICATION = {
+    Verification.NONE: migration_pb2.VERIFICATION_UNSPECIFIED,
+    Verification.PENDING: migration_pb2.VERIFICATION_PENDING,
+    Verification.PASSED: migration_pb2.VERIFICATION_PASSED,
+    Verification.FAILED: migration_pb2.VERIFICATION_FAILED,
 }
 
 
@@ -79,13 +88,15 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
         created_at=job.created_at, updated_at=job.updated_at, epoch=job.epoch,
         cancel_requested=job.cancel_requested, policy=policy, source_digest=job.source_digest,
         destination_digest=job.destination_digest, downtime_ms=job.downtime_ms,
-        trace_id=job.trace_context.get("trace_id", ""), guest_blackout_ms=job.guest_blackout_ms)
+        trace_id=job.trace_context.get("trace_id", ""), guest_blackout_ms=job.guest_blackout_ms,
+        verification=_VERIFICATION[job.verification], verification_note=job.verification_note)
 
 
 class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
-    def __init__(self, store: EtcdStore, on_job_created: Callable[[], None],
+    def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[], None],
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.agents = agents
         self.on_job_created = on_job_created
         self.clock = clock
 
@@ -229,7 +240,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
             if job.cancel_requested:
                 return job_to_message(job)
             try:
-                updated = job.with_fields(self.clock(), cancel_requested=True)
+                updated = job.cancel_asked(self.clock())
                 await self.store.update_job(job_id, updated.to_bytes(), revision)
                 return job_to_message(updated)
             except ConflictError:
@@ -274,25 +285,21 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"controller {cid!r} is on node {owned[0].node!r}, whose agent is not live; "
                               "it cannot be exported until that node is back")
-            # A short-lived channel: exports are rare, and this keeps the API free of agent state.
-            async with grpc.aio.insecure_channel(node.address) as channel:
-                stub = agent_pb2_grpc.AgentServiceStub(channel)
-                try:
-                    reply = await call_with_retry(
-                        f"export {cid} on {node.name}",
-                        lambda: stub.ExportController(agent_pb2.GetControllerRequest(controller_id=cid),
-                                                      timeout=5.0),
-                        budget_s=10.0)
-                except AgentUnreachable as exc:
-                    raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry shortly") from None
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.NOT_FOUND:
-                        # etcd names the new owner from COMMIT on; the controller runs there a moment later.
-                        raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"controller {cid!r} belongs to node {node.name!r} but does not run there "
-                                      "yet (a migration is switching it over); retry in a moment") from None
-                    raise Refused(exc.code(), f"node {node.name!r} refused to export {cid!r}: "
-                                              f"{exc.details()}") from None
+            self.agents.remember(node.name, node.address)
+            try:
+                reply = await self.agents.call(
+                    node.name, f"export {cid}",
+                    lambda s: s.ExportController(agent_pb2.GetControllerRequest(controller_id=cid), timeout=5.0),
+                    budget_s=EXPORT_BUDGET_S)
+            except AgentUnreachable as exc:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc.message}; retry shortly") from None
+            except AgentRefused as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    # etcd names the new owner from COMMIT on; the controller runs there a moment later.
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"controller {cid!r} belongs to node {node.name!r} but does not run there "
+                                  "yet (a migration is switching it over); retry in a moment") from None
+                raise Refused(exc.code, f"node {node.name!r} refused to export {cid!r}: {exc.details}") from None
             return migration_pb2.ControllerExport(controller_id=cid, node=node.name, uri=reply.uri)
         return await self._guard(context, export())  # type: ignore[no-any-return]
 

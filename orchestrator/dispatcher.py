@@ -12,9 +12,10 @@ import contextlib
 import logging
 
 from cluster.store import EtcdError, EtcdStore
-from orchestrator.agent_client import AgentDirectory
-from orchestrator.jobs import Job
+from orchestrator.agent_calls import AgentCalls
+from orchestrator.jobs import Job, Phase
 from orchestrator.runner import JobRunner, RunnerSettings, run_job
+from orchestrator.verifier import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,10 @@ RESCAN_INTERVAL_S = 2.0
 
 
 class JobDispatcher:
-    def __init__(self, store: EtcdStore, agents: AgentDirectory, epoch: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None) -> None:
+    def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
+                 settings: RunnerSettings | None = None, verifier: Verifier | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        self.verifier = verifier
         self.store = store
         self.agents = agents
         self.epoch = epoch
@@ -69,6 +71,8 @@ class JobDispatcher:
     async def _run(self, job_id: str) -> None:
         try:
             async with self._slots:
-                await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings))
+                ended = await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings))
+            if ended is not None and ended.phase is Phase.COMPLETED and self.verifier is not None:
+                self.verifier.poke(job_id)
         finally:
             self._tasks.pop(job_id, None)

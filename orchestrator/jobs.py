@@ -54,6 +54,18 @@ class IllegalPhaseChange(Exception):
     pass
 
 
+class Verification(StrEnum):
+    """Whether the destination's namespace was checked against the source's at switchover.
+
+    It runs after COMPLETED (the controller already runs on the destination), so hashing a large
+    namespace never holds the job open; the source copy is kept until it passes."""
+
+    NONE = ""  # not started: the job has not completed
+    PENDING = "PENDING"
+    PASSED = "PASSED"
+    FAILED = "FAILED"
+
+
 class OnNoConvergence(StrEnum):
     THROTTLE = "THROTTLE"
     ABORT = "ABORT"
@@ -106,6 +118,10 @@ class Job:
     downtime_ms: float = 0.0
     guest_blackout_ms: float = 0.0
     trace_context: dict[str, str] = field(default_factory=dict)
+    # Bytes sent to destinations that were replaced; the current attempt's come on top of these.
+    attempt_base_bytes: int = 0
+    verification: Verification = Verification.NONE
+    verification_note: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -123,7 +139,8 @@ class Job:
         if phase not in TERMINAL:
             raise IllegalPhaseChange(f"job {self.id}: {phase} is not a terminal phase")
         ended = self.enter(phase, now, note=reason)
-        return replace(ended, reason=reason)
+        verification = Verification.PENDING if phase is Phase.COMPLETED else Verification.NONE
+        return replace(ended, reason=reason, verification=verification)
 
     def _close_current(self, now: float) -> tuple[PhaseEntry, ...]:
         if not self.phases:
@@ -133,20 +150,88 @@ class Job:
             return self.phases
         return (*self.phases[:-1], replace(last, duration_ms=max(0.0, (now - last.started_at) * 1000.0)))
 
-    def record(self, now: float, *, add_bytes: int = 0, add_rounds: int = 0, note: str | None = None,
-               **fields: Any) -> Job:
-        """Adds bytes and rounds to the current phase and the totals; sets other fields."""
+    def with_phase_duration(self, index: int, duration_ms: float) -> Job:
+        """The closed phase `index` as measured on a monotonic clock (the wall clock may step)."""
+        entry = self.phases[index]
+        phases = (*self.phases[:index], replace(entry, duration_ms=max(0.0, duration_ms)), *self.phases[index + 1:])
+        return replace(self, phases=phases)
+
+    def record(self, now: float, *, add_bytes: int = 0, add_rounds: int = 0, note: str | None = None) -> Job:
+        """Adds what a step moved to the current phase (and rounds to the total)."""
         phases = self.phases
         if phases:
             last = phases[-1]
             last = replace(last, bytes=last.bytes + add_bytes, rounds=last.rounds + add_rounds,
                            note=last.note if note is None else note)
             phases = (*phases[:-1], last)
-        return replace(self, phases=phases, bytes_transferred=self.bytes_transferred + add_bytes,
-                       rounds=self.rounds + add_rounds, updated_at=now, **fields)
+        return replace(self, phases=phases, rounds=self.rounds + add_rounds, updated_at=now)
 
-    def with_fields(self, now: float, **fields: Any) -> Job:
-        return replace(self, updated_at=now, **fields)
+    # ---- named changes: each says what happened ----------------------------------------------
+
+    def taken_over(self, epoch: int, now: float) -> Job:
+        """A new leader (orchestrator epoch) drives the job from now on."""
+        return replace(self, epoch=epoch, updated_at=now)
+
+    def cancel_asked(self, now: float) -> Job:
+        """The operator asked to cancel; the runner rolls back at its next step (before COMMIT)."""
+        return replace(self, cancel_requested=True, updated_at=now)
+
+    def destination_chosen(self, node: str, now: float) -> Job:
+        earlier = self.phases[-1].note if self.phases else ""
+        note = f"{earlier}; destination {node}" if earlier else f"destination {node}"
+        return self.record(now, note=note)._with_destination(node, "", "")
+
+    def destination_prepared(self, data_address: str, token: str, now: float) -> Job:
+        """The destination made an empty controller and a data-plane endpoint with a one-time token."""
+        return replace(self._with_destination(self.destination_node, data_address, token), updated_at=now)
+
+    def without_destination(self, now: float) -> Job:
+        """The destination is given up before any data went there (it did not answer PREPARING);
+        it is excluded from the next choice."""
+        return replace(self._with_destination("", "", ""), excluded_destinations=self._excluding_destination(),
+                       updated_at=now)
+
+    def destination_replaced(self, reason: str, now: float) -> Job:
+        """The destination was lost before COMMIT: back to PREPARING for another one; precopy
+        starts over, and what was sent to the lost one stays counted."""
+        lost = self.destination_node
+        job = replace(self._with_destination("", "", ""), excluded_destinations=self._excluding_destination(),
+                      throttle_percent=0, attempt_base_bytes=self.bytes_transferred)
+        return job.enter(Phase.PREPARING, now, note=f"destination {lost} lost ({reason}); choosing another")
+
+    def _with_destination(self, node: str, data_address: str, token: str) -> Job:
+        return replace(self, destination_node=node, destination_data_address=data_address,
+                       destination_token=token)
+
+    def _excluding_destination(self) -> tuple[str, ...]:
+        if not self.destination_node or self.destination_node in self.excluded_destinations:
+            return self.excluded_destinations
+        return (*self.excluded_destinations, self.destination_node)
+
+    def progressed(self, attempt_bytes_sent: int, now: float) -> Job:
+        """The source reports `attempt_bytes_sent` for the current destination: the total only grows."""
+        total = max(self.bytes_transferred, self.attempt_base_bytes + attempt_bytes_sent)
+        return self if total == self.bytes_transferred else replace(self, bytes_transferred=total, updated_at=now)
+
+    def round_measured(self, dirty_rate_bytes_per_s: float, now: float) -> Job:
+        return replace(self, dirty_rate_bytes_per_s=dirty_rate_bytes_per_s, updated_at=now)
+
+    def throttled(self, throttle_percent: int, reason: str, now: float) -> Job:
+        """Auto-converge: the guest is slowed to let the rounds catch up."""
+        return replace(self.record(now, note=reason), throttle_percent=throttle_percent)
+
+    def switched_over(self, downtime_ms: float, guest_blackout_ms: float, now: float) -> Job:
+        """The destination runs the controller: what the switchover cost, as measured."""
+        return replace(self, downtime_ms=round(downtime_ms, 3), guest_blackout_ms=guest_blackout_ms, updated_at=now)
+
+    def verified(self, source_digest: str, destination_digest: str, now: float) -> Job:
+        """Verification passed: the destination's namespace is the source's at switchover."""
+        return replace(self, verification=Verification.PASSED, source_digest=source_digest,
+                       destination_digest=destination_digest, verification_note="", updated_at=now)
+
+    def verification_failed(self, why: str, source_digest: str, destination_digest: str, now: float) -> Job:
+        return replace(self, verification=Verification.FAILED, source_digest=source_digest,
+                       destination_digest=destination_digest, verification_note=why, updated_at=now)
 
     # ---- persistence --------------------------------------------------------------------
 
@@ -161,4 +246,5 @@ class Job:
         data["phase"] = Phase(data["phase"])
         data["phases"] = tuple(PhaseEntry(**{**p, "phase": Phase(p["phase"])}) for p in data["phases"])
         data["excluded_destinations"] = tuple(data.get("excluded_destinations", ()))
+        data["verification"] = Verification(data.get("verification", ""))
         return cls(**data)

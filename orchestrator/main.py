@@ -23,11 +23,12 @@ from grpc_reflection.v1alpha import reflection
 from cluster import logs, telemetry
 from cluster.store import EtcdError, EtcdStore, keep_lease_alive
 from orchestrator import web
-from orchestrator.agent_client import AgentDirectory
+from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
+from orchestrator.verifier import Verifier
 from proto.v1 import migration_pb2, migration_pb2_grpc
 
 log = logging.getLogger("orchestrator")
@@ -42,9 +43,9 @@ class Orchestrator:
         self.name = name
         self.lease_ttl_s = lease_ttl_s
         self.max_concurrent = max_concurrent
-        self.agents = AgentDirectory()
+        self.agents = AgentCalls(store)
         self.dispatcher: JobDispatcher | None = None
-        self.api = MigrationApi(store, on_job_created=self._poke)
+        self.api = MigrationApi(store, self.agents, on_job_created=self._poke)
 
     def _poke(self) -> None:
         if self.dispatcher is not None:
@@ -75,16 +76,19 @@ class Orchestrator:
                 lost.set()
 
             keeper = asyncio.create_task(keep_lease_alive(self.store, lease_id, self.lease_ttl_s, on_lost))
-            self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings)
+            verifier = Verifier(self.store, self.agents, term)
+            self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings,
+                                            verifier)
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
+            verifying = asyncio.create_task(verifier.run_forever(), name="verify")
             try:
                 await lost.wait()
                 log.error("%s lost the leader lease; stopping job runners", self.name)
             finally:
                 await self.dispatcher.stop()
                 self.dispatcher = None
-                for task in (keeper, reconciling):
+                for task in (keeper, reconciling, verifying):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
-from orchestrator.jobs import TERMINAL, Job, Phase
+from orchestrator.jobs import TERMINAL, Job, Phase, Verification
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ SWITCHOVER_DOWNTIME = Histogram("nvmigrate_switchover_downtime_seconds",
 BYTES_MOVED = Counter("nvmigrate_bytes_moved", "Migration bytes sent between agents (data and controller state)",
                       registry=REGISTRY)
 DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds completed", registry=REGISTRY)
+VERIFICATIONS = Counter("nvmigrate_verifications", "Completed migrations checked against the source's switchover "
+                        "image, by outcome (FAILED is an alarm: the source copy is kept)", ["outcome"],
+                        registry=REGISTRY)
 EVACUATIONS = Counter("nvmigrate_evacuations", "Node evacuations started", registry=REGISTRY)
 ProcessCollector(registry=REGISTRY)
 
@@ -60,6 +63,8 @@ def job_written(old: Job, new: Job) -> None:
     for index in range(max(len(old.phases) - 1, 0), len(new.phases) - 1):
         entry = new.phases[index]
         PHASE_DURATION.labels(entry.phase.value).observe(entry.duration_ms / 1000.0)
+    if new.verification is not old.verification and new.verification in (Verification.PASSED, Verification.FAILED):
+        VERIFICATIONS.labels(new.verification.value).inc()
     if new.terminal and not old.terminal:
         JOBS_FINISHED.labels(new.phase.value).inc()
         if new.phase is Phase.COMPLETED:

@@ -3,7 +3,9 @@
 For migration sessions an agent still holds for a job that ended (or that etcd never heard of):
 - a destination holding the loaded controller that etcd says it owns (the job ended while it was
   unreachable after COMMIT) is resumed: it is the one node allowed to run it;
-- a source frozen after stop-and-copy whose controller now runs elsewhere is released (sanitized);
+- a source frozen after stop-and-copy whose controller now runs elsewhere is released (sanitized)
+  once its job's verification passed; while it is pending the verifier decides, and after it
+  failed the copy is kept for an operator;
 - anything else is aborted: a source goes back to RUNNING (the agent itself refuses when etcd
   says the controller belongs to another node), a destination copy is discarded.
 For controllers: one marked LOST or MISSING whose owner reports it RUNNING is marked RUNNING;
@@ -16,16 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import grpc
-import grpc.aio
 
 from cluster.records import LOST, MISSING, RUNNING, ControllerRecord
 from cluster.store import EtcdError, EtcdStore
-from orchestrator.agent_client import AgentDirectory
-from orchestrator.jobs import Job
+from orchestrator.agent_calls import AgentCallError, AgentCalls, Stub
+from orchestrator.jobs import Job, Verification
 from proto.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,8 @@ def _session_action(node: str, session: agent_pb2.SessionStatus, job: Job | None
                              f"{ended}; {node} owns {cid} and holds it loaded")
     if record is not None and session.role == "source" and session.stage == "stopped" \
             and record.node != node and record.state == RUNNING:
+        if job is not None and job.verification is not Verification.PASSED:
+            return None  # the verifier's to decide (PENDING), or kept for an operator (FAILED)
         return SessionAction("release", node, session.job_id, cid, epoch, f"{ended}; {cid} runs on {record.node}")
     return SessionAction("abort", node, session.job_id, cid, epoch, ended)
 
@@ -97,8 +98,16 @@ def plan(controllers: Sequence[ControllerRecord], reports: Mapping[str, agent_pb
     return actions
 
 
+CALL_BUDGET_S = 3.0
+_SESSION_COMMANDS: dict[str, Callable[[Stub, agent_pb2.MigrationRef], Awaitable[agent_pb2.SessionStatus]]] = {
+    "abort": lambda stub, ref: stub.AbortMigration(ref, timeout=10.0),
+    "resume": lambda stub, ref: stub.ResumeDestination(ref, timeout=10.0),
+    "release": lambda stub, ref: stub.ReleaseSource(ref, timeout=10.0),
+}
+
+
 class Reconciler:
-    def __init__(self, store: EtcdStore, agents: AgentDirectory) -> None:
+    def __init__(self, store: EtcdStore, agents: AgentCalls) -> None:
         self.store = store
         self.agents = agents
 
@@ -108,19 +117,20 @@ class Reconciler:
                 await self.reconcile_once()
             await asyncio.sleep(RECONCILE_INTERVAL_S)  # the period of a background repair loop
 
-    async def _report(self, address: str) -> agent_pb2.AgentInfo | None:
+    async def _report(self, node: str) -> agent_pb2.AgentInfo | None:
         try:
-            reply: agent_pb2.AgentInfo = await self.agents.stub(address).GetInfo(agent_pb2.GetInfoRequest(),
-                                                                                 timeout=3.0)
-            return reply
-        except grpc.aio.AioRpcError:
+            return await self.agents.call(node, "GetInfo", lambda s: s.GetInfo(agent_pb2.GetInfoRequest(),
+                                                                               timeout=CALL_BUDGET_S),
+                                          budget_s=CALL_BUDGET_S)
+        except AgentCallError:
             return None
 
     async def reconcile_once(self) -> list[SessionAction | SetControllerState]:
         nodes = await self.store.list_nodes()
-        addresses = {n.name: n.address for n in nodes}
-        infos = await asyncio.gather(*(self._report(a) for a in addresses.values()))
-        reports = {name: info for name, info in zip(addresses, infos, strict=True) if info is not None}
+        for n in nodes:
+            self.agents.remember(n.name, n.address)
+        infos = await asyncio.gather(*(self._report(n.name) for n in nodes))
+        reports = {n.name: info for n, info in zip(nodes, infos, strict=True) if info is not None}
         jobs = {j.id: j for j in (Job.from_bytes(v.value) for v in await self.store.list_jobs())}
         actions = plan(await self.store.list_controllers(), reports, jobs)
         for action in actions:
@@ -128,14 +138,14 @@ class Reconciler:
             if isinstance(action, SessionAction):
                 ref = agent_pb2.MigrationRef(job_id=action.job_id, epoch=action.epoch,
                                              controller_id=action.controller_id)
-                stub = self.agents.stub(addresses[action.node])
-                call = {"abort": stub.AbortMigration, "resume": stub.ResumeDestination,
-                        "release": stub.ReleaseSource}[action.verb]
+                command = _SESSION_COMMANDS[action.verb]
                 try:
-                    await call(ref, timeout=30.0)
-                except grpc.aio.AioRpcError as exc:
+                    await self.agents.call(action.node, f"{action.verb} {action.job_id}",
+                                           lambda s, command=command, ref=ref: command(s, ref),  # type: ignore[misc]
+                                           budget_s=CALL_BUDGET_S)
+                except AgentCallError as exc:
                     log.info("reconcile: %s %s on %s refused: %s", action.verb, action.job_id, action.node,
-                             exc.details())
+                             exc.message)
             else:
                 await self.store.set_controller_state(action.controller_id, action.state,
                                                       only_if_node=action.node)

@@ -75,6 +75,20 @@ def wait_phase(cluster: LocalCluster, job_id: str, phases: set[Any], timeout_s: 
                     interval_s=0.05)
 
 
+def wait_verified(cluster: LocalCluster, job_id: str, timeout_s: float = 120) -> migration_pb2.Migration:
+    """Waits for a completed job's verification verdict (it comes after COMPLETED)."""
+    def probe() -> migration_pb2.Migration | None:
+        try:
+            job = get_job(cluster, job_id)
+        except grpc.RpcError:
+            return None  # orchestrator restarting
+        if job.phase != migration_pb2.COMPLETED:
+            raise AssertionError(f"job {job_id} is {migration_pb2.Phase.Name(job.phase)}, not COMPLETED: "
+                                 "only a completed job is verified")
+        return job if job.verification != migration_pb2.VERIFICATION_PENDING else None
+    return wait_for(f"job {job_id}'s verification", probe, timeout_s, interval_s=0.05)
+
+
 def owners(cluster: LocalCluster) -> dict[str, str]:
     channel, api = cluster.migration_stub()
     with channel:

@@ -21,6 +21,7 @@ from tests.clusterprobe import (
     running_on,
     verify,
     wait_phase,
+    wait_verified,
 )
 
 MiB = 1 << 20
@@ -80,6 +81,8 @@ def test_agent_restart_recovers_its_controllers_and_they_still_migrate(cluster: 
     job = migrate(cluster, "f3", to="n1")
     job = wait_phase(cluster, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+    job = wait_verified(cluster, job.id)
+    assert job.verification == migration_pb2.VERIFICATION_PASSED, job.verification_note
     assert job.source_digest and job.source_digest == job.destination_digest
     assert running_on(cluster, "f3", ALL) == ["n1"]
 

@@ -8,7 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.jobs import ALLOWED, BEFORE_COMMIT, TERMINAL, IllegalPhaseChange, Job, OnNoConvergence, Phase, Policy
+from orchestrator.jobs import (
+    ALLOWED,
+    BEFORE_COMMIT,
+    TERMINAL,
+    IllegalPhaseChange,
+    Job,
+    OnNoConvergence,
+    Phase,
+    Policy,
+    Verification,
+)
 
 # Written out independently of ALLOWED: what an operator may see a job do.
 EXPECTED = {
@@ -52,7 +62,51 @@ def test_phase_timings_close_when_the_next_phase_starts() -> None:
     prep, pre, dirty = j.phases
     assert prep.duration_ms == pytest.approx(250.0)
     assert pre.duration_ms == pytest.approx(750.0) and pre.bytes == 4096
-    assert dirty.duration_ms == 0.0 and j.bytes_transferred == 4096
+    assert dirty.duration_ms == 0.0
+    assert j.bytes_transferred == 0  # the total comes from the source's count (`progressed`), not the phases
+
+
+def test_the_total_only_grows_and_counts_replaced_destinations_once() -> None:
+    j = job().enter(Phase.PREPARING, 1.0)
+    j = j.destination_chosen("n2", 1.1).destination_prepared("10.0.0.2:7000", "t1", 1.2).enter(Phase.PRECOPY, 1.3)
+    j = j.progressed(1000, 2.0)
+    assert j.progressed(900, 2.1) is j  # an older reading changes nothing
+    j = j.progressed(3000, 2.2)
+    assert j.bytes_transferred == 3000
+    replaced = j.destination_replaced("n2 did not answer", 3.0)
+    assert replaced.phase is Phase.PREPARING and replaced.attempt_base_bytes == 3000
+    assert (replaced.destination_node, replaced.destination_data_address, replaced.destination_token) == ("", "", "")
+    assert replaced.excluded_destinations == ("n2",) and replaced.throttle_percent == 0
+    assert "destination n2 lost (n2 did not answer)" in replaced.phases[-1].note
+    # The new destination's session counts from zero again: the total goes on from 3000.
+    again = replaced.destination_chosen("n3", 3.1).enter(Phase.PRECOPY, 3.2).progressed(500, 3.3)
+    assert again.bytes_transferred == 3500
+    assert again.destination_node == "n3" and again.excluded_destinations == ("n2",)
+
+
+def test_a_destination_given_up_in_preparing_is_excluded_once() -> None:
+    j = job().enter(Phase.PREPARING, 1.0).destination_chosen("n2", 1.1)
+    dropped = j.without_destination(1.2)
+    assert dropped.destination_node == "" and dropped.excluded_destinations == ("n2",)
+    assert dropped.phase is Phase.PREPARING and dropped.without_destination(1.3).excluded_destinations == ("n2",)
+
+
+def test_completion_starts_verification_and_its_verdict_is_recorded() -> None:
+    resuming = job().enter(Phase.PREPARING, 1.0).enter(Phase.PRECOPY, 1.1).enter(Phase.DIRTY_ITERATION, 1.2) \
+        .enter(Phase.STOP_AND_COPY, 1.3).enter(Phase.COMMIT, 1.4).enter(Phase.RESUMING, 1.5)
+    done = resuming.switched_over(12.3456, 9.5, 1.6).end(Phase.COMPLETED, 1.6, "")
+    assert done.verification is Verification.PENDING and (done.downtime_ms, done.guest_blackout_ms) == (12.346, 9.5)
+    assert done.verified("a" * 64, "a" * 64, 2.0).verification is Verification.PASSED
+    failed = done.verification_failed("digests differ", "a" * 64, "b" * 64, 2.0)
+    assert failed.verification is Verification.FAILED and failed.verification_note == "digests differ"
+    assert Job.from_bytes(failed.to_bytes()) == failed
+    assert resuming.end(Phase.FAILED, 1.6, "lost").verification is Verification.NONE
+
+
+def test_a_phase_duration_can_come_from_the_monotonic_clock() -> None:
+    j = job().enter(Phase.PREPARING, 100.0).enter(Phase.PRECOPY, 50.0)  # the wall clock stepped back
+    assert j.phases[0].duration_ms == 0.0
+    assert j.with_phase_duration(0, 250.0).phases[0].duration_ms == 250.0
 
 
 def test_end_requires_a_terminal_phase_and_keeps_the_reason() -> None:

@@ -22,6 +22,7 @@ from tests.clusterprobe import (
     verify,
     wait_more_writes,
     wait_phase,
+    wait_verified,
 )
 
 MiB = 1 << 20
@@ -37,6 +38,8 @@ def test_migration_completes_and_every_acknowledged_write_verifies(cluster: Loca
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
 
     # the destination namespace equals the source's at switchover
+    job = wait_verified(cluster, job.id)
+    assert job.verification == migration_pb2.VERIFICATION_PASSED, job.verification_note
     assert job.source_digest and job.source_digest == job.destination_digest
     # every acknowledged write reads back on the destination, which now runs the guest
     result = verify(cluster, "n2", "c1")

@@ -21,7 +21,7 @@ import pytest
 from orchctl import fio
 from orchctl.localcluster import LocalCluster
 from proto.v1 import agent_pb2, migration_pb2
-from tests.clusterprobe import TERMINAL, get_job, migrate, wait_phase
+from tests.clusterprobe import TERMINAL, get_job, migrate, wait_phase, wait_verified
 from tests.nbdprobe import RawNbd, create, export, qemu_io, two_agents
 
 MiB = 1 << 20
@@ -58,7 +58,9 @@ def test_fio_writes_during_precopy_verify_with_fio_on_the_destination(pair: Loca
 
     job = wait_phase(pair, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
-    assert job.source_digest == job.destination_digest
+    job = wait_verified(pair, job.id)
+    assert job.verification == migration_pb2.VERIFICATION_PASSED, job.verification_note
+    assert job.source_digest and job.source_digest == job.destination_digest
     # fio's blocks were changed under tracking, so the dirty rounds carried them again
     assert phase_bytes(job, migration_pb2.DIRTY_ITERATION) >= 8 * MiB
 

@@ -47,7 +47,7 @@ class Driver:
     def __init__(self, job: Job, epoch: int) -> None:
         self.observer = JobObserver(job.id, epoch)
         self.observer.adopt(job)
-        self.job = self.save(job.with_fields(job.updated_at, epoch=epoch))
+        self.job = self.save(job.taken_over(epoch, job.updated_at))
 
     def save(self, new: Job) -> Job:
         before, new = self.job if hasattr(self, "job") else new, self.observer.prepare(new)
@@ -171,13 +171,13 @@ def test_metrics_count_what_changed_between_records() -> None:
     before = (value("nvmigrate_bytes_moved_total"), value("nvmigrate_jobs_finished_total", outcome="COMPLETED"),
               value("nvmigrate_phase_duration_seconds_count", phase="PRECOPY"),
               value("nvmigrate_guest_blackout_seconds_count"))
-    job = new_job().with_fields(1000.0, epoch=1)
+    job = new_job().taken_over(1, 1000.0)
     precopy = job.enter(Phase.PREPARING, 1000.5).enter(Phase.PRECOPY, 1001.0)
-    done = precopy.record(1003.0, add_bytes=5 * MiB).enter(Phase.DIRTY_ITERATION, 1003.0)
+    done = precopy.record(1003.0, add_bytes=5 * MiB).progressed(5 * MiB, 1003.0).enter(Phase.DIRTY_ITERATION, 1003.0)
     metrics.job_written(precopy, done)
     resuming = done.enter(Phase.STOP_AND_COPY, 1003.5).enter(Phase.COMMIT, 1003.6).enter(Phase.RESUMING, 1003.7)
     metrics.job_written(done, resuming)
-    ended = resuming.with_fields(1004.0, guest_blackout_ms=12.5, downtime_ms=9.0).end(Phase.COMPLETED, 1004.0, "")
+    ended = resuming.switched_over(9.0, 12.5, 1004.0).end(Phase.COMPLETED, 1004.0, "")
     metrics.job_written(resuming, ended)
     metrics.job_written(ended, ended)  # a repeated write of the ending counts nothing twice
     after = (value("nvmigrate_bytes_moved_total"), value("nvmigrate_jobs_finished_total", outcome="COMPLETED"),

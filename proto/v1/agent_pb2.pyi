@@ -177,7 +177,7 @@ class DirtyRoundRequest(_message.Message):
     def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., round: _Optional[int] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., throttle_percent: _Optional[int] = ...) -> None: ...
 
 class TransferResult(_message.Message):
-    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round")
+    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round", "total_bytes_sent")
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class TransferResult(_message.Message):
     DIRTY_RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     blocks_sent: int
     duration_s: float
@@ -192,10 +193,11 @@ class TransferResult(_message.Message):
     dirty_rate_bytes_per_s: float
     state_bytes: int
     round: int
-    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    total_bytes_sent: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
-    __slots__ = ("job_id", "role", "stage", "epoch", "bytes_sent", "bytes_received", "digest", "error", "guest_blackout_ms")
+    __slots__ = ("job_id", "role", "stage", "epoch", "bytes_sent", "bytes_received", "digest", "error", "guest_blackout_ms", "digest_error")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +207,7 @@ class SessionStatus(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GUEST_BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ERROR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     role: str
     stage: str
@@ -214,7 +217,8 @@ class SessionStatus(_message.Message):
     digest: str
     error: str
     guest_blackout_ms: float
-    def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ...) -> None: ...
+    digest_error: str
+    def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., digest_error: _Optional[str] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
     __slots__ = ("corrupt_frame",)

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/migration.proto\x12\x0cnvmigrate.v1\"\xe9\x01\n\x11\x43onvergencePolicy\x12\x1c\n\x0fmax_downtime_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_rounds\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\"\n\x15\x62\x61ndwidth_bytes_per_s\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12<\n\x11on_no_convergence\x18\x04 \x01(\x0e\x32!.nvmigrate.v1.NoConvergenceActionB\x12\n\x10_max_downtime_msB\r\n\x0b_max_roundsB\x18\n\x16_bandwidth_bytes_per_s\"z\n\x16\x43reateMigrationRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65stination_node\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.nvmigrate.v1.ConvergencePolicy\"\x87\x01\n\x0bPhaseRecord\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.nvmigrate.v1.Phase\x12\x12\n\nstarted_at\x18\x02 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x0c\n\x04note\x18\x06 \x01(\t\"\xb1\x04\n\tMigration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rcontroller_id\x18\x02 \x01(\t\x12\x13\n\x0bsource_node\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_node\x18\x04 \x01(\t\x12\"\n\x05phase\x18\x05 \x01(\x0e\x32\x13.nvmigrate.v1.Phase\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12)\n\x06phases\x18\x07 \x03(\x0b\x32\x19.nvmigrate.v1.PhaseRecord\x12\x19\n\x11\x62ytes_transferred\x18\x08 \x01(\x03\x12\x17\n\x0fnamespace_bytes\x18\t \x01(\x03\x12\x0e\n\x06rounds\x18\n \x01(\x05\x12\x18\n\x10throttle_percent\x18\x0b \x01(\x05\x12\x1e\n\x16\x64irty_rate_bytes_per_s\x18\x0c \x01(\x01\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12\r\n\x05\x65poch\x18\x0f \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\x12/\n\x06policy\x18\x11 \x01(\x0b\x32\x1f.nvmigrate.v1.ConvergencePolicy\x12\x15\n\rsource_digest\x18\x12 \x01(\t\x12\x1a\n\x12\x64\x65stination_digest\x18\x13 \x01(\t\x12\x13\n\x0b\x64owntime_ms\x18\x14 \x01(\x01\x12\x10\n\x08trace_id\x18\x15 \x01(\t\x12\x19\n\x11guest_blackout_ms\x18\x16 \x01(\x01\"!\n\x13GetMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\x15ListMigrationsRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\x12\x15\n\rcontroller_id\x18\x02 \x01(\t\"E\n\x16ListMigrationsResponse\x12+\n\nmigrations\x18\x01 \x03(\x0b\x32\x17.nvmigrate.v1.Migration\"#\n\x15WatchMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x0eMigrationEvent\x12*\n\tmigration\x18\x01 \x01(\x0b\x32\x17.nvmigrate.v1.Migration\"$\n\x16\x43\x61ncelMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa1\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x10\n\x08\x63ordoned\x18\x05 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63ontrollers\x18\x08 \x03(\t\"\x12\n\x10ListNodesRequest\"6\n\x11ListNodesResponse\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.nvmigrate.v1.Node\"N\n\nController\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x17\n\x0fnamespace_bytes\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\"\x18\n\x16ListControllersRequest\"H\n\x17ListControllersResponse\x12-\n\x0b\x63ontrollers\x18\x01 \x03(\x0b\x32\x18.nvmigrate.v1.Controller\"0\n\x17\x45xportControllerRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\"D\n\x10\x43ontrollerExport\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\xc4\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tPREPARING\x10\x02\x12\x0b\n\x07PRECOPY\x10\x03\x12\x13\n\x0f\x44IRTY_ITERATION\x10\x04\x12\x11\n\rSTOP_AND_COPY\x10\x05\x12\n\n\x06\x43OMMIT\x10\x06\x12\x0c\n\x08RESUMING\x10\x07\x12\r\n\tCOMPLETED\x10\x08\x12\x0f\n\x0bROLLED_BACK\x10\t\x12\n\n\x06\x46\x41ILED\x10\n\x12\r\n\tCANCELLED\x10\x0b*`\n\x13NoConvergenceAction\x12%\n!NO_CONVERGENCE_ACTION_UNSPECIFIED\x10\x00\x12\x0c\n\x08THROTTLE\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x46ORCE\x10\x03\x32\xc7\x06\n\x10MigrationService\x12P\n\x0f\x43reateMigration\x12$.nvmigrate.v1.CreateMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12J\n\x0cGetMigration\x12!.nvmigrate.v1.GetMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12[\n\x0eListMigrations\x12#.nvmigrate.v1.ListMigrationsRequest\x1a$.nvmigrate.v1.ListMigrationsResponse\x12U\n\x0eWatchMigration\x12#.nvmigrate.v1.WatchMigrationRequest\x1a\x1c.nvmigrate.v1.MigrationEvent0\x01\x12P\n\x0f\x43\x61ncelMigration\x12$.nvmigrate.v1.CancelMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12L\n\tListNodes\x12\x1e.nvmigrate.v1.ListNodesRequest\x1a\x1f.nvmigrate.v1.ListNodesResponse\x12^\n\x0fListControllers\x12$.nvmigrate.v1.ListControllersRequest\x1a%.nvmigrate.v1.ListControllersResponse\x12Y\n\x10\x45xportController\x12%.nvmigrate.v1.ExportControllerRequest\x1a\x1e.nvmigrate.v1.ControllerExport\x12\x41\n\nCordonNode\x12\x1f.nvmigrate.v1.CordonNodeRequest\x1a\x12.nvmigrate.v1.Node\x12\x43\n\x0cUncordonNode\x12\x1f.nvmigrate.v1.CordonNodeRequest\x1a\x12.nvmigrate.v1.Nodeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/v1/migration.proto\x12\x0cnvmigrate.v1\"\xe9\x01\n\x11\x43onvergencePolicy\x12\x1c\n\x0fmax_downtime_ms\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_rounds\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\"\n\x15\x62\x61ndwidth_bytes_per_s\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12<\n\x11on_no_convergence\x18\x04 \x01(\x0e\x32!.nvmigrate.v1.NoConvergenceActionB\x12\n\x10_max_downtime_msB\r\n\x0b_max_roundsB\x18\n\x16_bandwidth_bytes_per_s\"z\n\x16\x43reateMigrationRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65stination_node\x18\x02 \x01(\t\x12/\n\x06policy\x18\x03 \x01(\x0b\x32\x1f.nvmigrate.v1.ConvergencePolicy\"\x87\x01\n\x0bPhaseRecord\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.nvmigrate.v1.Phase\x12\x12\n\nstarted_at\x18\x02 \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x0c\n\x04note\x18\x06 \x01(\t\"\xfe\x04\n\tMigration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rcontroller_id\x18\x02 \x01(\t\x12\x13\n\x0bsource_node\x18\x03 \x01(\t\x12\x18\n\x10\x64\x65stination_node\x18\x04 \x01(\t\x12\"\n\x05phase\x18\x05 \x01(\x0e\x32\x13.nvmigrate.v1.Phase\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12)\n\x06phases\x18\x07 \x03(\x0b\x32\x19.nvmigrate.v1.PhaseRecord\x12\x19\n\x11\x62ytes_transferred\x18\x08 \x01(\x03\x12\x17\n\x0fnamespace_bytes\x18\t \x01(\x03\x12\x0e\n\x06rounds\x18\n \x01(\x05\x12\x18\n\x10throttle_percent\x18\x0b \x01(\x05\x12\x1e\n\x16\x64irty_rate_bytes_per_s\x18\x0c \x01(\x01\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x12\n\nupdated_at\x18\x0e \x01(\x01\x12\r\n\x05\x65poch\x18\x0f \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\x12/\n\x06policy\x18\x11 \x01(\x0b\x32\x1f.nvmigrate.v1.ConvergencePolicy\x12\x15\n\rsource_digest\x18\x12 \x01(\t\x12\x1a\n\x12\x64\x65stination_digest\x18\x13 \x01(\t\x12\x13\n\x0b\x64owntime_ms\x18\x14 \x01(\x01\x12\x10\n\x08trace_id\x18\x15 \x01(\t\x12\x19\n\x11guest_blackout_ms\x18\x16 \x01(\x01\x12\x30\n\x0cverification\x18\x17 \x01(\x0e\x32\x1a.nvmigrate.v1.Verification\x12\x19\n\x11verification_note\x18\x18 \x01(\t\"!\n\x13GetMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\x15ListMigrationsRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\x12\x15\n\rcontroller_id\x18\x02 \x01(\t\"E\n\x16ListMigrationsResponse\x12+\n\nmigrations\x18\x01 \x03(\x0b\x32\x17.nvmigrate.v1.Migration\"#\n\x15WatchMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x0eMigrationEvent\x12*\n\tmigration\x18\x01 \x01(\x0b\x32\x17.nvmigrate.v1.Migration\"$\n\x16\x43\x61ncelMigrationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa1\x01\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x03 \x01(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x10\n\x08\x63ordoned\x18\x05 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x07 \x01(\x03\x12\x13\n\x0b\x63ontrollers\x18\x08 \x03(\t\"\x12\n\x10ListNodesRequest\"6\n\x11ListNodesResponse\x12!\n\x05nodes\x18\x01 \x03(\x0b\x32\x12.nvmigrate.v1.Node\"N\n\nController\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x17\n\x0fnamespace_bytes\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\"\x18\n\x16ListControllersRequest\"H\n\x17ListControllersResponse\x12-\n\x0b\x63ontrollers\x18\x01 \x03(\x0b\x32\x18.nvmigrate.v1.Controller\"0\n\x17\x45xportControllerRequest\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\"D\n\x10\x43ontrollerExport\x12\x15\n\rcontroller_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\"!\n\x11\x43ordonNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\xc4\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tPREPARING\x10\x02\x12\x0b\n\x07PRECOPY\x10\x03\x12\x13\n\x0f\x44IRTY_ITERATION\x10\x04\x12\x11\n\rSTOP_AND_COPY\x10\x05\x12\n\n\x06\x43OMMIT\x10\x06\x12\x0c\n\x08RESUMING\x10\x07\x12\r\n\tCOMPLETED\x10\x08\x12\x0f\n\x0bROLLED_BACK\x10\t\x12\n\n\x06\x46\x41ILED\x10\n\x12\r\n\tCANCELLED\x10\x0b*`\n\x13NoConvergenceAction\x12%\n!NO_CONVERGENCE_ACTION_UNSPECIFIED\x10\x00\x12\x0c\n\x08THROTTLE\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x46ORCE\x10\x03*x\n\x0cVerification\x12\x1c\n\x18VERIFICATION_UNSPECIFIED\x10\x00\x12\x18\n\x14VERIFICATION_PENDING\x10\x01\x12\x17\n\x13VERIFICATION_PASSED\x10\x02\x12\x17\n\x13VERIFICATION_FAILED\x10\x03\x32\xc7\x06\n\x10MigrationService\x12P\n\x0f\x43reateMigration\x12$.nvmigrate.v1.CreateMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12J\n\x0cGetMigration\x12!.nvmigrate.v1.GetMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12[\n\x0eListMigrations\x12#.nvmigrate.v1.ListMigrationsRequest\x1a$.nvmigrate.v1.ListMigrationsResponse\x12U\n\x0eWatchMigration\x12#.nvmigrate.v1.WatchMigrationRequest\x1a\x1c.nvmigrate.v1.MigrationEvent0\x01\x12P\n\x0f\x43\x61ncelMigration\x12$.nvmigrate.v1.CancelMigrationRequest\x1a\x17.nvmigrate.v1.Migration\x12L\n\tListNodes\x12\x1e.nvmigrate.v1.ListNodesRequest\x1a\x1f.nvmigrate.v1.ListNodesResponse\x12^\n\x0fListControllers\x12$.nvmigrate.v1.ListControllersRequest\x1a%.nvmigrate.v1.ListControllersResponse\x12Y\n\x10\x45xportController\x12%.nvmigrate.v1.ExportControllerRequest\x1a\x1e.nvmigrate.v1.ControllerExport\x12\x41\n\nCordonNode\x12\x1f.nvmigrate.v1.CordonNodeRequest\x1a\x12.nvmigrate.v1.Node\x12\x43\n\x0cUncordonNode\x12\x1f.nvmigrate.v1.CordonNodeRequest\x1a\x12.nvmigrate.v1.Nodeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.v1.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=1992
-  _globals['_PHASE']._serialized_end=2188
-  _globals['_NOCONVERGENCEACTION']._serialized_start=2190
-  _globals['_NOCONVERGENCEACTION']._serialized_end=2286
+  _globals['_PHASE']._serialized_start=2069
+  _globals['_PHASE']._serialized_end=2265
+  _globals['_NOCONVERGENCEACTION']._serialized_start=2267
+  _globals['_NOCONVERGENCEACTION']._serialized_end=2363
+  _globals['_VERIFICATION']._serialized_start=2365
+  _globals['_VERIFICATION']._serialized_end=2485
   _globals['_CONVERGENCEPOLICY']._serialized_start=43
   _globals['_CONVERGENCEPOLICY']._serialized_end=276
   _globals['_CREATEMIGRATIONREQUEST']._serialized_start=278
@@ -42,37 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PHASERECORD']._serialized_start=403
   _globals['_PHASERECORD']._serialized_end=538
   _globals['_MIGRATION']._serialized_start=541
-  _globals['_MIGRATION']._serialized_end=1102
-  _globals['_GETMIGRATIONREQUEST']._serialized_start=1104
-  _globals['_GETMIGRATIONREQUEST']._serialized_end=1137
-  _globals['_LISTMIGRATIONSREQUEST']._serialized_start=1139
-  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=1206
-  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=1208
-  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=1277
-  _globals['_WATCHMIGRATIONREQUEST']._serialized_start=1279
-  _globals['_WATCHMIGRATIONREQUEST']._serialized_end=1314
-  _globals['_MIGRATIONEVENT']._serialized_start=1316
-  _globals['_MIGRATIONEVENT']._serialized_end=1376
-  _globals['_CANCELMIGRATIONREQUEST']._serialized_start=1378
-  _globals['_CANCELMIGRATIONREQUEST']._serialized_end=1414
-  _globals['_NODE']._serialized_start=1417
-  _globals['_NODE']._serialized_end=1578
-  _globals['_LISTNODESREQUEST']._serialized_start=1580
-  _globals['_LISTNODESREQUEST']._serialized_end=1598
-  _globals['_LISTNODESRESPONSE']._serialized_start=1600
-  _globals['_LISTNODESRESPONSE']._serialized_end=1654
-  _globals['_CONTROLLER']._serialized_start=1656
-  _globals['_CONTROLLER']._serialized_end=1734
-  _globals['_LISTCONTROLLERSREQUEST']._serialized_start=1736
-  _globals['_LISTCONTROLLERSREQUEST']._serialized_end=1760
-  _globals['_LISTCONTROLLERSRESPONSE']._serialized_start=1762
-  _globals['_LISTCONTROLLERSRESPONSE']._serialized_end=1834
-  _globals['_EXPORTCONTROLLERREQUEST']._serialized_start=1836
-  _globals['_EXPORTCONTROLLERREQUEST']._serialized_end=1884
-  _globals['_CONTROLLEREXPORT']._serialized_start=1886
-  _globals['_CONTROLLEREXPORT']._serialized_end=1954
-  _globals['_CORDONNODEREQUEST']._serialized_start=1956
-  _globals['_CORDONNODEREQUEST']._serialized_end=1989
-  _globals['_MIGRATIONSERVICE']._serialized_start=2289
-  _globals['_MIGRATIONSERVICE']._serialized_end=3128
+  _globals['_MIGRATION']._serialized_end=1179
+  _globals['_GETMIGRATIONREQUEST']._serialized_start=1181
+  _globals['_GETMIGRATIONREQUEST']._serialized_end=1214
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_start=1216
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=1283
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=1285
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=1354
+  _globals['_WATCHMIGRATIONREQUEST']._serialized_start=1356
+  _globals['_WATCHMIGRATIONREQUEST']._serialized_end=1391
+  _globals['_MIGRATIONEVENT']._serialized_start=1393
+  _globals['_MIGRATIONEVENT']._serialized_end=1453
+  _globals['_CANCELMIGRATIONREQUEST']._serialized_start=1455
+  _globals['_CANCELMIGRATIONREQUEST']._serialized_end=1491
+  _globals['_NODE']._serialized_start=1494
+  _globals['_NODE']._serialized_end=1655
+  _globals['_LISTNODESREQUEST']._serialized_start=1657
+  _globals['_LISTNODESREQUEST']._serialized_end=1675
+  _globals['_LISTNODESRESPONSE']._serialized_start=1677
+  _globals['_LISTNODESRESPONSE']._serialized_end=1731
+  _globals['_CONTROLLER']._serialized_start=1733
+  _globals['_CONTROLLER']._serialized_end=1811
+  _globals['_LISTCONTROLLERSREQUEST']._serialized_start=1813
+  _globals['_LISTCONTROLLERSREQUEST']._serialized_end=1837
+  _globals['_LISTCONTROLLERSRESPONSE']._serialized_start=1839
+  _globals['_LISTCONTROLLERSRESPONSE']._serialized_end=1911
+  _globals['_EXPORTCONTROLLERREQUEST']._serialized_start=1913
+  _globals['_EXPORTCONTROLLERREQUEST']._serialized_end=1961
+  _globals['_CONTROLLEREXPORT']._serialized_start=1963
+  _globals['_CONTROLLEREXPORT']._serialized_end=2031
+  _globals['_CORDONNODEREQUEST']._serialized_start=2033
+  _globals['_CORDONNODEREQUEST']._serialized_end=2066
+  _globals['_MIGRATIONSERVICE']._serialized_start=2488
+  _globals['_MIGRATIONSERVICE']._serialized_end=3327
 # @@protoc_insertion_point(module_scope)

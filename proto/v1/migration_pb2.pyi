@@ -28,6 +28,13 @@ class NoConvergenceAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     THROTTLE: _ClassVar[NoConvergenceAction]
     ABORT: _ClassVar[NoConvergenceAction]
     FORCE: _ClassVar[NoConvergenceAction]
+
+class Verification(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERIFICATION_UNSPECIFIED: _ClassVar[Verification]
+    VERIFICATION_PENDING: _ClassVar[Verification]
+    VERIFICATION_PASSED: _ClassVar[Verification]
+    VERIFICATION_FAILED: _ClassVar[Verification]
 PHASE_UNSPECIFIED: Phase
 PENDING: Phase
 PREPARING: Phase
@@ -44,6 +51,10 @@ NO_CONVERGENCE_ACTION_UNSPECIFIED: NoConvergenceAction
 THROTTLE: NoConvergenceAction
 ABORT: NoConvergenceAction
 FORCE: NoConvergenceAction
+VERIFICATION_UNSPECIFIED: Verification
+VERIFICATION_PENDING: Verification
+VERIFICATION_PASSED: Verification
+VERIFICATION_FAILED: Verification
 
 class ConvergencePolicy(_message.Message):
     __slots__ = ("max_downtime_ms", "max_rounds", "bandwidth_bytes_per_s", "on_no_convergence")
@@ -84,7 +95,7 @@ class PhaseRecord(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., started_at: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Migration(_message.Message):
-    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms", "trace_id", "guest_blackout_ms")
+    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms", "trace_id", "guest_blackout_ms", "verification", "verification_note")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +118,8 @@ class Migration(_message.Message):
     DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     GUEST_BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_NOTE_FIELD_NUMBER: _ClassVar[int]
     id: str
     controller_id: str
     source_node: str
@@ -129,7 +142,9 @@ class Migration(_message.Message):
     downtime_ms: float
     trace_id: str
     guest_blackout_ms: float
-    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ..., trace_id: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ...) -> None: ...
+    verification: Verification
+    verification_note: str
+    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ..., trace_id: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., verification: _Optional[_Union[Verification, str]] = ..., verification_note: _Optional[str] = ...) -> None: ...
 
 class GetMigrationRequest(_message.Message):
     __slots__ = ("id",)

@@ -1,0 +1,194 @@
+"""The one way the orchestrator calls agents: runner, reconciler, verifier and API alike.
+
+An `AgentCalls` owns a channel per agent address (with the tracing interceptor that places each
+call in its job's trace), finds a node's address in etcd (remembered briefly: a switchover
+makes several calls within milliseconds), and runs a call with a deadline and a retry budget.
+Every migration command is idempotent on the agent (keyed by job id and epoch), so calls are
+retried on the transient codes only (UNAVAILABLE, DEADLINE_EXCEEDED), never on everything.
+
+Failures come out typed, so callers branch on the type, never on message text:
+- `AgentUnreachable`: the node is not registered, or did not answer within the budget;
+- `StaleEpoch`: the agent refused because a newer orchestrator epoch drives the job (the agent
+  sends it as structured status detail, see `cluster.agent_errors`);
+- `AgentRefused`: any other refusal, with the gRPC code and the agent's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from cluster import agent_errors, telemetry
+from cluster.store import EtcdStore
+from orchestrator import tracing
+from proto.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+ADDRESS_CACHE_S = 1.0
+PING_TIMEOUT_S = 2.0
+LONG_CALL_DEADLINE_S = 20.0  # a long transfer call is re-issued (the agent attaches) after this
+UNREACHABLE_BACKOFF_S = 0.2
+T = TypeVar("T")
+
+Stub = agent_pb2_grpc.AgentServiceStub
+
+
+class AgentCallError(Exception):
+    """Base of the typed failures of an agent call; `node` is the agent's node name."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+        self.message = message
+
+
+class AgentUnreachable(AgentCallError):
+    """The agent is not registered, or did not answer within the call's budget."""
+
+
+class StaleEpoch(AgentCallError):
+    """A newer orchestrator epoch drives this job on the agent: this caller must stop."""
+
+
+class AgentRefused(AgentCallError):
+    """The agent answered with an error other than the above."""
+
+    def __init__(self, node: str, message: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(node, message)
+        self.code = code
+        self.details = details
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
+
+
+def _typed(node: str, what: str, exc: grpc.aio.AioRpcError) -> AgentCallError:
+    details = exc.details() or ""
+    if agent_errors.stale_epoch(exc) is not None:
+        return StaleEpoch(node, f"{what} on {node}: {details}")
+    return AgentRefused(node, f"{what} on {node} failed: {details} ({exc.code().name})", exc.code(), details)
+
+
+class AgentCalls:
+    """Channels, addresses and calls to agents. Close it with `close()`."""
+
+    def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self._clock = clock
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._addresses: dict[str, tuple[str, float]] = {}
+
+    # ---- addresses and channels -----------------------------------------------------------
+
+    def stub_at(self, address: str) -> Stub:
+        channel = self._channels.get(address)
+        if channel is None:
+            # Tracing on: each call is a span of its job's trace, carried to the agent as traceparent.
+            channel = grpc.aio.insecure_channel(
+                address, interceptors=telemetry.client_interceptors(address, tracing.call_parent))
+            self._channels[address] = channel
+        return Stub(channel)
+
+    async def address(self, node: str) -> str:
+        """The node's AgentService address from etcd; AgentUnreachable when it is not registered."""
+        cached = self._addresses.get(node)
+        if cached is not None and self._clock() - cached[1] < ADDRESS_CACHE_S:
+            return cached[0]
+        record = await self.store.get_node(node)
+        if record is None:
+            self._addresses.pop(node, None)
+            raise AgentUnreachable(node, f"node {node!r} is not registered (its agent is down)")
+        self._addresses[node] = (record.address, self._clock())
+        return record.address
+
+    def remember(self, node: str, address: str) -> None:
+        """An address read from etcd by the caller (a node listing): saves a read per call."""
+        self._addresses[node] = (address, self._clock())
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    # ---- calls ----------------------------------------------------------------------------
+
+    async def call(self, node: str, what: str, fn: Callable[[Stub], Awaitable[T]], *, budget_s: float) -> T:
+        """One command, retried on transient errors until `budget_s` passes."""
+        stub = self.stub_at(await self.address(node))
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_delay(budget_s),
+                wait=wait_exponential(multiplier=0.1, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    return await fn(stub)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise AgentUnreachable(node, f"{what}: agent {node} did not answer for {budget_s:.0f} s "
+                                             f"({exc.code().name}: {exc.details()})") from exc
+            raise _typed(node, what, exc) from exc
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+    async def long_call(self, node: str, what: str, fn: Callable[[Stub, float], Awaitable[T]], *,
+                        silence_budget_s: float, tick: Callable[[], Awaitable[None]],
+                        tick_interval_s: float) -> T:
+        """A transfer that may outlast one RPC deadline: re-issued (the agent attaches to the work
+        in flight) while `tick` runs every `tick_interval_s` (progress, cancel checks; it may raise
+        to stop the call). A deadline alone does not make an agent lost; failing to answer a ping
+        for `silence_budget_s` does."""
+        silent_since: float | None = None
+        while True:
+            try:
+                stub = self.stub_at(await self.address(node))
+            except AgentUnreachable:
+                if silent_since is not None and self._clock() - silent_since > silence_budget_s:
+                    raise
+                silent_since = silent_since or self._clock()
+                await asyncio.sleep(UNREACHABLE_BACKOFF_S)  # back off before looking the node up again
+                continue
+            task: asyncio.Future[T] = asyncio.ensure_future(fn(stub, LONG_CALL_DEADLINE_S))
+            try:
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=tick_interval_s)
+                    if done:
+                        return task.result()
+                    await tick()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT_CODES:
+                    raise _typed(node, what, exc) from exc
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and await self._answers(stub):
+                    silent_since = None
+                    continue  # alive and still working: attach again
+                now = self._clock()
+                silent_since = silent_since or now
+                if now - silent_since > silence_budget_s:
+                    raise AgentUnreachable(node, f"{what}: agent {node} did not answer for "
+                                                 f"{silence_budget_s:.0f} s ({exc.code().name}: {exc.details()})"
+                                           ) from exc
+                await asyncio.sleep(UNREACHABLE_BACKOFF_S)  # back off before the next attempt
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+    @staticmethod
+    async def _answers(stub: Stub) -> bool:
+        try:
+            await stub.GetInfo(agent_pb2.GetInfoRequest(), timeout=PING_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return True

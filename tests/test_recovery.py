@@ -1,0 +1,89 @@
+"""The recovery decision: every phase against every kind of failure, from a table written out here
+independently of orchestrator.recovery, and the facts that change a decision after COMMIT."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.jobs import Job, Phase, Policy
+from orchestrator.recovery import MAX_DESTINATION_ATTEMPTS, Action, Failure, FailureKind, decide
+
+K = FailureKind
+RB, FSL, REP = Action.ROLL_BACK, Action.FAIL_SOURCE_LOST, Action.REPLACE_DESTINATION
+RETRY, MOVE, FDL = Action.RETRY, Action.MOVE_BACK, Action.FAIL_DESTINATION_LOST
+
+# (phase, failure kind) -> (action, ending) for a job whose destination the scheduler chose and
+# that has attempts left. Before COMMIT the source owns the controller; after it, the destination.
+TABLE: dict[tuple[Phase, FailureKind], tuple[Action, Phase | None]] = {}
+for phase in (Phase.PENDING, Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION, Phase.STOP_AND_COPY):
+    replaceable = phase in (Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION)
+    TABLE[phase, K.CANCELLED] = (RB, Phase.CANCELLED)
+    TABLE[phase, K.SOURCE_LOST] = (FSL, Phase.FAILED)
+    TABLE[phase, K.DESTINATION_LOST] = (REP, None) if replaceable else (RB, Phase.ROLLED_BACK)
+    TABLE[phase, K.DESTINATION_UNFIT] = (REP, None) if replaceable else (RB, Phase.ROLLED_BACK)
+    TABLE[phase, K.STEP_FAILED] = (RB, Phase.ROLLED_BACK)
+for phase in (Phase.COMMIT, Phase.RESUMING):
+    TABLE[phase, K.CANCELLED] = (RETRY, None)  # the API refuses a cancel after COMMIT
+    TABLE[phase, K.SOURCE_LOST] = (RETRY, None)  # the source matters only if ownership comes back
+    TABLE[phase, K.DESTINATION_LOST] = (RETRY, None)  # silent, not declared lost: try again
+    TABLE[phase, K.DESTINATION_UNFIT] = (MOVE, Phase.ROLLED_BACK)
+    TABLE[phase, K.STEP_FAILED] = (MOVE, Phase.ROLLED_BACK)  # it answered that it cannot resume
+
+
+def job(phase: Phase, **fields: object) -> Job:
+    defaults: dict[str, object] = {"destination_node": "n2"}
+    return Job(id="mig-0123456789ab", controller_id="c1", source_node="n1", namespace_bytes=4096,
+               policy=Policy(), created_at=1.0, phase=phase, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("phase", "kind"), sorted(TABLE, key=str))
+def test_each_phase_and_failure_has_its_recovery(phase: Phase, kind: FailureKind) -> None:
+    decided = decide(job(phase), Failure(kind, "what went wrong"))
+    assert (decided.action, decided.ending) == TABLE[phase, kind]
+    if decided.action is not Action.REPLACE_DESTINATION:
+        assert "what went wrong" in decided.reason or kind is K.CANCELLED
+
+
+def test_the_table_covers_every_live_phase_and_kind() -> None:
+    live = [p for p in Phase if p not in (Phase.COMPLETED, Phase.ROLLED_BACK, Phase.FAILED, Phase.CANCELLED)]
+    assert set(TABLE) == {(p, k) for p in live for k in FailureKind}
+
+
+@pytest.mark.parametrize("phase", [Phase.PREPARING, Phase.PRECOPY, Phase.DIRTY_ITERATION])
+def test_a_destination_the_operator_named_is_not_replaced(phase: Phase) -> None:
+    decided = decide(job(phase, requested_destination="n2"), Failure(K.DESTINATION_LOST, "n2 gone"))
+    assert (decided.action, decided.ending) == (RB, Phase.ROLLED_BACK)
+
+
+def test_replacement_stops_after_the_last_attempt() -> None:
+    tried = tuple(f"n{i}" for i in range(3, 3 + MAX_DESTINATION_ATTEMPTS - 2))
+    assert decide(job(Phase.PRECOPY, excluded_destinations=tried), Failure(K.DESTINATION_LOST, "x")).action is REP
+    spent = (*tried, "n9")
+    decided = decide(job(Phase.PRECOPY, excluded_destinations=spent), Failure(K.DESTINATION_LOST, "x"))
+    assert (decided.action, decided.ending) == (RB, Phase.ROLLED_BACK)
+
+
+def test_source_lost_names_the_controller_marked_lost() -> None:
+    decided = decide(job(Phase.DIRTY_ITERATION), Failure(K.SOURCE_LOST, "n1 silent for 5 s"))
+    assert decided.reason.startswith("n1 silent for 5 s") and "controller c1 marked lost" in decided.reason
+
+
+@pytest.mark.parametrize("phase", [Phase.COMMIT, Phase.RESUMING])
+def test_after_commit_a_declared_lost_destination_hands_ownership_back(phase: Phase) -> None:
+    decided = decide(job(phase), Failure(K.DESTINATION_LOST, "lease expired", destination_declared_lost=True))
+    assert (decided.action, decided.ending) == (MOVE, Phase.ROLLED_BACK)
+    assert "ownership went back to n1" in decided.reason
+
+
+@pytest.mark.parametrize("kind", list(FailureKind))
+def test_after_the_claim_nothing_runs_it_elsewhere(kind: FailureKind) -> None:
+    decided = decide(job(Phase.RESUMING), Failure(kind, "x", destination_declared_lost=True,
+                                                   destination_claimed=True))
+    assert decided.action is FDL and decided.ending is Phase.FAILED
+    assert "marked lost on n2" in decided.reason
+
+
+def test_a_source_that_does_not_resume_after_the_move_back_fails_the_job() -> None:
+    decided = decide(job(Phase.RESUMING), Failure(K.SOURCE_LOST, "n1 silent", moved_back=True))
+    assert (decided.action, decided.ending) == (FSL, Phase.FAILED)
+    assert "ownership went back to n1" in decided.reason and "marked lost" in decided.reason
