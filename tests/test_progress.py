@@ -5,6 +5,7 @@ showed about twice the namespace during a round.)"""
 
 from __future__ import annotations
 
+import itertools
 import urllib.request
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ def test_progress_never_exceeds_what_was_sent_and_never_goes_down(cluster: Local
         ended = wait_for(f"job {job.id} to end while sampling its progress", sample, 180, interval_s=0.1)
     assert migration_pb2.Phase.Name(ended.phase) == "COMPLETED", ended.reason
 
-    for earlier, later in zip(samples, samples[1:], strict=False):
+    for earlier, later in itertools.pairwise(samples):
         assert later.job_bytes >= earlier.job_bytes, (earlier, later)
         assert later.metric_bytes >= earlier.metric_bytes, (earlier, later)
     for s in samples:
@@ -63,7 +64,7 @@ def test_progress_never_exceeds_what_was_sent_and_never_goes_down(cluster: Local
     # The rounds were slow enough to be seen moving: the total grew between two samples taken
     # inside DIRTY_ITERATION, so progress was reported mid-round, not only at its end.
     dirty = [s for s in samples if s.phase == migration_pb2.DIRTY_ITERATION]
-    assert any(b.job_bytes > a.job_bytes for a, b in zip(dirty, dirty[1:], strict=False)), dirty
+    assert any(b.job_bytes > a.job_bytes for a, b in itertools.pairwise(dirty)), dirty
     final = samples[-1]
     assert ended.bytes_transferred == final.job_bytes == final.metric_bytes
     assert ended.bytes_transferred == sum(p.bytes for p in ended.phases)  # one count, the phases agree
