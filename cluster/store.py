@@ -148,7 +148,12 @@ class EtcdStore:
             failure=[],
         )
         if not ok:
-            raise ConflictError(f"controller {controller_id!r} already has a migration in progress")
+            # which compare failed: read back for the message only, the refusal itself was atomic
+            active = await self.active_job_for(controller_id)
+            if active is None and await self.get_job(job_id) is not None:
+                raise ConflictError(f"job id {job_id!r} exists already; create the job under a new id")
+            raise ConflictError(f"controller {controller_id!r} already has a migration in progress"
+                                + (f" (job {active})" if active else ""))
         return int(responses[0].response_put.header.revision)
 
     async def active_job_for(self, controller_id: str) -> str | None:
