@@ -22,7 +22,7 @@ from agent import backends
 from agent.host import Host
 from agent.service import AgentApi
 from cluster import logs, names, telemetry
-from cluster.store import EtcdError, EtcdStore
+from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, prefix_problem
 from proto.v1 import agent_pb2_grpc
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -46,7 +46,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    store = EtcdStore(args.etcd)
+    store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
     await store.connect()
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())  # tracing on: a span per call
     listen_host, _ = args.listen
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-agent", description="NVMe live-migration agent (one per host)")
     parser.add_argument("--name", required=True, help="node name, e.g. n1")
     parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"))
+    parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
+                        help="every etcd key of this cluster lives under it, so clusters can share an etcd "
+                             f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
     parser.add_argument("--listen", type=split_host_port, default=("127.0.0.1", 0),
                         help="AgentService address HOST:PORT (port 0: any free port)")
     parser.add_argument("--data-listen", type=split_host_port, default=None,
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     if args.lease_ttl_s < 1:
         parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
+    problem = prefix_problem(args.etcd_prefix)
+    if problem:
+        parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
     problem = backends.device_problem(args.backend, args.device) or backends.hosting_problem(args.backend)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """All etcd access of the project: key layout, compare-and-swap writes, leases, leader election.
 
-Keys (prefix /nvmigrate/):
+Every key lives under one prefix (default /nvmigrate/), so several clusters, or tests, can share
+one etcd. Keys, relative to the prefix:
   jobs/<job-id>              job record (JSON, written by the orchestrator; every write a CAS on
                              the key's mod revision)
   active/<controller-id>     the job currently moving that controller (one at a time)
@@ -10,6 +11,8 @@ Keys (prefix /nvmigrate/):
                              revision is the leader's term (the epoch it stamps on jobs)
   cordon/<name>              a cordoned node (kept apart from the node record, which vanishes
                              with the agent's lease: a restart must not uncordon a node)
+Prefixes of clusters sharing an etcd must not nest inside one another's folders: the keys of a
+cluster under /nvmigrate/jobs/ would read as jobs of the cluster under /nvmigrate/.
 """
 
 from __future__ import annotations
@@ -29,13 +32,7 @@ from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
 
 log = logging.getLogger(__name__)
 
-PREFIX = b"/nvmigrate/"
-JOBS = PREFIX + b"jobs/"
-ACTIVE = PREFIX + b"active/"
-CONTROLLERS = PREFIX + b"controllers/"
-NODES = PREFIX + b"nodes/"
-LEADER = PREFIX + b"leader"
-CORDON = PREFIX + b"cordon/"
+DEFAULT_PREFIX = "/nvmigrate/"
 
 EtcdError = aetcd.exceptions.ClientError
 TRANSIENT_ETCD_ERRORS = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
@@ -53,6 +50,47 @@ class Versioned:
     mod_revision: int
 
 
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot hold a cluster's keys, or None when it can."""
+    if not (prefix.startswith("/") and prefix.endswith("/")):
+        return (f"etcd prefix {prefix!r} must start and end with '/', e.g. {DEFAULT_PREFIX} or "
+                "/nvmigrate/cluster-a/")
+    if not prefix.isprintable() or any(c.isspace() for c in prefix):
+        return f"etcd prefix {prefix!r} holds a space or a non-printable character; use printable characters only"
+    return None
+
+
+class KeyLayout:
+    """Where each record lives, all under one prefix (the module docstring lists them)."""
+
+    def __init__(self, prefix: str) -> None:
+        problem = prefix_problem(prefix)
+        if problem:
+            raise ValueError(problem)
+        self.prefix = prefix.encode()
+        self.jobs = self.prefix + b"jobs/"
+        self.active = self.prefix + b"active/"
+        self.controllers = self.prefix + b"controllers/"
+        self.nodes = self.prefix + b"nodes/"
+        self.leader = self.prefix + b"leader"
+        self.cordon = self.prefix + b"cordon/"
+
+    def job(self, job_id: str) -> bytes:
+        return self.jobs + job_id.encode()
+
+    def active_job(self, controller_id: str) -> bytes:
+        return self.active + controller_id.encode()
+
+    def controller(self, controller_id: str) -> bytes:
+        return self.controllers + controller_id.encode()
+
+    def node(self, name: str) -> bytes:
+        return self.nodes + name.encode()
+
+    def cordoned(self, name: str) -> bytes:
+        return self.cordon + name.encode()
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
@@ -61,9 +99,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class EtcdStore:
-    def __init__(self, endpoint: str, timeout_s: int = 5) -> None:
+    def __init__(self, endpoint: str, timeout_s: int = 5, prefix: str = DEFAULT_PREFIX) -> None:
         host, port = parse_endpoint(endpoint)
         self.endpoint = endpoint
+        self.prefix = prefix
+        self.keys = KeyLayout(prefix)
         self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
         self._tx = self._client.transactions
 
@@ -101,38 +141,43 @@ class EtcdStore:
 
     async def create_job(self, job_id: str, controller_id: str, record: bytes) -> int:
         """Writes a new job and marks its controller as being moved, both or neither."""
-        job_key, active_key = JOBS + job_id.encode(), ACTIVE + controller_id.encode()
+        job_key, active_key = self.keys.job(job_id), self.keys.active_job(controller_id)
         ok, responses = await self._client.transaction(
             compare=[self._tx.version(job_key) == 0, self._tx.version(active_key) == 0],
             success=[self._tx.put(job_key, record), self._tx.put(active_key, job_id.encode())],
             failure=[],
         )
         if not ok:
-            raise ConflictError(f"controller {controller_id!r} already has a migration in progress")
+            # which compare failed: read back for the message only, the refusal itself was atomic
+            active = await self.active_job_for(controller_id)
+            if active is None and await self.get_job(job_id) is not None:
+                raise ConflictError(f"job id {job_id!r} exists already; create the job under a new id")
+            raise ConflictError(f"controller {controller_id!r} already has a migration in progress"
+                                + (f" (job {active})" if active else ""))
         return int(responses[0].response_put.header.revision)
 
     async def active_job_for(self, controller_id: str) -> str | None:
-        got = await self._get(ACTIVE + controller_id.encode())
+        got = await self._get(self.keys.active_job(controller_id))
         return got.value.decode() if got else None
 
     async def get_job(self, job_id: str) -> Versioned | None:
-        return await self._get(JOBS + job_id.encode())
+        return await self._get(self.keys.job(job_id))
 
     async def list_jobs(self) -> list[Versioned]:
-        return [v for _, v in await self._list(JOBS)]
+        return [v for _, v in await self._list(self.keys.jobs)]
 
     async def update_job(self, job_id: str, record: bytes, expected_revision: int, *,
                          release_controller: str | None = None, leader_term: int | None = None) -> int:
         """CAS on the job's mod revision; with release_controller the active marker goes too.
         With leader_term the write also requires that leader still holds the leader key: a
         leader that lost its lease cannot write, however current its revision."""
-        job_key = JOBS + job_id.encode()
+        job_key = self.keys.job(job_id)
         ops = [self._tx.put(job_key, record)]
         if release_controller is not None:
-            ops.append(self._tx.delete(ACTIVE + release_controller.encode()))
+            ops.append(self._tx.delete(self.keys.active_job(release_controller)))
         compare = [self._tx.mod(job_key) == expected_revision]
         if leader_term is not None:
-            compare.append(self._tx.create(LEADER) == leader_term)
+            compare.append(self._tx.create(self.keys.leader) == leader_term)
         ok, responses = await self._client.transaction(compare=compare, success=ops, failure=[])
         if not ok:
             raise ConflictError(f"job {job_id} changed since revision {expected_revision}")
@@ -142,13 +187,13 @@ class EtcdStore:
                                controller: ControllerRecord, controller_revision: int,
                                new_owner: str, leader_term: int) -> int:
         """The switchover point: job phase and controller ownership change in one transaction."""
-        job_key = JOBS + job_id.encode()
-        ctrl_key = CONTROLLERS + controller.controller_id.encode()
+        job_key = self.keys.job(job_id)
+        ctrl_key = self.keys.controller(controller.controller_id)
         moved = controller.moved_to(new_owner, job_id)
         ok, responses = await self._client.transaction(
             compare=[self._tx.mod(job_key) == expected_revision,
                      self._tx.mod(ctrl_key) == controller_revision,
-                     self._tx.create(LEADER) == leader_term],
+                     self._tx.create(self.keys.leader) == leader_term],
             success=[self._tx.put(job_key, record), self._tx.put(ctrl_key, moved.to_bytes())],
             failure=[],
         )
@@ -160,12 +205,12 @@ class EtcdStore:
     # ---- controllers ------------------------------------------------------------------------
 
     async def get_controller(self, controller_id: str) -> tuple[ControllerRecord, int] | None:
-        got = await self._get(CONTROLLERS + controller_id.encode())
+        got = await self._get(self.keys.controller(controller_id))
         return (ControllerRecord.from_bytes(got.value), got.mod_revision) if got else None
 
     async def claim_controller(self, record: ControllerRecord) -> bool:
         """Records a new controller's owner; False when the id is already owned elsewhere."""
-        key = CONTROLLERS + record.controller_id.encode()
+        key = self.keys.controller(record.controller_id)
         ok, _ = await self._client.transaction(
             compare=[self._tx.version(key) == 0], success=[self._tx.put(key, record.to_bytes())], failure=[],
         )
@@ -186,7 +231,7 @@ class EtcdStore:
                 return False
             if record.state == state:
                 return True
-            key = CONTROLLERS + controller_id.encode()
+            key = self.keys.controller(controller_id)
             ok, _ = await self._client.transaction(
                 compare=[self._tx.mod(key) == revision],
                 success=[self._tx.put(key, replace(record, state=state).to_bytes())], failure=[])
@@ -207,7 +252,7 @@ class EtcdStore:
                 return f"controller {controller_id!r} now belongs to {record.node!r}, not {node!r}"
             if record.state == RUNNING:
                 return None
-            key = CONTROLLERS + controller_id.encode()
+            key = self.keys.controller(controller_id)
             ok, _ = await self._client.transaction(
                 compare=[self._tx.mod(key) == revision],
                 success=[self._tx.put(key, replace(record, state=RUNNING).to_bytes())], failure=[])
@@ -225,23 +270,23 @@ class EtcdStore:
         record, revision = got
         if record.node != from_node or record.state != COMMITTED:
             return False
-        key = CONTROLLERS + controller_id.encode()
+        key = self.keys.controller(controller_id)
         back = replace(record, node=to_node, state=RUNNING, history=(*record.history, from_node))
         ok, _ = await self._client.transaction(
-            compare=[self._tx.mod(key) == revision, self._tx.create(LEADER) == leader_term],
+            compare=[self._tx.mod(key) == revision, self._tx.create(self.keys.leader) == leader_term],
             success=[self._tx.put(key, back.to_bytes())], failure=[])
         return bool(ok)
 
     async def list_controllers(self) -> list[ControllerRecord]:
-        return [ControllerRecord.from_bytes(v.value) for _, v in await self._list(CONTROLLERS)]
+        return [ControllerRecord.from_bytes(v.value) for _, v in await self._list(self.keys.controllers)]
 
     # ---- nodes ------------------------------------------------------------------------------
 
     async def list_nodes(self) -> list[NodeRecord]:
-        return [NodeRecord.from_bytes(v.value) for _, v in await self._list(NODES)]
+        return [NodeRecord.from_bytes(v.value) for _, v in await self._list(self.keys.nodes)]
 
     async def get_node(self, name: str) -> NodeRecord | None:
-        got = await self._get(NODES + name.encode())
+        got = await self._get(self.keys.node(name))
         return NodeRecord.from_bytes(got.value) if got else None
 
     async def grant_lease(self, ttl_s: int) -> int:
@@ -257,16 +302,17 @@ class EtcdStore:
         await self._client.revoke_lease(lease_id)
 
     async def put_node(self, record: NodeRecord, lease_id: int) -> None:
-        await self._client.put(NODES + record.name.encode(), record.to_bytes(), lease=lease_id)
+        await self._client.put(self.keys.node(record.name), record.to_bytes(), lease=lease_id)
 
     async def set_cordon(self, name: str, cordoned: bool) -> None:
         if cordoned:
-            await self._client.put(CORDON + name.encode(), b"1")
+            await self._client.put(self.keys.cordoned(name), b"1")
         else:
-            await self._client.delete(CORDON + name.encode())
+            await self._client.delete(self.keys.cordoned(name))
 
     async def cordoned_nodes(self) -> set[str]:
-        return {key[len(CORDON):].decode() for key, _ in await self._list(CORDON)}
+        cordon = self.keys.cordon
+        return {key[len(cordon):].decode() for key, _ in await self._list(cordon)}
 
     # ---- leader -----------------------------------------------------------------------------
 
@@ -274,25 +320,25 @@ class EtcdStore:
         """Takes the leader key if free. Returns the term (the revision that created the key,
         which grows with every new leader) or None when someone else leads."""
         ok, responses = await self._client.transaction(
-            compare=[self._tx.version(LEADER) == 0],
-            success=[self._tx.put(LEADER, candidate.encode(), lease=lease_id)],
+            compare=[self._tx.version(self.keys.leader) == 0],
+            success=[self._tx.put(self.keys.leader, candidate.encode(), lease=lease_id)],
             failure=[],
         )
         return int(responses[0].response_put.header.revision) if ok else None
 
     async def leader(self) -> str | None:
-        got = await self._get(LEADER)
+        got = await self._get(self.keys.leader)
         return got.value.decode() if got else None
 
     async def leader_term(self) -> int | None:
         """The current leader's term, or None when nobody leads."""
-        got = await self._read("get leader", lambda: self._client.get(LEADER))
+        got = await self._read("get leader", lambda: self._client.get(self.keys.leader))
         return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:
         await self._client.transaction(
-            compare=[self._tx.value(LEADER) == candidate.encode()],
-            success=[self._tx.delete(LEADER)], failure=[],
+            compare=[self._tx.value(self.keys.leader) == candidate.encode()],
+            success=[self._tx.delete(self.keys.leader)], failure=[],
         )
 
 

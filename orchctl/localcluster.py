@@ -2,7 +2,8 @@
 
 The demo uses it, and so do the integration tests. Every process it starts is stopped by its
 pid in `stop()`; waiting is done on conditions with deadlines (a port answers, a node shows up
-in etcd), never on fixed sleeps.
+in etcd), never on fixed sleeps. It starts its own etcd, or uses one that runs already
+(`use_etcd`, under a key prefix of its own), which it then never stops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.store import DEFAULT_PREFIX, prefix_problem
 from proto.v1 import agent_pb2_grpc, migration_pb2, migration_pb2_grpc
 
 T = TypeVar("T")
@@ -102,7 +104,8 @@ class Proc:
 
 @dataclass
 class LocalCluster:
-    """Start with `start_etcd()`, `start_orchestrator()`, `start_agent()`; always `stop()`."""
+    """Start with `start_etcd()` (or `use_etcd()`), `start_orchestrator()`, `start_agent()`;
+    always `stop()`."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nvmigrate-")))
     host: str = "127.0.0.1"
@@ -110,6 +113,7 @@ class LocalCluster:
     agent_call_budget_s: float = 5.0  # short, so fault tests end quickly
     procs: list[Proc] = field(default_factory=list)
     etcd_endpoint: str = ""
+    etcd_prefix: str = DEFAULT_PREFIX  # every key of this cluster lives under it
     orchestrator_address: str = ""
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrators: list[Proc] = field(default_factory=list)
@@ -130,7 +134,26 @@ class LocalCluster:
 
     # ---- etcd -------------------------------------------------------------------------------
 
+    def use_etcd(self, endpoint: str, prefix: str) -> None:
+        """Runs this cluster on an etcd that runs already, under its own key prefix; this cluster
+        neither stops nor restarts that etcd."""
+        if self.etcd_endpoint:
+            raise ClusterError(f"use_etcd: this cluster already has etcd at {self.etcd_endpoint}")
+        problem = prefix_problem(prefix)
+        if problem:
+            raise ClusterError(f"use_etcd: {problem}")
+        self.etcd_endpoint, self.etcd_prefix = endpoint, prefix
+
+    def _own_etcd(self, what: str) -> Proc:
+        if self._etcd is None:
+            whose = f"the etcd at {self.etcd_endpoint} was not started by this cluster" if self.etcd_endpoint \
+                else "etcd was never started"
+            raise ClusterError(f"{what}: {whose}; call start_etcd() to have one of its own")
+        return self._etcd
+
     def start_etcd(self, timeout_s: float = 30.0) -> str:
+        if self.etcd_endpoint:
+            raise ClusterError(f"start_etcd: this cluster already has etcd at {self.etcd_endpoint}")
         client, peer = free_port(self.host), free_port(self.host)
         # tmpfs when there is one: fsync on a slow disk would dominate the switchover time
         shm = Path("/dev/shm")
@@ -152,16 +175,13 @@ class LocalCluster:
         return self.etcd_endpoint
 
     def stop_etcd(self) -> None:
-        if self._etcd is not None:
-            self._etcd.stop()
+        self._own_etcd("stop_etcd").stop()
 
     def restart_etcd(self, timeout_s: float = 30.0) -> str:
         """Starts etcd again on the same port and data dir (stopping it first if it runs), as an
         operator's restart would: clients keep their endpoint and etcd keeps its data and leases."""
-        argv = getattr(self, "_etcd_argv", None)
-        if argv is None:
-            raise ClusterError("restart_etcd: etcd was never started; call start_etcd() first")
-        self.stop_etcd()
+        self._own_etcd("restart_etcd").stop()
+        argv = self._etcd_argv
         self._etcd = self._spawn("etcd", argv)
         host, _, port = self.etcd_endpoint.rpartition(":")
         wait_for("etcd to answer again", lambda: self._tcp_open(host, int(port)), timeout_s,
@@ -181,7 +201,7 @@ class LocalCluster:
         port = port or free_port(self.host)
         http = f"{self.host}:{free_port(self.host)}"  # never the fixed default: several may run here
         proc = self._spawn(name, [
-            sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint,
+            sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint, "--etcd-prefix", self.etcd_prefix,
             "--listen", f"{self.host}:{port}", "--name", name, "--lease-ttl-s", str(self.lease_ttl_s),
             "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http, *(extra_args or []),
         ])
@@ -217,6 +237,7 @@ class LocalCluster:
         host = listen_host or self.host
         argv = [
             *command_prefix, sys.executable, "-m", "agent.main", "--name", name, "--etcd", self.etcd_endpoint,
+            "--etcd-prefix", self.etcd_prefix,
             "--listen", f"{host}:0", "--data-dir", str(data_dir), "--capacity", capacity,
             "--lease-ttl-s", str(self.lease_ttl_s),
         ]

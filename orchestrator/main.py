@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster import logs, telemetry
-from cluster.store import EtcdError, EtcdStore, keep_lease_alive
+from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
 from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
@@ -95,7 +95,7 @@ class Orchestrator:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    store = EtcdStore(args.etcd)
+    store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings)
@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-orchestrator", description="NVMe live-migration orchestrator")
     parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"),
                         help="etcd endpoint HOST:PORT")
+    parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
+                        help="every etcd key of this cluster lives under it, so clusters can share an etcd "
+                             f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC listen address HOST:PORT")
     parser.add_argument("--name", default=f"orchestrator-{socket.gethostname()}-{os.getpid()}")
     parser.add_argument("--lease-ttl-s", type=int, default=5, help="leader lease TTL in seconds")
@@ -166,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.lease_ttl_s < 1:
         parser.error(f"--lease-ttl-s must be at least 1, got {args.lease_ttl_s}")
+    problem = prefix_problem(args.etcd_prefix)
+    if problem:
+        parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
     for flag in ("agent_call_budget_s", "job_deadline_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")

@@ -96,8 +96,15 @@ def owners(cluster: LocalCluster) -> dict[str, str]:
                 .controllers}
 
 
+def _inside_prefix(cluster: LocalCluster, key: str) -> None:
+    # A key outside the cluster's prefix holds nothing of it: an assertion on it would pass vacuously.
+    if not key.startswith(cluster.etcd_prefix):
+        raise AssertionError(f"etcd key {key!r} is outside this cluster's prefix {cluster.etcd_prefix!r}")
+
+
 def etcd_json(cluster: LocalCluster, key: str) -> dict[str, object] | None:
     """Reads a record with etcdctl, a client that is not ours."""
+    _inside_prefix(cluster, key)
     done = subprocess.run(["etcdctl", f"--endpoints={cluster.etcd_endpoint}", "get", key, "--print-value-only"],
                           capture_output=True, text=True, check=True, env={"ETCDCTL_API": "3"})
     out = done.stdout.strip()
@@ -105,6 +112,7 @@ def etcd_json(cluster: LocalCluster, key: str) -> dict[str, object] | None:
 
 
 def etcd_keys(cluster: LocalCluster, prefix: str) -> list[str]:
+    _inside_prefix(cluster, prefix)
     done = subprocess.run(["etcdctl", f"--endpoints={cluster.etcd_endpoint}", "get", prefix, "--prefix",
                            "--keys-only"], capture_output=True, text=True, check=True, env={"ETCDCTL_API": "3"})
     return [line for line in done.stdout.splitlines() if line.strip()]

@@ -1,28 +1,78 @@
-"""Shared fixtures: a real local cluster (etcd, orchestrator, agents as processes)."""
+"""Shared fixtures. One real etcd serves the whole session; each test that needs etcd gets a key
+prefix of its own in it: an `EtcdStore` (`store`), or a local cluster of real processes
+(`cluster`, `bad_input_cluster`). Tests that stop, restart, freeze or partition etcd start an etcd
+of their own (`LocalCluster.start_etcd`)."""
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Iterator
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from cluster.store import EtcdStore
 from orchctl.localcluster import LocalCluster
+
+NEEDS_ETCD = ("shared_etcd", "cluster", "bad_input_cluster")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if shutil.which("etcd") is None:
-        skip = pytest.mark.skip(reason="etcd is not installed (apt-get install etcd-server)")
+    if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
+        skip = pytest.mark.skip(reason="etcd is not installed (apt-get install etcd-server etcd-client)")
         for item in items:
-            if "cluster" in getattr(item, "fixturenames", ()):
+            if any(name in getattr(item, "fixturenames", ()) for name in NEEDS_ETCD):
                 item.add_marker(skip)
 
 
+def unique_prefix(name: str) -> str:
+    """A key prefix nobody else uses, named after the test so a leftover key says whose it is."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+    return f"/nvmigrate-test/{slug}-{uuid.uuid4().hex[:8]}/"
+
+
+def etcdctl(endpoint: str, *args: str) -> str:
+    """etcdctl, a client that is not ours, against `endpoint`."""
+    done = subprocess.run(["etcdctl", f"--endpoints={endpoint}", *args], capture_output=True, text=True,
+                          timeout=30, check=True, env={"ETCDCTL_API": "3"})
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One etcd process for the session, on a free port, data in a temp dir; stopped by pid at the
+    end. Yields its endpoint, HOST:PORT."""
+    with LocalCluster(workdir=tmp_path_factory.mktemp("shared-etcd"), _owns_workdir=False) as etcd:
+        yield etcd.start_etcd()
+
+
 @pytest.fixture
-def cluster() -> Iterator[LocalCluster]:
-    """etcd + one orchestrator + agents n1, n2, n3; everything stopped by pid afterwards."""
+def etcd_prefix(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[str]:
+    """This test's own key prefix in the shared etcd; its keys are deleted afterwards."""
+    prefix = unique_prefix(request.node.name)
+    yield prefix
+    etcdctl(shared_etcd, "del", "--prefix", prefix)
+
+
+@pytest.fixture
+async def store(shared_etcd: str, etcd_prefix: str) -> AsyncIterator[EtcdStore]:
+    """An EtcdStore on the shared etcd, under this test's prefix."""
+    opened = EtcdStore(shared_etcd, prefix=etcd_prefix)
+    await opened.connect()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
+    """One orchestrator + agents n1, n2, n3 on the shared etcd under this test's prefix; every
+    process stopped by pid afterwards."""
     with LocalCluster() as c:
-        c.start_etcd()
+        c.use_etcd(shared_etcd, etcd_prefix)
         c.start_orchestrator()
         for name in ("n1", "n2", "n3"):
             c.start_agent(name)
@@ -30,17 +80,21 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def bad_input_cluster() -> Iterator[LocalCluster]:
+def bad_input_cluster(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[LocalCluster]:
     """One cluster for the refusal tests, with controller c5 on n1 (no workload needed)."""
     from proto.v1 import agent_pb2
 
-    with LocalCluster() as c:
-        c.start_etcd()
-        c.start_orchestrator()
-        for name in ("n1", "n2"):
-            c.start_agent(name)
-        channel, n1 = c.agent_stub("n1")
-        with channel:
-            n1.CreateController(agent_pb2.CreateControllerRequest(controller_id="c5", namespace_bytes=1 << 20),
-                                timeout=30)
-        yield c
+    prefix = unique_prefix(f"{request.module.__name__}-bad-input")
+    try:
+        with LocalCluster() as c:
+            c.use_etcd(shared_etcd, prefix)
+            c.start_orchestrator()
+            for name in ("n1", "n2"):
+                c.start_agent(name)
+            channel, n1 = c.agent_stub("n1")
+            with channel:
+                n1.CreateController(agent_pb2.CreateControllerRequest(controller_id="c5", namespace_bytes=1 << 20),
+                                    timeout=30)
+            yield c
+    finally:
+        etcdctl(shared_etcd, "del", "--prefix", prefix)

@@ -59,7 +59,7 @@ def test_source_killed_in_precopy_fails_and_the_controller_is_marked_lost_not_re
     job = wait_phase(cluster, job.id, TERMINAL, timeout_s=120)
     assert migration_pb2.Phase.Name(job.phase) == "FAILED", job.reason
     assert "marked lost" in job.reason
-    record = etcd_json(cluster, "/nvmigrate/controllers/f2")
+    record = etcd_json(cluster, f"{cluster.etcd_prefix}controllers/f2")
     assert record is not None and record["state"] == "LOST" and record["node"] == "n1"
     assert controller_missing(cluster, "n2", "f2")
     assert not list((cluster.workdir / "n2").glob("f2*")), "destination kept a copy"

@@ -53,7 +53,7 @@ def test_migration_completes_and_every_acknowledged_write_verifies(cluster: Loca
     assert not list((cluster.workdir / "n1").glob("c1*")), "source namespace was not sanitized"
 
     # the job record in etcd holds every phase with timings and byte counts
-    record = etcd_json(cluster, f"/nvmigrate/jobs/{job.id}")
+    record = etcd_json(cluster, f"{cluster.etcd_prefix}jobs/{job.id}")
     assert record is not None
     phases = record["phases"]
     assert isinstance(phases, list)
@@ -64,7 +64,7 @@ def test_migration_completes_and_every_acknowledged_write_verifies(cluster: Loca
     assert by_phase["PRECOPY"]["bytes"] >= 16 * MiB  # the prefilled namespace went across
     assert by_phase["STOP_AND_COPY"]["bytes"] > 0  # at least the controller state
     assert record["bytes_transferred"] == sum(p["bytes"] for p in phases)
-    assert etcd_keys(cluster, "/nvmigrate/active/") == []
+    assert etcd_keys(cluster, f"{cluster.etcd_prefix}active/") == []
 
 
 def test_cancel_during_precopy_leaves_the_controller_running_on_the_source(cluster: LocalCluster) -> None:
@@ -145,7 +145,7 @@ def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: 
 def test_bad_migration_requests_are_refused_and_write_nothing(
         bad_input_cluster: LocalCluster, request_fields: dict[str, object], code: grpc.StatusCode,
         named: str) -> None:
-    before = etcd_keys(bad_input_cluster, "/nvmigrate/jobs/")
+    before = etcd_keys(bad_input_cluster, f"{bad_input_cluster.etcd_prefix}jobs/")
     fields = dict(request_fields)
     policy = migration_pb2.ConvergencePolicy(**fields.pop("policy", {}))  # type: ignore[arg-type]
     channel, api = bad_input_cluster.migration_stub()
@@ -153,8 +153,8 @@ def test_bad_migration_requests_are_refused_and_write_nothing(
         api.CreateMigration(migration_pb2.CreateMigrationRequest(policy=policy, **fields), timeout=10)  # type: ignore[arg-type]
     assert caught.value.code() == code, caught.value.details()  # type: ignore[attr-defined]
     assert named in caught.value.details()  # type: ignore[attr-defined]
-    assert etcd_keys(bad_input_cluster, "/nvmigrate/jobs/") == before
-    assert etcd_keys(bad_input_cluster, "/nvmigrate/active/") == []
+    assert etcd_keys(bad_input_cluster, f"{bad_input_cluster.etcd_prefix}jobs/") == before
+    assert etcd_keys(bad_input_cluster, f"{bad_input_cluster.etcd_prefix}active/") == []
 
 
 @pytest.mark.parametrize(("job_id", "code"), [

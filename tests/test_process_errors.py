@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 from orchctl.localcluster import free_port
 
 
-def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60,
-                          check=False)
+                          check=False, env=None if env is None else {**os.environ, **env})
 
 
 def test_agent_without_etcd_says_so_and_exits_2(tmp_path: Path) -> None:
@@ -32,9 +33,22 @@ def test_agent_without_etcd_says_so_and_exits_2(tmp_path: Path) -> None:
     ("orchestrator.main", ["--lease-ttl-s", "0"], "got 0"),
     ("orchestrator.main", ["--agent-call-budget-s", "-1"], "got -1"),
     ("orchestrator.main", ["--max-concurrent", "0"], "got 0"),
+    ("orchestrator.main", ["--etcd-prefix", "nvmigrate"], "'nvmigrate' must start and end with '/'"),
+    ("agent.main", ["--name", "n1", "--data-dir", "/tmp/x", "--etcd-prefix", "/a b/"], "'/a b/'"),
 ])
 def test_bad_flags_name_the_value(module: str, args: list[str], named: str) -> None:
     done = run(module, *args)
     assert done.returncode == 2, done.stderr
     assert named in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("module", "args"), [
+    ("orchestrator.main", []),
+    ("agent.main", ["--name", "n1", "--data-dir", "/tmp/x"]),
+])
+def test_a_bad_etcd_prefix_from_the_environment_is_named(module: str, args: list[str]) -> None:
+    done = run(module, *args, env={"NVMIGRATE_ETCD_PREFIX": "/nvmigrate"})
+    assert done.returncode == 2, done.stderr
+    assert "NVMIGRATE_ETCD_PREFIX" in done.stderr and "'/nvmigrate'" in done.stderr
     assert "Traceback" not in done.stderr

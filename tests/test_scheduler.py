@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cluster.records import NodeRecord
-from orchestrator.scheduler import choose_destination, node_problem
+from orchestrator.scheduler import Placement, choose_destination, node_problem
 
 
 def node(name: str, free: int, controllers: int = 0) -> NodeRecord:
@@ -29,3 +34,96 @@ def test_node_problem_names_the_node_and_what_to_do() -> None:
     assert "cordoned" in node_problem(node("n2", 900), "n2", source="n1", namespace_bytes=1, cordoned={"n2"})  # type: ignore[operator]
     assert "50 bytes free" in node_problem(node("n2", 50), "n2", source="n1", namespace_bytes=100, cordoned=())  # type: ignore[operator]
     assert node_problem(node("n2", 900), "n2", source="n1", namespace_bytes=100, cordoned=()) is None
+
+
+# ---- properties (hypothesis): any fleet, any source, any cordons and exclusions ---------------
+
+NAMES = ("n1", "n2", "n3", "n4", "n5", "n6")
+FREE_BYTES = (-250, 0, 250, 500, 750, 1000)  # few values, so ties on free space are common
+
+
+@dataclass(frozen=True)
+class Case:
+    nodes: list[NodeRecord]
+    source: str
+    namespace_bytes: int
+    cordoned: frozenset[str]
+    excluded: frozenset[str]
+
+    def choose(self, nodes: list[NodeRecord] | None = None) -> Placement:
+        return choose_destination(self.nodes if nodes is None else nodes, source=self.source,
+                                  namespace_bytes=self.namespace_bytes, cordoned=self.cordoned,
+                                  excluded=self.excluded)
+
+    def problem(self, n: NodeRecord | None, name: str) -> str | None:
+        return node_problem(n, name, source=self.source, namespace_bytes=self.namespace_bytes,
+                            cordoned=self.cordoned)
+
+    def fits(self) -> list[NodeRecord]:
+        """Written out from the rules, independently of the scheduler."""
+        return [n for n in self.nodes if n.name != self.source and n.name not in self.cordoned
+                and n.name not in self.excluded and n.free_bytes >= self.namespace_bytes]
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=len(NAMES)))
+    nodes = [node(name, draw(st.sampled_from(FREE_BYTES)), draw(st.integers(0, 3))) for name in names]
+    return Case(
+        nodes=nodes,
+        source=draw(st.sampled_from(NAMES)),  # sometimes not in the fleet: its node died
+        namespace_bytes=draw(st.one_of(st.sampled_from([b for b in FREE_BYTES if b > 0]), st.integers(1, 1100))),
+        cordoned=frozenset(draw(st.sets(st.sampled_from(NAMES), max_size=3))),
+        excluded=frozenset(draw(st.sets(st.sampled_from(NAMES), max_size=3))),
+    )
+
+
+@given(cases())
+def test_never_the_source_a_cordoned_an_excluded_or_a_too_small_node(case: Case) -> None:
+    chosen = case.choose().node
+    if chosen is not None:
+        assert chosen in case.nodes
+        assert chosen.name != case.source
+        assert chosen.name not in case.cordoned and chosen.name not in case.excluded
+        assert chosen.free_bytes >= case.namespace_bytes
+
+
+@settings(max_examples=300)
+@given(cases())
+def test_the_node_with_most_free_bytes_is_chosen_or_the_reason_names_the_considered_ones(case: Case) -> None:
+    fits = case.fits()
+    placement = case.choose()
+    if fits:
+        assert placement.node is not None, placement.reason
+        most_free = max(n.free_bytes for n in fits)
+        roomiest = [n for n in fits if n.free_bytes == most_free]
+        fewest = min(len(n.controllers) for n in roomiest)
+        expected = min((n for n in roomiest if len(n.controllers) == fewest), key=lambda n: n.name)
+        assert placement.node == expected
+        assert placement.reason.startswith(f"{expected.name}: ")
+    else:
+        assert placement.node is None
+        assert repr(case.source) in placement.reason and str(case.namespace_bytes) in placement.reason
+        considered = placement.reason.rpartition("(considered: ")[2].removesuffix(")")
+        others = sorted(n.name for n in case.nodes if n.name != case.source)
+        assert considered.split(", ") == (others or ["none"])
+
+
+@given(cases())
+def test_node_problem_and_choose_destination_agree(case: Case) -> None:
+    chosen = case.choose().node
+    if chosen is not None:
+        assert case.problem(chosen, chosen.name) is None
+    for n in case.nodes:
+        problem = case.problem(n, n.name)
+        alone = case.choose([n]).node
+        if n.name in case.excluded:
+            assert alone is None
+        else:
+            # a node the operator names (--to) is refused exactly when the scheduler would skip it
+            assert (problem is None) == (alone == n), problem
+        if problem is not None:
+            assert repr(n.name) in problem
+    for name in NAMES:  # a node that is not a live agent is never acceptable, whatever else holds
+        if name not in {n.name for n in case.nodes}:
+            assert case.problem(None, name) is not None
