@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cluster.records import COMMITTED, LOST, MISSING, RUNNING, ControllerRecord
-from orchestrator.jobs import Job, Phase, Policy
+from orchestrator.jobs import Job, Phase, Policy, Verification
 from orchestrator.reconciler import SETTLED_STAGES, SessionAction, SetControllerState, plan
 from proto.v1 import agent_pb2
 
@@ -17,9 +17,14 @@ OTHER_JOB = "mig-000000000002"
 MiB = 1 << 20
 
 
-def job(phase: Phase, *, job_id: str = JOB, cid: str = "c1", epoch: int = 5) -> Job:
+def job(phase: Phase, *, job_id: str = JOB, cid: str = "c1", epoch: int = 5,
+        verification: Verification = Verification.NONE) -> Job:
     return Job(id=job_id, controller_id=cid, source_node="n1", destination_node="n2", namespace_bytes=MiB,
-               policy=Policy(), created_at=1.0, phase=phase, epoch=epoch)
+               policy=Policy(), created_at=1.0, phase=phase, epoch=epoch, verification=verification)
+
+
+def verified(outcome: Verification = Verification.PASSED) -> Job:
+    return job(Phase.COMPLETED, verification=outcome)
 
 
 def owned(node: str, state: str = RUNNING, *, job_id: str = JOB, cid: str = "c1") -> ControllerRecord:
@@ -113,17 +118,27 @@ SESSION_ROWS: dict[str, Row] = {
         {"n1": Report({"c1": "RUNNING"}), "n2": Report({}, (Session("destination", "received round 2"),))},
         (job(Phase.CANCELLED),),
         (abort("n2", "job ended CANCELLED"),)),
-    # ---- release: a stopped source whose controller runs elsewhere
-    "release: source frozen after stop-and-copy, the destination runs it": Row(
+    # ---- release: a stopped source whose controller runs elsewhere, once verification passed
+    "release: source frozen after stop-and-copy, the destination runs it, verified": Row(
         (owned("n2", RUNNING),),
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),)), "n2": Report({"c1": "RUNNING"})},
-        (job(Phase.COMPLETED),),
+        (verified(),),
         (release("n1", "job ended COMPLETED; c1 runs on n2"),)),
     "release: even when the destination is not live (etcd says it runs there)": Row(
         (owned("n2", RUNNING),),
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped", epoch=9),))},
-        (job(Phase.COMPLETED),),
+        (verified(),),
         (release("n1", "job ended COMPLETED; c1 runs on n2", epoch=9),)),
+    "nothing: verification pending (the verifier releases it)": Row(
+        (owned("n2", RUNNING),),
+        {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),)), "n2": Report({"c1": "RUNNING"})},
+        (verified(Verification.PENDING),),
+        ()),
+    "nothing: verification failed (the copy is kept for an operator)": Row(
+        (owned("n2", RUNNING),),
+        {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),)), "n2": Report({"c1": "RUNNING"})},
+        (verified(Verification.FAILED),),
+        ()),
     "abort, not release: the destination never claimed it": Row(
         (owned("n2", COMMITTED),),
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),))},
@@ -227,7 +242,7 @@ def test_one_pass_covers_every_node_and_controller() -> None:
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),)),
          "n2": Report({"c1": "RUNNING"}),
          "n3": Report({"c2": "RUNNING"}, (Session("source", "precopy", job_id=OTHER_JOB, epoch=1),))},
-        (job(Phase.COMPLETED),),
+        (verified(),),
         (release("n1", "job ended COMPLETED; c1 runs on n2"),
          abort("n3", "job unknown to etcd", epoch=1, cid="", job_id=OTHER_JOB),
          SetControllerState("c2", "n3", RUNNING, "n3 reports it running again"),
