@@ -10,6 +10,12 @@ calls returns at its first `if`: tracing then costs next to nothing.
 The OTLP exporter speaks gRPC and reads its own settings (endpoint, headers, timeout) from the
 environment; the batch processor reads OTEL_BSP_*; the resource takes OTEL_SERVICE_NAME and
 OTEL_RESOURCE_ATTRIBUTES.
+
+A process that dies (SIGKILL, a lost node) takes along the spans its batch processor still holds
+(for up to OTEL_BSP_SCHEDULE_DELAY, 5 s by default). `flush_soon()` shortens that: the
+orchestrator asks for a flush after each job write that ended spans; a thread of its own exports
+them (`SpanFlusher`), so the event loop never waits and a collector that is down never holds up
+a job.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -40,6 +47,10 @@ EXPORTERS = ("otlp", "console", "none")
 
 # Polls repeated every half second while a transfer runs: a span each would bury the trace.
 QUIET_METHODS = frozenset({"GetSession", "GetInfo", "GetController"})
+
+# The bound handed to each flush. The SDK's BatchSpanProcessor (1.45) ignores it and exports
+# until the exporter gives up (OTEL_EXPORTER_OTLP_TIMEOUT); only the flusher thread waits then.
+FLUSH_TIMEOUT_MS = 2000
 
 # TransferResult and SessionStatus fields worth seeing on the agent's span.
 _RESULT_FIELDS = ("bytes_sent", "blocks_sent", "bytes_received", "dirty_bytes_remaining", "dirty_rate_bytes_per_s",
@@ -167,15 +178,103 @@ def use_provider(provider: TracerProvider | None) -> None:
     """Makes `provider` the one our spans go to (None: tracing off). setup_tracing calls it; tests
     call it with a provider of their own, since the global one can be set only once."""
     global _provider
+    _stop_flusher()
     _provider = provider
 
 
 def shutdown_tracing() -> None:
     """Flushes buffered spans (bounded by the exporter's timeout) and stops exporting."""
     global _provider
+    _stop_flusher()
     if _provider is not None:
         _provider.shutdown()
         _provider = None
+
+
+# ---- flushing soon -----------------------------------------------------------------------------
+
+
+class SpanFlusher:
+    """Exports the ended spans of a provider soon after `request()`, from a thread of its own.
+
+    `request()` only sets a flag: the caller (the orchestrator's event loop) never waits. The
+    thread runs one `force_flush` at a time; requests made meanwhile merge into the next one, so
+    a collector that is down (each flush then lasts the exporter's timeout) costs one stuck
+    thread, never a queue of them, and never an error in the job. Spans still go out on the
+    batch schedule as well; the flush only shortens the time they sit in this process.
+    """
+
+    THREAD_NAME = "nvmigrate-span-flush"
+
+    def __init__(self, provider: TracerProvider, timeout_ms: int = FLUSH_TIMEOUT_MS) -> None:
+        self._provider = provider
+        self._timeout_ms = timeout_ms
+        self._changed = threading.Condition()
+        self.requested = 0  # flushes asked for so far
+        self.flushed = 0  # the requests the last finished flush covered
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._changed:
+            self.requested += 1
+            self._changed.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until every request so far is flushed; False if `timeout_s` passed first (tests)."""
+        with self._changed:
+            target = self.requested
+            return self._changed.wait_for(lambda: self.flushed >= target, timeout_s)
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Ends the thread once its flush in progress, if any, returns (waiting at most
+        `timeout_s`: a flush stuck on a dead collector is left to the exporter's timeout)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._stopping or self.requested > self.flushed)
+                if self._stopping:
+                    return
+                target = self.requested
+            try:
+                self._provider.force_flush(self._timeout_ms)
+            except Exception:  # an exporter bug must not end the thread; spans still leave on schedule
+                log.warning("flushing spans failed", exc_info=True)
+            with self._changed:
+                self.flushed = target
+                self._changed.notify_all()
+
+
+_flusher: SpanFlusher | None = None
+
+
+def flush_soon() -> None:
+    """Asks for the spans ended so far to be exported now rather than on the batch schedule.
+    Returns at once; does nothing while tracing is off (and starts no thread then)."""
+    global _flusher
+    if _provider is None:
+        return
+    if _flusher is None:
+        _flusher = SpanFlusher(_provider)
+    _flusher.request()
+
+
+def span_flusher() -> SpanFlusher | None:
+    """The flusher of this process, once a flush was asked for (tests look at it)."""
+    return _flusher
+
+
+def _stop_flusher() -> None:
+    global _flusher
+    if _flusher is not None:
+        _flusher.stop()
+        _flusher = None
 
 
 def tracing_enabled() -> bool:

@@ -109,15 +109,19 @@ class JobTrace:
 
     def written(self, old: Job, new: Job) -> None:
         """After `new` was written over `old`: emit the spans of the phases that closed, and the
-        root when the job ended."""
+        root when the job ended, and have the spans ended so far exported now."""
         self._current = dict(new.trace_context)
         if not self.on or "trace_id" not in new.trace_context:
             return
-        for index in range(max(len(old.phases) - 1, 0), len(new.phases) - 1):
+        closed = range(max(len(old.phases) - 1, 0), len(new.phases) - 1)
+        for index in closed:
             recorded = old.trace_context if old.trace_context.get("phase_index") == str(index) else {}
             self._emit_phase(new, index, new.phases[index], recorded.get("phase_span_id", ""))
-        if new.terminal and not old.terminal:
+        ended = new.terminal and not old.terminal
+        if ended:
             self._emit_root(new)
+        if closed or ended or new.rounds > old.rounds:  # a recorded round's span ended just before
+            telemetry.flush_soon()  # so that they outlive this process if it dies next
 
     def took_over(self, previous_epoch: int) -> None:
         """This runner continues a job another leader drove: noted on the open phase's span."""

@@ -6,15 +6,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from cluster import logs, telemetry
+from orchctl.localcluster import free_port, wait_for
 from orchestrator import metrics, tracing
 from orchestrator.jobs import Job, Phase, PhaseEntry, Policy
 from orchestrator.observer import JobObserver
@@ -68,12 +71,21 @@ def attrs(span: ReadableSpan) -> dict[str, object]:
     return dict(span.attributes or {})
 
 
-def test_no_exporter_means_no_trace_and_no_interceptors() -> None:
+def test_no_exporter_means_no_trace_no_interceptors_and_no_flush_thread() -> None:
     assert not telemetry.tracing_enabled()
     assert tracing.new_job_context() == {}
     assert telemetry.client_interceptors("127.0.0.1:1") == [] and telemetry.server_interceptors() == []
     job = new_job()
     assert tracing.JobTrace(job.id, 1).prepare(job) is job  # not even a copy
+    run = Driver(job, epoch=1)
+    for phase, at in ((Phase.PREPARING, 1001.0), (Phase.PRECOPY, 1002.0), (Phase.DIRTY_ITERATION, 1003.0)):
+        run.enter(phase, at)
+    with run.observer.round(run.job, 1):
+        pass
+    run.save(run.job.record(1004.0, add_rounds=1).end(Phase.ROLLED_BACK, 1005.0, "stop"))
+    assert run.job.trace_context == {}
+    assert telemetry.span_flusher() is None
+    assert not [t for t in threading.enumerate() if t.name == telemetry.SpanFlusher.THREAD_NAME]
 
 
 @pytest.mark.parametrize(("env", "expected"), [
@@ -161,6 +173,73 @@ def test_a_new_leader_closes_the_phase_the_old_one_opened(exported: InMemorySpan
     assert precopy.events[0].attributes == {"nvmigrate.previous_epoch": 3, "nvmigrate.epoch": 5}
     assert named["DIRTY_ITERATION"].status.status_code is StatusCode.ERROR  # the phase the job failed in
     assert named["migration"].status.status_code is StatusCode.ERROR
+
+
+# ---- flushing ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def batched() -> Iterator[InMemorySpanExporter]:
+    """Spans exported in batches a minute apart, as a process would with a long schedule delay."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    telemetry.use_provider(provider)
+    try:
+        yield exporter
+    finally:
+        telemetry.use_provider(None)
+        provider.shutdown()
+
+
+def test_spans_a_write_ended_leave_at_once_not_on_the_batch_schedule(batched: InMemorySpanExporter) -> None:
+    run = Driver(new_job(), epoch=1)
+    assert telemetry.span_flusher() is None  # nothing ended yet: no flush, no thread
+    run.enter(Phase.PREPARING, 1001.0)
+    flusher = telemetry.span_flusher()
+    assert flusher is not None and flusher.requested == 1
+    wait_for("PENDING exported", lambda: "PENDING" in by_name(batched.get_finished_spans()), 10)
+    run.save(run.job.record(1001.5, note="destination n2"))  # ends no span: asks for no flush
+    run.enter(Phase.PRECOPY, 1002.0)
+    run.enter(Phase.DIRTY_ITERATION, 1003.0)
+    with run.observer.round(run.job, 1):
+        pass
+    run.save(run.job.record(1004.0, add_rounds=1))
+    assert flusher.requested == 4
+    wait_for("PREPARING, PRECOPY and round 1 exported",
+             lambda: {"PREPARING", "PRECOPY", "round 1"} <= set(by_name(batched.get_finished_spans())), 10)
+
+
+def test_a_collector_that_is_down_holds_up_neither_the_job_nor_shutdown() -> None:
+    """The real OTLP exporter aimed at a port nobody listens on (it retries until its 2 s
+    timeout): every write returns at once; the flush thread alone waits."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=f"http://127.0.0.1:{free_port()}", insecure=True, timeout=2),
+        schedule_delay_millis=60_000))
+    telemetry.use_provider(provider)
+    try:
+        run = Driver(new_job(), epoch=1)
+        slowest_s = 0.0
+        for phase, at in ((Phase.PREPARING, 1001.0), (Phase.PRECOPY, 1002.0), (Phase.DIRTY_ITERATION, 1003.0),
+                          (Phase.STOP_AND_COPY, 1004.0), (Phase.COMMIT, 1005.0), (Phase.RESUMING, 1006.0)):
+            started = time.monotonic()
+            run.enter(phase, at)
+            slowest_s = max(slowest_s, time.monotonic() - started)
+        ended = run.save(run.job.end(Phase.COMPLETED, 1007.0, ""))
+        assert ended.phase is Phase.COMPLETED
+        assert slowest_s < 0.5, f"a write waited {slowest_s:.2f} s for the collector"
+        flusher = telemetry.span_flusher()
+        assert flusher is not None and flusher.requested == 7 and flusher.flushed < 7  # still trying
+        assert flusher.wait(30)  # it gives up with the exporter, not never
+    finally:
+        started = time.monotonic()
+        telemetry.use_provider(None)
+        assert time.monotonic() - started < 5
+        provider.shutdown()
+    assert not [t for t in threading.enumerate() if t.name == telemetry.SpanFlusher.THREAD_NAME]
 
 
 def test_metrics_count_what_changed_between_records() -> None:
