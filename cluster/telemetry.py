@@ -11,11 +11,16 @@ The OTLP exporter speaks gRPC and reads its own settings (endpoint, headers, tim
 environment; the batch processor reads OTEL_BSP_*; the resource takes OTEL_SERVICE_NAME and
 OTEL_RESOURCE_ATTRIBUTES.
 
-A process that dies (SIGKILL, a lost node) takes along the spans its batch processor still holds
-(for up to OTEL_BSP_SCHEDULE_DELAY, 5 s by default). `flush_soon()` shortens that: the
-orchestrator asks for a flush after each job write that ended spans; a thread of its own exports
-them (`SpanFlusher`), so the event loop never waits and a collector that is down never holds up
-a job.
+Surviving a process that dies (SIGKILL, a lost node) takes two things from here:
+- `flush_soon()`: the batch processor holds ended spans for up to OTEL_BSP_SCHEDULE_DELAY
+  (5 s by default), and a killed process takes them along. The orchestrator asks for a flush
+  after each job write that ended spans; a thread of its own exports them (`SpanFlusher`), so
+  the event loop never waits and a collector that is down never holds up a job.
+- An agent call made for a job carries the job's phase or round span as its `traceparent` (the
+  agent's span is a child of that span, which whoever closes it emits) and the caller's own
+  CLIENT span id in `nvmigrate-caller-span` (the agent's span links to it). A caller killed
+  mid-call never exports its CLIENT span; the agent's span then lacks only a link target, not
+  its parent.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from cluster import logs
 
@@ -47,6 +52,10 @@ EXPORTERS = ("otlp", "console", "none")
 
 # Polls repeated every half second while a transfer runs: a span each would bury the trace.
 QUIET_METHODS = frozenset({"GetSession", "GetInfo", "GetController"})
+
+# gRPC metadata key: the span id (16 hex) of the caller's CLIENT span, which the server's span
+# links to while its parent is the job's phase or round span (`traceparent`).
+CALLER_SPAN_KEY = "nvmigrate-caller-span"
 
 # The bound handed to each flush. The SDK's BatchSpanProcessor (1.45) ignores it and exports
 # until the exporter gives up (OTEL_EXPORTER_OTLP_TIMEOUT); only the flusher thread waits then.
@@ -322,10 +331,13 @@ ParentFor = Callable[[str], otel_context.Context | None]
 
 
 class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """A CLIENT span per call, its context sent along as `traceparent` metadata.
+    """A CLIENT span per call.
 
-    The span's parent is what `parent_for(job id of the request)` says (the orchestrator knows
-    which phase or round of a job is running), else the caller's current span."""
+    For a call that belongs to a job (`parent_for(job id of the request)` names the phase or
+    round running it), the span is a child of that phase or round, and so is the agent's: the
+    `traceparent` sent is the phase's or round's, and the CLIENT span's id travels beside it
+    (CALLER_SPAN_KEY) for the agent's span to link to. Any other call is traced the usual way:
+    a child of the caller's current span, sent as the `traceparent`."""
 
     def __init__(self, peer: str, parent_for: ParentFor | None = None) -> None:
         self.peer = peer
@@ -342,7 +354,13 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             "rpc.system": "grpc", "rpc.service": service, "rpc.method": method, "server.address": self.peer,
             "nvmigrate.job_id": job_id})
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        if parent is not None:
+            propagate.inject(carrier, context=parent)
+            caller = span.get_span_context()
+            if caller.is_valid:
+                carrier[CALLER_SPAN_KEY] = f"{caller.span_id:016x}"
+        else:
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
         details = grpc.aio.ClientCallDetails(client_call_details.method, client_call_details.timeout, metadata,
                                              client_call_details.credentials, client_call_details.wait_for_ready)
@@ -363,8 +381,9 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """A SERVER span per call, child of the caller's `traceparent`; the job id and trace id go
-    into the log context of the handler (and of the tasks it starts)."""
+    """A SERVER span per call, child of the caller's `traceparent` and linked to the caller's
+    CLIENT span when CALLER_SPAN_KEY names it; the job id and trace id go into the log context
+    of the handler (and of the tasks it starts)."""
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -381,7 +400,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             job_id = _job_id(request)
             with tracer().start_as_current_span(
                     f"{service}/{method}", context=parent, kind=SpanKind.SERVER, record_exception=False,
-                    set_status_on_exception=False,
+                    set_status_on_exception=False, links=caller_links(parent, metadata.get(CALLER_SPAN_KEY)),
                     attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
                                 "nvmigrate.job_id": job_id}) as span:
                 trace_id = f"{span.get_span_context().trace_id:032x}" if span.get_span_context().is_valid else ""
@@ -397,6 +416,19 @@ class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
+
+
+def caller_links(parent: otel_context.Context, caller_span: str | None) -> list[Link]:
+    """The link from a server span to the caller's CLIENT span (in the parent's trace); none when
+    the caller sent no valid span id."""
+    remote = trace.get_current_span(parent).get_span_context()
+    try:
+        span_id = int(caller_span or "", 16)
+    except ValueError:
+        return []
+    if not remote.is_valid or not 0 < span_id < 1 << 64 or span_id == remote.span_id:
+        return []
+    return [Link(SpanContext(remote.trace_id, span_id, is_remote=True, trace_flags=remote.trace_flags))]
 
 
 def _code(context: grpc.aio.ServicerContext) -> str:
