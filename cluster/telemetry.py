@@ -10,6 +10,17 @@ calls returns at its first `if`: tracing then costs next to nothing.
 The OTLP exporter speaks gRPC and reads its own settings (endpoint, headers, timeout) from the
 environment; the batch processor reads OTEL_BSP_*; the resource takes OTEL_SERVICE_NAME and
 OTEL_RESOURCE_ATTRIBUTES.
+
+Surviving a process that dies (SIGKILL, a lost node) takes two things from here:
+- `flush_soon()`: the batch processor holds ended spans for up to OTEL_BSP_SCHEDULE_DELAY
+  (5 s by default), and a killed process takes them along. The orchestrator asks for a flush
+  after each job write that ended spans; a thread of its own exports them (`SpanFlusher`), so
+  the event loop never waits and a collector that is down never holds up a job.
+- An agent call made for a job carries the job's phase or round span as its `traceparent` (the
+  agent's span is a child of that span, which whoever closes it emits) and the caller's own
+  CLIENT span id in `nvmigrate-caller-span` (the agent's span links to it). A caller killed
+  mid-call never exports its CLIENT span; the agent's span then lacks only a link target, not
+  its parent.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -29,7 +41,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from cluster import logs
 
@@ -40,6 +52,14 @@ EXPORTERS = ("otlp", "console", "none")
 
 # Polls repeated every half second while a transfer runs: a span each would bury the trace.
 QUIET_METHODS = frozenset({"GetSession", "GetInfo", "GetController"})
+
+# gRPC metadata key: the span id (16 hex) of the caller's CLIENT span, which the server's span
+# links to while its parent is the job's phase or round span (`traceparent`).
+CALLER_SPAN_KEY = "nvmigrate-caller-span"
+
+# The bound handed to each flush. The SDK's BatchSpanProcessor (1.45) ignores it and exports
+# until the exporter gives up (OTEL_EXPORTER_OTLP_TIMEOUT); only the flusher thread waits then.
+FLUSH_TIMEOUT_MS = 2000
 
 # TransferResult and SessionStatus fields worth seeing on the agent's span.
 _RESULT_FIELDS = ("bytes_sent", "blocks_sent", "bytes_received", "dirty_bytes_remaining", "dirty_rate_bytes_per_s",
@@ -167,15 +187,103 @@ def use_provider(provider: TracerProvider | None) -> None:
     """Makes `provider` the one our spans go to (None: tracing off). setup_tracing calls it; tests
     call it with a provider of their own, since the global one can be set only once."""
     global _provider
+    _stop_flusher()
     _provider = provider
 
 
 def shutdown_tracing() -> None:
     """Flushes buffered spans (bounded by the exporter's timeout) and stops exporting."""
     global _provider
+    _stop_flusher()
     if _provider is not None:
         _provider.shutdown()
         _provider = None
+
+
+# ---- flushing soon -----------------------------------------------------------------------------
+
+
+class SpanFlusher:
+    """Exports the ended spans of a provider soon after `request()`, from a thread of its own.
+
+    `request()` only sets a flag: the caller (the orchestrator's event loop) never waits. The
+    thread runs one `force_flush` at a time; requests made meanwhile merge into the next one, so
+    a collector that is down (each flush then lasts the exporter's timeout) costs one stuck
+    thread, never a queue of them, and never an error in the job. Spans still go out on the
+    batch schedule as well; the flush only shortens the time they sit in this process.
+    """
+
+    THREAD_NAME = "nvmigrate-span-flush"
+
+    def __init__(self, provider: TracerProvider, timeout_ms: int = FLUSH_TIMEOUT_MS) -> None:
+        self._provider = provider
+        self._timeout_ms = timeout_ms
+        self._changed = threading.Condition()
+        self.requested = 0  # flushes asked for so far
+        self.flushed = 0  # the requests the last finished flush covered
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        with self._changed:
+            self.requested += 1
+            self._changed.notify_all()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until every request so far is flushed; False if `timeout_s` passed first (tests)."""
+        with self._changed:
+            target = self.requested
+            return self._changed.wait_for(lambda: self.flushed >= target, timeout_s)
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Ends the thread once its flush in progress, if any, returns (waiting at most
+        `timeout_s`: a flush stuck on a dead collector is left to the exporter's timeout)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._stopping or self.requested > self.flushed)
+                if self._stopping:
+                    return
+                target = self.requested
+            try:
+                self._provider.force_flush(self._timeout_ms)
+            except Exception:  # an exporter bug must not end the thread; spans still leave on schedule
+                log.warning("flushing spans failed", exc_info=True)
+            with self._changed:
+                self.flushed = target
+                self._changed.notify_all()
+
+
+_flusher: SpanFlusher | None = None
+
+
+def flush_soon() -> None:
+    """Asks for the spans ended so far to be exported now rather than on the batch schedule.
+    Returns at once; does nothing while tracing is off (and starts no thread then)."""
+    global _flusher
+    if _provider is None:
+        return
+    if _flusher is None:
+        _flusher = SpanFlusher(_provider)
+    _flusher.request()
+
+
+def span_flusher() -> SpanFlusher | None:
+    """The flusher of this process, once a flush was asked for (tests look at it)."""
+    return _flusher
+
+
+def _stop_flusher() -> None:
+    global _flusher
+    if _flusher is not None:
+        _flusher.stop()
+        _flusher = None
 
 
 def tracing_enabled() -> bool:
@@ -223,10 +331,13 @@ ParentFor = Callable[[str], otel_context.Context | None]
 
 
 class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """A CLIENT span per call, its context sent along as `traceparent` metadata.
+    """A CLIENT span per call.
 
-    The span's parent is what `parent_for(job id of the request)` says (the orchestrator knows
-    which phase or round of a job is running), else the caller's current span."""
+    For a call that belongs to a job (`parent_for(job id of the request)` names the phase or
+    round running it), the span is a child of that phase or round, and so is the agent's: the
+    `traceparent` sent is the phase's or round's, and the CLIENT span's id travels beside it
+    (CALLER_SPAN_KEY) for the agent's span to link to. Any other call is traced the usual way:
+    a child of the caller's current span, sent as the `traceparent`."""
 
     def __init__(self, peer: str, parent_for: ParentFor | None = None) -> None:
         self.peer = peer
@@ -243,7 +354,13 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             "rpc.system": "grpc", "rpc.service": service, "rpc.method": method, "server.address": self.peer,
             "nvmigrate.job_id": job_id})
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        if parent is not None:
+            propagate.inject(carrier, context=parent)
+            caller = span.get_span_context()
+            if caller.is_valid:
+                carrier[CALLER_SPAN_KEY] = f"{caller.span_id:016x}"
+        else:
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
         details = grpc.aio.ClientCallDetails(client_call_details.method, client_call_details.timeout, metadata,
                                              client_call_details.credentials, client_call_details.wait_for_ready)
@@ -264,8 +381,9 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """A SERVER span per call, child of the caller's `traceparent`; the job id and trace id go
-    into the log context of the handler (and of the tasks it starts)."""
+    """A SERVER span per call, child of the caller's `traceparent` and linked to the caller's
+    CLIENT span when CALLER_SPAN_KEY names it; the job id and trace id go into the log context
+    of the handler (and of the tasks it starts)."""
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -282,7 +400,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             job_id = _job_id(request)
             with tracer().start_as_current_span(
                     f"{service}/{method}", context=parent, kind=SpanKind.SERVER, record_exception=False,
-                    set_status_on_exception=False,
+                    set_status_on_exception=False, links=caller_links(parent, metadata.get(CALLER_SPAN_KEY)),
                     attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
                                 "nvmigrate.job_id": job_id}) as span:
                 trace_id = f"{span.get_span_context().trace_id:032x}" if span.get_span_context().is_valid else ""
@@ -298,6 +416,19 @@ class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
                                                    response_serializer=handler.response_serializer)
+
+
+def caller_links(parent: otel_context.Context, caller_span: str | None) -> list[Link]:
+    """The link from a server span to the caller's CLIENT span (in the parent's trace); none when
+    the caller sent no valid span id."""
+    remote = trace.get_current_span(parent).get_span_context()
+    try:
+        span_id = int(caller_span or "", 16)
+    except ValueError:
+        return []
+    if not remote.is_valid or not 0 < span_id < 1 << 64 or span_id == remote.span_id:
+        return []
+    return [Link(SpanContext(remote.trace_id, span_id, is_remote=True, trace_flags=remote.trace_flags))]
 
 
 def _code(context: grpc.aio.ServicerContext) -> str:

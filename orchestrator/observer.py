@@ -46,7 +46,8 @@ class JobObserver:
         return self.trace.prepare(new)
 
     def written(self, old: Job, new: Job) -> None:
-        """After a write: spans of finished phases, metrics of what changed."""
+        """After a write: the spans it settled (finished phases and rounds, the root), exported
+        at once so that a leader killed next does not take them along; metrics of what changed."""
         self.trace_id = new.trace_context.get("trace_id", "")
         self.trace.written(old, new)
         metrics.job_written(old, new)
@@ -57,4 +58,6 @@ class JobObserver:
             log.info("job %s: %s -> %s after %.0f ms%s", new.id, closed.phase, new.phase, closed.duration_ms, why)
 
     def round(self, job: Job, number: int) -> contextlib.AbstractContextManager[RoundSpan]:
+        """Around dirty round `number`: agent calls made in it go under its span, whose id any
+        leader running this round derives alike; the span goes out with the write recording it."""
         return self.trace.round(job, number)

@@ -34,6 +34,7 @@ class ReceivedSpan:
     attributes: dict[str, Any]
     status_code: int
     events: tuple[str, ...]
+    links: tuple[str, ...] = ()  # span ids (hex) this span links to
 
 
 def _value(any_value: Any) -> Any:
@@ -64,7 +65,8 @@ class _Service(trace_service_pb2_grpc.TraceServiceServicer):
                         parent_span_id=span.parent_span_id.hex(), kind=span.kind,
                         start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
                         attributes=_attributes(span.attributes), status_code=span.status.code,
-                        events=tuple(e.name for e in span.events)))
+                        events=tuple(e.name for e in span.events),
+                        links=tuple(link.span_id.hex() for link in span.links)))
         with self.lock:
             self.spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchctl.localcluster import LocalCluster, Proc
+from orchctl.localcluster import LocalCluster, Proc, wait_for
 from orchestrator import metrics
-from proto.v1 import migration_pb2
+from proto.v1 import agent_pb2, migration_pb2
 from tests.clusterprobe import TERMINAL, create_controller, migrate, replace_orchestrator, wait_phase
 from tests.otlp_collector import OtlpCollector, ReceivedSpan
 
@@ -46,6 +47,21 @@ def tracing_env(collector: OtlpCollector) -> dict[str, str]:
 
 def of_trace(spans: list[ReceivedSpan], trace_id: str) -> list[ReceivedSpan]:
     return [s for s in spans if s.trace_id == trace_id]
+
+
+def client_span_ids(spans: list[ReceivedSpan]) -> set[str]:
+    """The orchestrator's CLIENT spans of agent calls."""
+    return {s.span_id for s in spans if s.kind == SPAN_KIND_CLIENT and s.service == "nvmigrate-orchestrator"}
+
+
+def linked_ids(spans: list[ReceivedSpan]) -> set[str]:
+    return {link for s in spans for link in s.links}
+
+
+def missing_parents(spans: list[ReceivedSpan]) -> list[str]:
+    """Spans of one trace whose parent never arrived: 'NAME (SERVICE INSTANCE)'."""
+    ids = {s.span_id for s in spans}
+    return [f"{s.name} ({s.service} {s.instance})" for s in spans if s.parent_span_id and s.parent_span_id not in ids]
 
 
 def has_root(trace_id: str) -> Callable[[list[ReceivedSpan]], bool]:
@@ -106,7 +122,11 @@ def test_a_migration_is_one_trace_with_phase_round_and_agent_spans(traced_run: T
         return {(s.instance, s.name.rpartition("/")[2]) for s in of_trace(got, job.trace_id)
                 if s.service == "nvmigrate-agent" and s.kind == SPAN_KIND_SERVER}
 
-    spans = traced_run.collector.wait("the agents' spans of the job", lambda got: calls <= agent_calls(got))
+    def every_call_served(got: list[ReceivedSpan]) -> bool:
+        return calls <= agent_calls(got) and client_span_ids(of_trace(got, job.trace_id)) <= linked_ids(
+            of_trace(got, job.trace_id))
+
+    spans = traced_run.collector.wait("the agents' spans of the job", every_call_served)
     mine = of_trace(spans, job.trace_id)
     ids = {s.span_id: s for s in mine}
 
@@ -142,57 +162,146 @@ def test_a_migration_is_one_trace_with_phase_round_and_agent_spans(traced_run: T
     assert {("n2", "PrepareDestination", "PREPARING"), ("n1", "StartPrecopy", "PRECOPY"),
             ("n1", "DirtyRound", "DIRTY_ITERATION"), ("n1", "StopAndCopy", "STOP_AND_COPY"),
             ("n2", "ResumeDestination", "RESUMING"), ("n1", "ReleaseSource", "RESUMING")} <= served
-    for span in mine:
-        if span.service == "nvmigrate-agent":  # every agent span hangs off an orchestrator client span
-            assert ids[span.parent_span_id].kind == SPAN_KIND_CLIENT
-    dirty_rounds = [s for s in mine if s.service == "nvmigrate-agent" and s.name.endswith("/DirtyRound")]
-    assert all(ids[ids[s.parent_span_id].parent_span_id].name.startswith("round ") for s in dirty_rounds)
-    # One connected tree: no span points at a parent that never arrived.
-    assert [s.name for s in mine if s.parent_span_id and s.parent_span_id not in ids] == []
+    # Every agent span hangs off the phase or round its call was made in, not off the orchestrator's
+    # CLIENT span of the call (a sibling), to which it links: one agent span per CLIENT span.
+    phase_or_round = {s.span_id for s in [*phases, *rounds]}
+    agent_spans = [s for s in mine if s.service == "nvmigrate-agent"]
+    for span in agent_spans:
+        assert span.parent_span_id in phase_or_round, f"{span.name} under {ids.get(span.parent_span_id)}"
+        (caller_id,) = span.links
+        caller = ids[caller_id]
+        assert (caller.kind, caller.service, caller.name) == (SPAN_KIND_CLIENT, "nvmigrate-orchestrator", span.name)
+        assert caller.parent_span_id == span.parent_span_id
+    assert sorted(link for s in agent_spans for link in s.links) == sorted(client_span_ids(mine))
+    (precopy_call,) = [s for s in agent_spans if s.name.endswith("/StartPrecopy")]
+    assert precopy_call.parent_span_id == by_phase["PRECOPY"].span_id
+    dirty_rounds = [s for s in agent_spans if s.name.endswith("/DirtyRound")]
+    assert len(dirty_rounds) >= job.rounds
+    for span in dirty_rounds:  # under the span of the very round the agent ran
+        assert ids[span.parent_span_id].name == f"round {span.attributes['nvmigrate.round']}"
+    assert missing_parents(mine) == []  # one connected tree
 
 
-def test_the_trace_continues_across_a_leader_failover() -> None:
+def source_stage(cluster: LocalCluster, job_id: str) -> str:
+    """What the source agent's session of the job is doing ('precopy', 'round 2', ...)."""
+    channel, stub = cluster.agent_stub("n1")
+    with channel:
+        return str(stub.GetSession(agent_pb2.MigrationRef(job_id=job_id), timeout=5).stage)
+
+
+@dataclass
+class Failover:
+    ended: migration_pb2.Migration  # the job record at its end
+    spans: list[ReceivedSpan]  # the job's trace, complete: every process that exports to it stopped or flushed
+
+
+def run_with_the_leader_killed(kill_when: Callable[[LocalCluster, migration_pb2.Migration], None]) -> Failover:
+    """A migration (24 MiB at 6 MiB/s: about 4 s of PRECOPY) whose leader orch-1 is SIGKILLed when
+    `kill_when` returns; orch-2 takes over and ends the job. Then the agents are stopped (SIGTERM:
+    they export what they hold as they exit), so the collector has the whole trace."""
     collector = OtlpCollector().start()
     try:
-        with LocalCluster(env=tracing_env(collector)) as cluster:
+        # The batch processor's default schedule, said out loud so that no OTEL_BSP_SCHEDULE_DELAY
+        # from outside shortens it: spans leave orch-1 before its death only if it flushes them.
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "5000"}
+        with LocalCluster(env=env) as cluster:
             cluster.start_etcd()
             cluster.start_orchestrator(name="orch-1")
             for name in ("n1", "n2"):
                 cluster.start_agent(name)
             create_controller(cluster, "n1", "c4", 24 * MiB, write_iops=300)
             job = migrate(cluster, "c4", to="n2", bandwidth_bytes_per_s=6 * MiB)
-            wait_phase(cluster, job.id, {migration_pb2.PRECOPY}, also=lambda j: j.bytes_transferred > 0)
-            # The old leader's finished phases must be out before it dies, or there is nothing to check.
-            collector.wait("orch-1's PREPARING span", lambda got: any(
-                s.name == "PREPARING" and s.instance == "orch-1" for s in of_trace(got, job.trace_id)))
+            kill_when(cluster, job)
             replace_orchestrator(cluster, "orch-2")
             ended = wait_phase(cluster, job.id, TERMINAL, timeout_s=180)
-            outcome = migration_pb2.Phase.Name(ended.phase)
-            assert outcome in ("COMPLETED", "ROLLED_BACK"), ended.reason
+            assert migration_pb2.Phase.Name(ended.phase) in ("COMPLETED", "ROLLED_BACK"), ended.reason
             assert ended.trace_id == job.trace_id
-            spans = of_trace(collector.wait("the root span from orch-2", has_root(job.trace_id)), job.trace_id)
+            collector.wait("the root span from orch-2", lambda got: any(
+                s.parent_span_id == "" and s.instance == "orch-2" for s in of_trace(got, job.trace_id)))
+            for agent in cluster.agents.values():
+                agent.stop()
+                assert agent.popen.returncode == 0, agent.tail()
+            return Failover(ended, of_trace(collector.spans(), job.trace_id))
     finally:
         collector.stop()
 
+
+def check_the_trace_is_whole(run: Failover, killed_in: str) -> dict[str, ReceivedSpan]:
+    """A span for every phase in the job record, from the leader that closed it (orch-1 before
+    `killed_in`, orch-2 from then on), at the recorded times; rounds and agent calls in place; no
+    span without its parent. Returns the spans by id."""
+    ended, spans = run.ended, run.spans
     ids = {s.span_id: s for s in spans}
+    assert missing_parents(spans) == []
     (root,) = [s for s in spans if s.parent_span_id == ""]
-    assert root.instance == "orch-2" and root.attributes["nvmigrate.outcome"] == outcome
-    assert root.start_ns == pytest.approx(job.created_at * 1e9, abs=1e3)  # the job's start, before the failover
-    phases = {s.name: s for s in spans if s.parent_span_id == root.span_id}
-    assert phases["PENDING"].instance == phases["PREPARING"].instance == "orch-1"
-    later = [name for name in PHASES[2:] if name in phases]
-    assert later[0] == "PRECOPY" and all(phases[name].instance == "orch-2" for name in later)
-    # PRECOPY was opened by orch-1 and closed by orch-2: one span, from before the kill.
-    precopy = phases["PRECOPY"]
-    assert "leader takeover" in precopy.events
-    assert precopy.start_ns == pytest.approx(ended.phases[2].started_at * 1e9, abs=1e3)
-    assert precopy.start_ns < phases["PREPARING"].end_ns + 10**9
-    # Both leaders' StartPrecopy calls reached the agent inside that same phase span.
-    precopies = [s for s in spans if s.service == "nvmigrate-agent" and s.name.endswith("/StartPrecopy")]
-    callers = {ids[s.parent_span_id].instance for s in precopies if s.parent_span_id in ids}
-    assert "orch-2" in callers
-    assert all(ids[ids[s.parent_span_id].parent_span_id] is precopy for s in precopies if s.parent_span_id in ids)
-    assert len({s.span_id for s in precopies}) >= 2, "orch-1's call should have reached the agent too"
+    assert (root.name, root.instance) == ("migration", "orch-2")
+    assert root.attributes["nvmigrate.outcome"] == migration_pb2.Phase.Name(ended.phase)
+    assert root.start_ns == pytest.approx(ended.created_at * 1e9, abs=1e3)  # the job's start, before the kill
+    phases = sorted((s for s in spans if s.parent_span_id == root.span_id), key=lambda s: s.start_ns)
+    recorded = ended.phases[:-1]  # the last entry is the outcome: the root's
+    assert [s.name for s in phases] == [migration_pb2.Phase.Name(r.phase) for r in recorded]
+    for span, record in zip(phases, recorded, strict=True):
+        assert span.start_ns == pytest.approx(record.started_at * 1e9, abs=1e3)
+        assert span.end_ns - span.start_ns == pytest.approx(record.duration_ms * 1e6, rel=1e-3, abs=1e3)
+    # orch-1 was killed within its 5 s batch schedule of ending PREPARING (of ending PRECOPY, for a
+    # kill in a round): only the flush after each phase change got those spans out.
+    killed_at = [s.name for s in phases].index(killed_in)
+    assert [s.instance for s in phases] == ["orch-1"] * killed_at + ["orch-2"] * (len(phases) - killed_at)
+    assert "leader takeover" in phases[killed_at].events  # opened by orch-1, closed by orch-2: one span
+    dirty = [s for s in phases if s.name == "DIRTY_ITERATION"]
+    rounds = [s for s in spans if s.name.startswith("round ")]
+    assert sorted(s.attributes["nvmigrate.round"] for s in rounds) == list(range(1, ended.rounds + 1))
+    assert all(s.parent_span_id in {d.span_id for d in dirty} for s in rounds)
+    agent_spans = [s for s in spans if s.service == "nvmigrate-agent"]
+    assert agent_spans
+    for span in agent_spans:
+        parent = ids[span.parent_span_id]
+        assert parent in phases or parent in rounds, f"{span.name} under {parent.name}"
+        if span.name.endswith("/DirtyRound"):
+            assert parent in rounds
+            if "nvmigrate.round" in span.attributes:  # a call that was answered
+                assert parent.name == f"round {span.attributes['nvmigrate.round']}"
+        (caller_id,) = span.links
+        caller = ids.get(caller_id)  # absent only for a call orch-1 still had in flight
+        if caller is not None:
+            assert (caller.kind, caller.name, caller.parent_span_id) == (SPAN_KIND_CLIENT, span.name,
+                                                                           span.parent_span_id)
+    return ids
+
+
+@pytest.mark.parametrize("kill_after_s", [0.3, 3.0], ids=["0.3s-into-PRECOPY", "3s-into-PRECOPY"])
+def test_the_trace_survives_the_leader_killed_in_precopy(kill_after_s: float) -> None:
+    def kill_when(cluster: LocalCluster, job: migration_pb2.Migration) -> None:
+        wait_phase(cluster, job.id, {migration_pb2.PRECOPY})
+        seen = time.monotonic()
+        # A deliberate delay of the fault, not synchronisation: the kill lands this far into
+        # PRECOPY (counted from when the test saw it begin), whatever else is going on.
+        time.sleep(max(0.0, seen + kill_after_s - time.monotonic()))
+
+    run = run_with_the_leader_killed(kill_when)
+    ids = check_the_trace_is_whole(run, killed_in="PRECOPY")
+    precopy = next(s for s in run.spans if s.name == "PRECOPY")
+    # orch-1's StartPrecopy was in flight at the kill: its CLIENT span is gone, yet the agent's
+    # span of that call is in the trace, under PRECOPY. orch-2's call attached to the same work.
+    calls = [s for s in run.spans if s.service == "nvmigrate-agent" and s.name.endswith("/StartPrecopy")]
+    assert calls and all(s.parent_span_id == precopy.span_id for s in calls)
+    callers = [ids[s.links[0]].instance if s.links[0] in ids else "(killed)" for s in calls]
+    assert sorted(callers) == ["(killed)", "orch-2"], callers
+
+
+def test_the_trace_survives_the_leader_killed_in_a_dirty_round() -> None:
+    def kill_when(cluster: LocalCluster, job: migration_pb2.Migration) -> None:
+        wait_for("round 1 on the source", lambda: source_stage(cluster, job.id) == "round 1", 60, interval_s=0.02)
+
+    run = run_with_the_leader_killed(kill_when)
+    ids = check_the_trace_is_whole(run, killed_in="DIRTY_ITERATION")
+    # orch-1's DirtyRound 1 was in flight: the agent's span of it sits under the round 1 span that
+    # orch-2 emitted when it ran round 1 again (the same derived span id), not under a lost span.
+    (round_1,) = [s for s in run.spans if s.name == "round 1"]
+    assert round_1.instance == "orch-2"
+    calls = [s for s in run.spans if s.parent_span_id == round_1.span_id and s.service == "nvmigrate-agent"]
+    callers = sorted(ids[s.links[0]].instance if s.links[0] in ids else "(killed)" for s in calls)
+    assert callers == ["(killed)", "orch-2"], callers
 
 
 def test_orchestrator_json_logs_carry_the_job_and_trace_id(traced_run: TracedRun) -> None:

@@ -6,15 +6,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from cluster import logs, telemetry
+from orchctl.localcluster import free_port, wait_for
 from orchestrator import metrics, tracing
 from orchestrator.jobs import Job, Phase, PhaseEntry, Policy
 from orchestrator.observer import JobObserver
@@ -68,12 +73,21 @@ def attrs(span: ReadableSpan) -> dict[str, object]:
     return dict(span.attributes or {})
 
 
-def test_no_exporter_means_no_trace_and_no_interceptors() -> None:
+def test_no_exporter_means_no_trace_no_interceptors_and_no_flush_thread() -> None:
     assert not telemetry.tracing_enabled()
     assert tracing.new_job_context() == {}
     assert telemetry.client_interceptors("127.0.0.1:1") == [] and telemetry.server_interceptors() == []
     job = new_job()
     assert tracing.JobTrace(job.id, 1).prepare(job) is job  # not even a copy
+    run = Driver(job, epoch=1)
+    for phase, at in ((Phase.PREPARING, 1001.0), (Phase.PRECOPY, 1002.0), (Phase.DIRTY_ITERATION, 1003.0)):
+        run.enter(phase, at)
+    with run.observer.round(run.job, 1) as round_span:
+        assert round_span.span_id == 0
+    run.save(run.job.record(1004.0, add_rounds=1).end(Phase.ROLLED_BACK, 1005.0, "stop"))
+    assert run.job.trace_context == {}
+    assert telemetry.span_flusher() is None
+    assert not [t for t in threading.enumerate() if t.name == telemetry.SpanFlusher.THREAD_NAME]
 
 
 @pytest.mark.parametrize(("env", "expected"), [
@@ -161,6 +175,167 @@ def test_a_new_leader_closes_the_phase_the_old_one_opened(exported: InMemorySpan
     assert precopy.events[0].attributes == {"nvmigrate.previous_epoch": 3, "nvmigrate.epoch": 5}
     assert named["DIRTY_ITERATION"].status.status_code is StatusCode.ERROR  # the phase the job failed in
     assert named["migration"].status.status_code is StatusCode.ERROR
+
+
+def in_context(parent: otel_context.Context | None) -> SpanContext:
+    """The span an agent call would be placed under, given what `tracing.call_parent` said."""
+    assert parent is not None
+    return trace.get_current_span(parent).get_span_context()
+
+
+def test_round_span_ids_are_derived_from_the_trace_the_phase_and_the_number() -> None:
+    trace_id, phase = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    first = tracing.round_span_id(trace_id, phase, 1)
+    assert first == tracing.round_span_id(trace_id, phase, 1) == tracing.round_span_id(trace_id.upper(), phase, 1)
+    others = {tracing.round_span_id(trace_id, phase, 2), tracing.round_span_id(trace_id, "00f067aa0ba902b7", 1),
+              tracing.round_span_id("4bf92f3577b34da6a3ce929d0e0e4736", phase, 1)}
+    assert first not in others and len(others) == 3
+    assert all(0 < i < 1 << 64 for i in (first, *others))
+
+
+def test_a_new_leader_emits_the_round_the_old_one_had_in_flight(exported: InMemorySpanExporter) -> None:
+    """Leader 1 dies during round 1, after an agent call placed under that round; leader 2 runs
+    round 1 again: the round span it emits has the id leader 1 gave the agent as parent."""
+    first = Driver(new_job(), epoch=3)
+    first.enter(Phase.PREPARING, 1001.0)
+    first.enter(Phase.PRECOPY, 1002.0)
+    in_rounds = first.enter(Phase.DIRTY_ITERATION, 1005.0, add_bytes=16 * MiB)
+    with first.observer.running():
+        in_flight = first.observer.round(in_rounds, 1)
+        in_flight.__enter__()  # never left: leader 1 is killed in it
+        told_the_agent = in_context(tracing.call_parent(in_rounds.id))
+    assert told_the_agent.span_id != int(in_rounds.trace_context["phase_span_id"], 16)  # the round, not the phase
+    assert "round 1" not in by_name(exported.get_finished_spans())  # it died with leader 1
+
+    second = Driver(in_rounds, epoch=5)
+    with second.observer.running():
+        with second.observer.round(second.job, 1):
+            assert in_context(tracing.call_parent(in_rounds.id)) == told_the_agent
+        assert "round 1" not in by_name(exported.get_finished_spans())  # not before the write records it
+        second.save(second.job.record(1007.0, add_bytes=4096, add_rounds=1))
+    rounds = [s for s in exported.get_finished_spans() if s.name == "round 1"]
+    assert [(s.context.trace_id, s.context.span_id) for s in rounds] == [
+        (told_the_agent.trace_id, told_the_agent.span_id)]
+    dirty_span_id = int(in_rounds.trace_context["phase_span_id"], 16)
+    assert rounds[0].parent is not None and rounds[0].parent.span_id == dirty_span_id
+    assert attrs(rounds[0])["nvmigrate.epoch"] == 5
+
+
+def test_a_failed_round_goes_out_with_the_write_that_closes_its_phase(exported: InMemorySpanExporter) -> None:
+    run = Driver(new_job(), epoch=1)
+    run.enter(Phase.PREPARING, 1001.0)
+    run.enter(Phase.PRECOPY, 1002.0)
+    run.enter(Phase.DIRTY_ITERATION, 1005.0)
+    with pytest.raises(TimeoutError), run.observer.round(run.job, 1):
+        raise TimeoutError("source did not answer")
+    assert "round 1" not in by_name(exported.get_finished_spans())
+    run.save(run.job.with_fields(1006.0, bytes_transferred=1))  # a write that settles nothing
+    assert "round 1" not in by_name(exported.get_finished_spans())
+    run.save(run.job.end(Phase.ROLLED_BACK, 1007.0, "source did not answer"))
+    named = by_name(exported.get_finished_spans())
+    failed = named["round 1"]
+    assert failed.status.status_code is StatusCode.ERROR and failed.status.description == "source did not answer"
+    assert failed.parent is not None and failed.parent.span_id == named["DIRTY_ITERATION"].context.span_id
+    assert failed.context.span_id == tracing.round_span_id(run.job.trace_context["trace_id"],
+                                                           f"{named['DIRTY_ITERATION'].context.span_id:016x}", 1)
+
+
+def test_a_phase_closed_by_a_write_the_trace_did_not_hear_of_still_gets_its_span(
+        exported: InMemorySpanExporter) -> None:
+    """A commit whose reply was lost: the runner reloads the job (already COMMIT) without telling
+    the trace; the next write still emits STOP_AND_COPY under its recorded id."""
+    run = Driver(new_job(), epoch=1)
+    for phase, at in ((Phase.PREPARING, 1001.0), (Phase.PRECOPY, 1002.0), (Phase.DIRTY_ITERATION, 1003.0),
+                      (Phase.STOP_AND_COPY, 1004.0)):
+        run.enter(phase, at)
+    stop_and_copy = run.job.trace_context["phase_span_id"]
+    committed = run.observer.prepare(run.job.enter(Phase.COMMIT, 1005.0))  # written, but `written` never ran
+    run.job = committed
+    run.enter(Phase.RESUMING, 1006.0)
+    named = by_name(exported.get_finished_spans())
+    assert f"{named['STOP_AND_COPY'].context.span_id:016x}" == stop_and_copy
+    assert f"{named['COMMIT'].context.span_id:016x}" == committed.trace_context["phase_span_id"]
+    assert len([s for s in exported.get_finished_spans() if s.name == "STOP_AND_COPY"]) == 1
+
+
+@pytest.mark.parametrize(("caller", "linked"), [
+    ("00f067aa0ba902b7", 0x00F067AA0BA902B7), ("", None), ("not hex", None), ("0000000000000000", None),
+    ("1" * 17, None)])
+def test_an_agent_span_links_to_the_caller_span_it_was_sent(caller: str, linked: int | None) -> None:
+    parent_id = 0xB7AD6B7169203331
+    parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C, parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))))
+    links = telemetry.caller_links(parent, caller)
+    assert [link.context.span_id for link in links] == ([] if linked is None else [linked])
+    assert all(link.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C for link in links)
+    assert telemetry.caller_links(otel_context.Context(), "00f067aa0ba902b7") == []  # no trace to link in
+
+
+# ---- flushing ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def batched() -> Iterator[InMemorySpanExporter]:
+    """Spans exported in batches a minute apart, as a process would with a long schedule delay."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    telemetry.use_provider(provider)
+    try:
+        yield exporter
+    finally:
+        telemetry.use_provider(None)
+        provider.shutdown()
+
+
+def test_spans_a_write_ended_leave_at_once_not_on_the_batch_schedule(batched: InMemorySpanExporter) -> None:
+    run = Driver(new_job(), epoch=1)
+    assert telemetry.span_flusher() is None  # nothing ended yet: no flush, no thread
+    run.enter(Phase.PREPARING, 1001.0)
+    flusher = telemetry.span_flusher()
+    assert flusher is not None and flusher.requested == 1
+    wait_for("PENDING exported", lambda: "PENDING" in by_name(batched.get_finished_spans()), 10)
+    run.save(run.job.record(1001.5, note="destination n2"))  # ends no span: asks for no flush
+    run.enter(Phase.PRECOPY, 1002.0)
+    run.enter(Phase.DIRTY_ITERATION, 1003.0)
+    with run.observer.round(run.job, 1):
+        pass
+    run.save(run.job.record(1004.0, add_rounds=1))
+    assert flusher.requested == 4
+    wait_for("PREPARING, PRECOPY and round 1 exported",
+             lambda: {"PREPARING", "PRECOPY", "round 1"} <= set(by_name(batched.get_finished_spans())), 10)
+
+
+def test_a_collector_that_is_down_holds_up_neither_the_job_nor_shutdown() -> None:
+    """The real OTLP exporter aimed at a port nobody listens on (it retries until its 2 s
+    timeout): every write returns at once; the flush thread alone waits."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    provider = TracerProvider(id_generator=telemetry.PresetIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=f"http://127.0.0.1:{free_port()}", insecure=True, timeout=2),
+        schedule_delay_millis=60_000))
+    telemetry.use_provider(provider)
+    try:
+        run = Driver(new_job(), epoch=1)
+        slowest_s = 0.0
+        for phase, at in ((Phase.PREPARING, 1001.0), (Phase.PRECOPY, 1002.0), (Phase.DIRTY_ITERATION, 1003.0),
+                          (Phase.STOP_AND_COPY, 1004.0), (Phase.COMMIT, 1005.0), (Phase.RESUMING, 1006.0)):
+            started = time.monotonic()
+            run.enter(phase, at)
+            slowest_s = max(slowest_s, time.monotonic() - started)
+        ended = run.save(run.job.end(Phase.COMPLETED, 1007.0, ""))
+        assert ended.phase is Phase.COMPLETED
+        assert slowest_s < 0.5, f"a write waited {slowest_s:.2f} s for the collector"
+        flusher = telemetry.span_flusher()
+        assert flusher is not None and flusher.requested == 7 and flusher.flushed < 7  # still trying
+        assert flusher.wait(30)  # it gives up with the exporter, not never
+    finally:
+        started = time.monotonic()
+        telemetry.use_provider(None)
+        assert time.monotonic() - started < 5
+        provider.shutdown()
+    assert not [t for t in threading.enumerate() if t.name == telemetry.SpanFlusher.THREAD_NAME]
 
 
 def test_metrics_count_what_changed_between_records() -> None:
