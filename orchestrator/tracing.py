@@ -25,6 +25,10 @@ flush reaching the collector (among them the phase span that write closed) are l
 process; and a round in flight at the kill that the new leader never runs again (the job is
 cancelled or passes its deadline first) leaves the old call's agent span without its parent.
 
+After COMPLETED the job's verification (`verifier`) is a span `verification` under the root,
+whose id every leader derives from the trace id (`verification_span_id`): the verifier's agent
+calls (the digests, the source's release) go under it, and it is emitted with the verdict.
+
 trace_context keys: trace_id (32 hex), span_id (the root's, 16 hex), sampled ('1'/'0'),
 phase_index and phase_span_id (the open phase and its span's id).
 """
@@ -44,9 +48,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 from opentelemetry.util.types import AttributeValue
 
 from cluster import telemetry
-from orchestrator.jobs import Job, Phase, PhaseEntry
+from orchestrator.jobs import Job, Phase, PhaseEntry, Verification
 
 ROOT_SPAN_NAME = "migration"
+VERIFICATION_SPAN_NAME = "verification"
 # Outcomes that mean the migration did not do its job; CANCELLED was asked for, so it is no error.
 _ERROR_ENDINGS = frozenset({Phase.FAILED, Phase.ROLLED_BACK})
 
@@ -67,6 +72,13 @@ def round_span_id(trace_id: str, phase_span_id: str, number: int) -> int:
     return int.from_bytes(digest[:8], "big") or 1  # 0 is the invalid span id
 
 
+def verification_span_id(trace_id: str) -> int:
+    """The span id of a job's verification: the same on every leader, so calls made before a
+    leader change keep their parent."""
+    digest = hashlib.sha256(f"{trace_id.lower()}/verification".encode()).digest()
+    return int.from_bytes(digest[:8], "big") or 1
+
+
 def _ns(unix_s: float) -> int:
     return int(unix_s * 1e9)
 
@@ -83,12 +95,47 @@ def _span_context(trace_context: dict[str, str], span_key: str) -> otel_context.
 
 
 _RUNNING: dict[str, JobTrace] = {}  # job id -> the trace of the runner driving it in this process
+_VERIFYING: dict[str, otel_context.Context] = {}  # job id -> its verification span, while being checked
 
 
 def call_parent(job_id: str) -> otel_context.Context | None:
     """For the agent channels' interceptor: where a call for this job belongs in its trace."""
     running = _RUNNING.get(job_id)
-    return running.call_parent() if running is not None else None
+    if running is not None:
+        return running.call_parent()
+    return _VERIFYING.get(job_id)
+
+
+@contextlib.contextmanager
+def verifying(job: Job) -> Iterator[None]:
+    """While the verifier calls agents about `job`: the calls go under its verification span."""
+    ctx = job.trace_context
+    if not telemetry.tracing_enabled() or "trace_id" not in ctx:
+        yield
+        return
+    _VERIFYING[job.id] = _remote(ctx, verification_span_id(ctx["trace_id"]))
+    try:
+        yield
+    finally:
+        _VERIFYING.pop(job.id, None)
+
+
+def verification_settled(job: Job) -> None:
+    """The verdict of `job` was written: emit its verification span (an error when it failed)."""
+    ctx = job.trace_context
+    if not telemetry.tracing_enabled() or "trace_id" not in ctx or "span_id" not in ctx:
+        return
+    completed_at = job.phases[-1].started_at if job.phases else job.updated_at
+    attributes: dict[str, AttributeValue] = {
+        "nvmigrate.job_id": job.id, "nvmigrate.verification": job.verification.value,
+        "nvmigrate.source_digest": job.source_digest, "nvmigrate.destination_digest": job.destination_digest}
+    failed = job.verification is Verification.FAILED
+    if job.verification_note:
+        attributes["nvmigrate.note"] = job.verification_note
+    status = Status(StatusCode.ERROR, job.verification_note) if failed else Status(StatusCode.UNSET)
+    JobTrace._emit(VERIFICATION_SPAN_NAME, ctx["trace_id"], verification_span_id(ctx["trace_id"]),
+                   _span_context(ctx, "span_id"), completed_at, job.updated_at, attributes, status, [])
+    telemetry.flush_soon()
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from cluster.store import ConflictError, EtcdError, EtcdStore
-from orchestrator import metrics, verification
+from orchestrator import metrics, tracing, verification
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch
 from orchestrator.jobs import Job, Phase, Verification
 from orchestrator.verification import DigestReport, Verdict
@@ -94,6 +94,10 @@ class Verifier:
         if job.phase is not Phase.COMPLETED or job.verification is not Verification.PENDING:
             self._forget(job_id)
             return None
+        with tracing.verifying(job):
+            return await self._judge(job, got.mod_revision)
+
+    async def _judge(self, job: Job, revision: int) -> Job | None:
         ref = agent_pb2.MigrationRef(job_id=job.id, epoch=self.epoch, controller_id=job.controller_id)
         source, destination = await asyncio.gather(self._report(job.source_node, ref),
                                                    self._report(job.destination_node, ref))
@@ -107,11 +111,12 @@ class Verifier:
         else:
             new = job.verification_failed(judgement.reason, source.digest, destination.digest, now)
         try:
-            await self.store.update_job(job.id, new.to_bytes(), got.mod_revision, leader_term=self.epoch)
+            await self.store.update_job(job.id, new.to_bytes(), revision, leader_term=self.epoch)
         except ConflictError:
             return None  # changed meanwhile (or we no longer lead): the next pass reads it again
-        self._forget(job_id)
+        self._forget(job.id)
         metrics.job_written(job, new)
+        tracing.verification_settled(new)
         if new.verification is Verification.PASSED:
             log.info("job %s: verification passed (%s); releasing the source copy on %s", job.id,
                      judgement.reason, job.source_node)

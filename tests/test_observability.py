@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchctl.localcluster import LocalCluster, Proc, wait_for
 from orchestrator import metrics
 from proto.v1 import agent_pb2, migration_pb2
-from tests.clusterprobe import TERMINAL, create_controller, migrate, replace_orchestrator, wait_phase
+from tests.clusterprobe import TERMINAL, create_controller, migrate, replace_orchestrator, wait_phase, wait_verified
 from tests.otlp_collector import OtlpCollector, ReceivedSpan
 
 MiB = 1 << 20
@@ -102,6 +102,7 @@ def traced_run() -> Iterator[TracedRun]:
             during = scrape(cluster.orchestrators[0])
             job = wait_phase(cluster, job.id, TERMINAL)
             assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+            job = wait_verified(cluster, job.id)
             collector.wait("the job's root span", has_root(job.trace_id))
             yield TracedRun(cluster, collector, job, during)
     finally:
@@ -137,7 +138,12 @@ def test_a_migration_is_one_trace_with_phase_round_and_agent_spans(traced_run: T
     assert root.attributes["nvmigrate.bytes"] == job.bytes_transferred >= 16 * MiB
     assert root.attributes["nvmigrate.guest_blackout_ms"] == pytest.approx(job.guest_blackout_ms)
 
-    phases = sorted((s for s in mine if s.parent_span_id == root.span_id), key=lambda s: s.start_ns)
+    (verification,) = [s for s in mine if s.name == "verification"]
+    assert verification.parent_span_id == root.span_id
+    assert verification.attributes["nvmigrate.verification"] == "PASSED"
+    assert verification.attributes["nvmigrate.source_digest"] == job.source_digest == job.destination_digest
+    phases = sorted((s for s in mine if s.parent_span_id == root.span_id and s is not verification),
+                    key=lambda s: s.start_ns)
     assert [s.name for s in phases] == PHASES
     for span, record in zip(phases, job.phases, strict=False):
         assert span.start_ns == pytest.approx(record.started_at * 1e9, abs=1e3)  # the recorded timings
@@ -161,10 +167,11 @@ def test_a_migration_is_one_trace_with_phase_round_and_agent_spans(traced_run: T
               if s.service == "nvmigrate-agent" and s.kind == SPAN_KIND_SERVER}
     assert {("n2", "PrepareDestination", "PREPARING"), ("n1", "StartPrecopy", "PRECOPY"),
             ("n1", "DirtyRound", "DIRTY_ITERATION"), ("n1", "StopAndCopy", "STOP_AND_COPY"),
-            ("n2", "ResumeDestination", "RESUMING"), ("n1", "ReleaseSource", "RESUMING")} <= served
-    # Every agent span hangs off the phase or round its call was made in, not off the orchestrator's
-    # CLIENT span of the call (a sibling), to which it links: one agent span per CLIENT span.
-    phase_or_round = {s.span_id for s in [*phases, *rounds]}
+            ("n2", "ResumeDestination", "RESUMING"), ("n1", "ReleaseSource", "verification")} <= served
+    # Every agent span hangs off the phase or round its call was made in (or the verification after
+    # COMPLETED), not off the orchestrator's CLIENT span of the call (a sibling), to which it links:
+    # one agent span per CLIENT span.
+    phase_or_round = {s.span_id for s in [*phases, *rounds, verification]}
     agent_spans = [s for s in mine if s.service == "nvmigrate-agent"]
     for span in agent_spans:
         assert span.parent_span_id in phase_or_round, f"{span.name} under {ids.get(span.parent_span_id)}"
@@ -218,6 +225,10 @@ def run_with_the_leader_killed(kill_when: Callable[[LocalCluster, migration_pb2.
             assert ended.trace_id == job.trace_id
             collector.wait("the root span from orch-2", lambda got: any(
                 s.parent_span_id == "" and s.instance == "orch-2" for s in of_trace(got, job.trace_id)))
+            if ended.phase == migration_pb2.COMPLETED:
+                ended = wait_verified(cluster, job.id)
+                collector.wait("the verification span", lambda got: any(
+                    s.name == "verification" for s in of_trace(got, job.trace_id)))
             for agent in cluster.agents.values():
                 agent.stop()
                 assert agent.popen.returncode == 0, agent.tail()
@@ -237,7 +248,8 @@ def check_the_trace_is_whole(run: Failover, killed_in: str) -> dict[str, Receive
     assert (root.name, root.instance) == ("migration", "orch-2")
     assert root.attributes["nvmigrate.outcome"] == migration_pb2.Phase.Name(ended.phase)
     assert root.start_ns == pytest.approx(ended.created_at * 1e9, abs=1e3)  # the job's start, before the kill
-    phases = sorted((s for s in spans if s.parent_span_id == root.span_id), key=lambda s: s.start_ns)
+    phases = sorted((s for s in spans if s.parent_span_id == root.span_id and s.name != "verification"),
+                    key=lambda s: s.start_ns)
     recorded = ended.phases[:-1]  # the last entry is the outcome: the root's
     assert [s.name for s in phases] == [migration_pb2.Phase.Name(r.phase) for r in recorded]
     for span, record in zip(phases, recorded, strict=True):
@@ -252,11 +264,13 @@ def check_the_trace_is_whole(run: Failover, killed_in: str) -> dict[str, Receive
     rounds = [s for s in spans if s.name.startswith("round ")]
     assert sorted(s.attributes["nvmigrate.round"] for s in rounds) == list(range(1, ended.rounds + 1))
     assert all(s.parent_span_id in {d.span_id for d in dirty} for s in rounds)
+    verification = [s for s in spans if s.name == "verification"]
+    assert [s.parent_span_id for s in verification] == ([root.span_id] if ended.verification else [])
     agent_spans = [s for s in spans if s.service == "nvmigrate-agent"]
     assert agent_spans
     for span in agent_spans:
         parent = ids[span.parent_span_id]
-        assert parent in phases or parent in rounds, f"{span.name} under {parent.name}"
+        assert parent in phases or parent in rounds or parent in verification, f"{span.name} under {parent.name}"
         if span.name.endswith("/DirtyRound"):
             assert parent in rounds
             if "nvmigrate.round" in span.attributes:  # a call that was answered

@@ -229,7 +229,7 @@ def test_a_failed_round_goes_out_with_the_write_that_closes_its_phase(exported: 
     with pytest.raises(TimeoutError), run.observer.round(run.job, 1):
         raise TimeoutError("source did not answer")
     assert "round 1" not in by_name(exported.get_finished_spans())
-    run.save(run.job.with_fields(1006.0, bytes_transferred=1))  # a write that settles nothing
+    run.save(run.job.progressed(1, 1006.0))  # a write that settles nothing
     assert "round 1" not in by_name(exported.get_finished_spans())
     run.save(run.job.end(Phase.ROLLED_BACK, 1007.0, "source did not answer"))
     named = by_name(exported.get_finished_spans())
