@@ -16,9 +16,9 @@ from pathlib import Path
 
 from agent.dataplane.receiver import DataReceiver
 from agent.emulated.controller import BLOCK_BYTES, EmulatedController
-from agent.emulated.state_format import STATE_FORMAT_VERSION
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
+from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.sessions import DestinationSession, Session, SessionError, SourceSession
 from agent.vfio_states import VfioState
 from cluster.records import COMMITTED, LOST, ControllerRecord, NodeRecord

@@ -104,8 +104,9 @@ def open_backend(
         return EmulatedController(controller_id, namespace_path, namespace_bytes, create=create)
     if device is None:
         raise DeviceUnavailableError(f"backend {kind} needs a device: {_DEVICE_HINTS[kind][0]}")
-    from agent.backends.nvme_passthru import CdqChangedLbaLog, NvmeAdminChannel, NvmePassthruController
+    from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruController
     from agent.backends.vfio import VfioMigrationDevice, open_cdev_device, open_group_device
+    from agent.nvme.migration_driver import MigrationDriver
 
     with contextlib.ExitStack() as undo:  # whatever was opened is closed again if a later step fails
         ctrl: MigratableController
@@ -130,8 +131,8 @@ def open_backend(
             if pf_device is not None and cntlid is not None:
                 pf_admin = NvmeAdminChannel.open(pf_device, ioctl=ioctl)
                 undo.callback(pf_admin.close)
-                lba_log = CdqChangedLbaLog(pf_admin, cntlid, nsid, namespace_blocks=namespace.size_bytes // BLOCK_BYTES,
-                                           owns_admin=True)
+                lba_log = MigrationDriver(pf_admin, cntlid, label=controller_id).change_log(
+                    nsid, namespace.size_bytes // BLOCK_BYTES, owns_transport=True)
             ctrl = VfioMigrationDevice(controller_id, handles, namespace, lba_log=lba_log, ioctl=ioctl)
         undo.pop_all()
         return ctrl
