@@ -208,14 +208,17 @@ class NvmePassthruController(DeviceBackedController):
     """A VF migrated by its PF with TP4159 admin commands; see the module docstring for the arcs.
 
     ``state`` is where the VF is when it is opened: RUNNING, or STOP for a VF left suspended (a
-    released slot, or one a migration suspended before the agent restarted).
+    released slot, or one a migration suspended before the agent restarted).  ``owns_admin``: the
+    controller closes the PF's channel with itself (not when several VFs share it).
     """
 
     def __init__(self, controller_id: str, admin: NvmeAdminChannel, cntlid: int, nsid: int,
                  namespace: NamespaceDevice, *, state: VfioState = VfioState.RUNNING,
-                 lba_log: ChangedLbaLog | None = None, state_piece_bytes: int = DEFAULT_STATE_PIECE_BYTES) -> None:
+                 lba_log: ChangedLbaLog | None = None, state_piece_bytes: int = DEFAULT_STATE_PIECE_BYTES,
+                 owns_admin: bool = True) -> None:
         self._driver = MigrationDriver(admin, cntlid, label=controller_id, state_piece_bytes=state_piece_bytes)
         self._admin = admin
+        self._owns_admin = owns_admin
         self._cntlid = cntlid
         self._captured: bytes | None = None  # Get Controller State of this STOP_COPY
         self._loaded = False  # Set Controller State done in this RESUMING session
@@ -226,10 +229,12 @@ class NvmePassthruController(DeviceBackedController):
     @classmethod
     def for_resuming(cls, controller_id: str, admin: NvmeAdminChannel, cntlid: int, nsid: int,
                      namespace: NamespaceDevice, *, state: VfioState = VfioState.RUNNING,
-                     state_piece_bytes: int = DEFAULT_STATE_PIECE_BYTES) -> NvmePassthruController:
+                     state_piece_bytes: int = DEFAULT_STATE_PIECE_BYTES, owns_admin: bool = True
+                     ) -> NvmePassthruController:
         """A destination VF: suspended (Set Controller State needs that), then RESUMING.  A VF
         that is suspended already (``state`` STOP) is not suspended again."""
-        ctrl = cls(controller_id, admin, cntlid, nsid, namespace, state=state, state_piece_bytes=state_piece_bytes)
+        ctrl = cls(controller_id, admin, cntlid, nsid, namespace, state=state, state_piece_bytes=state_piece_bytes,
+                   owns_admin=owns_admin)
         ctrl.set_state(VfioState.RESUMING)
         return ctrl
 
@@ -272,4 +277,5 @@ class NvmePassthruController(DeviceBackedController):
             self._loaded = True
 
     def _close_device(self) -> None:
-        self._admin.close()
+        if self._owns_admin:
+            self._admin.close()
