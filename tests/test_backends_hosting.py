@@ -4,6 +4,8 @@ the FAKE PF of tests/fakes) and sparse files (emulated); what survives a restart
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +206,11 @@ def test_a_destination_without_a_guest_refuses_a_running_guest(pf: Pf) -> None:
     assert refused.value.kind == "precondition" and controller.vfio_state is S.RESUMING
     controller.close()
     hosting.close()
+
+
+def test_the_passthru_backend_does_not_import_the_nvme_model() -> None:
+    # The fake PF runs the model in the agent's process; production code paths must not need it.
+    probe = ("import sys, agent.main, agent.backends.passthru_hosting, agent.backends.vfio; "
+             "print(sorted(m for m in sys.modules if m.startswith('agent.emulated')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,6 +1,6 @@
 """The Linux ioctl ABI the real-device backends speak, transcribed into ctypes.
 
-Three kernel headers are transcribed here, and nothing else:
+Four kernel headers are transcribed here, and nothing else:
 
 - ``linux/nvme_ioctl.h``: ``struct nvme_passthru_cmd`` (and the 64-bit-result variant) and the
   admin passthrough ioctl numbers, for the ``nvme-passthru`` backend;
