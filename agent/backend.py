@@ -2,7 +2,10 @@
 
 Three backends fulfil it: ``emulated`` (agent.emulated.controller.EmulatedController, used by
 every test), ``nvme-passthru`` (admin commands to a real PF) and ``vfio`` (the VFIO migration
-uAPI on a real VF).  The contract is the VFIO migration state machine (agent.vfio_states) plus
+uAPI on a real VF).  How an agent gets controllers of a backend (creates them, finds them again
+after a restart, makes migration destinations) is agent.backends.hosting.
+
+The contract is the VFIO migration state machine (agent.vfio_states) plus
 the migration controller's view of the namespace: raw reads and writes, the allocated extents
 for the first copy, and changed-LBA tracking for the dirty rounds.
 
@@ -12,6 +15,7 @@ block on I/O, so asyncio callers run them with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from agent.vfio_states import VfioState
@@ -99,4 +103,29 @@ class MigratableController(Protocol):
 
     def close(self) -> None:
         """Release host resources but keep the namespace data."""
+        ...
+
+
+@runtime_checkable
+class GuestDrivenController(MigratableController, Protocol):
+    """A controller that also plays its guest's driver: the emulated backend's built-in guest.
+
+    The guest workload, its verifier and the NBD export use this role; a real VF's guest is the
+    VM it is passed to, which the agent cannot drive.
+    """
+
+    @property
+    def block_count(self) -> int: ...
+
+    @property
+    def namespace_path(self) -> Path:
+        """The file behind the namespace (the NBD export flushes it)."""
+        ...
+
+    def write_blocks(self, lba: int, data: bytes) -> None:
+        """Guest Write command(s); NotRunningError while the controller is suspended."""
+        ...
+
+    def read_blocks(self, lba: int, count: int) -> bytes:
+        """Guest Read command(s); NotRunningError while the controller is suspended."""
         ...

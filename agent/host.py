@@ -1,24 +1,28 @@
 """The host an agent runs on: its controllers (with their guest workloads), its migration
 sessions, its data-plane listener, its NBD server, and its registration in etcd under a
 liveness lease.
+
+Controllers come from the backend's hosting (agent.backends.hosting) and are used through the
+backend contract (agent.backend) alone; what a backend lacks (a built-in guest, an NBD export) is
+refused with a SessionError that names the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
+from agent.backends.hosting import ControllerHosting, HostingError
 from agent.dataplane.receiver import DataReceiver
-from agent.emulated.controller import BLOCK_BYTES, EmulatedController
-from agent.emulated.state_format import STATE_FORMAT_VERSION
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
+from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.sessions import DestinationSession, Session, SessionError, SourceSession
 from agent.vfio_states import VfioState
 from cluster.records import COMMITTED, LOST, ControllerRecord, NodeRecord
@@ -29,18 +33,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HostedController:
-    controller: EmulatedController
+    controller: MigratableController
+    guest: GuestDrivenController | None = None  # its guest-driver role, when the backend has one
     workload: GuestWorkload | None = None
     migrating_job: str = ""
 
 
 class Host:
-    def __init__(self, name: str, store: EtcdStore, data_dir: Path, capacity_bytes: int,
+    def __init__(self, name: str, store: EtcdStore, data_dir: Path, hosting: ControllerHosting,
                  address: str, data_host: str, data_port: int, lease_ttl_s: int) -> None:
         self.name = name
         self.store = store
         self.data_dir = data_dir
-        self.capacity_bytes = capacity_bytes
+        self.hosting = hosting
         self.address = address
         self.lease_ttl_s = lease_ttl_s
         self.receiver = DataReceiver(data_host, data_port)
@@ -67,57 +72,60 @@ class Host:
 
     # ---- restart recovery ---------------------------------------------------------------------
     #
-    # Files in the data dir:  <cid>.json            a controller this node runs (its metadata)
-    #                         <ns file>             its namespace (sparse)
-    #                         <cid>.<job>.incoming  a namespace arriving for a migration
-    #                         <cid>.<job>.state     its controller and guest state, once loaded
+    # The hosting keeps which controllers and destinations this node has (agent.backends.hosting);
+    # beside a destination the agent keeps <cid>.<job>.state, its controller and guest state once
+    # loaded, so that a destination restarted after COMMIT can still resume.
 
-    def _meta_path(self, controller_id: str) -> Path:
-        return self.data_dir / f"{controller_id}.json"
+    @property
+    def capacity_bytes(self) -> int:
+        return self.hosting.capacity_bytes
 
-    def _write_meta(self, controller: EmulatedController) -> None:
-        meta = {"controller_id": controller.controller_id, "namespace_bytes": controller.namespace_bytes,
-                "namespace_file": controller.namespace_path.name}
-        tmp = self._meta_path(controller.controller_id).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(self._meta_path(controller.controller_id))  # atomic: never a half-written record
+    def _state_path(self, controller_id: str, job_id: str) -> Path:
+        return self.data_dir / f"{controller_id}.{job_id}.state"
+
+    def _hosted(self, controller: MigratableController, workload: GuestWorkload | None = None) -> HostedController:
+        return HostedController(controller, self.hosting.guest(controller), workload)
 
     async def recover(self) -> None:
         """After a restart: reopen the controllers this node still owns (etcd decides), sanitize
         copies another node now owns, reload destinations whose state had arrived, and discard
         migrations that never got that far."""
-        in_use: set[str] = set()
-        for meta_path in sorted(self.data_dir.glob("*.json")):
-            meta = json.loads(meta_path.read_text())
-            cid, ns_path = meta["controller_id"], self.data_dir / meta["namespace_file"]
-            in_use.add(ns_path.name)
+        for cid in await asyncio.to_thread(self.hosting.hosted_ids):
             owner = await self.store.get_controller(cid)
             elsewhere = owner is not None and owner[0].node != self.name
             if elsewhere and owner is not None and owner[0].state != COMMITTED:
                 log.warning("controller %s now belongs to %s: sanitizing the stale copy here", cid, owner[0].node)
-                ns_path.unlink(missing_ok=True)
-                meta_path.unlink()
+                await asyncio.to_thread(self.hosting.discard, cid)
                 continue
-            controller = await asyncio.to_thread(EmulatedController, cid, ns_path, meta["namespace_bytes"],
-                                                 create=False)
+            controller = await asyncio.to_thread(self.hosting.reopen, cid)
             if elsewhere or (owner is not None and owner[0].state == LOST):
                 # Given up while we were gone (LOST: kept for an operator), or committed to another
                 # node that has not run it yet (COMMITTED: this copy is the way back if that node
                 # is lost). Either way it stays suspended here.
-                await asyncio.to_thread(controller.set_state, VfioState.STOP)
-            self.controllers[cid] = HostedController(controller)
+                if controller.vfio_state is not VfioState.STOP:
+                    await asyncio.to_thread(controller.set_state, VfioState.STOP)
+            elif controller.vfio_state is not VfioState.RUNNING:
+                # Ours, and suspended by a migration that died with the agent (a device keeps its
+                # state across our restart): it runs again, as a rebuilt emulated controller does.
+                await asyncio.to_thread(controller.set_state, VfioState.RUNNING)
+            self.controllers[cid] = self._hosted(controller)
             log.info("recovered controller %s (%s)", cid, controller.vfio_state.name)
-        for incoming in sorted(self.data_dir.glob("*.incoming")):
-            if incoming.name in in_use:
-                continue  # a migration that completed here: the controller runs from this file
-            cid, job_id = incoming.name.split(".")[:2]
-            state_path = incoming.with_suffix(".state")
+        pending = set(await asyncio.to_thread(self.hosting.pending_destinations))
+        for cid, job_id in sorted(pending):
+            state_path = self._state_path(cid, job_id)
             if not state_path.exists():
-                incoming.unlink()  # never loaded: the orchestrator will redo or abandon it
+                # never loaded: the orchestrator will redo or abandon it
+                await asyncio.to_thread(self.hosting.discard, cid, job_id)
                 continue
-            session = await DestinationSession.reload(incoming, state_path, cid, job_id)
+            controller = await asyncio.to_thread(self.hosting.reload_destination, cid, job_id)
+            session = await DestinationSession.reload(controller, state_path, cid, job_id,
+                                                      guest=self.hosting.guest(controller), backend=self.hosting.kind)
             self.sessions[job_id] = session
             log.info("recovered destination of job %s for %s, ready to resume", job_id, cid)
+        for state_path in self.data_dir.glob("*.state"):
+            cid, job_id = state_path.name.split(".")[:2]
+            if (cid, job_id) not in pending:
+                state_path.unlink()  # its destination runs here already, or never will
 
     async def _register(self) -> None:
         self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
@@ -149,15 +157,15 @@ class Host:
                 await asyncio.to_thread(hosted.workload.stop)
             hosted.controller.close()
         await self.receiver.close()
+        self.hosting.close()
         with contextlib.suppress(EtcdError):
             await self.store.revoke_lease(self._lease_id)
 
     @property
     def allocated_bytes(self) -> int:
-        incoming = sum(s.ctrl.namespace_bytes for s in self.sessions.values()
-                       if isinstance(s, DestinationSession) and s.controller is not None
-                       and s.stage not in ("aborted", "running"))
-        return sum(h.controller.namespace_bytes for h in self.controllers.values()) + incoming
+        """Controllers and destinations not yet running, as the hosting counts them (for a slot
+        backend, the slots taken)."""
+        return self.hosting.allocated_bytes()
 
     def record(self) -> NodeRecord:
         return NodeRecord(name=self.name, address=self.address, data_address=self.receiver.address,
@@ -175,13 +183,20 @@ class Host:
 
     # ---- controllers ------------------------------------------------------------------------
 
-    def _running_controller(self, controller_id: str) -> EmulatedController | None:
+    def _running_controller(self, controller_id: str) -> GuestDrivenController | None:
         hosted = self.controllers.get(controller_id)
-        return hosted.controller if hosted is not None else None
+        return hosted.guest if hosted is not None else None
+
+    def _lacks(self, what: str, controller_id: str, hint: str) -> SessionError:
+        return SessionError("precondition", f"controller {controller_id!r} runs on node {self.name!r}, whose backend "
+                                            f"{self.hosting.kind} has no {what}; {hint}")
 
     def export_controller(self, controller_id: str) -> str:
         """Serves the controller over NBD; returns its nbd:// URI (idempotent)."""
         self.hosted(controller_id)
+        if not self.hosting.capabilities.nbd_export:
+            raise self._lacks("NBD export", controller_id, "its guest is the VM the VF is passed to; migrate it to "
+                                                           "a node with the emulated backend to export it")
         return self.nbd.export(controller_id)
 
     def hosted(self, controller_id: str) -> HostedController:
@@ -189,6 +204,14 @@ class Host:
         if hosted is None:
             raise SessionError("not_found", f"controller {controller_id!r} does not run on node {self.name!r}")
         return hosted
+
+    def guest_of(self, controller_id: str, what: str) -> tuple[HostedController, GuestDrivenController]:
+        """The controller and its built-in guest, or a refusal naming the backend."""
+        hosted = self.hosted(controller_id)
+        if hosted.guest is None:
+            raise self._lacks(f"built-in guest for {what}", controller_id,
+                              "its guest is the VM the VF is passed to; check the data from there")
+        return hosted, hosted.guest
 
     async def create_controller(self, controller_id: str, namespace_bytes: int, prefill: bool,
                                 spec: WorkloadSpec | None) -> HostedController:
@@ -198,10 +221,14 @@ class Host:
             if namespace_bytes <= 0 or namespace_bytes % BLOCK_BYTES:
                 raise SessionError("invalid", f"namespace_bytes {namespace_bytes} must be a positive multiple "
                                               f"of {BLOCK_BYTES}")
-            if self.allocated_bytes + namespace_bytes > self.capacity_bytes:
-                raise SessionError("precondition",
-                                   f"node {self.name!r} has {self.capacity_bytes - self.allocated_bytes} bytes "
-                                   f"free; controller {controller_id!r} needs {namespace_bytes}")
+            if (prefill or spec is not None) and not self.hosting.capabilities.guest_workload:
+                raise SessionError("precondition", f"node {self.name!r} runs backend {self.hosting.kind}, which has "
+                                                   "no built-in guest to prefill or run a workload; create the "
+                                                   "controller without them (its guest is the VM the VF is "
+                                                   "passed to)")
+            problem = self.hosting.capacity_problem(controller_id, namespace_bytes)
+            if problem:
+                raise SessionError("precondition", f"node {self.name!r}: {problem}")
             if spec is not None:
                 try:
                     spec.validate(namespace_bytes)
@@ -213,13 +240,13 @@ class Host:
                 owner = await self.store.get_controller(controller_id)
                 where = owner[0].node if owner else "another node"
                 raise SessionError("exists", f"controller {controller_id!r} already exists on node {where!r}")
-            path = self.data_dir / f"{controller_id}.ns"
-            controller = await asyncio.to_thread(EmulatedController, controller_id, path, namespace_bytes,
-                                                 create=True)
-            await asyncio.to_thread(self._write_meta, controller)
-            hosted = HostedController(controller)
-            if prefill or spec is not None:
-                hosted.workload = GuestWorkload(controller, spec or WorkloadSpec())
+            try:
+                controller = await asyncio.to_thread(self.hosting.create, controller_id, namespace_bytes)
+            except HostingError as exc:
+                raise SessionError("precondition", f"node {self.name!r}: {exc}") from None
+            hosted = self._hosted(controller)
+            if hosted.guest is not None and (prefill or spec is not None):
+                hosted.workload = GuestWorkload(hosted.guest, spec or WorkloadSpec())
                 if prefill:
                     await asyncio.to_thread(hosted.workload.prefill)
                 if spec is not None:
@@ -229,7 +256,7 @@ class Host:
         return hosted
 
     async def start_workload(self, controller_id: str, spec: WorkloadSpec) -> HostedController:
-        hosted = self.hosted(controller_id)
+        hosted, guest = self.guest_of(controller_id, "a workload")
         try:
             spec.validate(hosted.controller.namespace_bytes)
         except ValueError as exc:
@@ -237,10 +264,9 @@ class Host:
         if hosted.workload is not None and hosted.workload.status().running:
             raise SessionError("precondition", f"controller {controller_id!r} already has a running workload")
         if hosted.workload is not None:
-            hosted.workload = GuestWorkload.from_state(hosted.controller, hosted.workload.export_state(),
-                                                       spec=spec)
+            hosted.workload = GuestWorkload.from_state(guest, hosted.workload.export_state(), spec=spec)
         else:
-            hosted.workload = GuestWorkload(hosted.controller, spec)
+            hosted.workload = GuestWorkload(guest, spec)
         hosted.workload.start()
         return hosted
 
@@ -298,15 +324,18 @@ class Host:
         if controller_id in self.controllers:
             raise SessionError("precondition", f"controller {controller_id!r} already runs on node {self.name!r}")
         async with self._lock:
-            if self.allocated_bytes + namespace_bytes > self.capacity_bytes:
-                raise SessionError("precondition",
-                                   f"node {self.name!r} has {self.capacity_bytes - self.allocated_bytes} bytes free; "
-                                   f"controller {controller_id!r} needs {namespace_bytes}")
-            path = self.data_dir / f"{controller_id}.{job_id}.incoming"
-            controller = await asyncio.to_thread(EmulatedController.for_resuming, controller_id, path,
-                                                 namespace_bytes, create=True)
+            problem = self.hosting.capacity_problem(controller_id, namespace_bytes)
+            if problem:
+                raise SessionError("precondition", f"node {self.name!r}: {problem}")
+            try:
+                controller = await asyncio.to_thread(self.hosting.create_destination, controller_id, job_id,
+                                                     namespace_bytes)
+            except HostingError as exc:
+                raise SessionError("precondition", f"node {self.name!r}: {exc}") from None
             session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
-                                         controller=controller, token=secrets.token_hex(16), stage="resuming")
+                                         controller=controller, token=secrets.token_hex(16), stage="resuming",
+                                         state_path=self._state_path(controller_id, job_id),
+                                         guest=self.hosting.guest(controller), backend=self.hosting.kind)
             self.receiver.register(job_id, session.token, session)
             self.sessions[job_id] = session
         await self.publish()
@@ -319,9 +348,9 @@ class Host:
             problem = await self.store.claim_running(session.controller_id, self.name)
             if problem:
                 raise SessionError("precondition", problem)
-        async def on_running(controller: EmulatedController, workload: GuestWorkload | None) -> None:
-            await asyncio.to_thread(self._write_meta, controller)
-            self.controllers[session.controller_id] = HostedController(controller, workload)
+        async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
+            await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
+            self.controllers[session.controller_id] = self._hosted(controller, workload)
             self.receiver.unregister(session.job_id)
             await self.publish()
         await session.resume(on_running)
@@ -331,7 +360,7 @@ class Host:
             self.controllers.pop(session.controller_id, None)
             # The destination runs it now: NBD clients must go there, so their connections end.
             self.nbd.unexport(session.controller_id)
-            self._meta_path(session.controller_id).unlink(missing_ok=True)
+            await asyncio.to_thread(self.hosting.release, session.controller_id)
             await self.publish()
         return await session.release(on_released)
 
@@ -364,7 +393,12 @@ class Host:
                 raise SessionError("precondition", problem)
         if isinstance(session, DestinationSession):
             self.receiver.unregister(job_id)
-        await session.abort(reason)  # type: ignore[attr-defined]
+            released = session.stage != "aborted"
+            await session.abort(reason)
+            if released and session.controller is not None:
+                await asyncio.to_thread(self.hosting.release, session.controller_id, job_id)
+        else:
+            await session.abort(reason)  # type: ignore[attr-defined]
         # A rolled-back source runs again: NBD requests stalled by the suspend go on now.
         self.nbd.controller_changed(session.controller_id)
         await self.publish()

@@ -2,6 +2,11 @@
 the host's NVMe backends and moves migration data straight to the peer agent.
 
     nvmigrate-agent --name n1 --etcd 127.0.0.1:2379 --listen 127.0.0.1:0 --data-dir /var/lib/nvmigrate
+    nvmigrate-agent --name n2 --data-dir /var/lib/nvmigrate --backend nvme-passthru --device /dev/nvme0 \
+        --slot 1:1:/dev/nvme0n1 --slot 2:2:/dev/nvme0n2
+
+``main`` takes a ``DeviceAccess`` (the kernel's ioctl by default): a fake of NVMe hardware passes
+its own, so that the real agent runs over it unchanged (tests/fakes/fake_pf_agent.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import backends
+from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.host import Host
 from agent.service import AgentApi
 from cluster import logs, names, telemetry
@@ -45,7 +51,7 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
     await store.connect()
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())  # tracing on: a span per call
@@ -57,7 +63,7 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     advertise = args.advertise_host or listen_host
     data_host, data_port = args.data_listen or (listen_host, 0)
-    host = Host(args.name, store, Path(args.data_dir), args.capacity, f"{advertise}:{port}",
+    host = Host(args.name, store, Path(args.data_dir), hosting, f"{advertise}:{port}",
                 data_host, data_port, args.lease_ttl_s)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(host), server)
     health_servicer = health.aio.HealthServicer()
@@ -89,7 +95,7 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-agent", description="NVMe live-migration agent (one per host)")
     parser.add_argument("--name", required=True, help="node name, e.g. n1")
     parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"))
@@ -101,13 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-listen", type=split_host_port, default=None,
                         help="data-plane address HOST:PORT (default: the --listen host, any port)")
     parser.add_argument("--advertise-host", default="", help="host name peers use to reach this agent")
-    parser.add_argument("--data-dir", required=True, help="where namespaces are kept (sparse files)")
-    parser.add_argument("--capacity", type=parse_size, default=parse_size("64G"),
-                        help="namespace bytes this node may hold, e.g. 20G")
+    parser.add_argument("--data-dir", required=True, help="where the agent keeps what it hosts: controller "
+                                                          "metadata, and the emulated backend's namespaces")
+    parser.add_argument("--capacity", type=parse_size, default=None,
+                        help="emulated backend: namespace bytes this node may hold, e.g. 20G (default 64G); "
+                             "nvme-passthru: the sum of its slots")
     parser.add_argument("--lease-ttl-s", type=int, default=5, help="liveness lease TTL in seconds")
     parser.add_argument("--backend", choices=backends.BACKEND_KINDS, default=backends.EMULATED,
                         help="controller backend: emulated (default), nvme-passthru (a PF) or vfio (a VF)")
-    parser.add_argument("--device", default=None, help="device node of a real backend, e.g. /dev/nvme0")
+    parser.add_argument("--device", default=None, help="device node of a real backend: the PF for "
+                                                        "nvme-passthru, e.g. /dev/nvme0")
+    parser.add_argument("--slot", action="append", default=[], metavar="CNTLID:NSID:PATH",
+                        help="nvme-passthru, repeated: a VF the agent may use for a controller, by its controller "
+                             "id, its namespace id and that namespace's block device on the PF, e.g. "
+                             "3:3:/dev/nvme0n3; a controller takes a free slot of exactly its size")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
@@ -120,18 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
-    problem = backends.device_problem(args.backend, args.device) or backends.hosting_problem(args.backend)
+    if telemetry.config_problem():  # the OTEL_* environment variables
+        parser.error(str(telemetry.config_problem()))
+    problem = backends.device_problem(args.backend, args.device, access)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if telemetry.config_problem():  # the OTEL_* environment variables
-        parser.error(str(telemetry.config_problem()))
+    try:
+        hosting = backends.open_hosting(args.backend, Path(args.data_dir), capacity_bytes=args.capacity,
+                                        device=Path(args.device) if args.device else None, slots=args.slot,
+                                        access=access)
+    except HostingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot use --data-dir {args.data_dir}: {exc}", file=sys.stderr)
+        return 2
     try:
         with telemetry.running("nvmigrate-agent", args.name, f"agent[{args.name}]", args.log_level, args.log_format):
-            return asyncio.run(serve(args))
+            return asyncio.run(serve(args, hosting))
     except EtcdError as exc:
         print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
         return 2
+    finally:
+        hosting.close()
 
 
 if __name__ == "__main__":

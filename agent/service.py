@@ -154,11 +154,11 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     async def Verify(self, request: agent_pb2.GetControllerRequest,
                      context: grpc.aio.ServicerContext) -> agent_pb2.VerifyResponse:
         async def verify() -> agent_pb2.VerifyResponse:
-            hosted = self.host.hosted(request.controller_id)
+            hosted, guest = self.host.guest_of(request.controller_id, "Verify")
             if hosted.workload is None:
                 raise SessionError("precondition", f"controller {request.controller_id!r} has no guest workload "
                                                    "whose writes could be verified")
-            result = await asyncio.to_thread(verify_blocks, hosted.controller, hosted.workload)
+            result = await asyncio.to_thread(verify_blocks, guest, hosted.workload)
             return agent_pb2.VerifyResponse(ok=result.ok, blocks_checked=result.blocks_checked,
                                             mismatches=result.mismatches, first_mismatch=result.first_mismatch,
                                             node=self.host.name,

@@ -7,6 +7,10 @@ The source follows the vfio-nvme mapping: RUNNING -> PRE_COPY (user-data change 
 rounds of changed blocks, guest paused and PRE_COPY -> STOP_COPY (Suspend, then Get Controller
 State), and on rollback back to RUNNING (Resume). The destination is created in RESUMING, loads
 the data and the state (Set Controller State, RESUMING -> STOP), then STOP -> RUNNING (Resume).
+
+Sessions drive controllers through the backend contract (agent.backend) alone.  The guest's own
+state travels beside the controller state; a destination whose backend has no built-in guest
+refuses a guest that was running on the source, with a message the source reports.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
-from agent.emulated.controller import BLOCK_BYTES, EmulatedController
 from agent.guest.workload import GuestWorkload
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
@@ -71,8 +75,12 @@ def encode_guest(workload: GuestWorkload | None) -> bytes:
     return bytes([1 if workload.status().running else 0]) + workload.export_state()
 
 
-def decode_guest(controller: EmulatedController, blob: bytes) -> tuple[GuestWorkload, bool]:
+def decode_guest(controller: GuestDrivenController, blob: bytes) -> tuple[GuestWorkload, bool]:
     return GuestWorkload.from_state(controller, blob[1:]), blob[0] == 1
+
+
+def guest_was_running(blob: bytes) -> bool:
+    return bool(blob) and blob[0] == 1
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -129,7 +137,7 @@ class Session:
 
 @dataclass
 class SourceSession(Session):
-    controller: EmulatedController | None = None
+    controller: MigratableController | None = None
     token: str = ""  # names the destination attempt this session streams to
     workload: GuestWorkload | None = None
     corrupt_frame: int = 0
@@ -142,7 +150,7 @@ class SourceSession(Session):
     state_bytes_sent: int = 0  # controller and guest state, once the destination loaded them
 
     @property
-    def ctrl(self) -> EmulatedController:
+    def ctrl(self) -> MigratableController:
         assert self.controller is not None
         return self.controller
 
@@ -350,8 +358,11 @@ class SourceSession(Session):
 
 @dataclass
 class DestinationSession(Session):
-    controller: EmulatedController | None = None
+    controller: MigratableController | None = None
     token: str = ""
+    state_path: Path | None = None  # where the loaded controller and guest state is kept until it runs
+    guest: GuestDrivenController | None = None  # the controller's guest-driver role, if its backend has one
+    backend: str = ""  # the backend kind, for messages
     workload: GuestWorkload | None = None
     snapshot: Any = None
     digest_task: asyncio.Task[str] | None = None
@@ -359,7 +370,7 @@ class DestinationSession(Session):
     guest_blob: bytes = b""
 
     @property
-    def ctrl(self) -> EmulatedController:
+    def ctrl(self) -> MigratableController:
         assert self.controller is not None
         return self.controller
 
@@ -376,38 +387,40 @@ class DestinationSession(Session):
     async def apply_round_end(self, round: int) -> None:
         self.stage = f"received round {round}"
 
-    @property
-    def state_path(self) -> Path:
-        return self.ctrl.namespace_path.with_suffix(".state")
-
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+        if self.guest is None and guest_was_running(guest_blob):
+            raise SessionError("precondition", f"controller {self.controller_id} has a guest workload running on "
+                                               f"the source, and this destination's backend {self.backend} has no "
+                                               "built-in guest to continue it; stop the workload or migrate to a "
+                                               "node with the emulated backend")
         await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
         # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
-        await asyncio.to_thread(_write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
+        if self.state_path is not None:
+            await asyncio.to_thread(_write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
         self.guest_blob = guest_blob
         # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
         self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
         self.stage = "loaded"
 
     @classmethod
-    async def reload(cls, incoming: Path, state_path: Path, controller_id: str, job_id: str) -> DestinationSession:
-        """A destination whose data and state had fully arrived before the agent restarted."""
-        def load() -> tuple[EmulatedController, bytes]:
+    async def reload(cls, controller: MigratableController, state_path: Path, controller_id: str, job_id: str, *,
+                     guest: GuestDrivenController | None, backend: str) -> DestinationSession:
+        """A destination whose data and state had fully arrived before the agent restarted;
+        ``controller`` is it, opened again in RESUMING."""
+        def load() -> bytes:
             state_blob, guest_blob = decode_final_payload(state_path.read_bytes())
-            controller = EmulatedController.for_resuming(controller_id, incoming, incoming.stat().st_size,
-                                                         create=False)
             controller.load_state(state_blob)
             controller.set_state(VfioState.STOP)
-            return controller, guest_blob
+            return guest_blob
 
-        controller, guest_blob = await asyncio.to_thread(load)
+        guest_blob = await asyncio.to_thread(load)
         session = cls(job_id=job_id, epoch=0, controller_id=controller_id, controller=controller, stage="loaded",
-                      guest_blob=guest_blob)
+                      state_path=state_path, guest=guest, backend=backend, guest_blob=guest_blob)
         session.snapshot = await asyncio.to_thread(controller.begin_snapshot)
         return session
 
-    async def resume(self, on_running: Callable[[EmulatedController, GuestWorkload | None], Awaitable[None]]
+    async def resume(self, on_running: Callable[[MigratableController, GuestWorkload | None], Awaitable[None]]
                      ) -> None:
         if self.stage == "running":
             return
@@ -415,8 +428,8 @@ class DestinationSession(Session):
             raise SessionError("precondition", f"job {self.job_id}: cannot resume the destination in stage "
                                                f"{self.stage!r}; the controller state has not been loaded")
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
-        if self.guest_blob:
-            self.workload, was_running = decode_guest(self.ctrl, self.guest_blob)
+        if self.guest_blob and self.guest is not None:
+            self.workload, was_running = decode_guest(self.guest, self.guest_blob)
             if was_running:
                 self.workload.start()
         self.stage = "running"
@@ -431,7 +444,8 @@ class DestinationSession(Session):
         self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close), name=f"digest-{self.job_id}")
         self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
-        self.state_path.unlink(missing_ok=True)  # the controller's metadata now stands for it
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)  # the hosting's record of the controller now stands for it
 
     def guest_blackout_ms(self) -> float:
         if self.workload is None:
@@ -448,7 +462,8 @@ class DestinationSession(Session):
             with contextlib.suppress(Exception):
                 self.snapshot.close()
         if self.controller is not None:
-            self.state_path.unlink(missing_ok=True)
+            if self.state_path is not None:
+                self.state_path.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.ctrl.release)
         self.stage = "aborted"

@@ -229,17 +229,20 @@ class LocalCluster:
 
     # ---- agents -----------------------------------------------------------------------------
 
-    def start_agent(self, name: str, capacity: str = "4G", timeout_s: float = 30.0, *,
-                    listen_host: str = "", command_prefix: Sequence[str] = ()) -> Proc:
+    def start_agent(self, name: str, capacity: str | None = "4G", timeout_s: float = 30.0, *,
+                    listen_host: str = "", command_prefix: Sequence[str] = (), module: str = "agent.main",
+                    extra_args: Sequence[str] = ()) -> Proc:
         """`listen_host` gives the agent its own address (it listens and advertises there);
-        `command_prefix` wraps the command, e.g. `ip netns exec NS` to run it in a namespace."""
+        `command_prefix` wraps the command, e.g. `ip netns exec NS` to run it in a namespace;
+        `module` starts it through another module that takes the agent's flags (a test launcher
+        over a fake device), with `extra_args` added; `capacity` None leaves --capacity out."""
         data_dir = self.workdir / name
         host = listen_host or self.host
         argv = [
-            *command_prefix, sys.executable, "-m", "agent.main", "--name", name, "--etcd", self.etcd_endpoint,
-            "--etcd-prefix", self.etcd_prefix,
-            "--listen", f"{host}:0", "--data-dir", str(data_dir), "--capacity", capacity,
+            *command_prefix, sys.executable, "-m", module, "--name", name, "--etcd", self.etcd_endpoint,
+            "--etcd-prefix", self.etcd_prefix, "--listen", f"{host}:0", "--data-dir", str(data_dir),
             "--lease-ttl-s", str(self.lease_ttl_s),
+            *(["--capacity", capacity] if capacity is not None else []), *extra_args,
         ]
         if listen_host:
             argv += ["--advertise-host", listen_host]

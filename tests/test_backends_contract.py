@@ -23,10 +23,11 @@ import pytest
 
 from agent.backend import BLOCK_BYTES, MigratableController, Snapshot
 from agent.backends.namespace_device import NamespaceDevice
-from agent.backends.nvme_passthru import CdqChangedLbaLog, NvmeAdminChannel, NvmePassthruController
+from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruController
 from agent.backends.vfio import VfioHandles, VfioMigrationDevice
+from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError, WrongStateError
 from agent.emulated.controller import EmulatedController
-from agent.emulated.errors import ControllerError, ControllerGoneError, NotRunningError, WrongStateError
+from agent.nvme.migration_driver import CdqChangedLbaLog
 from agent.vfio_states import IllegalTransition, VfioState, path
 from tests.fakes.fake_nvme_pf import FakeNvmePf
 from tests.fakes.fake_vfio_device import FakeVfioDevice
@@ -82,7 +83,7 @@ def make_rig(kind: str, tmp_path: Path, name: str, *, destination: bool = False)
         return Rig(ctrl, guest, [pf.close])
     vf = FakeVfioDevice(guest)
     log = CdqChangedLbaLog(_admin(pf), guest.cntlid, NSID, namespace_blocks=NS_BYTES // BLOCK_BYTES,
-                           owns_admin=True)
+                           owns_transport=True)
     dev = VfioMigrationDevice("c1", VfioHandles(vf.device_fd), NamespaceDevice(ns_path), lba_log=log, ioctl=vf.ioctl)
     if destination:
         dev.set_state(S.RESUMING)

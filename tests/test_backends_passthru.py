@@ -2,14 +2,19 @@
 
 The backend-independent behaviour is in test_backends_contract.py; this module checks which
 admin commands each arc sends (against the shared encoder), the passthru struct round trip
-(status, DW0, DW1 of the 64-bit ioctl), error reporting, state transfer in pieces, the Controller
-Data Queue overflow path, and the namespace block device access.
+(status, DW0, data buffers of the 64-bit ioctl), error reporting with the controller's
+explanation, state transfer in pieces, the Controller Data Queue's memory (a huge page or one
+page, physically contiguous either way), its overflow path and namespace filtering, and the
+namespace block device access.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import mmap
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +23,15 @@ import pytest
 
 from agent.backend import BLOCK_BYTES
 from agent.backends import open_backend
-from agent.backends.device_controller import DeviceCommandError
+from agent.backends.ioctl_abi import MAP_HUGE_2MB, MAP_HUGETLB
 from agent.backends.namespace_device import DeviceUnavailableError, NamespaceDevice
-from agent.backends.nvme_passthru import CdqChangedLbaLog, NvmeAdminChannel, NvmePassthruController, NvmeStatusError
+from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruController, map_queue
+from agent.controller_errors import DeviceCommandError, LbaOutOfRangeError, WrongStateError
 from agent.emulated.controller import EmulatedController, NotRunningError
-from agent.emulated.errors import LbaOutOfRangeError
+from agent.emulated.model.namespace import NamespaceStore
 from agent.nvme import commands
 from agent.nvme.commands import Sqe
+from agent.nvme.migration_driver import CdqChangedLbaLog, MigrationDriver, NvmeStatusError
 from agent.nvme.spec import AdminOpcode, LoggingAction, SequenceIndicator, Status
 from agent.vfio_states import VfioState
 from tests.fakes.fake_nvme_pf import FakeNvmePf
@@ -79,18 +86,35 @@ def test_each_arc_sends_the_encoders_commands(guest: EmulatedController, pf: Fak
     ctrl.close()
 
 
-def test_pre_copy_is_a_change_log_in_a_page_aligned_queue(guest: EmulatedController, pf: FakeNvmePf) -> None:
+def _huge_pages_free() -> int:
+    meminfo = Path("/proc/meminfo").read_text()
+    free = re.search(r"^HugePages_Free:\s+(\d+)", meminfo, re.MULTILINE)
+    size = re.search(r"^Hugepagesize:\s+(\d+) kB", meminfo, re.MULTILINE)
+    return int(free.group(1)) if free and size and int(size.group(1)) == 2048 else 0
+
+
+def test_pre_copy_is_a_change_log_in_a_contiguous_queue(guest: EmulatedController, pf: FakeNvmePf,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     ctrl = _ctrl(guest, pf)
-    ctrl.set_state(S.PRE_COPY)
+    with caplog.at_level(logging.INFO, logger="agent.backends.nvme_passthru"):
+        ctrl.set_state(S.PRE_COPY)
     create, track = pf.sent
-    assert create.opcode == AdminOpcode.CONTROLLER_DATA_QUEUE and create.cdw12 == (1 << 16) * 32 // 4
+    # PC=1 needs physically contiguous memory: this host's kernel decides between a 2 MiB huge page
+    # (the 65536 entries asked for) and one 4 KiB page (128 entries), and the log says which.
+    if _huge_pages_free():
+        assert create.cdw12 == (1 << 16) * 32 // 4 and "a 2 MiB huge page" in caplog.text
+    else:
+        assert create.cdw12 == 128 * 32 // 4 and "one 4 KiB page, 128 entries" in caplog.text
+    assert create.opcode == AdminOpcode.CONTROLLER_DATA_QUEUE and pf.data_lengths[0] == create.cdw12 * 4
     assert create.cdw11 == 1 | guest.cntlid << 16  # PC and CNTLID
     assert track == replace(commands.track_send(1, LoggingAction.START), cid=track.cid)
     guest.write_blocks(7, blk(1))
     pf.sent.clear()
+    pf.data_lengths.clear()
     assert ctrl.take_dirty_lbas() == [7]
     opcodes = [(s.opcode, s.cdw10 & 0xFF) for s in pf.sent]
     assert opcodes == [(AdminOpcode.GET_FEATURES, 0x21), (AdminOpcode.SET_FEATURES, 0x21)]
+    assert pf.data_lengths == [8, 0]  # Get Features 21h answers in an 8-byte {head, trigger} buffer
     assert pf.sent[1].cdw12 == 1  # the head moved past the one entry consumed
     pf.sent.clear()
     ctrl.set_state(S.RUNNING)
@@ -98,26 +122,86 @@ def test_pre_copy_is_a_change_log_in_a_page_aligned_queue(guest: EmulatedControl
     ctrl.close()
 
 
-def test_the_64_bit_ioctl_returns_dw1(guest: EmulatedController, pf: FakeNvmePf) -> None:
+def test_queue_memory_is_a_huge_page_when_the_host_has_one_free(caplog: pytest.LogCaptureFixture) -> None:
+    asked: list[tuple[int, int]] = []
+
+    def host_with_a_free_huge_page(fileno: int, length: int, *, flags: int) -> mmap.mmap:
+        asked.append((length, flags))
+        return mmap.mmap(fileno, length)  # what the kernel maps for MAP_HUGETLB, but in small pages
+
+    with caplog.at_level(logging.INFO, logger="agent.backends.nvme_passthru"):
+        queue = map_queue(2 << 20, mapper=host_with_a_free_huge_page)
+    assert asked == [(2 << 20, mmap.MAP_PRIVATE | MAP_HUGETLB | MAP_HUGE_2MB)]
+    assert (queue.size_bytes, queue.contiguous, queue.address % 4096) == (2 << 20, True, 0)
+    assert "a 2 MiB huge page, 65536 entries" in caplog.text
+    queue.release()
+
+
+def test_without_a_free_huge_page_the_queue_is_one_page(guest: EmulatedController, pf: FakeNvmePf,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    def host_without_huge_pages(fileno: int, length: int, *, flags: int) -> mmap.mmap:
+        if flags & MAP_HUGETLB:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return mmap.mmap(fileno, length, flags=flags)
+
+    admin = NvmeAdminChannel(pf.fd, "fake PF", ioctl=pf.ioctl, mapper=host_without_huge_pages)
+    log = MigrationDriver(admin, guest.cntlid).change_log(1, 256)
+    with caplog.at_level(logging.INFO, logger="agent.backends.nvme_passthru"):
+        log.start()
+    assert "no free 2 MiB huge page (Cannot allocate memory); using one 4 KiB page, 128 entries" in caplog.text
+    create = pf.sent[0]
+    assert (create.cdw12, create.cdw11 & 1, log.entries, log.contiguous) == (1024, 1, 128, True)
+    for lba in range(0, 256, 2):  # 128 separate ranges do not fit 128 slots: "all LBAs changed"
+        guest.write_blocks(lba, blk(1))
+    assert log.take() == list(range(256))
+    guest.write_blocks(5, blk(2))
+    assert log.take() == [5]  # logging was turned back on after the full queue
+    log.stop()
+    admin.close()
+
+
+def test_get_features_cdq_hands_an_8_byte_buffer(guest: EmulatedController, pf: FakeNvmePf) -> None:
     admin = NvmeAdminChannel(pf.fd, "fake PF", ioctl=pf.ioctl)
     log = CdqChangedLbaLog(admin, guest.cntlid, 1, namespace_blocks=256)
     log.start()
     guest.write_blocks(1, blk(1))
     guest.write_blocks(9, blk(1))
-    pointers = admin.submit(commands.get_cdq_pointers(1), "Get Features CDQ pointers", wide=True)
-    assert (pointers.dw0, pointers.dw1) == (0, 2)  # head 0, tail 2: DW1 made it through `result`
+    got = admin.submit(commands.get_cdq_pointers(1), "Get Features CDQ", read_bytes=8)
+    assert (got.dw0, got.dw1, got.data) == (0, 0, bytes(8))  # head 0, no trigger: in the data, not DW0/DW1
+    assert pf.data_lengths[-1] == 8
     assert log.take() == [1, 9]
     log.stop()
     admin.close()
+
+
+def test_the_log_keeps_only_its_namespace(tmp_path: Path, guest: EmulatedController, pf: FakeNvmePf) -> None:
+    # The VF has a second namespace; its changes come through the same queue and are not ours.
+    other = NamespaceStore(tmp_path / "ns2", MIB, create=True, lock=guest.model.lock, label="ns2")
+    guest.model.attach_namespace(2, other, (0, guest.cntlid))
+    admin = NvmeAdminChannel(pf.fd, "fake PF", ioctl=pf.ioctl)
+    log = MigrationDriver(admin, guest.cntlid).change_log(1, 256)
+    log.start()
+    raw, _ = guest.model.submit_io(guest.cntlid, 1, commands.write(2, 3, 1).encode(), blk(2))
+    assert commands.cqe_status(raw) == 0
+    guest.write_blocks(4, blk(1))
+    assert log.take() == [4]
+    log.stop()
+    admin.close()
+    other.close()
 
 
 def test_status_errors_name_the_command_and_the_status(guest: EmulatedController, pf: FakeNvmePf) -> None:
     admin = NvmeAdminChannel(pf.fd, "fake PF", ioctl=pf.ioctl)
     ctrl = NvmePassthruController("c9", admin, 9, 1, NamespaceDevice(guest.namespace_path))
     with pytest.raises(NvmeStatusError, match=r"Suspend for CNTLID 9 \(controller c9\) on fake PF failed with "
-                                              r"status INVALID_CONTROLLER_IDENTIFIER \(0x11f\); do not retry") as info:
+                                              r"status INVALID_CONTROLLER_IDENTIFIER \(0x11f\): cntlid=9 is not a "
+                                              r"migratable controller .*; do not retry") as info:
         ctrl.set_state(S.STOP)
     assert info.value.status == Status.INVALID_CONTROLLER_IDENTIFIER and info.value.dnr
+    # The explanation came from the PF's Error Information log and the detail page it names.
+    assert info.value.explanation == "cntlid=9 is not a migratable controller of this subsystem (migratable: [1])"
+    assert [(s.opcode, s.cdw10 & 0xFF) for s in pf.sent[-2:]] == [(AdminOpcode.GET_LOG_PAGE, 0x01),
+                                                                    (AdminOpcode.GET_LOG_PAGE, 0xC0)]
     assert ctrl.vfio_state is S.RUNNING
     ctrl.close()
 
@@ -169,7 +253,7 @@ def test_save_state_checks_the_controller_is_suspended(guest: EmulatedController
     # Someone else resumes the VF behind the backend's back: the completion's CSUP bit says so.
     other = NvmeAdminChannel(pf.fd, "fake PF", ioctl=pf.ioctl)
     other.submit(commands.migration_resume(guest.cntlid), "Resume")
-    with pytest.raises(DeviceCommandError, match="CSUP=0, the controller is not suspended"):
+    with pytest.raises(WrongStateError, match="CSUP=0, the controller is not suspended"):
         ctrl.save_state()
     ctrl.close()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.backend import BLOCK_BYTES
-from agent.backends.device_controller import DeviceCommandError
 from agent.backends.namespace_device import DeviceUnavailableError, NamespaceDevice
 from agent.backends.vfio import VfioHandles, VfioMigrationDevice, open_cdev_device, open_group_device
+from agent.controller_errors import DeviceCommandError
 from agent.emulated.controller import EmulatedController, NotRunningError, WrongStateError
 from agent.vfio_states import VfioState
 from tests.fakes.fake_vfio_device import STREAM_MAGIC, FakeVfioDevice

@@ -23,7 +23,10 @@ from agent.emulated.controller import (
     WrongStateError,
 )
 from agent.emulated.model.subsystem import PRIMARY_CNTLID
-from agent.emulated.state_format import (
+from agent.nvme import cdq, commands
+from agent.nvme.commands import Cqe
+from agent.nvme.spec import Status
+from agent.nvme.state_format import (
     HEADER_BYTES,
     MAGIC,
     STATE_FORMAT_VERSION,
@@ -33,9 +36,6 @@ from agent.emulated.state_format import (
     decode_state,
     encode_state,
 )
-from agent.nvme import commands
-from agent.nvme.commands import Cqe
-from agent.nvme.spec import Status
 from agent.vfio_states import IllegalTransition, VfioState
 
 MIB = 1 << 20
@@ -179,9 +179,11 @@ def test_pre_copy_tracks_and_stop_copy_suspends(ctrl: EmulatedController) -> Non
 
 
 def _cdq_pointers(ctrl: EmulatedController, cdqid: int = 1) -> tuple[int, int] | int:
-    """(head, tail) of the change log from Get Features 21h on the primary, or the error status."""
-    cqe = Cqe.decode(ctrl.model.submit_admin(PRIMARY_CNTLID, commands.get_cdq_pointers(cdqid).encode())[0])
-    return (cqe.dw0, cqe.dw1) if cqe.ok else cqe.status
+    """(head pointer, tail pointer trigger) of the change log, the 8-byte data of Get Features 21h
+    on the primary, or the error status."""
+    raw, data = ctrl.model.submit_admin(PRIMARY_CNTLID, commands.get_cdq_pointers(cdqid).encode())
+    cqe = Cqe.decode(raw)
+    return cdq.decode_pointers(data) if cqe.ok else cqe.status
 
 
 def test_dirty_lbas_come_from_the_change_log(ctrl: EmulatedController) -> None:
@@ -191,9 +193,9 @@ def test_dirty_lbas_come_from_the_change_log(ctrl: EmulatedController) -> None:
         ctrl.write_blocks(lba, blk(1))
     ctrl.write_blocks(7, blk(1))
     ctrl.write_blocks(500, blk(1, 3))
-    assert _cdq_pointers(ctrl) == (0, 3)  # three ranges posted, none consumed yet
+    assert _cdq_pointers(ctrl) == (0, 0)  # three ranges posted, none consumed yet
     assert ctrl.dirty_block_count() == 14
-    assert _cdq_pointers(ctrl) == (3, 3)  # the host took them and moved the head
+    assert _cdq_pointers(ctrl) == (3, 0)  # the host took them and moved the head past them
     assert ctrl.take_dirty_lbas() == [7, *range(100, 110), 500, 501, 502]
     ctrl.set_state(S.STOP_COPY)  # Suspend: the guest's controller is suspended in the model
     assert ctrl.model.suspended(ctrl.cntlid)
@@ -235,7 +237,8 @@ def test_state_moves_in_pieces(tmp_path: Path) -> None:
     dst = EmulatedController.for_resuming("c" * 200, tmp_path / "dst.img", MIB)
     dst.state_piece_bytes = 64
     empty = dst.current_state()
-    with pytest.raises(StateFormatError, match=r"Set Controller State failed with INVALID_FIELD: .*checksum mismatch"):
+    with pytest.raises(StateFormatError, match=r"Set Controller State \(last piece\) for CNTLID 1 .* failed with "
+                                               r"status INVALID_FIELD \(0x002\): controller state checksum mismatch"):
         dst.load_state(blob[:-1] + bytes([blob[-1] ^ 1]))
     assert dst.current_state() == empty  # a rejected state changes nothing
     dst.load_state(blob)

@@ -1,7 +1,7 @@
 """The ctypes ABI of agent.backends.ioctl_abi against the kernel headers, through the C compiler.
 
-A C program generated here includes the system's <linux/nvme_ioctl.h>, <linux/vfio.h> and
-<linux/fs.h> and prints sizeof and offsetof of every struct and field we model, every ioctl number
+A C program generated here includes the system's <linux/nvme_ioctl.h>, <linux/vfio.h>,
+<linux/fs.h> and <linux/mman.h> and prints sizeof and offsetof of every struct and field we model, every ioctl number
 and every constant; the test compares each printed value with ours.  Items newer than the
 installed headers (see ``NEWER_THAN_LINUX_6_1``) are printed as MISSING by an #ifdef and reported
 by a separate, skipped test, so a newer linux-libc-dev checks them without a change here.
@@ -21,7 +21,7 @@ import pytest
 from agent.backends import ioctl_abi as abi
 from agent.vfio_states import VfioState
 
-HEADERS = ("linux/nvme_ioctl.h", "linux/vfio.h", "linux/fs.h")
+HEADERS = ("linux/nvme_ioctl.h", "linux/vfio.h", "linux/fs.h", "linux/mman.h")
 
 # C struct name -> our ctypes class.  Every field in _fields_ is checked with offsetof.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
@@ -44,6 +44,9 @@ CONSTANTS = (
     "NVME_IOCTL_ADMIN_CMD",
     "NVME_IOCTL_ADMIN64_CMD",
     "BLKZEROOUT",
+    "MAP_HUGETLB",
+    "MAP_HUGE_SHIFT",
+    "MAP_HUGE_2MB",
     "VFIO_API_VERSION",
     "VFIO_TYPE1v2_IOMMU",
     "VFIO_TYPE",

@@ -49,6 +49,9 @@ CASES: list[tuple[str, Callable[[], Sqe], bytes]] = [
      sqe_bytes(opcode=0x09, cdw={10: 0x07, 11: 0x0007_0003})),
     ("CDQ head pointer (FID 21h)", lambda: c.set_cdq_head(5, 1000),
      sqe_bytes(opcode=0x09, cdw={10: 0x21, 11: 5, 12: 1000})),
+    # ETPT is CDW11 bit 31, the tail pointer trigger CDW13 (libnvme nvme_lm_set_features_ctrl_data_queue).
+    ("CDQ head pointer and tail pointer trigger", lambda: c.set_cdq_head(5, 1000, tail_trigger=2000),
+     sqe_bytes(opcode=0x09, cdw={10: 0x21, 11: 0x8000_0005, 12: 1000, 13: 2000})),
     ("CDQ pointers", lambda: c.get_cdq_pointers(5), sqe_bytes(opcode=0x0A, cdw={10: 0x21, 11: 5})),
     ("create I/O CQ", lambda: c.create_io_cq(3, 256, 0x20_0000, vector=9),
      sqe_bytes(opcode=0x05, prp1=0x20_0000, cdw={10: 0x00FF_0003, 11: 0x0009_0003})),

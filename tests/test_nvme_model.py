@@ -16,13 +16,13 @@ import pytest
 
 from agent.emulated.model.hostmem import PAGE_BYTES
 from agent.emulated.model.namespace import NamespaceStore
-from agent.emulated.model.structures import parse_error_detail
 from agent.emulated.model.subsystem import PRIMARY_CNTLID, NvmeSubsystemModel
-from agent.emulated.state_format import HEADER_BYTES, MAGIC, decode_state, encode_state
 from agent.nvme import cdq, spec
 from agent.nvme import commands as c
 from agent.nvme.commands import Cqe, Sqe
+from agent.nvme.error_log import parse_error_detail
 from agent.nvme.spec import LoggingAction, SequenceIndicator, Status
+from agent.nvme.state_format import HEADER_BYTES, MAGIC, decode_state, encode_state
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -102,9 +102,10 @@ def sub(tmp_path: Path) -> Subsystem:
 
 
 def test_building_a_subsystem(sub: Subsystem, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"name='' must be 1\.\.255 UTF-8 bytes"):
-        sub.model.add_secondary("")
+    with pytest.raises(ValueError, match=r"name='xxx.*' must be 0\.\.255 UTF-8 bytes"):
+        sub.model.add_secondary("x" * 256)
     assert sub.model.add_secondary("vm2") == 2
+    assert sub.model.add_secondary("") == 3  # an anonymous VF, as a real device's are
     foreign = NamespaceStore(tmp_path / "f.img", MIB, create=True, lock=RLock(), label="f")
     with pytest.raises(ValueError, match="must be built with this subsystem's lock"):
         sub.model.attach_namespace(2, foreign, [2])
@@ -132,7 +133,9 @@ def test_identify_controller(sub: Subsystem) -> None:
     assert struct.unpack_from("<H", host, 256)[0] == spec.OACS_HMLMS == 1 << 11
     assert host[576] == spec.TRATTR_TUDCS and struct.unpack_from("<HH", host, 578) == (1, 1)
     assert struct.unpack_from("<H", guest, 256)[0] == 0 and guest[576] == 0
-    assert guest[76] & spec.CMIC_SRIOV_VF and not host[76] & spec.CMIC_SRIOV_VF
+    # CMIC: bit 1 multiple controllers; bit 2 SR-IOV virtual function (bit 3 would be ANA reporting).
+    assert spec.CMIC_SRIOV_VF == 1 << 2 and spec.CMIC_ANA_REPORTING == 1 << 3
+    assert guest[76] == 0b0110 and host[76] == 0b0010
 
 
 def test_identify_namespace_and_lists(sub: Subsystem, tmp_path: Path) -> None:
@@ -404,9 +407,11 @@ class Log:
 
     def entries(self) -> list[cdq.UdmqEntry]:
         """Get Features 21h (posts the open range), read by phase tag, hand the slots back."""
-        cqe, _ = self.sub.ok(PRIMARY_CNTLID, c.get_cdq_pointers(self.cdqid))
+        cqe, data = self.sub.ok(PRIMARY_CNTLID, c.get_cdq_pointers(self.cdqid))
+        # The answer is the 8-byte {head pointer, tail pointer trigger}, not the completion dwords.
+        assert len(data) == 8 and (cqe.dw0, cqe.dw1) == (0, 0)
+        assert cdq.decode_pointers(data) == (self.reader.head, 0)
         out = [cdq.UdmqEntry(n, s, nlb, a & 1, *cdq.describe(a)) for n, s, nlb, a in self.reader.take()]
-        assert self.reader.head == cqe.dw1  # DW1: the tail the controller reported
         self.sub.ok(PRIMARY_CNTLID, c.set_cdq_head(self.cdqid, self.reader.head))
         return out
 
@@ -495,11 +500,31 @@ def test_cdq_command_errors(sub: Subsystem) -> None:
               match="Track Send SEL=1")
     sub.fails(S.INVALID_FIELD, host, Sqe(spec.AdminOpcode.TRACK_RECEIVE), match="host memory change tracking")
     sub.fails(S.INVALID_FIELD, host, c.set_cdq_head(cqe.dw0, 3), match="head pointer 3 passes the tail 0")
-    sub.fails(S.INVALID_FIELD, host, c.set_features(spec.FeatureId.CONTROLLER_DATA_QUEUE, cqe.dw0 | 1 << 31),
-              match="ETPT=1")
+    sub.fails(S.INVALID_FIELD, host, c.set_cdq_head(cqe.dw0, 0, tail_trigger=16),
+              match="tail pointer trigger 16 is outside the 16-entry queue")
+    sub.fails(S.INVALID_FIELD, host, c.set_features(spec.FeatureId.CONTROLLER_DATA_QUEUE, cqe.dw0, cdw13=5),
+              match="without ETPT")
     sub.fails(S.INVALID_FIELD, host, Sqe(spec.AdminOpcode.CONTROLLER_DATA_QUEUE, cdw10=2), match="SEL=2")
     sub.ok(host, c.cdq_delete(cqe.dw0))
     sub.fails(S.INVALID_CONTROLLER_DATA_QUEUE, host, c.cdq_delete(cqe.dw0))
+
+
+def test_the_cdq_feature_answers_in_data_and_keeps_the_tail_pointer_trigger(sub: Subsystem) -> None:
+    log = open_log(sub, entries=16)
+    for lba in (1, 5, 9):
+        sub.ok(sub.vf, c.write(1, lba, 1), blk(1), sqid=1)
+    cqe, data = sub.ok(PRIMARY_CNTLID, c.get_cdq_pointers(log.cdqid))
+    assert (cqe.dw0, cqe.dw1, cdq.decode_pointers(data)) == (0, 0, (0, 0))
+    taken = list(log.reader.take())
+    assert [slba for _, slba, _, _ in taken] == [1, 5, 9]
+    sub.ok(PRIMARY_CNTLID, c.set_cdq_head(log.cdqid, log.reader.head, tail_trigger=12))
+    _, data = sub.ok(PRIMARY_CNTLID, c.get_cdq_pointers(log.cdqid))
+    assert cdq.decode_pointers(data) == (3, 12)
+    sub.ok(PRIMARY_CNTLID, c.set_cdq_head(log.cdqid, 3))  # no ETPT: the trigger stays as it was
+    _, data = sub.ok(PRIMARY_CNTLID, c.get_cdq_pointers(log.cdqid))
+    assert cdq.decode_pointers(data) == (3, 12)
+    with pytest.raises(ValueError, match="needs an 8-byte data buffer"):
+        cdq.decode_pointers(b"")
 
 
 # ----- controller state ---------------------------------------------------------------------------
@@ -622,6 +647,24 @@ def test_set_controller_state_sequence_rules(tmp_path: Path) -> None:
     bigger = build(tmp_path, "vm1", file="big.img", resuming=True, size=2 * MIB)
     assert set_state(bigger, blob).status == S.INVALID_FIELD
     assert "namespace_bytes=1048576, but controller vm1 has 2097152" in bigger.detail(PRIMARY_CNTLID)
+
+
+def test_an_anonymous_vf_names_no_controller_and_takes_a_named_state(tmp_path: Path) -> None:
+    anonymous = build(tmp_path, "", file="anonymous.img")
+    anonymous.guest_boot()
+    anonymous.ok(PRIMARY_CNTLID, c.migration_suspend(anonymous.vf))
+    blob, _ = get_state(anonymous)
+    assert decode_state(blob).controller_id == ""
+    named = build(tmp_path, "vm1", file="named.img", resuming=True)
+    assert set_state(named, blob).ok  # nothing to compare: the state names no controller
+    assert named.model.controller_state(named.vf).controller_id == "vm1"  # and it keeps its own name
+    named.ok(PRIMARY_CNTLID, c.migration_resume(named.vf))
+    named.ok(PRIMARY_CNTLID, c.migration_suspend(named.vf))
+    named_blob, _ = get_state(named)
+    pool_vf = build(tmp_path, "", file="pool.img", resuming=True)
+    assert set_state(pool_vf, named_blob).ok
+    assert pool_vf.model.controller_state(pool_vf.vf).controller_id == ""  # it adopts no identity
+    assert pool_vf.model.controller_state(pool_vf.vf).submission_queues == decode_state(named_blob).submission_queues
 
 
 def test_a_state_with_an_unbound_queue_is_refused(tmp_path: Path) -> None:

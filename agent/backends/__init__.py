@@ -6,17 +6,17 @@
 - ``vfio``: agent.backends.vfio.VfioMigrationDevice, the VFIO migration uAPI on a real VF
   (``/dev/vfio/devices/vfioN``, or a group ``/dev/vfio/N`` plus the VF's PCI address).
 
-``device_problem`` is the check the agent runs at start-up; ``open_backend`` opens one controller.
+``device_problem`` is the check the agent runs at start-up; ``open_hosting`` gives the agent the
+controllers of a backend (agent.backends.hosting); ``open_backend`` opens one controller.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 from pathlib import Path
 
 from agent.backend import BLOCK_BYTES, MigratableController
+from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.backends.ioctl_abi import IoctlFn, kernel_ioctl
 from agent.backends.namespace_device import DeviceUnavailableError, NamespaceDevice
 
@@ -39,7 +39,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"backend {kind!r} is unknown; choose one of {', '.join(BACKEND_KINDS)}")
 
 
-def device_problem(kind: str, device: str | None) -> str | None:
+def device_problem(kind: str, device: str | None, access: DeviceAccess | None = None) -> str | None:
     """Why ``device`` cannot serve backend ``kind``, or None when it can (or needs no device)."""
     _check_kind(kind)
     if kind == EMULATED:
@@ -50,28 +50,51 @@ def device_problem(kind: str, device: str | None) -> str | None:
     if not device:
         return f"backend {kind} needs --device: {what}"
     try:
-        mode = os.stat(device).st_mode
+        is_device = (access or DeviceAccess()).is_device_node(Path(device))
     except FileNotFoundError:
         return f"device {device} does not exist: {hint}"
     except PermissionError:
         return f"device {device} is not accessible: run the agent as root"
-    if not stat.S_ISCHR(mode):
+    if not is_device:
         return f"device {device} is not a character device; backend {kind} needs {what}"
     return None
 
 
-def hosting_problem(kind: str) -> str | None:
-    """Why the agent process cannot host controllers on ``kind`` yet, or None.
+DEFAULT_EMULATED_CAPACITY_BYTES = 64 << 30
 
-    The real backends are complete as controllers, but the agent's Host creates and adopts
-    emulated controllers only (sparse files, the emulated guest workload); starting an agent that
-    claims a real device and then runs emulated controllers would mislead, so it refuses.
+
+def open_hosting(kind: str, data_dir: Path, *, capacity_bytes: int | None = None, device: Path | None = None,
+                 slots: list[str] | None = None, access: DeviceAccess | None = None) -> ControllerHosting:
+    """The controllers an agent hosts on backend ``kind``; HostingError says why it cannot.
+
+    - emulated: namespaces as sparse files in ``data_dir``, at most ``capacity_bytes`` of them;
+    - nvme-passthru: VF ``slots`` (``CNTLID:NSID:PATH`` each) of the PF at ``device``, their
+      assignment kept in ``data_dir``; the capacity is the slots' namespaces;
+    - vfio: not yet (see the message).
     """
     _check_kind(kind)
     if kind == EMULATED:
-        return None
-    return (f"backend {kind} can open the device, but this agent hosts emulated controllers only "
-            "(agent/host.py); run with --backend emulated")
+        if slots:
+            raise HostingError("--slot is for the nvme-passthru backend; the emulated backend keeps namespaces as "
+                               "files in --data-dir")
+        from agent.backends.emulated_hosting import EmulatedHosting
+
+        return EmulatedHosting(data_dir, capacity_bytes or DEFAULT_EMULATED_CAPACITY_BYTES)
+    if kind == VFIO:
+        raise HostingError("backend vfio can migrate a VF (agent.backends.vfio) but cannot host controllers yet: "
+                           "it has no slot inventory; run with --backend nvme-passthru or --backend emulated")
+    if capacity_bytes is not None:
+        raise HostingError("--capacity is for the emulated backend; the capacity of nvme-passthru is the sum of "
+                           "its slots' namespaces: drop --capacity")
+    if device is None:
+        raise HostingError(f"backend {kind} needs --device: {_DEVICE_HINTS[kind][0]}")
+    from agent.backends.passthru_hosting import PassthruHosting, parse_slot
+
+    try:
+        parsed = [parse_slot(text) for text in slots or ()]
+    except ValueError as exc:
+        raise HostingError(str(exc)) from None
+    return PassthruHosting(data_dir, device, parsed, access=access)
 
 
 def open_backend(
@@ -104,8 +127,9 @@ def open_backend(
         return EmulatedController(controller_id, namespace_path, namespace_bytes, create=create)
     if device is None:
         raise DeviceUnavailableError(f"backend {kind} needs a device: {_DEVICE_HINTS[kind][0]}")
-    from agent.backends.nvme_passthru import CdqChangedLbaLog, NvmeAdminChannel, NvmePassthruController
+    from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruController
     from agent.backends.vfio import VfioMigrationDevice, open_cdev_device, open_group_device
+    from agent.nvme.migration_driver import MigrationDriver
 
     with contextlib.ExitStack() as undo:  # whatever was opened is closed again if a later step fails
         ctrl: MigratableController
@@ -130,8 +154,8 @@ def open_backend(
             if pf_device is not None and cntlid is not None:
                 pf_admin = NvmeAdminChannel.open(pf_device, ioctl=ioctl)
                 undo.callback(pf_admin.close)
-                lba_log = CdqChangedLbaLog(pf_admin, cntlid, nsid, namespace_blocks=namespace.size_bytes // BLOCK_BYTES,
-                                           owns_admin=True)
+                lba_log = MigrationDriver(pf_admin, cntlid, label=controller_id).change_log(
+                    nsid, namespace.size_bytes // BLOCK_BYTES, owns_transport=True)
             ctrl = VfioMigrationDevice(controller_id, handles, namespace, lba_log=lba_log, ioctl=ioctl)
         undo.pop_all()
         return ctrl
@@ -142,8 +166,10 @@ __all__ = [
     "EMULATED",
     "NVME_PASSTHRU",
     "VFIO",
+    "DeviceAccess",
     "DeviceUnavailableError",
+    "HostingError",
     "device_problem",
-    "hosting_problem",
     "open_backend",
+    "open_hosting",
 ]

@@ -1,5 +1,8 @@
 """What the two real-device backends share: the contract around a device that migrates itself.
 
+The admin commands themselves are the host-side migration driver's
+(``agent.nvme.migration_driver``), the one every backend uses.
+
 ``DeviceBackedController`` implements the parts of ``MigratableController`` that do not depend on
 how the device is reached: the VFIO state walk (one arc at a time, so a failed arc leaves a known
 state), namespace access through the PF's namespace block device, changed-LBA tracking through a
@@ -20,19 +23,16 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from agent.backends.namespace_device import NamespaceDevice
-from agent.emulated.errors import ControllerError, ControllerGoneError, WrongStateError
+from agent.controller_errors import ControllerGoneError, WrongStateError
 from agent.vfio_states import VfioState, path
 
 # States in which the guest cannot touch the namespace, so that its bytes stand still.
 SUSPENDED_STATES = frozenset({VfioState.STOP, VfioState.STOP_COPY, VfioState.RESUMING})
 
 
-class DeviceCommandError(ControllerError):
-    """The device (or the kernel in front of it) refused a command; the message says which and why."""
-
-
 class ChangedLbaLog(Protocol):
-    """The LBAs the guest changed, as a migration controller logs them (Track Send into a CDQ)."""
+    """The LBAs the guest changed, as a migration controller logs them (Track Send into a CDQ);
+    ``agent.nvme.migration_driver.CdqChangedLbaLog`` is the one implementation."""
 
     @property
     def active(self) -> bool: ...

@@ -1,13 +1,15 @@
 """The Linux ioctl ABI the real-device backends speak, transcribed into ctypes.
 
-Three kernel headers are transcribed here, and nothing else:
+Four kernel headers are transcribed here, and nothing else:
 
 - ``linux/nvme_ioctl.h``: ``struct nvme_passthru_cmd`` (and the 64-bit-result variant) and the
   admin passthrough ioctl numbers, for the ``nvme-passthru`` backend;
 - ``linux/vfio.h``: the container/group/device ioctls, ``VFIO_DEVICE_FEATURE`` with the migration
   features (device state, data size, DMA logging) and ``VFIO_MIG_GET_PRECOPY_INFO``, for the
   ``vfio`` backend;
-- ``linux/fs.h``: ``BLKZEROOUT``, with which a namespace block device is sanitized.
+- ``linux/fs.h``: ``BLKZEROOUT``, with which a namespace block device is sanitized;
+- ``linux/mman.h``: the ``mmap(2)`` flags of a 2 MiB huge page, the physically contiguous memory
+  a Controller Data Queue of more than one page needs (Python's ``mmap`` module lacks them).
 
 Every number and every struct layout here is checked against the system headers by
 ``tests/test_ioctl_abi.py``, which compiles a C program that prints them.  Some items are newer
@@ -140,6 +142,12 @@ class BlkRange(ctypes.Structure):
 
     _fields_ = (("start", _u64), ("length", _u64))
 
+
+# ----- <linux/mman.h> (asm-generic/mman-common.h, asm-generic/hugetlb_encode.h) -----------------
+
+MAP_HUGETLB: Final = 0x40000
+MAP_HUGE_SHIFT: Final = 26
+MAP_HUGE_2MB: Final = 21 << MAP_HUGE_SHIFT  # log2(2 MiB) in the page-size bits
 
 # ----- <linux/vfio.h> ----------------------------------------------------------------------------
 

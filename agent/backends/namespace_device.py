@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agent.backend import BLOCK_BYTES
 from agent.backends.ioctl_abi import BLKZEROOUT, BlkRange, IoctlFn, kernel_ioctl
-from agent.emulated.errors import ControllerGoneError, LbaOutOfRangeError
+from agent.controller_errors import ControllerGoneError, LbaOutOfRangeError
 from agent.sparse_extents import data_extents
 
 CHUNK_BYTES = 1 << 20

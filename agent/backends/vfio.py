@@ -20,8 +20,9 @@ iommufd (:func:`open_cdev_device`, Linux 6.6).  On that fd it:
 
 The VFIO stream carries the controller's state, not the namespace: namespace bytes go through the
 PF's namespace block device (``NamespaceDevice``), and the changed LBAs come from the PF's Track
-Send log for this VF (a ``ChangedLbaLog``, e.g. ``agent.backends.nvme_passthru.CdqChangedLbaLog``),
-because the VFIO uAPI has no notion of LBAs.
+Send log for this VF (a ``ChangedLbaLog``: the host-side migration driver's
+``agent.nvme.migration_driver.CdqChangedLbaLog`` over the PF's passthrough channel), because the
+VFIO uAPI has no notion of LBAs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.backends.device_controller import ChangedLbaLog, DeviceBackedController, DeviceCommandError
+from agent.backends.device_controller import ChangedLbaLog, DeviceBackedController
 from agent.backends.ioctl_abi import (
     VFIO_API_VERSION,
     VFIO_CHECK_EXTENSION,
@@ -76,7 +77,7 @@ from agent.backends.ioctl_abi import (
     kernel_ioctl,
 )
 from agent.backends.namespace_device import NamespaceDevice, open_device_node
-from agent.emulated.errors import WrongStateError
+from agent.controller_errors import DeviceCommandError, WrongStateError
 from agent.vfio_states import FEATURE_P2P, FEATURE_PRE_COPY, VfioState
 
 READ_CHUNK_BYTES = 1 << 20

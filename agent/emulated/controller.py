@@ -6,10 +6,11 @@ It plays both roles of the TP4159 model, and each speaks real NVMe commands to t
 * the guest driver of a secondary controller (the VF): at power-on it enables the controller and
   creates I/O queue pairs with admin commands; ``write_blocks`` / ``read_blocks`` are Write / Read
   commands on those queues, round robin;
-* the host as migration controller, on the primary controller's admin queue: changed-LBA tracking
-  is a User Data Migration Queue (Controller Data Queue create + Track Send), read by phase tag and
-  handed back with Set Features (FID 21h); the VFIO arcs are Suspend, Resume and Get / Set
-  Controller State (in pieces) as the vfio-nvme mapping in DESIGN.md lays out.
+* the host as migration controller, on the primary controller's admin queue: that role is the
+  host-side migration driver every backend uses (``agent.nvme.migration_driver``), carried into
+  the model by ``ModelAdminTransport``.  Changed-LBA tracking is its User Data Migration Queue
+  log; the VFIO arcs are its Suspend, Resume and Get / Set Controller State (in pieces), as the
+  vfio-nvme mapping in DESIGN.md lays out.
 
 The migration controller's bulk path to the namespace (``read_raw``, ``write_raw``,
 ``data_extents``, ``digest``, snapshots) goes straight to the namespace store, as a host copying
@@ -22,13 +23,12 @@ commands (a drain of the change log, a state transfer) hold it across them.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from agent.backend import BLOCK_BYTES, MigratableController
-from agent.emulated.errors import (
+from agent.controller_errors import (
     ControllerError,
     ControllerGoneError,
     LbaOutOfRangeError,
@@ -37,13 +37,14 @@ from agent.emulated.errors import (
     WrongStateError,
 )
 from agent.emulated.model.namespace import NamespaceSnapshot, NamespaceStore
-from agent.emulated.model.structures import MAX_TRANSFER_BYTES, parse_error_detail
+from agent.emulated.model.structures import MAX_TRANSFER_BYTES
 from agent.emulated.model.subsystem import PRIMARY_CNTLID, NvmeSubsystemModel
-from agent.emulated.state_format import ControllerState, container_length
-from agent.nvme import cdq, commands
-from agent.nvme.cdq import CdqReader, EntrySequence, LbaChange
-from agent.nvme.commands import Cqe, Sqe, cqe_status
-from agent.nvme.spec import CDQ_ENTRY_BYTES, LoggingAction, LogPageId, SequenceIndicator, Status
+from agent.emulated.model_transport import ModelAdminTransport
+from agent.nvme import commands
+from agent.nvme.commands import Cqe, cqe_status
+from agent.nvme.migration_driver import CdqChangedLbaLog, MigrationDriver
+from agent.nvme.spec import Status
+from agent.nvme.state_format import ControllerState
 from agent.vfio_states import DEFAULT_FEATURES, VfioState, path
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "NotRunningError",
     "StateFormatError",
     "WrongStateError",
+    "power_on_guest_driver",
 ]
 
 NSID = 1
@@ -81,26 +83,28 @@ _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
 _SAVE_STATES = frozenset({VfioState.STOP, VfioState.STOP_COPY})
 
 
-@dataclass
-class _ChangeTracking:
-    """The host's side of one user data migration queue, and the LBAs drained from it not yet taken."""
+def power_on_guest_driver(model: NvmeSubsystemModel, cntlid: int) -> list[int]:
+    """What a guest's NVMe driver does at power-on: enable, identify, create I/O queue pairs.
 
-    cdqid: int
-    address: int
-    reader: CdqReader
-    drain_at: int  # entries waiting that make the guest's write path drain the log (0: never)
-    dirty: set[int] = field(default_factory=set)
-    all_changed: bool = False
+    Returns the I/O submission queue ids.  The emulated controller runs it for its guest; a fake
+    of a PF whose VFs are in use by VMs runs it for each VF.
+    """
+    model.enable_controller(cntlid, admin_entries=ADMIN_QUEUE_ENTRIES, asq=_ASQ_BASE, acq=_ACQ_BASE)
+    admin = ModelAdminTransport(model, cntlid)
+    admin.submit(commands.identify_controller(), "Identify", read_bytes=4096)
+    admin.submit(commands.set_number_of_queues(IO_QUEUE_PAIRS, IO_QUEUE_PAIRS), "Set Features (number of queues)")
+    for qid in range(1, IO_QUEUE_PAIRS + 1):
+        admin.submit(commands.create_io_cq(qid, IO_QUEUE_ENTRIES, _IO_CQ_BASE + qid * _QUEUE_STRIDE, vector=qid),
+                     "Create I/O CQ")
+        admin.submit(commands.create_io_sq(qid, IO_QUEUE_ENTRIES, _IO_SQ_BASE + qid * _QUEUE_STRIDE, qid),
+                     "Create I/O SQ")
+    return list(range(1, IO_QUEUE_PAIRS + 1))
 
 
 class EmulatedController:
     """An NVMe controller model whose namespace lives in a sparse file."""
 
     migration_features: frozenset[str] = DEFAULT_FEATURES
-    # Sizes of the host's transfers; an instance may change them before it migrates (tests use
-    # small ones to reach a full change log and multi-piece state transfers).
-    cdq_entries: int = CDQ_ENTRIES
-    state_piece_bytes: int = STATE_PIECE_BYTES
 
     def __init__(
         self, controller_id: str, namespace_path: Path, namespace_bytes: int, *, create: bool,
@@ -127,7 +131,12 @@ class EmulatedController:
         self._cid = 0
         self._io_sqids: list[int] = []
         self._io_count = 0
-        self._tracking: _ChangeTracking | None = None
+        # The host role: the migration driver on the primary's admin queue, with its change log.
+        self._driver = MigrationDriver(ModelAdminTransport(self._model), self._cntlid, label=controller_id,
+                                       state_piece_bytes=STATE_PIECE_BYTES)
+        self._log: CdqChangedLbaLog = self._driver.change_log(NSID, self.block_count, queue_entries=CDQ_ENTRIES)
+        self._guest_admin = ModelAdminTransport(self._model, self._cntlid)
+        self._drain_at = 0  # entries waiting that make the guest's write path drain the log
         self._stop_copy_state: bytes | None = None
         self._state_loaded = False
         if resuming:
@@ -135,7 +144,7 @@ class EmulatedController:
             self._state = VfioState.RESUMING
         else:
             self._state = VfioState.RUNNING
-            self._boot()
+            self._io_sqids = power_on_guest_driver(self._model, self._cntlid)
 
     @classmethod
     def for_resuming(
@@ -147,21 +156,6 @@ class EmulatedController:
         partly filled by an earlier attempt, which then must still receive every block.
         """
         return cls(controller_id, namespace_path, namespace_bytes, create=create, resuming=True)
-
-    def _boot(self) -> None:
-        """What the guest's NVMe driver does at power-on: enable, identify, create I/O queue pairs."""
-        self._model.enable_controller(self._cntlid, admin_entries=ADMIN_QUEUE_ENTRIES, asq=_ASQ_BASE,
-                                      acq=_ACQ_BASE)
-        guest = self._cntlid
-        self._command(guest, commands.identify_controller(cid=self._next_cid()), "Identify")
-        self._command(guest, commands.set_number_of_queues(IO_QUEUE_PAIRS, IO_QUEUE_PAIRS, cid=self._next_cid()),
-                      "Set Features (number of queues)")
-        for qid in range(1, IO_QUEUE_PAIRS + 1):
-            self._command(guest, commands.create_io_cq(qid, IO_QUEUE_ENTRIES, _IO_CQ_BASE + qid * _QUEUE_STRIDE,
-                                                       vector=qid, cid=self._next_cid()), "Create I/O CQ")
-            self._command(guest, commands.create_io_sq(qid, IO_QUEUE_ENTRIES, _IO_SQ_BASE + qid * _QUEUE_STRIDE,
-                                                       qid, cid=self._next_cid()), "Create I/O SQ")
-        self._io_sqids = list(range(1, IO_QUEUE_PAIRS + 1))
 
     # ----- identity ---------------------------------------------------------------------------
     # Identity stays readable after release/close so that logs and error paths can name it.
@@ -202,36 +196,26 @@ class EmulatedController:
     def dirty_tracking(self) -> bool:
         with self._lock:
             self._store.usable_fd()
-            return self._tracking is not None
+            return self._log.active
 
-    # ----- commands ---------------------------------------------------------------------------
+    # Sizes of the host's transfers; set them before a migration (tests use small ones to reach a
+    # full change log and multi-piece state transfers).
 
-    def _next_cid(self) -> int:
-        self._cid = (self._cid + 1) & 0xFFFF
-        return self._cid
+    @property
+    def cdq_entries(self) -> int:
+        return self._log.queue_entries
 
-    def _command(self, cntlid: int, sqe: Sqe, what: str, data: bytes | None = None,
-                 error: type[ControllerError] = ControllerError) -> tuple[Cqe, bytes]:
-        """One admin command; a failure raises ``error`` with the controller's detail text."""
-        raw, out = self._model.submit_admin(cntlid, sqe.encode(), data)
-        cqe = Cqe.decode(raw)
-        if not cqe.ok:
-            raise error(f"controller {self._id}: {what} failed with {cqe.status_name}: "
-                        f"{self._error_detail(cntlid, cqe)}")
-        return cqe, out
+    @cdq_entries.setter
+    def cdq_entries(self, value: int) -> None:
+        self._log.queue_entries = value
 
-    def _error_detail(self, cntlid: int, cqe: Cqe) -> str:
-        """The failed command's explanation from the error detail log page, when the More bit says so."""
-        if not cqe.more:
-            return "no detail reported"
-        raw, page = self._model.submit_admin(
-            cntlid, commands.get_log_page(LogPageId.ERROR_DETAIL, 4096, cid=self._next_cid()).encode())
-        return parse_error_detail(page)[1] if not cqe_status(raw) else "the error detail log could not be read"
+    @property
+    def state_piece_bytes(self) -> int:
+        return self._driver.state_piece_bytes
 
-    def _host(self, sqe: Sqe, what: str, data: bytes | None = None,
-              error: type[ControllerError] = ControllerError) -> tuple[Cqe, bytes]:
-        """A migration controller command about our secondary, on the primary's admin queue."""
-        return self._command(PRIMARY_CNTLID, sqe, what, data, error)
+    @state_piece_bytes.setter
+    def state_piece_bytes(self, value: int) -> None:
+        self._driver.state_piece_bytes = value
 
     # ----- checks (call with the lock held) ---------------------------------------------------
 
@@ -254,6 +238,10 @@ class EmulatedController:
 
     # ----- guest side -------------------------------------------------------------------------
 
+    def _next_cid(self) -> int:
+        self._cid = (self._cid + 1) & 0xFFFF
+        return self._cid
+
     def _next_sqid(self, what: str) -> int:
         if not self._io_sqids:
             if self._state not in _GUEST_IO_STATES:
@@ -270,7 +258,7 @@ class EmulatedController:
         if cqe.status == Status.NAMESPACE_NOT_READY and not cqe.dnr:
             return NotRunningError(f"controller {self._id}: guest {what} refused in state {self._state.name}; "
                                    "guest I/O runs only in RUNNING or PRE_COPY")
-        detail = self._error_detail(self._cntlid, cqe)
+        detail = (self._guest_admin.explain(cqe.status) if cqe.more else "") or "no detail reported"
         if cqe.status == Status.LBA_OUT_OF_RANGE:
             return LbaOutOfRangeError(f"controller {self._id}: {detail}")
         return ControllerError(f"controller {self._id}: guest {what} failed with {cqe.status_name}: {detail}")
@@ -291,9 +279,9 @@ class EmulatedController:
                 raw, _ = self._model.submit_io(self._cntlid, self._next_sqid("write"), sqe.encode(), piece)
                 if cqe_status(raw):
                     raise self._io_failure(raw, "write")
-            tracking = self._tracking
-            if tracking is not None and tracking.reader.has_at_least(tracking.drain_at):
-                self._drain(tracking, flush=False)
+            if self._drain_at and self._log.waiting(self._drain_at):
+                # As a driver would on the tail pointer event: hand slots back before the queue fills.
+                self._log.drain(refresh=False)
 
     def read_blocks(self, lba: int, count: int) -> bytes:
         """Guest Read command(s): ``count`` blocks from ``lba``."""
@@ -343,100 +331,35 @@ class EmulatedController:
         """Controller Data Queue create + Track Send start; idempotent (keeps what is logged)."""
         with self._lock:
             self._store.usable_fd()
-            if self._tracking is None:
+            if not self._log.active:
                 self._start_tracking()
 
     def _start_tracking(self) -> None:
-        entries = self.cdq_entries
-        size_bytes = entries * CDQ_ENTRY_BYTES
-        address = self._model.host_memory.allocate(size_bytes)
-        try:
-            cqe, _ = self._host(commands.cdq_create(self._cntlid, size_bytes // 4, address, cid=self._next_cid()),
-                                "Controller Data Queue create")
-        except ControllerError:
-            self._model.host_memory.free(address)
-            raise
-        reader = CdqReader(self._model.host_memory.view(address, size_bytes), entries)
-        self._tracking = _ChangeTracking(cqe.dw0 & 0xFFFF, address, reader, entries // CDQ_DRAIN_FRACTION)
-        self._log_changes(self._tracking)
-
-    def _log_changes(self, tracking: _ChangeTracking) -> None:
-        """Track Send start.  A suspended controller refuses it, and may: it runs no guest I/O, and
-        the Resume that ends the suspension ends this tracking too."""
-        raw, _ = self._model.submit_admin(
-            PRIMARY_CNTLID, commands.track_send(tracking.cdqid, LoggingAction.START, cid=self._next_cid()).encode())
-        if cqe_status(raw) not in (Status.SUCCESS, Status.CONTROLLER_SUSPENDED):
-            cqe = Cqe.decode(raw)
-            raise ControllerError(f"controller {self._id}: Track Send start failed with {cqe.status_name}: "
-                                  f"{self._error_detail(PRIMARY_CNTLID, cqe)}")
-
-    def _drain(self, tracking: _ChangeTracking, *, flush: bool) -> None:
-        """Move the posted entries into ``tracking.dirty`` and hand their slots back.
-
-        ``flush`` first asks for the pointers (Get Features 21h), which makes the controller post
-        the range it was still extending.  An entry reporting a full queue means logging stopped
-        with "all LBAs changed": it is turned back on before the lock is released, so every later
-        change is logged again while the whole namespace counts as changed until taken.
-        """
-        if flush:
-            self._host(commands.get_cdq_pointers(tracking.cdqid, cid=self._next_cid()), "Get Features (CDQ)")
-        head = tracking.reader.head
-        restart = False
-        dirty = tracking.dirty
-        for _, slba, nlb, attributes in tracking.reader.take():
-            change = cdq.change_of(attributes)
-            if change == LbaChange.RANGE_VALID:
-                dirty.update(range(slba, slba + nlb + 1))
-            elif change == LbaChange.ALL_CHANGED:
-                tracking.all_changed = True
-            if cdq.sequence_of(attributes) == EntrySequence.LAST_QUEUE_FULL:
-                restart = True
-        if tracking.reader.head != head:
-            self._host(commands.set_cdq_head(tracking.cdqid, tracking.reader.head, cid=self._next_cid()),
-                       "Set Features (CDQ head)")
-        if restart:
-            self._log_changes(tracking)
+        self._log.start()
+        self._drain_at = self._log.entries // CDQ_DRAIN_FRACTION
 
     def take_dirty_lbas(self) -> list[int]:
         """The LBAs written since the last call, sorted, from the change log's entries."""
         with self._lock:
             self._store.usable_fd()
-            tracking = self._tracking
-            if tracking is None:
+            if not self._log.active:
                 raise WrongStateError(
                     f"controller {self._id}: dirty tracking is off; call start_dirty_tracking() or "
                     "set_state(PRE_COPY) first"
                 )
-            self._drain(tracking, flush=True)
-            taken = list(range(self.block_count)) if tracking.all_changed else sorted(tracking.dirty)
-            tracking.dirty = set()
-            tracking.all_changed = False
-            return taken
+            return self._log.take()
 
     def dirty_block_count(self) -> int:
         """LBAs changed and not yet taken; 0 while tracking is off."""
         with self._lock:
             self._store.usable_fd()
-            tracking = self._tracking
-            if tracking is None:
-                return 0
-            self._drain(tracking, flush=True)
-            return self.block_count if tracking.all_changed else len(tracking.dirty)
+            return self._log.pending() if self._log.active else 0
 
     def stop_dirty_tracking(self) -> None:
         """Track Send stop + Controller Data Queue delete: forget what was not taken."""
         with self._lock:
             self._store.usable_fd()
-            self._end_tracking()
-
-    def _end_tracking(self) -> None:
-        tracking = self._tracking
-        if tracking is None:
-            return
-        self._tracking = None
-        self._host(commands.track_send(tracking.cdqid, LoggingAction.STOP, cid=self._next_cid()), "Track Send stop")
-        self._host(commands.cdq_delete(tracking.cdqid, cid=self._next_cid()), "Controller Data Queue delete")
-        self._model.host_memory.free(tracking.address)
+            self._log.stop()
 
     # ----- migration-controller side: the VFIO state machine ----------------------------------
 
@@ -456,22 +379,22 @@ class EmulatedController:
         if arc == (VfioState.RUNNING, VfioState.PRE_COPY):
             # A fresh log, so that stale entries from an earlier attempt are not mistaken for
             # changes of this one.
-            self._end_tracking()
+            self._log.stop()
             self._start_tracking()
         elif arc == (VfioState.PRE_COPY, VfioState.RUNNING):
-            self._end_tracking()  # nothing is being migrated any more: the log would only grow
+            self._log.stop()  # nothing is being migrated any more: the log would only grow
         elif arc in ((VfioState.RUNNING, VfioState.STOP), (VfioState.PRE_COPY, VfioState.STOP_COPY)):
-            self._host(commands.migration_suspend(self._cntlid, cid=self._next_cid()), "Suspend")
+            self._driver.suspend()
             if nxt == VfioState.STOP_COPY:
-                self._stop_copy_state = self._get_state()
+                self._stop_copy_state = self._driver.get_state()
         elif arc == (VfioState.STOP, VfioState.STOP_COPY):
-            self._stop_copy_state = self._get_state()
+            self._stop_copy_state = self._driver.get_state()
         elif arc == (VfioState.STOP_COPY, VfioState.STOP):
             self._stop_copy_state = None  # the saving session ends
         elif arc == (VfioState.STOP, VfioState.RUNNING):
             # Resume after a rollback: nothing is being migrated any more.
-            self._host(commands.migration_resume(self._cntlid, cid=self._next_cid()), "Resume")
-            self._end_tracking()
+            self._driver.resume()
+            self._log.stop()
         elif arc == (VfioState.STOP, VfioState.RESUMING):
             # A new resuming session needs its own Set Controller State before it may end.
             self._state_loaded = False
@@ -487,52 +410,19 @@ class EmulatedController:
             self._store.usable_fd()
             return self._model.controller_state(self._cntlid)
 
-    def _get_state(self) -> bytes:
-        """Get Controller State in pieces: the first says how long the container is."""
-        def piece(offset: int, length: int) -> tuple[Cqe, bytes]:
-            return self._host(commands.get_controller_state(self._cntlid, offset, length, cid=self._next_cid()),
-                              "Get Controller State")
-
-        cqe, first = piece(0, self.state_piece_bytes)
-        if not cqe.dw0 & 1:
-            raise WrongStateError(f"controller {self._id}: Get Controller State reports CSUP=0; the controller "
-                                  "is not suspended, so its state is not stable")
-        total = container_length(first)
-        blob = bytearray(first[:total])
-        while len(blob) < total:
-            remaining = total - len(blob)
-            _, more = piece(len(blob), min(self.state_piece_bytes, remaining + -remaining % 4))
-            blob += more[:remaining]
-        return bytes(blob)
-
     def save_state(self) -> bytes:
         """The versioned container; in STOP_COPY (captured on entry) or STOP (suspended)."""
         with self._lock:
             self._require_state(_SAVE_STATES, "save_state")
             if self._state == VfioState.STOP_COPY and self._stop_copy_state is not None:
                 return self._stop_copy_state
-            return self._get_state()
+            return self._driver.get_state()
 
     def load_state(self, blob: bytes) -> None:
         """Set Controller State in pieces; the controller validates the whole before applying it."""
         with self._lock:
             self._require_state(frozenset({VfioState.RESUMING}), "load_state")
-            stream = bytes(blob) + bytes(-len(blob) % 4 or (4 if not blob else 0))
-            size = self.state_piece_bytes
-            offsets = range(0, len(stream), size)
-            for n, offset in enumerate(offsets):
-                if len(offsets) == 1:
-                    sequence = SequenceIndicator.ENTIRE
-                elif n == 0:
-                    sequence = SequenceIndicator.FIRST
-                elif n == len(offsets) - 1:
-                    sequence = SequenceIndicator.LAST
-                else:
-                    sequence = SequenceIndicator.MIDDLE
-                chunk = stream[offset : offset + size]
-                self._host(commands.set_controller_state(self._cntlid, offset, len(chunk), sequence,
-                                                         cid=self._next_cid()),
-                           "Set Controller State", chunk, StateFormatError)
+            self._driver.set_state(blob)
             # The guest driver's view of its queues is in guest memory, which migrates with the
             # guest; here it is the loaded state's I/O submission queues.
             loaded = self._model.controller_state(self._cntlid)
@@ -546,13 +436,13 @@ class EmulatedController:
         """Sanitize: delete the namespace file.  Idempotent, so a retried release is harmless."""
         with self._lock:
             self._store.release()
-            self._tracking = None
+            self._log.forget()
 
     def close(self) -> None:
         """Close the namespace file but keep it (agent shutdown).  Idempotent."""
         with self._lock:
             self._store.close()
-            self._tracking = None
+            self._log.forget()
 
     def __enter__(self) -> EmulatedController:
         return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.emulated.controller import BLOCK_BYTES, EmulatedController
+from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.guest.blocks import block_seq, check_block
 from agent.guest.workload import GuestWorkload
 
@@ -26,7 +26,7 @@ class VerifyResult:
     first_mismatch: str  # "" when ok
 
 
-def verify(controller: EmulatedController, workload: GuestWorkload) -> VerifyResult:
+def verify(controller: GuestDrivenController, workload: GuestWorkload) -> VerifyResult:
     """Check every acknowledged block of ``workload`` on ``controller``."""
     blocks = controller.block_count
     per_chunk = CHUNK_BYTES // BLOCK_BYTES

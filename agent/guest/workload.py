@@ -23,12 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.emulated.controller import (
-    BLOCK_BYTES,
-    ControllerGoneError,
-    EmulatedController,
-    NotRunningError,
-)
+from agent.backend import BLOCK_BYTES, GuestDrivenController
+from agent.controller_errors import ControllerGoneError, NotRunningError
 from agent.guest.blocks import make_block
 
 log = logging.getLogger(__name__)
@@ -193,7 +189,7 @@ class GuestState:
 class GuestWorkload:
     """One daemon thread writing to a controller; the owner must call ``stop()``."""
 
-    def __init__(self, controller: EmulatedController, spec: WorkloadSpec, state: GuestState | None = None) -> None:
+    def __init__(self, controller: GuestDrivenController, spec: WorkloadSpec, state: GuestState | None = None) -> None:
         spec.validate(controller.namespace_bytes)
         blocks = controller.block_count
         if state is not None and state.block_count != blocks:
@@ -230,7 +226,7 @@ class GuestWorkload:
 
     @classmethod
     def from_state(
-        cls, controller: EmulatedController, blob: bytes, *, spec: WorkloadSpec | None = None
+        cls, controller: GuestDrivenController, blob: bytes, *, spec: WorkloadSpec | None = None
     ) -> GuestWorkload:
         """Continue the guest exported by ``export_state`` (optionally with a new spec)."""
         state = GuestState.decode(blob)

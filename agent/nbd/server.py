@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from agent.backend import BLOCK_BYTES
-from agent.emulated.controller import ControllerError, ControllerGoneError, EmulatedController, NotRunningError
+from agent.backend import BLOCK_BYTES, GuestDrivenController
+from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError
 from agent.nbd import protocol as p
 from agent.vfio_states import VfioState
 
@@ -84,7 +84,7 @@ class NbdServer:
     """Owns the listener, the exports and their connections; `close()` ends all of them."""
 
     def __init__(self, listen_host: str, port: int, advertise_host: str,
-                 lookup: Callable[[str], EmulatedController | None], io_threads: int = IO_THREADS) -> None:
+                 lookup: Callable[[str], GuestDrivenController | None], io_threads: int = IO_THREADS) -> None:
         self.listen_host = listen_host
         self.port = port
         self.advertise_host = advertise_host
@@ -174,7 +174,7 @@ class NbdServer:
                 await writer.wait_closed()
             self._handlers.discard(task)
 
-    def _resolve(self, name: str) -> tuple[_Export, EmulatedController] | str:
+    def _resolve(self, name: str) -> tuple[_Export, GuestDrivenController] | str:
         """The export and its controller, or why a client may not have it."""
         export = self._exports.get(name)
         controller = self._lookup(name)
@@ -186,7 +186,7 @@ class NbdServer:
         return export, controller
 
     async def _negotiate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                         ) -> tuple[_Export, EmulatedController] | None:
+                         ) -> tuple[_Export, GuestDrivenController] | None:
         writer.write(p.server_greeting())
         await writer.drain()
         (client_flags,) = p.CLIENT_FLAGS.unpack(await reader.readexactly(p.CLIENT_FLAGS.size))
@@ -257,14 +257,14 @@ class NbdServer:
             await writer.drain()
 
 
-def _check_guest_io(controller: EmulatedController) -> None:
+def _check_guest_io(controller: GuestDrivenController) -> None:
     """Flush and trim touch no block, but like every guest command they wait out a suspend."""
     state = controller.vfio_state
     if state not in _GUEST_IO_STATES:
         raise NotRunningError(f"controller {controller.controller_id} is {state.name}")
 
 
-def _fsync(controller: EmulatedController) -> None:
+def _fsync(controller: GuestDrivenController) -> None:
     _check_guest_io(controller)
     fd = os.open(controller.namespace_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -273,7 +273,7 @@ def _fsync(controller: EmulatedController) -> None:
         os.close(fd)
 
 
-def _read(controller: EmulatedController, offset: int, length: int) -> bytes:
+def _read(controller: GuestDrivenController, offset: int, length: int) -> bytes:
     parts = []
     for at in range(offset, offset + length, CHUNK_BYTES):
         n = min(CHUNK_BYTES, offset + length - at)
@@ -281,7 +281,7 @@ def _read(controller: EmulatedController, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _write(controller: EmulatedController, offset: int, data: bytes | memoryview, fua: bool) -> None:
+def _write(controller: GuestDrivenController, offset: int, data: bytes | memoryview, fua: bool) -> None:
     view = memoryview(data)
     for at in range(0, len(view), CHUNK_BYTES):
         controller.write_blocks((offset + at) // BLOCK_BYTES, bytes(view[at:at + CHUNK_BYTES]))
@@ -289,7 +289,7 @@ def _write(controller: EmulatedController, offset: int, data: bytes | memoryview
         _fsync(controller)
 
 
-def _write_zeroes(controller: EmulatedController, offset: int, length: int, fua: bool) -> None:
+def _write_zeroes(controller: GuestDrivenController, offset: int, length: int, fua: bool) -> None:
     zeroes = bytes(min(CHUNK_BYTES, length))
     for at in range(offset, offset + length, CHUNK_BYTES):
         n = min(CHUNK_BYTES, offset + length - at)
@@ -298,7 +298,7 @@ def _write_zeroes(controller: EmulatedController, offset: int, length: int, fua:
         _fsync(controller)
 
 
-def _trim(controller: EmulatedController, fua: bool) -> None:
+def _trim(controller: GuestDrivenController, fua: bool) -> None:
     # The guest path has no deallocate: keeping the data is a valid trim (it is only a hint).
     _check_guest_io(controller)
     if fua:
@@ -308,7 +308,7 @@ def _trim(controller: EmulatedController, fua: bool) -> None:
 class _Connection:
     """One client in the transmission phase: reads requests, serves up to MAX_INFLIGHT at once."""
 
-    def __init__(self, server: NbdServer, export: _Export, controller: EmulatedController,
+    def __init__(self, server: NbdServer, export: _Export, controller: GuestDrivenController,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.export = export

@@ -24,11 +24,19 @@ range does not fit, the controller posts, instead, an entry with "all LBAs chang
 host must copy the whole namespace again after it has turned logging back on.  No change is ever
 silently lost.
 
-Coalescing (ours): the controller keeps the newest range open while later changes extend it
-(same namespace, same kind, adjacent or overlapping) and posts it when a change does not fit it,
-when logging stops, when the controller is suspended, or when the host asks for the pointers
-(Get Features, FID 21h).  A host that reads the pointers before it reads the queue therefore
-never misses a change, and a sequential writer produces one entry instead of thousands.
+Coalescing (the emulated model's own behaviour, not the specification's): the controller keeps
+the newest range open while later changes extend it (same namespace, same kind, adjacent or
+overlapping) and posts it when a change does not fit it, when logging stops, when the controller
+is suspended, or when the host reads the queue's feature (Get Features, FID 21h).  The host
+driver asks for that feature before it reads the queue, which costs a real controller one admin
+command and lets the model's open range reach the host; a sequential writer thus produces one
+entry instead of thousands.  The host never uses a tail pointer from the controller: it finds
+new entries by their phase tag.
+
+The queue's feature (FID 21h) moves data, not completion dwords: Get Features returns the
+8-byte structure ``{le32 head pointer, le32 tail pointer trigger}`` (libnvme
+``struct nvme_lm_ctrl_data_queue_fid_data``) in a buffer the host supplies; Set Features takes
+the head pointer in CDW12 and, with ETPT (CDW11 bit 31), the tail pointer trigger in CDW13.
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from agent.nvme.spec import CDQ_ENTRY_BYTES
+from agent.nvme.spec import CDQ_ENTRY_BYTES, CDQ_FEATURE_DATA_BYTES
 
 _ENTRY = struct.Struct("<IIQ15xB")
 assert _ENTRY.size == CDQ_ENTRY_BYTES
+_POINTERS = struct.Struct("<II")
+assert _POINTERS.size == CDQ_FEATURE_DATA_BYTES
 
 _PHASE = 0x01
 _ESA_SHIFT, _ESA_MASK = 1, 0x7
@@ -114,6 +124,20 @@ class UdmqEntry:
         except ValueError as exc:
             raise ValueError(f"entry attributes {attributes:#04x} hold a reserved value: {exc}") from None
         return cls(nsid, slba, nlb, attributes & _PHASE, sequence, change, bool(attributes & _DLBA))
+
+
+def encode_pointers(head: int, tail_trigger: int) -> bytes:
+    """The Get Features FID 21h data: le32 head pointer, le32 tail pointer trigger."""
+    return _POINTERS.pack(head, tail_trigger)
+
+
+def decode_pointers(data: bytes) -> tuple[int, int]:
+    """(head pointer, tail pointer trigger) from Get Features FID 21h data."""
+    if len(data) < CDQ_FEATURE_DATA_BYTES:
+        raise ValueError(f"controller data queue feature data is {CDQ_FEATURE_DATA_BYTES} bytes, got {len(data)}: "
+                         "the Get Features command needs an 8-byte data buffer")
+    head, trigger = _POINTERS.unpack_from(data)
+    return int(head), int(trigger)
 
 
 def entries_for(size_dwords: int) -> int:

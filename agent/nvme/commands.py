@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 from agent.nvme.spec import (
     BROADCAST_NSID,
+    CDQ_ETPT,
     CQE_BYTES,
     DSM_ATTRIBUTE_DEALLOCATE,
     DSM_RANGE_BYTES,
@@ -256,7 +257,8 @@ def set_features(fid: int, cdw11: int = 0, *, cdw12: int = 0, cdw13: int = 0, sa
 
 
 def get_features(fid: int, *, sel: int = FeatureSelect.CURRENT, cdw11: int = 0, nsid: int = 0, cid: int = 0) -> Sqe:
-    """Get Features: CDW10 = FID 7:0 | SEL 10:8; the value comes back in completion DW0."""
+    """Get Features: CDW10 = FID 7:0 | SEL 10:8; the value comes back in completion DW0, or as data
+    for features that define a data structure (FID 21h)."""
     _check("fid", fid, _U8)
     _check("sel", sel, 0x7)
     return Sqe(AdminOpcode.GET_FEATURES, cid, nsid, cdw10=fid | sel << 8, cdw11=cdw11)
@@ -269,15 +271,22 @@ def set_number_of_queues(submission_queues: int, completion_queues: int, *, cid:
     return set_features(FeatureId.NUMBER_OF_QUEUES, nsqr | ncqr << 16, cid=cid)
 
 
-def set_cdq_head(cdqid: int, head: int, *, cid: int = 0) -> Sqe:
-    """Controller Data Queue feature (FID 21h): CDW11 = CDQID 15:0, CDW12 = new head pointer (slot)."""
+def set_cdq_head(cdqid: int, head: int, *, tail_trigger: int | None = None, cid: int = 0) -> Sqe:
+    """Controller Data Queue feature (FID 21h), Set: CDW11 = CDQID 15:0 | ETPT 31; CDW12 = the new
+    head pointer (a slot index); CDW13 = the tail pointer trigger, with ETPT set, when
+    ``tail_trigger`` is given (libnvme ``nvme_lm_set_features_ctrl_data_queue``)."""
     _check("cdqid", cdqid, _U16)
     _check("head", head, _U32)
-    return set_features(FeatureId.CONTROLLER_DATA_QUEUE, cdqid, cdw12=head, cid=cid)
+    if tail_trigger is None:
+        return set_features(FeatureId.CONTROLLER_DATA_QUEUE, cdqid, cdw12=head, cid=cid)
+    _check("tail_trigger", tail_trigger, _U32)
+    return set_features(FeatureId.CONTROLLER_DATA_QUEUE, cdqid | CDQ_ETPT, cdw12=head, cdw13=tail_trigger, cid=cid)
 
 
 def get_cdq_pointers(cdqid: int, *, cid: int = 0) -> Sqe:
-    """Get Features FID 21h for CDQID; the model answers DW0 = head, DW1 = tail."""
+    """Controller Data Queue feature (FID 21h), Get: CDW11 = CDQID.  The answer is not in the
+    completion: it is an 8-byte data buffer the host supplies, le32 head pointer then le32 tail
+    pointer trigger (``agent.nvme.cdq.decode_pointers``)."""
     _check("cdqid", cdqid, _U16)
     return get_features(FeatureId.CONTROLLER_DATA_QUEUE, cdw11=cdqid, cid=cid)
 

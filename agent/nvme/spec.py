@@ -18,6 +18,11 @@ SQE_BYTES = 64
 CQE_BYTES = 16
 IDENTIFY_BYTES = 4096
 CDQ_ENTRY_BYTES = 32  # User Data Migration Queue entry
+# Get Features FID 21h data (libnvme struct nvme_lm_ctrl_data_queue_fid_data): le32 head pointer
+# (HP), le32 tail pointer trigger (TPT).
+CDQ_FEATURE_DATA_BYTES = 8
+# Set Features FID 21h CDW11 bit 31: Enable Tail Pointer Trigger (ETPT), the trigger in CDW13.
+CDQ_ETPT = 1 << 31
 BROADCAST_NSID = 0xFFFF_FFFF
 
 
@@ -118,7 +123,7 @@ class FeatureId(IntEnum):
     VOLATILE_WRITE_CACHE = 0x06
     NUMBER_OF_QUEUES = 0x07
     INTERRUPT_COALESCING = 0x08
-    CONTROLLER_DATA_QUEUE = 0x21  # TP4159: head pointer of a Controller Data Queue
+    CONTROLLER_DATA_QUEUE = 0x21  # TP4159: head pointer and tail pointer trigger of a Controller Data Queue
 
 
 class FeatureSelect(IntEnum):
@@ -205,8 +210,13 @@ OACS_HMLMS = 1 << 11  # Host Managed Live Migration Support
 TRATTR_TUDCS = 1 << 1  # Track User Data Changes Support
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
+# CMIC (Controller Multi-Path I/O and Namespace Sharing Capabilities, Figure 312; libnvme
+# NVME_CTRL_CMIC_*): bit 0 multiple ports, bit 1 multiple controllers, bit 2 SR-IOV virtual
+# function, bit 3 ANA reporting.
+CMIC_MULTIPLE_PORTS = 1 << 0
 CMIC_MULTIPLE_CONTROLLERS = 1 << 1
-CMIC_SRIOV_VF = 1 << 3
+CMIC_SRIOV_VF = 1 << 2
+CMIC_ANA_REPORTING = 1 << 3
 
 # Identify Controller byte offsets (Base Specification 2.1, Figure 312).
 ID_CTRL_VID = 0

@@ -48,6 +48,7 @@ class FakeNvmePf:
 
     model: NvmeSubsystemModel
     sent: list[Sqe] = field(default_factory=list)  # every SQE handed to the controller, for assertions
+    data_lengths: list[int] = field(default_factory=list)  # the data_len of each, in the same order
     # caller's queue address -> (the model's region address, length), while the queue exists
     _queues: dict[int, tuple[int, int]] = field(default_factory=dict)
     _queue_ids: dict[int, int] = field(default_factory=dict)  # CDQID -> caller's queue address
@@ -84,6 +85,7 @@ class FakeNvmePf:
         self._cid = (self._cid + 1) & 0xFFFF
         sqe = Sqe(opcode, self._cid, nsid, flags, cdw2, cdw3, 0, prp1, 0, cdw10, cdw11, cdw12, cdw13, cdw14, cdw15)
         self.sent.append(sqe)
+        self.data_lengths.append(data_len)
         to_controller = opcode & 0x3 in (1, 3)
         data = ctypes.string_at(addr, data_len) if to_controller and data_len else None
         cqe, out = self.model.submit_admin(PRIMARY_CNTLID, sqe.encode(), data)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.backends import ioctl_abi as abi
+from agent.controller_errors import ControllerError
 from agent.emulated.controller import EmulatedController
-from agent.emulated.errors import ControllerError
-from agent.emulated.state_format import encode_state
+from agent.nvme.state_format import encode_state
 from agent.vfio_states import FEATURE_P2P, FEATURE_PRE_COPY, VfioState, path
 from tests.fakes import same_file
 

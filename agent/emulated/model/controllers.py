@@ -14,9 +14,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agent.emulated.model.namespace import NamespaceStore
-from agent.emulated.state_format import ControllerRegisters, ControllerState, QueueState
 from agent.nvme.cdq import UserDataLog
 from agent.nvme.spec import FeatureId, Status
+from agent.nvme.state_format import ControllerRegisters, ControllerState, QueueState
 
 ATTR_PC = 1 << 0
 ATTR_IEN = 1 << 1

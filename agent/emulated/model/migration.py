@@ -6,7 +6,7 @@ queue: Controller Data Queue create/delete, Track Send (log user data changes in
 Migration Send (Suspend, Resume, Set Controller State in pieces) and Migration Receive (Get
 Controller State in pieces), plus the Controller Data Queue feature (FID 21h).
 
-The controller state is our versioned container (``agent.emulated.state_format``), padded with
+The controller state is our versioned container (``agent.nvme.state_format``), padded with
 zeros to whole dwords because the commands move dwords.  Identify CNS 20h lists its one version,
 and CSVI selects it.  A state assembled from pieces is checked completely (container, identity,
 queue sanity) before any of it is applied; a bad one leaves the controller exactly as it was.
@@ -17,21 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.emulated.errors import StateFormatError
+from agent.controller_errors import StateFormatError
 from agent.emulated.model import checks
 from agent.emulated.model.controllers import MAX_QUEUE_ENTRIES, CommandError, ControllerModel
 from agent.emulated.model.hostmem import PAGE_BYTES, DmaError, HostMemory
-from agent.emulated.state_format import (
-    STATE_FORMAT_VERSION,
-    ControllerState,
-    container_length,
-    decode_state,
-    encode_state,
-)
 from agent.nvme import cdq
 from agent.nvme.commands import Sqe
 from agent.nvme.spec import (
     CDQ_ENTRY_BYTES,
+    CDQ_ETPT,
     AdminOpcode,
     CdqQueueType,
     CdqSelect,
@@ -42,6 +36,13 @@ from agent.nvme.spec import (
     Status,
     SuspendType,
     TrackSendSelect,
+)
+from agent.nvme.state_format import (
+    STATE_FORMAT_VERSION,
+    ControllerState,
+    container_length,
+    decode_state,
+    encode_state,
 )
 
 # CNS 20h list; CSVI is an index into it.
@@ -62,6 +63,7 @@ class UserDataQueue:
     cntlid: int
     address: int
     log: cdq.UserDataLog
+    tail_trigger: int = 0  # Set Features FID 21h with ETPT; reported, never acted on
 
 
 def _sel_mos(cmd: Sqe) -> tuple[int, int]:
@@ -166,22 +168,37 @@ class HostManagedMigration:
         if target.change_log is queue.log:
             target.change_log = None
 
-    def cdq_feature(self, cmd: Sqe, set_head: bool) -> Outcome:
-        """FID 21h: Set moves the head (CDW12); Get posts the open range, then answers DW0 = head,
-        DW1 = tail (the tail in DW1 is ours)."""
-        checks.reserved("cdw11", cmd.cdw11, 0xFFFF_0000 if not set_head else 0x7FFF_0000)
-        if set_head and cmd.cdw11 >> 31:
-            raise CommandError(Status.INVALID_FIELD, "ETPT=1: tail pointer trigger events are not supported")
+    def set_cdq_feature(self, cmd: Sqe) -> Outcome:
+        """Set Features FID 21h: CDW11 = CDQID 15:0 | ETPT 31, CDW12 = the new head pointer, CDW13 =
+        the tail pointer trigger when ETPT is set.  The trigger is kept and reported back by Get
+        Features; the model raises no event when the tail reaches it (it has no asynchronous events),
+        so a host that waits for one waits in vain: ours polls by phase tag instead."""
+        checks.reserved("cdw11", cmd.cdw11, 0x7FFF_0000)
         queue = self._queue(cmd.cdw11 & 0xFFFF)
         ring = queue.log.ring
-        if set_head:
-            try:
-                ring.set_head(cmd.cdw12)
-            except ValueError as exc:
-                raise CommandError(Status.INVALID_FIELD, f"cdw12: {exc}") from None
-        else:
-            queue.log.flush()
-        return ring.head, ring.tail, b""
+        enable_trigger = bool(cmd.cdw11 & CDQ_ETPT)
+        if enable_trigger and not cmd.cdw13 < ring.entries:
+            raise CommandError(Status.INVALID_FIELD, f"cdw13: tail pointer trigger {cmd.cdw13} is outside the "
+                                                     f"{ring.entries}-entry queue")
+        if not enable_trigger and cmd.cdw13:
+            raise CommandError(Status.INVALID_FIELD, f"cdw13={cmd.cdw13:#x} without ETPT (cdw11 bit 31): a tail "
+                                                     "pointer trigger needs ETPT set")
+        try:
+            ring.set_head(cmd.cdw12)
+        except ValueError as exc:
+            raise CommandError(Status.INVALID_FIELD, f"cdw12: {exc}") from None
+        if enable_trigger:
+            queue.tail_trigger = cmd.cdw13
+        return 0, 0, b""
+
+    def get_cdq_feature(self, cmd: Sqe) -> Outcome:
+        """Get Features FID 21h: the 8-byte data structure {le32 head pointer, le32 tail pointer
+        trigger}, nothing in the completion dwords.  Before answering, the controller posts the
+        range it was still coalescing: the model's own behaviour (see agent.nvme.cdq)."""
+        checks.reserved("cdw11", cmd.cdw11, 0xFFFF_0000)
+        queue = self._queue(cmd.cdw11 & 0xFFFF)
+        queue.log.flush()
+        return 0, 0, cdq.encode_pointers(queue.log.ring.head, queue.tail_trigger)
 
     # ----- Track Send / Receive -------------------------------------------------------------------
 
@@ -294,7 +311,8 @@ class HostManagedMigration:
             state = decode_state(stream[:end])
         except StateFormatError as exc:
             raise CommandError(Status.INVALID_FIELD, str(exc)) from None
-        if state.controller_id != target.name:
+        if state.controller_id and target.name and state.controller_id != target.name:
+            # An anonymous VF (no name) or a state from one (no identity) has nothing to compare.
             raise CommandError(Status.INVALID_FIELD, f"controller state is for controller {state.controller_id!r}, "
                                                      f"not {target.name!r}")
         capacity = target.namespace_bytes

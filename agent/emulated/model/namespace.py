@@ -21,7 +21,7 @@ from pathlib import Path
 from threading import RLock
 from types import TracebackType
 
-from agent.emulated.errors import ControllerGoneError, LbaOutOfRangeError
+from agent.controller_errors import ControllerGoneError, LbaOutOfRangeError
 from agent.nvme.spec import LBA_BYTES
 from agent.sparse_extents import data_extents
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from agent.emulated.model.controllers import ErrorRecord
 from agent.nvme import spec
+from agent.nvme.error_log import ERROR_DETAIL_BYTES, pack_error_detail, pack_error_entry
 
 # Controller capabilities the Identify Controller page advertises.
 VENDOR_ID = 0x0000  # no PCI vendor: an emulated device
@@ -26,11 +27,6 @@ WCTEMP_K = 343
 CCTEMP_K = 358
 # LBADS = log2(4096) in LBA format 0; no metadata, no protection information.
 _LBAF0 = 12 << 16
-_ERROR_ENTRY = struct.Struct("<QHHHHQIBBxxQH22x")
-assert _ERROR_ENTRY.size == spec.ERROR_LOG_ENTRY_BYTES
-_DETAIL_HEADER = struct.Struct("<QI4x")
-ERROR_DETAIL_BYTES = 4096
-PARAMETER_LOCATION_UNKNOWN = 0xFFFF
 
 
 def _ascii(value: str, width: int) -> bytes:
@@ -141,24 +137,13 @@ def smart_log(health: Health, *, over_threshold_k: int, under_threshold_k: int, 
 def error_log(records: Iterable[ErrorRecord]) -> bytes:
     """Error Information (LID 01h): 64-byte entries, newest first.  Each names our error detail
     page (LID C0h) in Vendor Specific Information Available."""
-    out = bytearray()
-    for r in records:
-        status_field = (r.status & 0xFF) << 1 | (r.status >> 8) << 9
-        out += _ERROR_ENTRY.pack(r.count, r.sqid, r.cid, status_field, PARAMETER_LOCATION_UNKNOWN, 0, r.nsid,
-                                 spec.LogPageId.ERROR_DETAIL, 0, 0, 0)
-    return bytes(out)
+    return b"".join(pack_error_entry(r.count, r.sqid, r.cid, r.status, r.nsid, spec.LogPageId.ERROR_DETAIL)
+                    for r in records)
 
 
 def error_detail(record: ErrorRecord | None) -> bytes:
-    """Our error detail page (LID C0h): error count u64, text length u32, reserved u32, UTF-8 text.
-    It describes the newest error, the first entry of the Error Information log."""
+    """Our error detail page (LID C0h, see agent.nvme.error_log) about the newest error, the first
+    entry of the Error Information log."""
     if record is None:
         return bytes(ERROR_DETAIL_BYTES)
-    text = record.detail.encode("utf-8")[: ERROR_DETAIL_BYTES - _DETAIL_HEADER.size]
-    return (_DETAIL_HEADER.pack(record.count, len(text)) + text).ljust(ERROR_DETAIL_BYTES, b"\0")
-
-
-def parse_error_detail(page: bytes) -> tuple[int, str]:
-    """(error count, text) from an error detail page."""
-    count, length = _DETAIL_HEADER.unpack_from(page)
-    return count, page[_DETAIL_HEADER.size : _DETAIL_HEADER.size + length].decode("utf-8", "replace")
+    return pack_error_detail(record.count, record.detail)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import fields
 from threading import RLock
 
-from agent.emulated.errors import ControllerGoneError
+from agent.controller_errors import ControllerGoneError
 from agent.emulated.model import checks, structures
 from agent.emulated.model.controllers import (
     ATTR_IEN,
@@ -44,7 +44,6 @@ from agent.emulated.model.controllers import (
 from agent.emulated.model.hostmem import PAGE_BYTES, HostMemory
 from agent.emulated.model.migration import STATE_VERSIONS, HostManagedMigration
 from agent.emulated.model.namespace import NamespaceStore
-from agent.emulated.state_format import MAX_CONTROLLER_ID_BYTES, ControllerState
 from agent.nvme.commands import Sqe, decode_dsm_ranges, pack_cqe
 from agent.nvme.spec import (
     BROADCAST_NSID,
@@ -64,6 +63,7 @@ from agent.nvme.spec import (
     LogPageId,
     Status,
 )
+from agent.nvme.state_format import MAX_CONTROLLER_ID_BYTES, ControllerState
 
 PRIMARY_CNTLID = 0
 ADMIN_QUEUE_ENTRIES = 32
@@ -125,10 +125,12 @@ class NvmeSubsystemModel:
         """A new secondary controller, disabled until ``enable_controller``; returns its cntlid.
 
         ``suspended`` creates it as a migration destination: suspended, waiting for Set Controller
-        State.  ``name`` is the identity its controller state carries.
+        State.  ``name`` is the identity its controller state carries; an empty name makes an
+        anonymous VF, as a real device's are: its state names no controller, and it takes a state
+        whatever controller that names.
         """
-        if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) <= MAX_CONTROLLER_ID_BYTES:
-            raise ValueError(f"name={name!r} must be 1..{MAX_CONTROLLER_ID_BYTES} UTF-8 bytes: the controller state "
+        if not isinstance(name, str) or len(name.encode("utf-8")) > MAX_CONTROLLER_ID_BYTES:
+            raise ValueError(f"name={name!r} must be 0..{MAX_CONTROLLER_ID_BYTES} UTF-8 bytes: the controller state "
                              "carries it")
         with self.lock:
             cntlid = max(self._controllers) + 1
@@ -333,8 +335,8 @@ class NvmeSubsystemModel:
         self._feature_target(ctrl, cmd, fid)
         value = cmd.cdw11
         if fid == FeatureId.CONTROLLER_DATA_QUEUE:
-            checks.unused_dwords(cmd, "cdw13", "cdw14", "cdw15")
-            return self.migration.cdq_feature(cmd, set_head=True)
+            checks.unused_dwords(cmd, "cdw14", "cdw15")
+            return self.migration.set_cdq_feature(cmd)
         checks.unused_dwords(cmd, "cdw12", "cdw13", "cdw14", "cdw15")
         selector = 0
         if fid == FeatureId.ARBITRATION:
@@ -383,7 +385,7 @@ class NvmeSubsystemModel:
             if sel != FeatureSelect.CURRENT:
                 raise CommandError(Status.INVALID_FIELD, f"SEL={sel}: a controller data queue has only current "
                                                          "pointers")
-            return self.migration.cdq_feature(cmd, set_head=False)
+            return self.migration.get_cdq_feature(cmd)
         selector = 0
         if fid == FeatureId.TEMPERATURE_THRESHOLD:
             selector = self._temperature_selector(cmd.cdw11)

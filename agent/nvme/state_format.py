@@ -14,7 +14,7 @@ Container header (48 bytes)::
 
 Payload::
 
-    u16 length + UTF-8 controller id
+    u16 length + UTF-8 controller id (0..255 bytes; empty when the device does not know it)
     u64 namespace bytes
     u32 CC, u32 CSTS, u32 AQA, u64 ASQ, u64 ACQ      (controller registers)
     u16 number of submission queues, u16 number of completion queues (admin queue included)
@@ -41,8 +41,13 @@ container header with 16-byte NVMe and vendor state sizes, the vfio-nvme RFC (Au
 with u16 dword counts at 10h/12h, both followed by the NVMe-defined state (version, NIOSQ, NIOCQ,
 then 24-byte queue entries).  Ours is neither: it is our own container, identified as format
 version 1 in Identify CNS 20h (CSVI 0 selects it), with a checksum and the controller identity
-the NVMe layouts lack.  The TP4159 commands move it as a stream of dwords, so Get Controller
-State pads it with zeros to a whole dword and Set Controller State finds its end from the header
+the NVMe layouts lack.  The identity is the name the device knows the controller by: the emulated
+backend names its one secondary controller after the controller it hosts, while a VF taken from
+a pool (the nvme-passthru backend) is anonymous, as real hardware is, and reports an empty id.
+A destination compares identities only when both sides have one.
+
+The TP4159 commands move the container as a stream of dwords, so Get Controller State pads it
+with zeros to a whole dword and Set Controller State finds its end from the header
 (``container_length``) and accepts at most three zero bytes of padding after it.
 """
 
@@ -52,7 +57,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from agent.emulated.errors import StateFormatError
+from agent.controller_errors import StateFormatError
 
 STATE_FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -133,9 +138,10 @@ class ControllerState:
 
     def __post_init__(self) -> None:
         encoded = self.controller_id.encode("utf-8")
-        if not 0 < len(encoded) <= MAX_CONTROLLER_ID_BYTES:
+        if len(encoded) > MAX_CONTROLLER_ID_BYTES:
             raise ValueError(
-                f"controller_id={self.controller_id!r} must be 1..{MAX_CONTROLLER_ID_BYTES} UTF-8 bytes"
+                f"controller_id={self.controller_id!r} must be 0..{MAX_CONTROLLER_ID_BYTES} UTF-8 bytes "
+                "(empty: the device does not know which controller it is)"
             )
         _check_uint("namespace_bytes", self.namespace_bytes, 64)
         for kind, queues in (("submission", self.submission_queues), ("completion", self.completion_queues)):

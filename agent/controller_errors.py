@@ -1,10 +1,14 @@
-"""Exceptions raised by the emulated controller (re-exported from ``agent.emulated.controller``)."""
+"""The errors a migratable controller raises on purpose, whatever its backend.
+
+Callers branch on these types (never on message text): the agent maps them to session errors,
+the NBD server waits out a ``NotRunningError`` and hangs up on a ``ControllerGoneError``.
+"""
 
 from __future__ import annotations
 
 
 class ControllerError(Exception):
-    """Base of every error the emulated controller raises on purpose."""
+    """Base of every error a controller raises on purpose."""
 
 
 class WrongStateError(ControllerError):
@@ -25,3 +29,7 @@ class StateFormatError(ControllerError):
 
 class LbaOutOfRangeError(ControllerError):
     """An LBA or byte range lies outside the namespace."""
+
+
+class DeviceCommandError(ControllerError):
+    """The device (or the kernel in front of it) refused a command; the message says which and why."""
