@@ -21,7 +21,7 @@ import pytest
 
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2, migration_pb2
-from tests.clusterprobe import TERMINAL, migrate, wait_phase
+from tests.clusterprobe import TERMINAL, migrate, wait_phase, wait_verified
 from tests.nbdprobe import export, qemu_io
 
 MiB = 1 << 20
@@ -93,6 +93,8 @@ def test_a_passthru_controller_migrates_to_an_emulated_agent_and_back(mixed: Loc
     job = migrate(mixed, "p1", to="n2")
     job = wait_phase(mixed, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+    job = wait_verified(mixed, job.id)  # the source's slot is released once it passes
+    assert job.verification == migration_pb2.VERIFICATION_PASSED, job.verification_note
     assert job.source_digest and job.source_digest == job.destination_digest
     wait_for("n1 to report its slot free", lambda: allocated(mixed, "n1", 0), 30)
     assert all(not s["controller_id"] for s in slots(mixed).values())
@@ -107,6 +109,8 @@ def test_a_passthru_controller_migrates_to_an_emulated_agent_and_back(mixed: Loc
     back = migrate(mixed, "p1", to="n1")
     back = wait_phase(mixed, back.id, TERMINAL)
     assert migration_pb2.Phase.Name(back.phase) == "COMPLETED", back.reason
+    back = wait_verified(mixed, back.id)  # the source's slot is released once it passes
+    assert back.verification == migration_pb2.VERIFICATION_PASSED, back.verification_note
     assert back.source_digest and back.source_digest == back.destination_digest
     wait_for("n1 to report one slot taken again", lambda: allocated(mixed, "n1", SLOT_BYTES), 30)
     # The VF the controller landed on (the released one, left suspended, or the other) holds both
