@@ -23,7 +23,8 @@ from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
 from agent.nvme.state_format import STATE_FORMAT_VERSION
-from agent.sessions import DestinationSession, Session, SessionError, SourceSession
+from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
+from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
 from cluster.records import COMMITTED, LOST, ControllerRecord, NodeRecord
 from cluster.store import EtcdError, EtcdStore
@@ -54,6 +55,7 @@ class Host:
         # its URIs name the host peers use to reach this agent.
         self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller)
         self.sessions: dict[str, Session] = {}
+        self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0
         self._lease_id = 0
         self._keeper: asyncio.Task[None] | None = None
@@ -188,8 +190,9 @@ class Host:
         return hosted.guest if hosted is not None else None
 
     def _lacks(self, what: str, controller_id: str, hint: str) -> SessionError:
-        return SessionError("precondition", f"controller {controller_id!r} runs on node {self.name!r}, whose backend "
-                                            f"{self.hosting.kind} has no {what}; {hint}")
+        return SessionError(ErrorKind.PRECONDITION,
+                            f"controller {controller_id!r} runs on node {self.name!r}, whose backend "
+                            f"{self.hosting.kind} has no {what}; {hint}")
 
     def export_controller(self, controller_id: str) -> str:
         """Serves the controller over NBD; returns its nbd:// URI (idempotent)."""
@@ -202,7 +205,7 @@ class Host:
     def hosted(self, controller_id: str) -> HostedController:
         hosted = self.controllers.get(controller_id)
         if hosted is None:
-            raise SessionError("not_found", f"controller {controller_id!r} does not run on node {self.name!r}")
+            raise SessionError(ErrorKind.NOT_FOUND, f"controller {controller_id!r} does not run on node {self.name!r}")
         return hosted
 
     def guest_of(self, controller_id: str, what: str) -> tuple[HostedController, GuestDrivenController]:
@@ -217,41 +220,48 @@ class Host:
                                 spec: WorkloadSpec | None) -> HostedController:
         async with self._lock:
             if controller_id in self.controllers:
-                raise SessionError("exists", f"controller {controller_id!r} already runs on node {self.name!r}")
+                raise SessionError(ErrorKind.EXISTS, f"controller {controller_id!r} already runs on node {self.name!r}")
             if namespace_bytes <= 0 or namespace_bytes % BLOCK_BYTES:
-                raise SessionError("invalid", f"namespace_bytes {namespace_bytes} must be a positive multiple "
-                                              f"of {BLOCK_BYTES}")
+                raise SessionError(ErrorKind.INVALID, f"namespace_bytes {namespace_bytes} must be a positive multiple "
+                                                      f"of {BLOCK_BYTES}")
             if (prefill or spec is not None) and not self.hosting.capabilities.guest_workload:
-                raise SessionError("precondition", f"node {self.name!r} runs backend {self.hosting.kind}, which has "
-                                                   "no built-in guest to prefill or run a workload; create the "
-                                                   "controller without them (its guest is the VM the VF is "
-                                                   "passed to)")
+                raise SessionError(ErrorKind.PRECONDITION,
+                                   f"node {self.name!r} runs backend {self.hosting.kind}, which has "
+                                   "no built-in guest to prefill or run a workload; create the "
+                                   "controller without them (its guest is the VM the VF is "
+                                   "passed to)")
             problem = self.hosting.capacity_problem(controller_id, namespace_bytes)
             if problem:
-                raise SessionError("precondition", f"node {self.name!r}: {problem}")
+                raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {problem}")
             if spec is not None:
                 try:
                     spec.validate(namespace_bytes)
                 except ValueError as exc:
-                    raise SessionError("invalid", str(exc)) from None
+                    raise SessionError(ErrorKind.INVALID, str(exc)) from None
             claimed = await self.store.claim_controller(
                 ControllerRecord(controller_id=controller_id, node=self.name, namespace_bytes=namespace_bytes))
             if not claimed:
                 owner = await self.store.get_controller(controller_id)
                 where = owner[0].node if owner else "another node"
-                raise SessionError("exists", f"controller {controller_id!r} already exists on node {where!r}")
+                raise SessionError(ErrorKind.EXISTS, f"controller {controller_id!r} already exists on node {where!r}")
+            # Reported as CREATING until it runs: etcd already names this node its owner, and a
+            # reconciler pass in between must not take its absence for a controller gone MISSING.
+            self.creating[controller_id] = namespace_bytes
             try:
-                controller = await asyncio.to_thread(self.hosting.create, controller_id, namespace_bytes)
-            except HostingError as exc:
-                raise SessionError("precondition", f"node {self.name!r}: {exc}") from None
-            hosted = self._hosted(controller)
-            if hosted.guest is not None and (prefill or spec is not None):
-                hosted.workload = GuestWorkload(hosted.guest, spec or WorkloadSpec())
-                if prefill:
-                    await asyncio.to_thread(hosted.workload.prefill)
-                if spec is not None:
-                    hosted.workload.start()
-            self.controllers[controller_id] = hosted
+                try:
+                    controller = await asyncio.to_thread(self.hosting.create, controller_id, namespace_bytes)
+                except HostingError as exc:
+                    raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {exc}") from None
+                hosted = self._hosted(controller)
+                if hosted.guest is not None and (prefill or spec is not None):
+                    hosted.workload = GuestWorkload(hosted.guest, spec or WorkloadSpec())
+                    if prefill:
+                        await asyncio.to_thread(hosted.workload.prefill)
+                    if spec is not None:
+                        hosted.workload.start()
+                self.controllers[controller_id] = hosted
+            finally:
+                del self.creating[controller_id]
         await self.publish()
         return hosted
 
@@ -260,9 +270,9 @@ class Host:
         try:
             spec.validate(hosted.controller.namespace_bytes)
         except ValueError as exc:
-            raise SessionError("invalid", str(exc)) from None
+            raise SessionError(ErrorKind.INVALID, str(exc)) from None
         if hosted.workload is not None and hosted.workload.status().running:
-            raise SessionError("precondition", f"controller {controller_id!r} already has a running workload")
+            raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} already has a running workload")
         if hosted.workload is not None:
             hosted.workload = GuestWorkload.from_state(guest, hosted.workload.export_state(), spec=spec)
         else:
@@ -277,31 +287,33 @@ class Host:
         if session is None:
             return None
         if not isinstance(session, kind):
-            raise SessionError("precondition", f"job {job_id} is a {type(session).__name__} on node {self.name!r}")
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"job {job_id} is a {type(session).__name__} on node {self.name!r}")
         session.check_epoch(epoch)
         return session
 
     def session(self, job_id: str) -> Session:
         session = self.sessions.get(job_id)
         if session is None:
-            raise SessionError("not_found", f"job {job_id} has no session on node {self.name!r}")
+            raise SessionError(ErrorKind.NOT_FOUND, f"job {job_id} has no session on node {self.name!r}")
         return session
 
     async def source_session(self, job_id: str, epoch: int, controller_id: str, token: str) -> SourceSession:
         found = self._session(job_id, epoch, SourceSession)
         assert found is None or isinstance(found, SourceSession)
         # A new token means a new destination for the same job (the old one was lost): start over.
-        if found is not None and not (found.stage == "aborted" and found.token != token):
+        if found is not None and not (found.stage is SourceStage.ABORTED and found.token != token):
             return found
         hosted = self.hosted(controller_id)
         if hosted.controller.vfio_state != VfioState.RUNNING:
-            raise SessionError("precondition", f"controller {controller_id!r} is {hosted.controller.vfio_state.name} "
-                                               f"on node {self.name!r}, not RUNNING: it cannot be migrated")
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"controller {controller_id!r} is {hosted.controller.vfio_state.name} "
+                               f"on node {self.name!r}, not RUNNING: it cannot be migrated")
         if hosted.migrating_job and hosted.migrating_job != job_id:
             other = self.sessions.get(hosted.migrating_job)
-            if other is not None and other.stage not in ("aborted", "released"):
-                raise SessionError("precondition", f"controller {controller_id!r} is being moved by job "
-                                                   f"{hosted.migrating_job}")
+            if other is not None and other.current not in (SourceStage.ABORTED, SourceStage.RELEASED):
+                raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} is being moved by job "
+                                                           f"{hosted.migrating_job}")
         session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                 controller=hosted.controller, workload=hosted.workload,
                                 corrupt_frame=self.pending_corrupt_frame, token=token)
@@ -315,25 +327,27 @@ class Host:
         found = self._session(job_id, epoch, DestinationSession)
         if found is not None:
             assert isinstance(found, DestinationSession)
-            if found.stage == "aborted":
-                raise SessionError("precondition", f"job {job_id} was aborted on node {self.name!r}")
+            if found.stage is DestinationStage.ABORTED:
+                raise SessionError(ErrorKind.PRECONDITION, f"job {job_id} was aborted on node {self.name!r}")
             return found
         if state_format_version != STATE_FORMAT_VERSION:
-            raise SessionError("precondition", f"controller-state format version {state_format_version} is not "
-                                               f"supported on node {self.name!r} (supported: {STATE_FORMAT_VERSION})")
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"controller-state format version {state_format_version} is not supported on node "
+                               f"{self.name!r} (supported: {STATE_FORMAT_VERSION})")
         if controller_id in self.controllers:
-            raise SessionError("precondition", f"controller {controller_id!r} already runs on node {self.name!r}")
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"controller {controller_id!r} already runs on node {self.name!r}")
         async with self._lock:
             problem = self.hosting.capacity_problem(controller_id, namespace_bytes)
             if problem:
-                raise SessionError("precondition", f"node {self.name!r}: {problem}")
+                raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {problem}")
             try:
                 controller = await asyncio.to_thread(self.hosting.create_destination, controller_id, job_id,
                                                      namespace_bytes)
             except HostingError as exc:
-                raise SessionError("precondition", f"node {self.name!r}: {exc}") from None
+                raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {exc}") from None
             session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
-                                         controller=controller, token=secrets.token_hex(16), stage="resuming",
+                                         controller=controller, token=secrets.token_hex(16),
                                          state_path=self._state_path(controller_id, job_id),
                                          guest=self.hosting.guest(controller), backend=self.hosting.kind)
             self.receiver.register(job_id, session.token, session)
@@ -342,12 +356,12 @@ class Host:
         return session
 
     async def destination_running(self, session: DestinationSession) -> None:
-        if session.stage != "running":
+        if session.stage is not DestinationStage.RUNNING:
             # Claim RUNNING in etcd before running it: after this, ownership can no longer go
             # back to the source, and if it already went back, we must not run it.
             problem = await self.store.claim_running(session.controller_id, self.name)
             if problem:
-                raise SessionError("precondition", problem)
+                raise SessionError(ErrorKind.PRECONDITION, problem)
         async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
             await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
             self.controllers[session.controller_id] = self._hosted(controller, workload)
@@ -386,14 +400,14 @@ class Host:
                 await self.publish()
             return None
         session.check_epoch(epoch)
-        if isinstance(session, SourceSession) and session.stage == "stopped":
+        if isinstance(session, SourceSession) and session.stage is SourceStage.STOPPED:
             # Past stop-and-copy the switchover may have committed: etcd decides who runs it.
             problem = await self._owned_here(session.controller_id)
             if problem:
-                raise SessionError("precondition", problem)
+                raise SessionError(ErrorKind.PRECONDITION, problem)
         if isinstance(session, DestinationSession):
             self.receiver.unregister(job_id)
-            released = session.stage != "aborted"
+            released = session.current not in (SourceStage.ABORTED, DestinationStage.ABORTED)
             await session.abort(reason)
             if released and session.controller is not None:
                 await asyncio.to_thread(self.hosting.release, session.controller_id, job_id)

@@ -13,24 +13,14 @@ import grpc.aio
 from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
 from agent.host import Host, HostedController
-from agent.sessions import DestinationSession, SessionError, SourceSession, TransferFacts
+from agent.session_states import ErrorKind, SessionError
+from agent.sessions import DestinationSession, SourceSession, TransferFacts
 from cluster import agent_errors, names
 from cluster.store import EtcdError
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
-
-_CODES = {
-    "stale": grpc.StatusCode.FAILED_PRECONDITION,
-    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "data_loss": grpc.StatusCode.DATA_LOSS,
-    "aborted": grpc.StatusCode.ABORTED,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "exists": grpc.StatusCode.ALREADY_EXISTS,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "internal": grpc.StatusCode.INTERNAL,
-}
-
+CREATING = "CREATING"  # the vfio_state GetInfo reports for a controller still being created
 
 def spec_from_message(msg: agent_pb2.WorkloadSpec) -> WorkloadSpec:
     return WorkloadSpec(write_iops=msg.write_iops, block_bytes=msg.block_bytes or 4096,
@@ -68,7 +58,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         except SessionError as exc:
             if exc.stale is not None:
                 await context.abort_with_status(agent_errors.stale_epoch_status(exc.message, exc.stale))
-            await context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
+            await context.abort(exc.code, exc.message)
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}")
         raise AssertionError("context.abort raises")
@@ -77,7 +67,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                         job_id: str) -> agent_pb2.SessionStatus:
         if session is None:
             return agent_pb2.SessionStatus(job_id=job_id, stage="unknown")
-        status = agent_pb2.SessionStatus(job_id=session.job_id, stage=session.stage, epoch=session.epoch,
+        status = agent_pb2.SessionStatus(job_id=session.job_id, stage=session.label, epoch=session.epoch,
                                          digest=session.digest, error=session.error,
                                          digest_error=session.digest_error)
         if isinstance(session, SourceSession):
@@ -99,13 +89,13 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     def _check_controller_id(controller_id: str) -> None:
         problem = names.controller_id_problem(controller_id)
         if problem:
-            raise SessionError("invalid", problem)
+            raise SessionError(ErrorKind.INVALID, problem)
 
     @staticmethod
     def _check_ref(ref: agent_pb2.MigrationRef) -> None:
         problem = names.job_id_problem(ref.job_id) or names.controller_id_problem(ref.controller_id)
         if problem:
-            raise SessionError("invalid", problem)
+            raise SessionError(ErrorKind.INVALID, problem)
 
     # ---- info and controllers ----------------------------------------------------------
 
@@ -114,7 +104,10 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         h = self.host
         return agent_pb2.AgentInfo(node=h.name, data_address=h.receiver.address, capacity_bytes=h.capacity_bytes,
                                    allocated_bytes=h.allocated_bytes,
-                                   controllers=[controller_status(h.name, c) for c in h.controllers.values()],
+                                   controllers=[*(controller_status(h.name, c) for c in h.controllers.values()),
+                                                *(agent_pb2.ControllerStatus(controller_id=cid, node=h.name,
+                                                                             vfio_state=CREATING, namespace_bytes=size)
+                                                  for cid, size in h.creating.items())],
                                    state_format_version=h.record().state_format_version,
                                    sessions=[self._session_status(s, job_id) for job_id, s in h.sessions.items()
                                              if isinstance(s, SourceSession | DestinationSession)])
@@ -156,8 +149,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def verify() -> agent_pb2.VerifyResponse:
             hosted, guest = self.host.guest_of(request.controller_id, "Verify")
             if hosted.workload is None:
-                raise SessionError("precondition", f"controller {request.controller_id!r} has no guest workload "
-                                                   "whose writes could be verified")
+                raise SessionError(ErrorKind.PRECONDITION,
+                                   f"controller {request.controller_id!r} has no guest workload "
+                                   "whose writes could be verified")
             result = await asyncio.to_thread(verify_blocks, guest, hosted.workload)
             return agent_pb2.VerifyResponse(ok=result.ok, blocks_checked=result.blocks_checked,
                                             mismatches=result.mismatches, first_mismatch=result.first_mismatch,
@@ -184,7 +178,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             self._check_ref(request)
             session = self.host.session(request.job_id)
             if not isinstance(session, DestinationSession):
-                raise SessionError("precondition", f"job {request.job_id} is not a destination here")
+                raise SessionError(ErrorKind.PRECONDITION, f"job {request.job_id} is not a destination here")
             session.check_epoch(request.epoch)
             await self.host.destination_running(session)
             return self._session_status(session, request.job_id)
@@ -207,7 +201,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         self._check_ref(ref)
         session = self.host.session(ref.job_id)
         if not isinstance(session, SourceSession):
-            raise SessionError("precondition", f"job {ref.job_id} is not a source here")
+            raise SessionError(ErrorKind.PRECONDITION, f"job {ref.job_id} is not a source here")
         session.check_epoch(ref.epoch)
         return session
 
@@ -216,7 +210,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def dirty_round() -> agent_pb2.TransferResult:
             session = await self._source(request.ref)
             if not 0 <= request.throttle_percent <= 99:
-                raise SessionError("invalid", f"throttle_percent {request.throttle_percent} must be 0..99")
+                raise SessionError(ErrorKind.INVALID, f"throttle_percent {request.throttle_percent} must be 0..99")
             facts = await session.dirty_round(request.round, request.bandwidth_bytes_per_s,
                                               request.throttle_percent)
             return transfer_result(facts)
@@ -242,7 +236,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def abort() -> agent_pb2.SessionStatus:
             problem = names.job_id_problem(request.job_id)  # the controller id may be unknown to the caller
             if problem:
-                raise SessionError("invalid", problem)
+                raise SessionError(ErrorKind.INVALID, problem)
             session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator",
                                             request.controller_id)
             assert session is None or isinstance(session, SourceSession | DestinationSession)

@@ -23,12 +23,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
 from agent.guest.workload import GuestWorkload
+from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
 
@@ -43,16 +44,6 @@ ACK_TIMEOUT_S = 10.0
 MAX_PIECE_BYTES = 1 << 20
 BATCH_PIECES = 256  # changed extents read per thread hop
 SMALL_WRITE_BYTES = 64 * 1024
-
-
-class SessionError(Exception):
-    """A command that cannot be carried out; `kind` picks the gRPC status code."""
-
-    def __init__(self, kind: str, message: str, *, stale: StaleEpochDetail | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind  # "stale", "precondition", "data_loss", "aborted", "internal", "not_found"
-        self.message = message
-        self.stale = stale  # with kind "stale": what the orchestrator reads from the status detail
 
 
 @dataclass
@@ -113,16 +104,27 @@ class Session:
     job_id: str
     epoch: int
     controller_id: str
-    stage: str = "new"
     error: str = ""
     digest: str = ""
     digest_error: str = ""  # why the switchover digest could not be computed
 
+    role: ClassVar[str] = ""
+
+    @property
+    def current(self) -> Stage:
+        raise NotImplementedError
+
     def check_epoch(self, epoch: int) -> None:
         if epoch < self.epoch:
-            raise SessionError("stale", f"stale epoch {epoch} for job {self.job_id}: epoch {self.epoch} "
-                                        "already drives it", stale=StaleEpochDetail(self.job_id, epoch, self.epoch))
+            raise SessionError(ErrorKind.STALE_EPOCH, f"stale epoch {epoch} for job {self.job_id}: epoch {self.epoch} "
+                                                      "already drives it",
+                               stale=StaleEpochDetail(self.job_id, epoch, self.epoch))
         self.epoch = epoch
+
+    def _require(self, target: Stage) -> None:
+        problem = move_problem(self.job_id, self.role, self.current, target)
+        if problem:
+            raise SessionError(ErrorKind.PRECONDITION, problem)
 
     def _digest_done(self, task: asyncio.Task[str]) -> None:
         """The switchover digest, visible to GetSession as soon as it is computed."""
@@ -137,6 +139,8 @@ class Session:
 
 @dataclass
 class SourceSession(Session):
+    stage: SourceStage = SourceStage.NEW
+    round_no: int = 0  # the dirty round running or last run
     controller: MigratableController | None = None
     token: str = ""  # names the destination attempt this session streams to
     workload: GuestWorkload | None = None
@@ -148,6 +152,25 @@ class SourceSession(Session):
     digest_task: asyncio.Task[str] | None = None
     bytes_sent_before: int = 0  # sent by senders that are gone (a rollback and a new attempt)
     state_bytes_sent: int = 0  # controller and guest state, once the destination loaded them
+
+    role: ClassVar[str] = "source"
+
+    @property
+    def current(self) -> Stage:
+        return self.stage
+
+    @property
+    def label(self) -> str:
+        """The stage as GetSession shows it ('round 3' for a dirty round)."""
+        return f"round {self.round_no}" if self.stage is SourceStage.ROUND else self.stage.value
+
+    def _move(self, target: SourceStage) -> None:
+        self._require(target)
+        self.stage = target
+
+    def _refuse_if_ended(self) -> None:
+        if self.stage in (SourceStage.ABORTED, SourceStage.RELEASED):
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id} is {self.stage.value} on the source")
 
     @property
     def ctrl(self) -> MigratableController:
@@ -163,22 +186,22 @@ class SourceSession(Session):
         try:
             return await asyncio.shield(task)
         except DataPlaneError as exc:
-            raise SessionError("data_loss", f"data plane failed: {exc}") from exc
+            raise SessionError(ErrorKind.DATA_LOSS, f"data plane failed: {exc}") from exc
         except asyncio.CancelledError:
             if task.cancelled():
-                raise SessionError("aborted", f"job {self.job_id} was aborted on the source") from None
+                raise SessionError(ErrorKind.ABORTED, f"job {self.job_id} was aborted on the source") from None
             raise
 
     async def start_precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
-        if self.stage in ("aborted", "released"):
-            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+        self._refuse_if_ended()
         if self.precopy_task is None:
+            self._require(SourceStage.PRECOPY)
             self.precopy_task = asyncio.create_task(self._precopy(address, token, bandwidth),
                                                     name=f"precopy-{self.job_id}")
         return await self._attach(self.precopy_task)
 
     async def _precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
-        self.stage = "precopy"
+        self._move(SourceStage.PRECOPY)
         started = time.monotonic()
         self.sender = await DataSender.connect(address, self.job_id, token,
                                                bandwidth_bytes_per_s=bandwidth or None,
@@ -225,11 +248,12 @@ class SourceSession(Session):
 
     async def dirty_round(self, round_no: int, bandwidth: int, throttle_percent: int) -> TransferFacts:
         if self.precopy_task is None or not self.precopy_task.done():
-            raise SessionError("precondition", f"job {self.job_id}: dirty round {round_no} before precopy ended")
-        if self.stage in ("aborted", "released", "stopped"):
-            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: dirty round {round_no} before precopy "
+                                                       "ended")
+        self._refuse_if_ended()
         task = self.round_tasks.get(round_no)
         if task is None:
+            self._require(SourceStage.ROUND)
             task = asyncio.create_task(self._round(round_no, bandwidth, throttle_percent),
                                        name=f"round-{self.job_id}-{round_no}")
             self.round_tasks[round_no] = task
@@ -237,7 +261,8 @@ class SourceSession(Session):
 
     async def _round(self, round_no: int, bandwidth: int, throttle_percent: int) -> TransferFacts:
         assert self.sender is not None
-        self.stage = f"round {round_no}"
+        self._move(SourceStage.ROUND)
+        self.round_no = round_no
         if self.workload is not None:
             self.workload.set_throttle(throttle_percent)
         self.sender.set_bandwidth(bandwidth or None)
@@ -248,20 +273,25 @@ class SourceSession(Session):
         return await self._facts(round_no, sent, started)
 
     async def stop_and_copy(self) -> TransferFacts:
-        if self.stage in ("aborted", "released"):
-            raise SessionError("precondition", f"job {self.job_id} is {self.stage} on the source")
+        self._refuse_if_ended()
         if self.precopy_task is None or not self.precopy_task.done():
-            raise SessionError("precondition", f"job {self.job_id}: stop-and-copy before precopy ended")
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: stop-and-copy before precopy ended")
         if self.stop_copy_task is None:
+            self._require(SourceStage.STOP_AND_COPY)
             self.stop_copy_task = asyncio.create_task(self._stop_and_copy(), name=f"stopcopy-{self.job_id}")
         return await self._attach(self.stop_copy_task)
 
     async def _stop_and_copy(self) -> TransferFacts:
         assert self.sender is not None
-        for task in self.round_tasks.values():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await task
-        self.stage = "stop-and-copy"
+        # A round still sending finishes first. If this task is cancelled meanwhile (an abort),
+        # the CancelledError goes up from here: the guest is never paused for a stop-and-copy
+        # that will not happen. A round that was cancelled means the same.
+        running = [task for task in self.round_tasks.values() if not task.done()]
+        if running:
+            await asyncio.wait(running)
+        if any(task.cancelled() for task in self.round_tasks.values()):
+            raise SessionError(ErrorKind.ABORTED, f"job {self.job_id} was aborted on the source during a round")
+        self._move(SourceStage.STOP_AND_COPY)
         started = time.monotonic()
         steps: list[tuple[str, float]] = []
 
@@ -285,7 +315,7 @@ class SourceSession(Session):
         step("destination loaded")
         await self._drop_sender()  # everything is across and acknowledged
         step("close")
-        self.stage = "stopped"
+        self._move(SourceStage.STOPPED)
         marks = [started, *(t for _, t in steps)]
         log.info("job %s stop-and-copy %.1f ms: %s", self.job_id, (marks[-1] - started) * 1000,
                  ", ".join(f"{name} {(marks[i + 1] - marks[i]) * 1000:.1f} ms" for i, (name, _) in enumerate(steps)))
@@ -317,9 +347,9 @@ class SourceSession(Session):
 
     async def abort(self, reason: str) -> None:
         """Back to RUNNING with the guest going; idempotent. Refused once released (after COMMIT)."""
-        if self.stage == "released":
-            raise SessionError("precondition", f"job {self.job_id} already released the source after COMMIT")
-        if self.stage == "aborted":
+        if self.stage is SourceStage.RELEASED:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id} already released the source after COMMIT")
+        if self.stage is SourceStage.ABORTED:
             return
         await self._cancel_tasks()
         await self._drop_sender(abort_reason=reason)
@@ -328,16 +358,16 @@ class SourceSession(Session):
         if self.workload is not None:
             self.workload.set_throttle(0)
             self.workload.unpause()
-        self.stage = "aborted"
+        self._move(SourceStage.ABORTED)
         self.error = reason
 
     async def release(self, on_released: Callable[[], Awaitable[None]]) -> str:
         """After COMMIT: the destination owns the controller; sanitize ours. Returns the digest."""
-        if self.stage == "released":
+        if self.stage is SourceStage.RELEASED:
             return self.digest
-        if self.stage != "stopped":
-            raise SessionError("precondition", f"job {self.job_id}: release before stop-and-copy finished "
-                                               f"(stage {self.stage})")
+        if self.stage is not SourceStage.STOPPED:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: release before stop-and-copy finished "
+                                                       f"(stage {self.label})")
         if self.digest_task is not None:
             # Sanitizing under a hashing thread would pull the file from under it; its outcome is
             # recorded by _digest_done either way.
@@ -347,7 +377,7 @@ class SourceSession(Session):
         if self.workload is not None:
             await asyncio.to_thread(self.workload.stop)
         await asyncio.to_thread(self.ctrl.release)
-        self.stage = "released"
+        self._move(SourceStage.RELEASED)
         await on_released()
         return self.digest
 
@@ -358,6 +388,8 @@ class SourceSession(Session):
 
 @dataclass
 class DestinationSession(Session):
+    stage: DestinationStage = DestinationStage.RESUMING
+    received_round: int = 0  # the last round acknowledged
     controller: MigratableController | None = None
     token: str = ""
     state_path: Path | None = None  # where the loaded controller and guest state is kept until it runs
@@ -368,6 +400,23 @@ class DestinationSession(Session):
     digest_task: asyncio.Task[str] | None = None
     bytes_received: int = 0
     guest_blob: bytes = b""
+
+    role: ClassVar[str] = "destination"
+
+    @property
+    def current(self) -> Stage:
+        return self.stage
+
+    @property
+    def label(self) -> str:
+        """The stage as GetSession shows it ('received round 2' while data arrives)."""
+        if self.stage is DestinationStage.RECEIVING:
+            return f"received round {self.received_round}"
+        return self.stage.value
+
+    def _move(self, target: DestinationStage) -> None:
+        self._require(target)
+        self.stage = target
 
     @property
     def ctrl(self) -> MigratableController:
@@ -385,14 +434,17 @@ class DestinationSession(Session):
         self.bytes_received += len(data)
 
     async def apply_round_end(self, round: int) -> None:
-        self.stage = f"received round {round}"
+        self._move(DestinationStage.RECEIVING)
+        self.received_round = round
 
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+        self._require(DestinationStage.LOADED)
         if self.guest is None and guest_was_running(guest_blob):
-            raise SessionError("precondition", f"controller {self.controller_id} has a guest workload running on "
-                                               f"the source, and this destination's backend {self.backend} has no "
-                                               "built-in guest to continue it; stop the workload or migrate to a "
-                                               "node with the emulated backend")
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"controller {self.controller_id} has a guest workload running on "
+                               f"the source, and this destination's backend {self.backend} has no "
+                               "built-in guest to continue it; stop the workload or migrate to a "
+                               "node with the emulated backend")
         await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
         # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
@@ -401,7 +453,7 @@ class DestinationSession(Session):
         self.guest_blob = guest_blob
         # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
         self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
-        self.stage = "loaded"
+        self._move(DestinationStage.LOADED)
 
     @classmethod
     async def reload(cls, controller: MigratableController, state_path: Path, controller_id: str, job_id: str, *,
@@ -415,24 +467,25 @@ class DestinationSession(Session):
             return guest_blob
 
         guest_blob = await asyncio.to_thread(load)
-        session = cls(job_id=job_id, epoch=0, controller_id=controller_id, controller=controller, stage="loaded",
-                      state_path=state_path, guest=guest, backend=backend, guest_blob=guest_blob)
+        session = cls(job_id=job_id, epoch=0, controller_id=controller_id, controller=controller,
+                      stage=DestinationStage.LOADED, state_path=state_path, guest=guest, backend=backend,
+                      guest_blob=guest_blob)
         session.snapshot = await asyncio.to_thread(controller.begin_snapshot)
         return session
 
     async def resume(self, on_running: Callable[[MigratableController, GuestWorkload | None], Awaitable[None]]
                      ) -> None:
-        if self.stage == "running":
+        if self.stage is DestinationStage.RUNNING:
             return
-        if self.stage != "loaded":
-            raise SessionError("precondition", f"job {self.job_id}: cannot resume the destination in stage "
-                                               f"{self.stage!r}; the controller state has not been loaded")
+        if self.stage is not DestinationStage.LOADED:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: cannot resume the destination in stage "
+                                                       f"{self.label!r}; the controller state has not been loaded")
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.guest_blob and self.guest is not None:
             self.workload, was_running = decode_guest(self.guest, self.guest_blob)
             if was_running:
                 self.workload.start()
-        self.stage = "running"
+        self._move(DestinationStage.RUNNING)
         snapshot = self.snapshot
 
         def digest_and_close() -> str:
@@ -453,10 +506,10 @@ class DestinationSession(Session):
         return float(self.workload.status().blackout_ms)
 
     async def abort(self, reason: str) -> None:
-        if self.stage == "running":
-            raise SessionError("precondition", f"job {self.job_id}: the destination already runs the controller "
-                                               "(after COMMIT); it cannot be discarded")
-        if self.stage == "aborted":
+        if self.stage is DestinationStage.RUNNING:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: the destination already runs the "
+                                                       "controller (after COMMIT); it cannot be discarded")
+        if self.stage is DestinationStage.ABORTED:
             return
         if self.snapshot is not None:
             with contextlib.suppress(Exception):
@@ -466,7 +519,7 @@ class DestinationSession(Session):
                 self.state_path.unlink(missing_ok=True)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.ctrl.release)
-        self.stage = "aborted"
+        self._move(DestinationStage.ABORTED)
         self.error = reason
 
     async def close(self) -> None:
@@ -474,3 +527,6 @@ class DestinationSession(Session):
             self.digest_task.cancel()
             with contextlib.suppress(BaseException):
                 await self.digest_task
+
+
+__all__ = ["DestinationSession", "SessionError", "SourceSession", "TransferFacts"]

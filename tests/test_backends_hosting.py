@@ -19,7 +19,8 @@ from agent.backends.nvme_passthru import NvmeAdminChannel
 from agent.backends.passthru_hosting import SLOTS_FILE, PassthruHosting
 from agent.nvme.migration_driver import MigrationDriver
 from agent.nvme.spec import AdminOpcode, MigrationSendSelect
-from agent.sessions import DestinationSession, SessionError
+from agent.session_states import ErrorKind, SessionError
+from agent.sessions import DestinationSession
 from agent.vfio_states import VfioState
 from tests.fakes.fake_nvme_pf import FakeNvmePf
 from tests.fakes.fake_pf_agent import FakePfAccess, build_pf
@@ -203,7 +204,7 @@ def test_a_destination_without_a_guest_refuses_a_running_guest(pf: Pf) -> None:
     running_guest = bytes([1]) + b"guest state"
     with pytest.raises(SessionError, match="backend nvme-passthru has no built-in guest to continue it") as refused:
         asyncio.run(session.apply_final(b"not even looked at", running_guest))
-    assert refused.value.kind == "precondition" and controller.vfio_state is S.RESUMING
+    assert refused.value.kind is ErrorKind.PRECONDITION and controller.vfio_state is S.RESUMING
     controller.close()
     hosting.close()
 

@@ -211,6 +211,10 @@ CONTROLLER_ROWS: dict[str, Row] = {
     "RUNNING, not reported, only ended jobs moved it -> MISSING": Row(
         (owned("n2", RUNNING),), {"n2": Report({})}, (job(Phase.COMPLETED),),
         (SetControllerState("c1", "n2", MISSING, "n2 is live but does not report it"),)),
+    "RUNNING, reported as still being created: nothing": Row(
+        (owned("n1", RUNNING),), {"n1": Report({"c1": "CREATING"})}, (), ()),
+    "MISSING, reported as still being created: nothing (it is not running yet)": Row(
+        (owned("n1", MISSING),), {"n1": Report({"c1": "CREATING"})}, (), ()),
     "RUNNING, not reported, a job is moving it: nothing": Row(
         (owned("n1", RUNNING),), {"n1": Report({})}, (job(Phase.PREPARING),), ()),
     "RUNNING, not reported, a job moves another controller -> MISSING": Row(

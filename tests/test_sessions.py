@@ -1,0 +1,142 @@
+"""Agent migration sessions: the stage tables (every pair), the refusals' kinds and codes, and,
+with real sessions over the real data plane in process, that an abort while stop-and-copy waits
+for a round stops it before the guest is paused."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.dataplane.receiver import DataReceiver
+from agent.emulated.controller import EmulatedController
+from agent.guest.workload import GuestWorkload, WorkloadSpec
+from agent.session_states import (
+    CODES,
+    DESTINATION_MOVES,
+    SOURCE_MOVES,
+    DestinationStage,
+    ErrorKind,
+    SessionError,
+    SourceStage,
+    move_problem,
+)
+from agent.sessions import DestinationSession, SourceSession
+from agent.vfio_states import VfioState
+from cluster.agent_errors import StaleEpochDetail
+
+MiB = 1 << 20
+S, D = SourceStage, DestinationStage
+
+# Written out here, apart from the module's tables: what a session may do next.
+SOURCE_EXPECTED = {
+    (S.NEW, S.PRECOPY), (S.PRECOPY, S.ROUND), (S.PRECOPY, S.STOP_AND_COPY), (S.ROUND, S.ROUND),
+    (S.ROUND, S.STOP_AND_COPY), (S.STOP_AND_COPY, S.STOPPED), (S.STOPPED, S.RELEASED),
+} | {(s, S.ABORTED) for s in (S.NEW, S.PRECOPY, S.ROUND, S.STOP_AND_COPY, S.STOPPED)}
+DESTINATION_EXPECTED = {
+    (D.RESUMING, D.RECEIVING), (D.RESUMING, D.LOADED), (D.RECEIVING, D.RECEIVING), (D.RECEIVING, D.LOADED),
+    (D.LOADED, D.RUNNING),
+} | {(s, D.ABORTED) for s in (D.RESUMING, D.RECEIVING, D.LOADED)}
+
+
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(SourceStage, SourceStage)))
+def test_source_moves_follow_the_table(current: SourceStage, target: SourceStage) -> None:
+    problem = move_problem("mig-1", "source", current, target)
+    assert (problem is None) == ((current, target) in SOURCE_EXPECTED)
+    if problem:
+        assert problem == f"job mig-1: the source is {current.value}, so it cannot go to {target.value}"
+    assert set(SOURCE_MOVES) == set(SourceStage)
+
+
+@pytest.mark.parametrize(("current", "target"), list(itertools.product(DestinationStage, DestinationStage)))
+def test_destination_moves_follow_the_table(current: DestinationStage, target: DestinationStage) -> None:
+    assert (move_problem("mig-1", "destination", current, target) is None) == ((current, target) in
+                                                                               DESTINATION_EXPECTED)
+    assert set(DESTINATION_MOVES) == set(DestinationStage)
+
+
+def test_every_kind_has_one_code_and_only_a_stale_epoch_carries_its_detail() -> None:
+    assert set(CODES) == set(ErrorKind)
+    assert CODES[ErrorKind.STALE_EPOCH] is grpc.StatusCode.FAILED_PRECONDITION
+    detail = StaleEpochDetail("mig-1", 3, 5)
+    assert SessionError(ErrorKind.STALE_EPOCH, "old", stale=detail).stale == detail
+    with pytest.raises(ValueError, match="STALE_EPOCH"):
+        SessionError(ErrorKind.PRECONDITION, "x", stale=detail)
+    with pytest.raises(ValueError, match="STALE_EPOCH"):
+        SessionError(ErrorKind.STALE_EPOCH, "x")
+
+
+def test_a_stale_epoch_is_refused_with_its_detail() -> None:
+    session = SourceSession(job_id="mig-1", epoch=5, controller_id="c1")
+    with pytest.raises(SessionError) as refused:
+        session.check_epoch(3)
+    assert refused.value.kind is ErrorKind.STALE_EPOCH and refused.value.stale == StaleEpochDetail("mig-1", 3, 5)
+    session.check_epoch(7)
+    assert session.epoch == 7
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[DataReceiver]:
+    r = DataReceiver("127.0.0.1")
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+async def test_an_abort_while_stop_and_copy_waits_for_a_round_never_pauses_the_guest(
+        tmp_path: Path, receiver: DataReceiver) -> None:
+    source = EmulatedController("c1", tmp_path / "c1.ns", 8 * MiB, create=True)
+    destination = EmulatedController.for_resuming("c1", tmp_path / "c1.incoming", 8 * MiB)
+    workload = GuestWorkload(source, WorkloadSpec(write_iops=2000, seed=3))
+    await asyncio.to_thread(workload.prefill)
+    workload.start()
+    inbound = DestinationSession(job_id="mig-1", epoch=1, controller_id="c1", controller=destination, token="t1",
+                                 guest=destination, backend="emulated")
+    receiver.register("mig-1", "t1", inbound)
+    outbound = SourceSession(job_id="mig-1", epoch=1, controller_id="c1", controller=source, workload=workload,
+                             token="t1")
+    try:
+        await outbound.start_precopy(receiver.address, "t1", 0)
+        # A round at 256 KiB/s against a guest writing 8 MB/s: it is still sending when
+        # stop-and-copy asks for it, so stop-and-copy waits on it.
+        round_call = asyncio.create_task(outbound.dirty_round(1, 256 * 1024, 0))
+        await eventually("the round to start", lambda: outbound.stage is SourceStage.ROUND)
+        stop_call = asyncio.create_task(outbound.stop_and_copy())
+        await eventually("stop-and-copy to start", lambda: outbound.stop_copy_task is not None)
+        assert not outbound.round_tasks[1].done()
+
+        await outbound.abort("cancelled by operator")
+
+        for call in (round_call, stop_call):
+            with pytest.raises(SessionError) as aborted:
+                await call
+            assert aborted.value.kind is ErrorKind.ABORTED
+        assert outbound.stop_copy_task is not None and outbound.stop_copy_task.cancelled()
+        assert workload.status().pauses == 0, "the guest was paused for a stop-and-copy that was cancelled"
+        assert source.vfio_state is VfioState.RUNNING and outbound.stage is SourceStage.ABORTED
+        assert outbound.label == "aborted"
+        with pytest.raises(SessionError, match="job mig-1 is aborted on the source"):
+            await outbound.stop_and_copy()
+    finally:
+        await outbound.close()
+        await asyncio.to_thread(workload.stop)
+        source.close()
+        destination.close()
+
+
+async def eventually(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Waits, on this test's own event loop, until `check` holds; fails after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for _ in itertools.count():
+        if check():
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.005)
