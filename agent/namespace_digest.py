@@ -54,6 +54,18 @@ class ContentDigest:
         return self._hash.hexdigest()
 
 
+def merge_extents(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges in any order, overlapping or touching, as sorted disjoint ranges."""
+    merged: list[tuple[int, int]] = []
+    for offset, length in sorted(extents):
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            start, span = merged[-1]
+            merged[-1] = (start, max(span, offset + length - start))
+        elif length > 0:
+            merged.append((offset, length))
+    return merged
+
+
 def chunks(extents: Iterable[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> Iterable[tuple[int, int]]:
     """Sorted, block-aligned (offset, length) extents cut into pieces of at most `chunk_bytes`."""
     for offset, length in extents:

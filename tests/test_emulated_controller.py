@@ -23,6 +23,7 @@ from agent.emulated.controller import (
     WrongStateError,
 )
 from agent.emulated.model.subsystem import PRIMARY_CNTLID
+from agent.namespace_digest import digest_extents
 from agent.nvme import cdq, commands
 from agent.nvme.commands import Cqe
 from agent.nvme.spec import Status
@@ -314,9 +315,28 @@ def test_write_raw_unaligned_in_resuming(tmp_path: Path) -> None:
 # ----- digests and snapshots ----------------------------------------------------------------------
 
 
-def test_digest_is_sha256_of_the_namespace(ctrl: EmulatedController) -> None:
+def test_digest_is_the_content_digest_of_the_namespace(ctrl: EmulatedController) -> None:
     ctrl.write_blocks(17, blk(5))
-    assert ctrl.digest() == hashlib.sha256(ctrl.namespace_path.read_bytes()).hexdigest()
+    image = ctrl.namespace_path.read_bytes()
+    assert ctrl.digest() == digest_extents([(0, len(image))], lambda o, n: image[o:o + n])
+
+
+def test_digest_of_a_sparse_namespace_reads_only_what_is_written(tmp_path: Path) -> None:
+    # 64 GiB, two blocks written: hashing holes would take minutes; this takes a moment.
+    big = EmulatedController("big", tmp_path / "big.ns", 64 << 30, create=True)
+    zeroed = EmulatedController("zeroed", tmp_path / "zeroed.ns", 64 << 30, create=True)
+    try:
+        for c in (big, zeroed):
+            c.write_blocks(3, blk(7))
+            c.write_blocks((64 << 30) // BLOCK_BYTES - 1, blk(8))
+        zeroed.write_blocks(1000, bytes(BLOCK_BYTES * 4))  # written zeroes read as the holes they replace
+        assert zeroed.data_extents() != big.data_extents()
+        assert big.digest() == zeroed.digest()
+        zeroed.write_blocks(1001, blk(9))
+        assert big.digest() != zeroed.digest()
+    finally:
+        big.close()
+        zeroed.close()
 
 
 def test_snapshot_keeps_the_old_contents(ctrl: EmulatedController) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import stat
@@ -25,6 +24,7 @@ from pathlib import Path
 from agent.backend import BLOCK_BYTES
 from agent.backends.ioctl_abi import BLKZEROOUT, BlkRange, IoctlFn, kernel_ioctl
 from agent.controller_errors import ControllerGoneError, LbaOutOfRangeError
+from agent.namespace_digest import digest_extents
 from agent.sparse_extents import data_extents
 
 CHUNK_BYTES = 1 << 20
@@ -124,11 +124,9 @@ class NamespaceDevice:
         return data_extents(self._usable_fd(), self.size_bytes, BLOCK_BYTES)
 
     def digest(self) -> str:
-        """sha256 hex of the whole namespace as it is on the media now."""
-        h = hashlib.sha256()
-        for offset in range(0, self.size_bytes, CHUNK_BYTES):
-            h.update(self.read(offset, min(CHUNK_BYTES, self.size_bytes - offset)))
-        return h.hexdigest()
+        """The content digest (agent.namespace_digest) of the namespace as it is on the media now,
+        over its data extents (the whole of a block device, which reports no holes)."""
+        return digest_extents(self.data_extents(), self.read)
 
     def erase(self) -> None:
         """Zero the whole namespace: BLKZEROOUT on a block device, truncation on a file."""

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 from pathlib import Path
 from threading import RLock
 from types import TracebackType
 
 from agent.controller_errors import ControllerGoneError, LbaOutOfRangeError
+from agent.namespace_digest import ContentDigest, chunks, merge_extents
 from agent.nvme.spec import LBA_BYTES
 from agent.sparse_extents import data_extents
 
@@ -53,7 +53,7 @@ class NamespaceSnapshot:
         self.closed = False
 
     def digest(self) -> str:
-        """sha256 hex of the namespace as it was when the snapshot was taken."""
+        """The content digest (agent.namespace_digest) of the namespace when the snapshot was taken."""
         return self._store._snapshot_digest(self)
 
     def close(self) -> None:
@@ -193,14 +193,21 @@ class NamespaceStore:
             return snap
 
     def digest(self) -> str:
-        """sha256 hex of the whole namespace at one instant, even while it is being written."""
+        """The content digest of the namespace at one instant, even while it is being written."""
         with self.begin_snapshot() as snap:
             return snap.digest()
 
     def _snapshot_digest(self, snap: NamespaceSnapshot) -> str:
-        h = hashlib.sha256()
-        for offset in range(0, self.size_bytes, CHUNK_BYTES):
-            length = min(CHUNK_BYTES, self.size_bytes - offset)
+        """The content digest (agent.namespace_digest) of the namespace as the snapshot saw it: only
+        what may hold data is read, the allocated extents now and the blocks saved since."""
+        with self.lock:
+            self.usable_fd()
+            if snap.closed:
+                raise ValueError("snapshot is closed; take a new one with begin_snapshot()")
+            ranges = self.extents()
+            ranges += [(lba * LBA_BYTES, LBA_BYTES) for lba in snap.saved]
+        digest = ContentDigest()
+        for offset, length in chunks(merge_extents(ranges), CHUNK_BYTES):
             # The lock is held per chunk only, so writers are not stalled for a whole pass; the file
             # read and the saved-block overlay are consistent within the chunk.
             with self.lock:
@@ -217,8 +224,8 @@ class NamespaceStore:
                     at = (lba - first) * LBA_BYTES
                     patched[at : at + LBA_BYTES] = old
                 chunk = bytes(patched)
-            h.update(chunk)
-        return h.hexdigest()
+            digest.update(offset, chunk)
+        return digest.hexdigest()
 
     def _drop_snapshot(self, snap: NamespaceSnapshot) -> None:
         with self.lock:
