@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from agent.dataplane.receiver import DataReceiver
 from cluster.store import EtcdStore
 from orchctl.localcluster import LocalCluster
 
@@ -65,6 +66,17 @@ async def store(shared_etcd: str, etcd_prefix: str) -> AsyncIterator[EtcdStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[DataReceiver]:
+    """A data-plane receiver on loopback, in this test's event loop."""
+    r = DataReceiver("127.0.0.1")
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,16 +89,6 @@ async def file_reader(path: Path) -> tuple[int, Callable[[int, int], Awaitable[b
         return await asyncio.to_thread(os.pread, fd, length, offset)
 
     return fd, read
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[DataReceiver]:
-    r = DataReceiver("127.0.0.1")
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 @pytest.fixture

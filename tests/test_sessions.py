@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -77,16 +77,6 @@ def test_a_stale_epoch_is_refused_with_its_detail() -> None:
     assert refused.value.kind is ErrorKind.STALE_EPOCH and refused.value.stale == StaleEpochDetail("mig-1", 3, 5)
     session.check_epoch(7)
     assert session.epoch == 7
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[DataReceiver]:
-    r = DataReceiver("127.0.0.1")
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.close()
 
 
 async def test_an_abort_while_stop_and_copy_waits_for_a_round_never_pauses_the_guest(
