@@ -103,8 +103,7 @@ def _run(cluster: LocalCluster, args: argparse.Namespace, console: Console) -> d
     cluster.start_etcd()
     cluster.start_orchestrator()
     names = [f"n{i + 1}" for i in range(args.agents)]
-    for name in names:
-        cluster.start_agent(name, capacity=str(4 * args.namespace))
+    cluster.start_agents(names, capacity=str(4 * args.namespace))
     fio_guest = FioGuest(cluster, args.namespace, say) if args.workload == "fio" else None
     spec = agent_pb2.WorkloadSpec(write_iops=args.write_iops, block_bytes=args.block_bytes, pattern=args.pattern)
     if fio_guest is None:

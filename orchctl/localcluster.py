@@ -85,12 +85,20 @@ class Proc:
             return "(no log)"
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        self.signal(sig)
+        self.reap(timeout_s)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Asks it to stop (by pid), without waiting: `reap` waits."""
         if self.popen.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.popen.pid, sig)
             # a process frozen with SIGSTOP (an e2e hang) only acts on SIGTERM once continued
             os.kill(self.popen.pid, signal.SIGCONT)
+
+    def reap(self, timeout_s: float = 10.0) -> None:
+        """Waits for it to exit; SIGKILL after `timeout_s`."""
         try:
             self.popen.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -236,24 +244,36 @@ class LocalCluster:
         `command_prefix` wraps the command, e.g. `ip netns exec NS` to run it in a namespace;
         `module` starts it through another module that takes the agent's flags (a test launcher
         over a fake device), with `extra_args` added; `capacity` None leaves --capacity out."""
-        data_dir = self.workdir / name
-        host = listen_host or self.host
-        argv = [
-            *command_prefix, sys.executable, "-m", module, "--name", name, "--etcd", self.etcd_endpoint,
-            "--etcd-prefix", self.etcd_prefix, "--listen", f"{host}:0", "--data-dir", str(data_dir),
-            "--lease-ttl-s", str(self.lease_ttl_s),
-            *(["--capacity", capacity] if capacity is not None else []), *extra_args,
-        ]
-        if listen_host:
-            argv += ["--advertise-host", listen_host]
-        # A restarted agent's old record lingers until its lease expires: wait for a new address.
-        before = self.node(name)
-        stale = before.address if before is not None else None
-        proc = self._spawn(name, argv)
-        self.agents[name] = proc
-        wait_for(f"agent {name} to register",
-                 lambda: (n := self.node(name)) is not None and n.address != stale, timeout_s, alive=proc.exited)
+        (proc,) = self.start_agents([name], capacity, timeout_s, listen_host=listen_host,
+                                    command_prefix=command_prefix, module=module, extra_args=extra_args)
         return proc
+
+    def start_agents(self, names: Sequence[str], capacity: str | None = "4G", timeout_s: float = 30.0, *,
+                     listen_host: str = "", command_prefix: Sequence[str] = (), module: str = "agent.main",
+                     extra_args: Sequence[str] = ()) -> list[Proc]:
+        """Several agents (flags as `start_agent`): all spawned first, then each awaited, so their
+        start-ups overlap."""
+        started: list[tuple[str, Proc, str | None]] = []
+        for name in names:
+            argv = [
+                *command_prefix, sys.executable, "-m", module, "--name", name, "--etcd", self.etcd_endpoint,
+                "--etcd-prefix", self.etcd_prefix, "--listen", f"{listen_host or self.host}:0",
+                "--data-dir", str(self.workdir / name), "--lease-ttl-s", str(self.lease_ttl_s),
+                *(["--capacity", capacity] if capacity is not None else []), *extra_args,
+            ]
+            if listen_host:
+                argv += ["--advertise-host", listen_host]
+            # A restarted agent's old record lingers until its lease expires: wait for a new address.
+            before = self.node(name)
+            proc = self._spawn(name, argv)
+            self.agents[name] = proc
+            started.append((name, proc, before.address if before is not None else None))
+        for name, proc, stale in started:
+            wait_for(f"agent {name} to register", self._registered(name, stale), timeout_s, alive=proc.exited)
+        return [proc for _, proc, _ in started]
+
+    def _registered(self, name: str, stale: str | None) -> Callable[[], bool]:
+        return lambda: (n := self.node(name)) is not None and n.address != stale
 
     def nodes(self) -> list[migration_pb2.Node]:
         channel, stub = self.migration_stub()
@@ -276,10 +296,12 @@ class LocalCluster:
     # ---- teardown ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        # agents and orchestrators first, etcd last (they deregister through it)
-        for proc in reversed(self.procs):
-            if proc is not self._etcd:
-                proc.stop()
+        # agents and orchestrators first, all at once, etcd last (they deregister through it)
+        others = [proc for proc in reversed(self.procs) if proc is not self._etcd]
+        for proc in others:
+            proc.signal()
+        for proc in others:
+            proc.reap()
         if self._etcd is not None:
             self._etcd.stop()
         etcd_dir = getattr(self, "_etcd_dir", None)

@@ -86,8 +86,7 @@ def cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
     with LocalCluster() as c:
         c.use_etcd(shared_etcd, etcd_prefix)
         c.start_orchestrator()
-        for name in ("n1", "n2", "n3"):
-            c.start_agent(name)
+        c.start_agents(["n1", "n2", "n3"])
         yield c
 
 
@@ -101,8 +100,7 @@ def bad_input_cluster(request: pytest.FixtureRequest, shared_etcd: str) -> Itera
         with LocalCluster() as c:
             c.use_etcd(shared_etcd, prefix)
             c.start_orchestrator()
-            for name in ("n1", "n2"):
-                c.start_agent(name)
+            c.start_agents(["n1", "n2"])
             channel, n1 = c.agent_stub("n1")
             with channel:
                 n1.CreateController(agent_pb2.CreateControllerRequest(controller_id="c5", namespace_bytes=1 << 20),

@@ -19,8 +19,7 @@ def two_agents() -> Iterator[LocalCluster]:
     with LocalCluster() as c:
         c.start_etcd()
         c.start_orchestrator()
-        for name in ("n1", "n2"):
-            c.start_agent(name)
+        c.start_agents(["n1", "n2"])
         yield c
 
 

@@ -30,8 +30,7 @@ def roomy(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
     with LocalCluster() as c:
         c.use_etcd(shared_etcd, etcd_prefix)
         c.start_orchestrator()
-        for name in ("n1", "n2"):
-            c.start_agent(name, capacity="256G")
+        c.start_agents(["n1", "n2"], capacity="256G")
         yield c
 
 

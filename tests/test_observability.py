@@ -94,8 +94,7 @@ def traced_run() -> Iterator[TracedRun]:
         with LocalCluster(env=tracing_env(collector)) as cluster:
             cluster.start_etcd()
             cluster.start_orchestrator(extra_args=["--log-format", "json"])
-            for name in ("n1", "n2"):
-                cluster.start_agent(name)
+            cluster.start_agents(["n1", "n2"])
             create_controller(cluster, "n1", "c1", 16 * MiB, write_iops=400)
             job = migrate(cluster, "c1", to="n2", bandwidth_bytes_per_s=8 * MiB)
             wait_phase(cluster, job.id, {migration_pb2.PRECOPY}, also=lambda j: j.bytes_transferred > 0)
@@ -215,8 +214,7 @@ def run_with_the_leader_killed(kill_when: Callable[[LocalCluster, migration_pb2.
         with LocalCluster(env=env) as cluster:
             cluster.start_etcd()
             cluster.start_orchestrator(name="orch-1")
-            for name in ("n1", "n2"):
-                cluster.start_agent(name)
+            cluster.start_agents(["n1", "n2"])
             create_controller(cluster, "n1", "c4", 24 * MiB, write_iops=300)
             job = migrate(cluster, "c4", to="n2", bandwidth_bytes_per_s=6 * MiB)
             kill_when(cluster, job)
