@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -206,6 +206,11 @@ class LocalCluster:
 
     def start_orchestrator(self, name: str = "orch-1", port: int | None = None, timeout_s: float = 30.0,
                            extra_args: list[str] | None = None) -> Proc:
+        proc = self._spawn_orchestrator(name, port, extra_args)
+        self._await_orchestrator(proc, timeout_s)
+        return proc
+
+    def _spawn_orchestrator(self, name: str, port: int | None, extra_args: list[str] | None) -> Proc:
         port = port or free_port(self.host)
         http = f"{self.host}:{free_port(self.host)}"  # never the fixed default: several may run here
         proc = self._spawn(name, [
@@ -214,13 +219,23 @@ class LocalCluster:
             "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http, *(extra_args or []),
         ])
         proc.http_address = http
-        address = f"{self.host}:{port}"
-        wait_for(f"orchestrator {name} to serve", lambda: self._healthy(address), timeout_s, alive=proc.exited)
+        proc.address = f"{self.host}:{port}"  # type: ignore[attr-defined]
+        return proc
+
+    def _await_orchestrator(self, proc: Proc, timeout_s: float) -> None:
+        address: str = proc.address  # type: ignore[attr-defined]
+        wait_for(f"orchestrator {proc.name} to serve", lambda: self._healthy(address), timeout_s, alive=proc.exited)
         self.orchestrators.append(proc)
         if not self.orchestrator_address:
             self.orchestrator_address = address
-        proc.address = address  # type: ignore[attr-defined]
-        return proc
+
+    def start_with_agents(self, names: Sequence[str], timeout_s: float = 30.0, **agent_options: Any) -> None:
+        """An orchestrator and agents `names` (options as `start_agent`) spawned together, so that
+        their start-ups overlap, then awaited: the orchestrator serving, each agent registered."""
+        orchestrator = self._spawn_orchestrator("orch-1", None, None)
+        started = self._spawn_agents(names, **agent_options)
+        self._await_orchestrator(orchestrator, timeout_s)
+        self._await_agents(started, timeout_s)
 
     @staticmethod
     def _healthy(address: str) -> bool:
@@ -253,6 +268,14 @@ class LocalCluster:
                      extra_args: Sequence[str] = ()) -> list[Proc]:
         """Several agents (flags as `start_agent`): all spawned first, then each awaited, so their
         start-ups overlap."""
+        started = self._spawn_agents(names, capacity, listen_host=listen_host, command_prefix=command_prefix,
+                                     module=module, extra_args=extra_args)
+        self._await_agents(started, timeout_s)
+        return [proc for _, proc, _ in started]
+
+    def _spawn_agents(self, names: Sequence[str], capacity: str | None = "4G", *, listen_host: str = "",
+                      command_prefix: Sequence[str] = (), module: str = "agent.main",
+                      extra_args: Sequence[str] = ()) -> list[tuple[str, Proc, str | None]]:
         started: list[tuple[str, Proc, str | None]] = []
         for name in names:
             argv = [
@@ -264,13 +287,15 @@ class LocalCluster:
             if listen_host:
                 argv += ["--advertise-host", listen_host]
             # A restarted agent's old record lingers until its lease expires: wait for a new address.
-            before = self.node(name)
+            before = self.node(name) if self.orchestrator_address else None
             proc = self._spawn(name, argv)
             self.agents[name] = proc
             started.append((name, proc, before.address if before is not None else None))
+        return started
+
+    def _await_agents(self, started: list[tuple[str, Proc, str | None]], timeout_s: float) -> None:
         for name, proc, stale in started:
             wait_for(f"agent {name} to register", self._registered(name, stale), timeout_s, alive=proc.exited)
-        return [proc for _, proc, _ in started]
 
     def _registered(self, name: str, stale: str | None) -> Callable[[], bool]:
         return lambda: (n := self.node(name)) is not None and n.address != stale

@@ -85,8 +85,7 @@ def cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
     process stopped by pid afterwards."""
     with LocalCluster() as c:
         c.use_etcd(shared_etcd, etcd_prefix)
-        c.start_orchestrator()
-        c.start_agents(["n1", "n2", "n3"])
+        c.start_with_agents(["n1", "n2", "n3"])
         yield c
 
 
@@ -99,8 +98,7 @@ def bad_input_cluster(request: pytest.FixtureRequest, shared_etcd: str) -> Itera
     try:
         with LocalCluster() as c:
             c.use_etcd(shared_etcd, prefix)
-            c.start_orchestrator()
-            c.start_agents(["n1", "n2"])
+            c.start_with_agents(["n1", "n2"])
             channel, n1 = c.agent_stub("n1")
             with channel:
                 n1.CreateController(agent_pb2.CreateControllerRequest(controller_id="c5", namespace_bytes=1 << 20),
