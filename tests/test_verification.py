@@ -37,3 +37,21 @@ def test_the_deadline_scales_with_the_bytes_moved() -> None:
     assert ten_gib - BASE_DEADLINE_S == pytest.approx(10 * (one_gib - BASE_DEADLINE_S))
     # The namespace's size does not matter, only what was written: a sparse 200 GiB namespace is cheap.
     assert one_gib < 120.0
+
+
+def test_a_verdict_is_counted_once_by_outcome_and_a_failure_is_the_alarm() -> None:
+    from orchestrator import metrics
+    from orchestrator.jobs import Phase
+
+    def count(outcome: str) -> float:
+        return metrics.REGISTRY.get_sample_value("nvmigrate_verifications_total", {"outcome": outcome}) or 0.0
+
+    done = Job(id="mig-0123456789ab", controller_id="c1", source_node="n1", namespace_bytes=1 << 20, policy=Policy(),
+               created_at=1.0, phase=Phase.RESUMING).end(Phase.COMPLETED, 2.0, "")
+    before = (count("PASSED"), count("FAILED"))
+    failed = done.verification_failed("namespace digest differs", D1, D2, 3.0)
+    metrics.job_written(done, failed)
+    metrics.job_written(failed, failed)  # written again: not counted again
+    passed = done.verified(D1, D1, 3.0)
+    metrics.job_written(done, passed)
+    assert (count("PASSED") - before[0], count("FAILED") - before[1]) == (1, 1)
