@@ -65,7 +65,7 @@ def _session_action(node: str, session: agent_pb2.SessionStatus, job: Job | None
                              f"{ended}; {node} owns {cid} and holds it loaded")
     if record is not None and session.role == "source" and session.stage == "stopped" \
             and record.node != node and record.state == RUNNING:
-        if job is not None and job.verification is not Verification.PASSED:
+        if job is not None and job.verification in (Verification.PENDING, Verification.FAILED):
             return None  # the verifier's to decide (PENDING), or kept for an operator (FAILED)
         return SessionAction("release", node, session.job_id, cid, epoch, f"{ended}; {cid} runs on {record.node}")
     return SessionAction("abort", node, session.job_id, cid, epoch, ended)

@@ -129,6 +129,11 @@ SESSION_ROWS: dict[str, Row] = {
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped", epoch=9),))},
         (verified(),),
         (release("n1", "job ended COMPLETED; c1 runs on n2", epoch=9),)),
+    "release: a job that never verified (its record predates verification)": Row(
+        (owned("n2", RUNNING),),
+        {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),))},
+        (job(Phase.COMPLETED),),
+        (release("n1", "job ended COMPLETED; c1 runs on n2"),)),
     "nothing: verification pending (the verifier releases it)": Row(
         (owned("n2", RUNNING),),
         {"n1": Report({"c1": "STOP"}, (Session("source", "stopped"),)), "n2": Report({"c1": "RUNNING"})},
