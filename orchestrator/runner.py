@@ -293,11 +293,12 @@ class JobRunner:
         job = self._step_done(result, rounds=0)
         await self._save(job.enter(Phase.DIRTY_ITERATION, self._now()))
 
-    def _step_done(self, result: agent_pb2.TransferResult, *, rounds: int) -> Job:
-        """What a transfer step moved: into its phase, and the job's total from the source's count."""
+    def _step_done(self, result: agent_pb2.TransferResult, *, rounds: int, guest_running: bool = True) -> Job:
+        """What a transfer step moved: into its phase, and the job's total from the source's count.
+        A step with the guest running also measured its dirty rate; stop-and-copy (guest paused) did not."""
         now = self._now()
         job = self.j.record(now, add_bytes=result.bytes_sent + result.state_bytes, add_rounds=rounds)
-        if result.dirty_rate_bytes_per_s or rounds:
+        if guest_running:
             job = job.round_measured(result.dirty_rate_bytes_per_s, now)
         return job.progressed(int(result.total_bytes_sent), now)
 
@@ -336,7 +337,7 @@ class JobRunner:
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message)) from exc
         self.suspended_at = self.monotonic()
         result = await self._long_call("source", "StopAndCopy", lambda s, t: s.StopAndCopy(self._ref(), timeout=t))
-        job = self._step_done(result, rounds=0)
+        job = self._step_done(result, rounds=0, guest_running=False)
         committed = self.observer.prepare(self._timed(self.j, job.enter(
             Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}")))
         try:

@@ -133,8 +133,8 @@ def verification_settled(job: Job) -> None:
     if job.verification_note:
         attributes["nvmigrate.note"] = job.verification_note
     status = Status(StatusCode.ERROR, job.verification_note) if failed else Status(StatusCode.UNSET)
-    JobTrace._emit(VERIFICATION_SPAN_NAME, ctx["trace_id"], verification_span_id(ctx["trace_id"]),
-                   _span_context(ctx, "span_id"), completed_at, job.updated_at, attributes, status, [])
+    _emit(VERIFICATION_SPAN_NAME, ctx["trace_id"], verification_span_id(ctx["trace_id"]),
+          _span_context(ctx, "span_id"), completed_at, job.updated_at, attributes, status, [])
     telemetry.flush_soon()
 
 
@@ -287,9 +287,9 @@ class JobTrace:
 
     def _emit_round(self, span: RoundSpan) -> None:
         assert span.ended_at is not None
-        self._emit(f"round {span.number}", span.parent["trace_id"], span.span_id,
-                   _span_context(span.parent, "phase_span_id"), span.started_at, span.ended_at, span.attributes,
-                   span.status, [])
+        _emit(f"round {span.number}", span.parent["trace_id"], span.span_id,
+              _span_context(span.parent, "phase_span_id"), span.started_at, span.ended_at, span.attributes,
+              span.status, [])
 
     def _emit_phase(self, job: Job, index: int, entry: PhaseEntry, span_id_hex: str) -> None:
         following = job.phases[index + 1]
@@ -311,8 +311,8 @@ class JobTrace:
         failed = following.phase in _ERROR_ENDINGS
         status = Status(StatusCode.ERROR, job.reason) if failed else Status(StatusCode.UNSET)
         events, self._events = self._events, []
-        self._emit(entry.phase.value, job.trace_context["trace_id"], int(span_id_hex, 16) if span_id_hex else 0,
-                   _span_context(job.trace_context, "span_id"), entry.started_at, end, attributes, status, events)
+        _emit(entry.phase.value, job.trace_context["trace_id"], int(span_id_hex, 16) if span_id_hex else 0,
+              _span_context(job.trace_context, "span_id"), entry.started_at, end, attributes, status, events)
 
     def _emit_root(self, job: Job) -> None:
         ctx = job.trace_context
@@ -329,19 +329,19 @@ class JobTrace:
             attributes["nvmigrate.reason"] = job.reason
         status = Status(StatusCode.ERROR, job.reason) if job.phase in _ERROR_ENDINGS else Status(StatusCode.UNSET)
         # An empty parent context makes it a root; _emit gives it the recorded trace id.
-        self._emit(ROOT_SPAN_NAME, ctx["trace_id"], int(ctx["span_id"], 16), otel_context.Context(), job.created_at,
-                   job.phases[-1].started_at if job.phases else job.updated_at, attributes, status, [])
+        _emit(ROOT_SPAN_NAME, ctx["trace_id"], int(ctx["span_id"], 16), otel_context.Context(), job.created_at,
+              job.phases[-1].started_at if job.phases else job.updated_at, attributes, status, [])
 
-    @staticmethod
-    def _emit(name: str, trace_id: str, span_id: int, parent: otel_context.Context, start_s: float, end_s: float,
-              attributes: dict[str, AttributeValue], status: Status,
-              events: list[tuple[str, dict[str, AttributeValue], float]]) -> None:
-        # The preset trace id only matters for the root: a child takes its parent's.
-        with telemetry.preset_ids(int(trace_id, 16), span_id):
-            span = telemetry.tracer().start_span(name, context=parent, start_time=_ns(start_s),
-                                                 attributes=attributes)
-        for event_name, event_attributes, at in events:
-            span.add_event(event_name, event_attributes, timestamp=_ns(at))
-        span.set_status(status)
-        # Another leader's clock may run a little behind: never end before the start.
-        span.end(end_time=max(_ns(end_s), _ns(start_s)))
+
+def _emit(name: str, trace_id: str, span_id: int, parent: otel_context.Context, start_s: float, end_s: float,
+          attributes: dict[str, AttributeValue], status: Status,
+          events: list[tuple[str, dict[str, AttributeValue], float]]) -> None:
+    # The preset trace id only matters for the root: a child takes its parent's.
+    with telemetry.preset_ids(int(trace_id, 16), span_id):
+        span = telemetry.tracer().start_span(name, context=parent, start_time=_ns(start_s),
+                                             attributes=attributes)
+    for event_name, event_attributes, at in events:
+        span.add_event(event_name, event_attributes, timestamp=_ns(at))
+    span.set_status(status)
+    # Another leader's clock may run a little behind: never end before the start.
+    span.end(end_time=max(_ns(end_s), _ns(start_s)))
