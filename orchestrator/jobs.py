@@ -90,6 +90,16 @@ class PhaseEntry:
     note: str = ""
 
 
+# How long a job may have gone unwatched (no runner saving it, e.g. between two leaders) that an
+# orchestrator believes its wall clock about; a step of the clock cannot age a job more than this.
+MAX_UNWATCHED_GAP_S = 30.0
+
+
+def since_wall(wall_now: float, then: float) -> float:
+    """Seconds from a wall-clock time in a record to now, clamped to [0, MAX_UNWATCHED_GAP_S]."""
+    return min(max(0.0, wall_now - then), MAX_UNWATCHED_GAP_S)
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -122,6 +132,9 @@ class Job:
     attempt_base_bytes: int = 0
     verification: Verification = Verification.NONE
     verification_note: str = ""
+    # Seconds the job has existed as the orchestrators that drove it measured on their monotonic
+    # clocks, written with every save; a wall-clock step does not move it. -1: an older record.
+    age_s: float = -1.0
 
     @property
     def terminal(self) -> bool:
@@ -232,6 +245,17 @@ class Job:
     def verification_failed(self, why: str, source_digest: str, destination_digest: str, now: float) -> Job:
         return replace(self, verification=Verification.FAILED, source_digest=source_digest,
                        destination_digest=destination_digest, verification_note=why, updated_at=now)
+
+    def aged(self, age_s: float) -> Job:
+        return replace(self, age_s=round(age_s, 3))
+
+    def age_at_load(self, wall_now: float) -> float:
+        """The job's age for an orchestrator that just read it: the age last written plus the time
+        since that write. That gap can only be read off the wall clock, which may have stepped
+        (NTP, an operator), so it counts between 0 and MAX_UNWATCHED_GAP_S."""
+        if self.age_s < 0:  # written before ages were kept
+            return since_wall(wall_now, self.created_at)
+        return self.age_s + since_wall(wall_now, self.updated_at)
 
     # ---- persistence --------------------------------------------------------------------
 

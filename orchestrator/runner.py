@@ -96,7 +96,7 @@ class JobRunner:
         """CAS the job. A lost CAS re-reads: a newer epoch stops us; an operator's cancel (the
         only other writer) is merged into our change and the write retried."""
         before = self.j
-        new = self.observer.prepare(self._timed(before, new))
+        new = self.observer.prepare(self._timed(before, new).aged(self._age_s()))
         while True:
             try:
                 self.revision = await self.store.update_job(
@@ -130,7 +130,8 @@ class JobRunner:
         return self.wall()
 
     def _age_s(self) -> float:
-        """How long ago the job was created: its recorded age when loaded, then the monotonic clock."""
+        """How long the job has existed: its age when loaded (Job.age_at_load), then this process's
+        monotonic clock, so a step of the wall clock neither expires nor extends its deadline."""
         return self._age_at_load_s + (self.monotonic() - self._loaded_at)
 
     @property
@@ -195,7 +196,7 @@ class JobRunner:
 
     async def run(self) -> Job:
         job = await self._load()
-        self._age_at_load_s = max(0.0, self._now() - job.created_at)
+        self._age_at_load_s = job.age_at_load(self._now())
         self._loaded_at = self.monotonic()
         self.observer.adopt(job)
         if job.terminal:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import metrics, tracing, verification
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch
-from orchestrator.jobs import Job, Phase, Verification
+from orchestrator.jobs import Job, Phase, Verification, since_wall
 from orchestrator.verification import DigestReport, Verdict
 from proto.v1 import agent_pb2
 
@@ -77,7 +77,7 @@ class Verifier:
         first = self._since.get(job.id)
         if first is None:
             completed_at = job.phases[-1].started_at if job.phases else job.updated_at
-            first = (max(0.0, self.wall() - completed_at), self.monotonic())
+            first = (since_wall(self.wall(), completed_at), self.monotonic())
             self._since[job.id] = first
         return first[0] + (self.monotonic() - first[1])
 

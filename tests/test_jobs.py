@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from orchestrator.jobs import (
     ALLOWED,
     BEFORE_COMMIT,
+    MAX_UNWATCHED_GAP_S,
     TERMINAL,
     IllegalPhaseChange,
     Job,
@@ -131,3 +132,20 @@ def test_records_round_trip_through_json(phases: list[Phase], policy: Policy, ca
             j = j.enter(p, now).record(now, add_bytes=added, add_rounds=1)
             now += 0.5
     assert Job.from_bytes(j.to_bytes()) == j
+
+
+def test_a_loaded_job_is_as_old_as_its_monotonic_age_plus_a_bounded_wall_gap() -> None:
+    # The record says 40 s of driven age, last written at wall time 1000.
+    saved = job(updated_at=1000.0).aged(40.0)
+    loaded = Job.from_bytes(saved.to_bytes())
+    assert loaded.age_at_load(1005.0) == pytest.approx(45.0)  # 5 s unwatched, believed
+    # The wall clock stepped forward 2 hours: the gap counts at most MAX_UNWATCHED_GAP_S.
+    assert loaded.age_at_load(1000.0 + 7200.0) == pytest.approx(40.0 + MAX_UNWATCHED_GAP_S)
+    # Stepped back: the job does not get younger than what was measured.
+    assert loaded.age_at_load(1000.0 - 7200.0) == pytest.approx(40.0)
+
+
+def test_a_record_from_before_ages_were_kept_falls_back_to_its_creation_time() -> None:
+    old = job(updated_at=150.0)  # age_s left at -1, as an older orchestrator wrote it
+    assert old.age_at_load(110.0) == pytest.approx(10.0)
+    assert old.age_at_load(100.0 + 86400.0) == pytest.approx(MAX_UNWATCHED_GAP_S)
