@@ -69,6 +69,10 @@ class AgentRefused(AgentCallError):
         self.details = details
 
 
+class _BudgetSpent(Exception):
+    """An attempt ran into the end of its call's budget (not retried: the budget is spent)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
@@ -124,8 +128,17 @@ class AgentCalls:
     # ---- calls ----------------------------------------------------------------------------
 
     async def call(self, node: str, what: str, fn: Callable[[Stub], Awaitable[T]], *, budget_s: float) -> T:
-        """One command, retried on transient errors until `budget_s` passes."""
+        """One command, retried on transient errors until `budget_s` passes. The budget caps the
+        whole call: an attempt whose own RPC timeout reaches past it is cut off at the budget."""
         stub = self.stub_at(await self.address(node))
+        deadline = self._clock() + budget_s
+
+        async def attempt_once() -> T:
+            try:
+                return await asyncio.wait_for(fn(stub), timeout=max(0.05, deadline - self._clock()))
+            except TimeoutError:
+                raise _BudgetSpent() from None
+
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(is_transient),
@@ -134,7 +147,9 @@ class AgentCalls:
                 reraise=True,
             ):
                 with attempt:
-                    return await fn(stub)
+                    return await attempt_once()
+        except _BudgetSpent:
+            raise AgentUnreachable(node, f"{what}: agent {node} did not answer within {budget_s:.0f} s") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise AgentUnreachable(node, f"{what}: agent {node} did not answer for {budget_s:.0f} s "

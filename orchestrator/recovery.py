@@ -11,8 +11,10 @@ failure. The table, by phase:
   controller marked LOST there, never resumed elsewhere without an operator;
 - after COMMIT only the destination may run the controller: resuming it is retried while the
   destination is merely silent; a destination declared lost before it claimed RUNNING in etcd
-  hands ownership back to the still-frozen source (MOVE_BACK); once it had claimed, nothing runs
-  the controller anywhere else: the job fails with the controller marked LOST on the destination.
+  hands ownership back to the still-frozen source (MOVE_BACK); once it had claimed, the switchover
+  has happened (it lists the controller durably before it claims, and runs it right after): the
+  job completes, with the destination's silence in its reason, and verification follows (a
+  destination that stays gone fails verification, which keeps the source copy for an operator).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Action(StrEnum):
     FAIL_SOURCE_LOST = "FAIL_SOURCE_LOST"  # FAILED; the controller marked LOST on the source
     RETRY = "RETRY"  # after COMMIT: try the destination's resume again
     MOVE_BACK = "MOVE_BACK"  # after COMMIT, before the claim: ownership back to the source, which resumes
-    FAIL_DESTINATION_LOST = "FAIL_DESTINATION_LOST"  # FAILED; the controller marked LOST on the destination
+    COMPLETE_CLAIMED = "COMPLETE_CLAIMED"  # COMPLETED: the destination claimed the controller, then went silent
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,9 @@ def decide(job: Job, failure: Failure, *, max_attempts: int = MAX_DESTINATION_AT
                         f"{reason}; ownership went back to {job.source_node}, which did not resume it: "
                         f"controller {job.controller_id} marked lost")
     if failure.destination_claimed:
-        return Recovery(Action.FAIL_DESTINATION_LOST, Phase.FAILED,
-                        f"destination {job.destination_node} cannot resume after COMMIT ({reason}) after it had "
-                        f"claimed the controller: {job.controller_id} marked lost on {job.destination_node}")
+        return Recovery(Action.COMPLETE_CLAIMED, Phase.COMPLETED,
+                        f"destination {job.destination_node} claimed controller {job.controller_id} and runs it, "
+                        f"but did not confirm the resume ({reason}); verification will check it")
     silent = failure.kind is FailureKind.DESTINATION_LOST and not failure.destination_declared_lost
     if silent or failure.kind in (FailureKind.CANCELLED, FailureKind.SOURCE_LOST):
         # Only the destination may run it now; a cancel cannot be asked after COMMIT, and the

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import grpc
 
-from cluster.records import LOST
+from cluster.records import LOST, RUNNING
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import convergence, recovery, scheduler
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch, Stub
@@ -366,6 +366,10 @@ class JobRunner:
         except StaleEpoch as exc:
             raise Superseded(exc.message) from exc
         except AgentUnreachable as exc:
+            # A destination that hangs right after it resumed has claimed the controller in etcd:
+            # the switchover happened, whatever became of the reply.
+            if await self._claimed_by(dest):
+                raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message, destination_claimed=True)) from exc
             declared = await self.store.get_node(dest) is None
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST,
                                      "its agent is gone (lease expired)" if declared else exc.message,
@@ -382,6 +386,10 @@ class JobRunner:
             log.warning("job %s: guest blackout not read from %s: %s", self.j.id, dest, exc)
         job = self.j.switched_over(downtime_ms, blackout_ms, self._now())
         await self._save(job.end(Phase.COMPLETED, self._now(), ""), release=True)
+
+    async def _claimed_by(self, node: str) -> bool:
+        owned = await self.store.get_controller(self.j.controller_id)
+        return owned is not None and owned[0].node == node and owned[0].state == RUNNING
 
     # ---- recovery -----------------------------------------------------------------------
 
@@ -435,8 +443,9 @@ class JobRunner:
                 raise StepFailed(Failure(FailureKind.DESTINATION_LOST, decided.reason, destination_claimed=True))
             await self._abort_source(decided.reason, moved_back=True)
             await self._save(job.end(_ending(decided), self._now(), decided.reason), release=True)
-        elif action is Action.FAIL_DESTINATION_LOST:
-            await self.store.set_controller_state(job.controller_id, LOST, only_if_node=job.destination_node)
+        elif action is Action.COMPLETE_CLAIMED:
+            # No downtime or blackout is recorded: the resume was never confirmed, so neither was measured.
+            log.warning("job %s: %s", job.id, decided.reason)
             await self._save(job.end(_ending(decided), self._now(), decided.reason), release=True)
 
     async def _abort_destination(self, *, budget_s: float) -> list[str]:
