@@ -10,6 +10,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
+from agent.guest.lineage import Receipt
 from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
 from agent.host import Host, HostedController
@@ -27,6 +28,14 @@ def spec_from_message(msg: agent_pb2.WorkloadSpec) -> WorkloadSpec:
                         pattern=msg.pattern or "random", hot_fraction=msg.hot_fraction or 0.1, seed=msg.seed)
 
 
+def receipt_message(receipt: Receipt) -> agent_pb2.Receipt:
+    return agent_pb2.Receipt(run_id=receipt.run_id, seq=receipt.seq, run_first_seq=receipt.run_first_seq)
+
+
+def receipt_from_message(msg: agent_pb2.Receipt) -> Receipt:
+    return Receipt(run_id=msg.run_id, seq=msg.seq, run_first_seq=msg.run_first_seq)
+
+
 def controller_status(node: str, hosted: HostedController) -> agent_pb2.ControllerStatus:
     status = agent_pb2.ControllerStatus(controller_id=hosted.controller.controller_id, node=node,
                                         vfio_state=hosted.controller.vfio_state.name,
@@ -36,7 +45,9 @@ def controller_status(node: str, hosted: HostedController) -> agent_pb2.Controll
         status.workload.CopyFrom(agent_pb2.WorkloadStatus(
             running=w.running, paused=w.paused, acked_writes=w.acked_writes, throttle_percent=w.throttle_percent,
             max_gap_ms=w.max_gap_ms, blackout_ms=w.blackout_ms, next_seq=w.next_seq, writes_per_s=w.writes_per_s,
-            pauses=w.pauses))
+            pauses=w.pauses, run_id=w.run_id))
+        if w.receipt is not None:
+            status.workload.receipt.CopyFrom(receipt_message(w.receipt))
     return status
 
 
@@ -144,7 +155,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             return controller_status(self.host.name, hosted)
         return await self._guard(context, stop())
 
-    async def Verify(self, request: agent_pb2.GetControllerRequest,
+    async def Verify(self, request: agent_pb2.VerifyRequest,
                      context: grpc.aio.ServicerContext) -> agent_pb2.VerifyResponse:
         async def verify() -> agent_pb2.VerifyResponse:
             hosted, guest = self.host.guest_of(request.controller_id, "Verify")
@@ -152,11 +163,17 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                 raise SessionError(ErrorKind.PRECONDITION,
                                    f"controller {request.controller_id!r} has no guest workload "
                                    "whose writes could be verified")
-            result = await asyncio.to_thread(verify_blocks, guest, hosted.workload)
+            for receipt in request.receipts:
+                if receipt.seq < 0:
+                    raise SessionError(ErrorKind.INVALID, f"receipt seq {receipt.seq} must be >= 0; pass the "
+                                                          "receipt as GetController reported it")
+            receipts = [receipt_from_message(r) for r in request.receipts]
+            result = await asyncio.to_thread(verify_blocks, guest, hosted.workload, receipts)
             return agent_pb2.VerifyResponse(ok=result.ok, blocks_checked=result.blocks_checked,
                                             mismatches=result.mismatches, first_mismatch=result.first_mismatch,
                                             node=self.host.name,
-                                            controller=controller_status(self.host.name, hosted))
+                                            controller=controller_status(self.host.name, hosted),
+                                            receipts_checked=result.receipts_checked)
         return await self._guard(context, verify())
 
     # ---- destination ----------------------------------------------------------------------

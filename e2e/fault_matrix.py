@@ -370,7 +370,7 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
         if bed.restart_killed_agents():
             i1 = _merge_one_node(i1, check_one_node(bed, observer, CONTROLLER, died, settle_s,
                                                     "after restarting killed agents"))
-        i2 = check_writes(bed, CONTROLLER)
+        i2 = check_writes(bed, CONTROLLER, observer.receipts())
         gaps = re.findall(r"longest guest I/O gap (\d+) ms", " ".join(i2.detail))
         cell.guest_max_gap_ms = max((float(g) for g in gaps), default=0.0)
         leader_after = bed.leader()

@@ -8,6 +8,10 @@ end state, etcd's history of the job record, and the orchestrator logs; each ret
 
 What counts as accepting guest I/O: vfio_state RUNNING or PRE_COPY (the source keeps running the
 guest while its data is copied).
+
+The Observer also keeps the guest's acknowledgement receipts it saw (the highest acknowledged
+write and the run that wrote it, per run); `check_writes` hands them to Verify, so a guest that
+resumed from an older image (and replayed the same writes over the lost ones) is caught.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Observer(threading.Thread):
         self._halt = threading.Event()
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
+        self._receipts: dict[int, agent_pb2.Receipt] = {}  # run id -> the highest receipt seen of it
 
     def stop(self) -> None:
         self._halt.set()
@@ -115,6 +120,8 @@ class Observer(threading.Thread):
             try:
                 status = future.result()
                 nodes[name] = NodeView(state=status.vfio_state, acked=int(status.workload.acked_writes))
+                if status.workload.HasField("receipt"):
+                    self._keep_receipt(status.workload.receipt)
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 nodes[name] = NodeView(state="ABSENT") if code == grpc.StatusCode.NOT_FOUND else \
@@ -137,6 +144,17 @@ class Observer(threading.Thread):
             with self._lock:
                 self.rounds.append(got)
             self._halt.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def _keep_receipt(self, receipt: agent_pb2.Receipt) -> None:
+        with self._lock:
+            kept = self._receipts.get(receipt.run_id)
+            if kept is None or receipt.seq > kept.seq:
+                self._receipts[receipt.run_id] = receipt
+
+    def receipts(self) -> list[agent_pb2.Receipt]:
+        """The highest acknowledged write seen of each run of the guest, for Verify."""
+        with self._lock:
+            return list(self._receipts.values())
 
     def snapshot(self) -> list[Round]:
         with self._lock:
@@ -258,12 +276,15 @@ def check_one_node(bed: MultiHostCluster, observer: Observer, controller_id: str
 # ---- invariant 2 -------------------------------------------------------------------------------
 
 
-def check_writes(bed: MultiHostCluster, controller_id: str) -> InvariantResult:
+def check_writes(bed: MultiHostCluster, controller_id: str,
+                 receipts: list[agent_pb2.Receipt] | None = None) -> InvariantResult:
+    """Verify on the node that runs the controller: every acknowledged block reads back, and every
+    receipt (writes the Observer saw acknowledged) is still in the guest's history."""
     running, _ = running_now(bed, controller_id)
     if not running:
         return InvariantResult(2, None, ["the controller runs nowhere (its node died): nothing to read back"])
     detail, held = [], True
-    request = agent_pb2.GetControllerRequest(controller_id=controller_id)
+    request = agent_pb2.VerifyRequest(controller_id=controller_id, receipts=receipts or [])
     for name in running:
         try:
             result = bed.agent(name, lambda s: s.Verify(request, timeout=VERIFY_TIMEOUT_S))
@@ -273,7 +294,8 @@ def check_writes(bed: MultiHostCluster, controller_id: str) -> InvariantResult:
             continue
         acked = result.controller.workload.acked_writes
         if result.ok and result.blocks_checked > 0:
-            detail.append(f"Verify on {name}: {result.blocks_checked} blocks, {acked} acknowledged writes read back; "
+            detail.append(f"Verify on {name}: {result.blocks_checked} blocks, {acked} acknowledged writes read back, "
+                          f"{result.receipts_checked} receipts in the guest's history; "
                           f"longest guest I/O gap {result.controller.workload.max_gap_ms:.0f} ms")
         else:
             held = False

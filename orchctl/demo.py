@@ -154,7 +154,7 @@ def _run(cluster: LocalCluster, args: argparse.Namespace, console: Console) -> d
             # let the guest run a little on the destination, then check everything it was told
             wait_for("the guest to continue on the destination", lambda: where.GetController(
                 agent_pb2.GetControllerRequest(controller_id="c1"), timeout=5).workload.blackout_ms > 0, 30)
-        verify = where.Verify(agent_pb2.GetControllerRequest(controller_id="c1"), timeout=300)
+        verify = where.Verify(agent_pb2.VerifyRequest(controller_id="c1"), timeout=300)
     result = _summary(job, verify, owner)
     if fio_guest is not None:
         result["fio"] = fio_guest.after_migration(moved=owner != "n1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -39,10 +40,11 @@ def controller_missing(cluster: LocalCluster, node: str, cid: str) -> bool:
     return False
 
 
-def verify(cluster: LocalCluster, node: str, cid: str) -> agent_pb2.VerifyResponse:
+def verify(cluster: LocalCluster, node: str, cid: str,
+           receipts: Sequence[agent_pb2.Receipt] = ()) -> agent_pb2.VerifyResponse:
     channel, stub = cluster.agent_stub(node)
     with channel:
-        return stub.Verify(agent_pb2.GetControllerRequest(controller_id=cid), timeout=120)
+        return stub.Verify(agent_pb2.VerifyRequest(controller_id=cid, receipts=receipts), timeout=120)
 
 
 def migrate(cluster: LocalCluster, cid: str, to: str = "", **policy: Any) -> migration_pb2.Migration:

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from agent.emulated.controller import BLOCK_BYTES, EmulatedController
-from agent.guest.blocks import HEADER_BYTES, MAGIC, block_seq, check_block, make_block
+from agent.guest.blocks import (
+    HEADER_BYTES,
+    LEGACY_RUN_ID,
+    MAGIC,
+    block_id,
+    block_seq,
+    check_block,
+    make_block,
+    make_legacy_block,
+)
+from agent.guest.lineage import Lineage, Segment
 from agent.guest.verifier import verify
 from agent.guest.workload import GuestState, GuestStateError, GuestWorkload, WorkloadSpec
 from agent.vfio_states import VfioState
@@ -50,23 +60,43 @@ def run(ctrl: EmulatedController, guests: list[GuestWorkload], spec: WorkloadSpe
 # ----- blocks -------------------------------------------------------------------------------------
 
 
+RUN = 0x3FA2_0000_0000_0001
+
+
 def test_block_layout_and_checks() -> None:
-    b = make_block(17, 9)
+    b = make_block(17, 9, RUN)
     assert len(b) == BLOCK_BYTES
     assert b[:8] == MAGIC
     assert int.from_bytes(b[8:16], "little") == 17
+    assert int.from_bytes(b[24:32], "little") == RUN
     assert block_seq(b) == 9
-    assert b != make_block(17, 10) and b[HEADER_BYTES:] != make_block(18, 9)[HEADER_BYTES:]
-    assert check_block(b, 17, 9) is None
-    assert check_block(make_block(17, 4), 17, 9) == "lba 17: holds seq 4, expected seq 9"
-    assert check_block(bytes(BLOCK_BYTES), 17, 9) == "lba 17: never written (zeros)"
-    assert check_block(make_block(16, 9), 17, 9) == "lba 17: holds the block of lba 16 (seq 9), a misplaced write"
+    assert block_id(b) is not None and block_id(b).run_id == RUN  # type: ignore[union-attr]
+    assert b != make_block(17, 10, RUN) and b[HEADER_BYTES:] != make_block(18, 9, RUN)[HEADER_BYTES:]
+    assert b[HEADER_BYTES:] != make_block(17, 9, RUN + 1)[HEADER_BYTES:]
+    assert check_block(b, 17, 9, RUN) is None
+    assert check_block(make_block(17, 4, RUN), 17, 9, RUN) == "lba 17: holds seq 4, expected seq 9"
+    assert check_block(bytes(BLOCK_BYTES), 17, 9, RUN) == "lba 17: never written (zeros)"
+    assert check_block(make_block(16, 9, RUN), 17, 9, RUN) == \
+        "lba 17: holds the block of lba 16 (seq 9), a misplaced write"
+    other_run = check_block(make_block(17, 9, RUN + 1), 17, 9, RUN) or ""
+    assert other_run.startswith("lba 17: holds seq 9 of run 3fa2000000000002, but in the guest's history seq 9 "
+                                "is of run 3fa2000000000001"), other_run
     torn = bytearray(b)
     torn[3000] ^= 0xFF
-    assert check_block(bytes(torn), 17, 9) == "lba 17: filler corrupt"
-    assert check_block(b"\x01" + b[1:], 17, 9) is not None
-    assert "header corrupt" in (check_block(b"\x01" + b[1:], 17, 9) or "")
-    assert check_block(b[:100], 17, 9) == "lba 17: block is 100 bytes, expected 4096"
+    assert check_block(bytes(torn), 17, 9, RUN) == "lba 17: filler corrupt"
+    assert check_block(b"\x01" + b[1:], 17, 9, RUN) is not None
+    assert "header corrupt" in (check_block(b"\x01" + b[1:], 17, 9, RUN) or "")
+    assert check_block(b[:100], 17, 9, RUN) == "lba 17: block is 100 bytes, expected 4096"
+
+
+def test_legacy_blocks_read_as_the_legacy_run() -> None:
+    old = make_legacy_block(17, 9)
+    assert old[:8] == b"NVMGBLK1" and block_seq(old) == 9
+    assert check_block(old, 17, 9, LEGACY_RUN_ID) is None
+    assert "of run 0000000000000000" in (check_block(old, 17, 9, RUN) or "")
+    torn = bytearray(old)
+    torn[3000] ^= 0xFF
+    assert check_block(bytes(torn), 17, 9, LEGACY_RUN_ID) == "lba 17: filler corrupt"
 
 
 @pytest.mark.parametrize(
@@ -238,7 +268,9 @@ def _suspend_and_save(ctrl: EmulatedController) -> bytes:
 
 
 def test_guest_state_decoding_errors() -> None:
-    original = GuestState(WorkloadSpec(pattern="hot", seed=2), 4, 7, array("Q", [0, 1, 0, 6]), 123.5, 0.25, 6)
+    lineage = Lineage((Segment(11, 0), Segment(22, 5)))
+    original = GuestState(WorkloadSpec(pattern="hot", seed=2), 4, 7, array("Q", [0, 1, 0, 6]), 123.5, 0.25, 6,
+                          lineage=lineage)
     blob = original.encode()
     assert GuestState.decode(blob) == original
     with pytest.raises(GuestStateError, match="version 9 is unsupported"):
@@ -287,7 +319,7 @@ def test_verify_catches_a_lost_write(ctrl: EmulatedController, guests: list[Gues
     # A destination that missed the guest's write to lba 30 still holds the prefilled block.
     dst = EmulatedController.for_resuming("vm1", tmp_path / "dst.img", 4 * MIB)
     dst.write_raw(0, ctrl.read_raw(0, 4 * MIB))
-    dst.write_raw(30 * BLOCK_BYTES, make_block(30, 0))
+    dst.write_raw(30 * BLOCK_BYTES, make_block(30, 0, g.lineage().run_of(0)))
     result = verify(dst, g)
     assert not result.ok
     assert result.first_mismatch == "lba 30: holds seq 0, expected seq 31"

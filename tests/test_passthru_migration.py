@@ -129,6 +129,6 @@ def test_a_passthru_controller_migrates_to_an_emulated_agent_and_back(mixed: Loc
         assert no_export.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
         assert "backend nvme-passthru has no NBD export" in no_export.value.details()  # type: ignore[attr-defined]
         with pytest.raises(grpc.RpcError) as no_verify:
-            agent.Verify(agent_pb2.GetControllerRequest(controller_id="p1"), timeout=10)
+            agent.Verify(agent_pb2.VerifyRequest(controller_id="p1"), timeout=10)
         assert "backend nvme-passthru has no built-in guest for Verify" in no_verify.value.details()  # type: ignore[attr-defined]
     assert Path(landed).stat().st_size == SLOT_BYTES

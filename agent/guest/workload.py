@@ -7,7 +7,12 @@ no acknowledged write is lost).  Completion times give the blackout the guest sa
 here rather than in the orchestrator.
 
 The LBA of write ``seq`` is a pure function of (spec, seq), so the destination continues the
-same sequence of writes after ``export_state`` / ``from_state`` without carrying RNG state.
+same sequence of writes after ``export_state`` / ``from_state`` without carrying RNG state.  That
+also means a guest restored from an older image would replay byte-identical writes over the ones
+it lost; so each start after ``from_state`` (and each new guest) draws a fresh random run id that
+every block it writes carries, and the run lineage (``agent.guest.lineage``) travels with the
+state.  The status reports a receipt (the highest acknowledged seq and its run) that whoever saw it
+can later hand to the verifier.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from dataclasses import dataclass
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerGoneError, NotRunningError
-from agent.guest.blocks import make_block
+from agent.guest.blocks import LEGACY_RUN_ID, make_block
+from agent.guest.lineage import Lineage, Receipt, Segment, draw_run_id
 
 log = logging.getLogger(__name__)
 
 PATTERNS = ("random", "sequential", "hot")
 CHUNK_BYTES = 1 << 20
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the run lineage; 1 (no lineage: its blocks are of the legacy run) is still read
 _RATE_WINDOW_S = 1.0
 _STALL_RETRY_S = 0.005
 # How far pacing may fall behind schedule before it gives up catching up (no long bursts).
@@ -94,14 +100,17 @@ class WorkloadStats:
     pauses: int
     io_errors: int  # writes refused (controller suspended under a running guest) and retried
     failure: str  # why the thread ended early, "" if it did not
+    run_id: int  # the run writing now (before a restored guest starts: the last run of its image)
+    receipt: Receipt | None  # the highest acknowledged seq and its run; None before any write
 
 
 class AckedMap:
     """Which seq each LBA of a range last acknowledged, copied at one instant."""
 
-    def __init__(self, first_lba: int, plus_one: array[int], next_seq: int) -> None:
+    def __init__(self, first_lba: int, plus_one: array[int], next_seq: int, lineage: Lineage) -> None:
         self.first_lba = first_lba
         self.next_seq = next_seq  # the seq of the next write; a write in flight carries it
+        self.lineage = lineage
         # seq + 1 per LBA, so that 0 can mean "never written" while seq 0 means "prefilled".
         self._plus_one = plus_one
 
@@ -122,14 +131,19 @@ class GuestStateError(ValueError):
 
 
 # version, write_iops, block_bytes, pattern, hot_fraction, seed, block_count, next_seq,
-# last_completion, max_gap_s, acked_writes, io_errors, pauses, compressed map length
+# last_completion, max_gap_s, acked_writes, io_errors, pauses, compressed map length;
+# from version 2 followed by the segment count and (run id, first seq) per segment, then the map.
 _STATE_HEAD = struct.Struct("<BIIBdQQQddQQII")
+_SEGMENT_COUNT = struct.Struct("<I")
+_SEGMENT = struct.Struct("<QQ")
+_LEGACY_LINEAGE = Lineage((Segment(LEGACY_RUN_ID, 0),))
 _CRC = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
 class GuestState:
-    """What moves with the guest: its spec, where its seq sequence stands, and what it acked."""
+    """What moves with the guest: its spec, where its seq sequence stands, what it acked, and
+    which runs wrote which seqs."""
 
     spec: WorkloadSpec
     block_count: int
@@ -140,6 +154,7 @@ class GuestState:
     acked_writes: int = 0
     io_errors: int = 0
     pauses: int = 0
+    lineage: Lineage = _LEGACY_LINEAGE
 
     def encode(self) -> bytes:
         acked = array("Q", self.acked)
@@ -151,30 +166,35 @@ class GuestState:
             self.spec.hot_fraction, self.spec.seed, self.block_count, self.next_seq, self.last_completion,
             self.max_gap_s, self.acked_writes, self.io_errors, self.pauses, len(packed),
         )
-        body = head + packed
+        segments = self.lineage.segments
+        body = (head + _SEGMENT_COUNT.pack(len(segments))
+                + b"".join(_SEGMENT.pack(s.run_id, s.first_seq) for s in segments) + packed)
         return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
     def decode(cls, blob: bytes) -> GuestState:
         if len(blob) < 1:
             raise GuestStateError("guest state is empty")
-        if blob[0] != STATE_VERSION:
-            raise GuestStateError(f"guest state version {blob[0]} is unsupported (supported: {STATE_VERSION})")
+        if blob[0] not in (1, STATE_VERSION):
+            raise GuestStateError(f"guest state version {blob[0]} is unsupported (supported: 1, {STATE_VERSION})")
         if len(blob) < _STATE_HEAD.size + _CRC.size:
             raise GuestStateError(f"guest state truncated: {len(blob)} bytes, the header alone is "
                                   f"{_STATE_HEAD.size + _CRC.size}")
         body, (crc,) = blob[: -_CRC.size], _CRC.unpack(blob[-_CRC.size :])
         if zlib.crc32(body) != crc:
             raise GuestStateError("guest state checksum mismatch: it was truncated or corrupted")
-        (_v, iops, block_bytes, pattern, hot, seed, block_count, next_seq, last, max_gap, acked_writes,
+        (version, iops, block_bytes, pattern, hot, seed, block_count, next_seq, last, max_gap, acked_writes,
          io_errors, pauses, packed_len) = _STATE_HEAD.unpack_from(body)
-        if len(body) != _STATE_HEAD.size + packed_len:
-            raise GuestStateError(f"guest state map is {len(body) - _STATE_HEAD.size} bytes, header says "
-                                  f"{packed_len}")
+        at = _STATE_HEAD.size
+        lineage = _LEGACY_LINEAGE
+        if version >= 2:
+            lineage, at = cls._decode_lineage(body, at)
+        if len(body) != at + packed_len:
+            raise GuestStateError(f"guest state map is {len(body) - at} bytes, header says {packed_len}")
         if pattern >= len(PATTERNS):
             raise GuestStateError(f"guest state names unknown pattern code {pattern}")
         try:
-            raw = zlib.decompress(body[_STATE_HEAD.size :])
+            raw = zlib.decompress(body[at:])
         except zlib.error as exc:
             raise GuestStateError(f"guest state map does not decompress: {exc}") from exc
         if len(raw) != 8 * block_count:
@@ -183,7 +203,23 @@ class GuestState:
         if sys.byteorder == "big":
             acked.byteswap()
         spec = WorkloadSpec(iops, block_bytes, PATTERNS[pattern], hot, seed)
-        return cls(spec, block_count, next_seq, acked, last, max_gap, acked_writes, io_errors, pauses)
+        return cls(spec, block_count, next_seq, acked, last, max_gap, acked_writes, io_errors, pauses, lineage)
+
+    @staticmethod
+    def _decode_lineage(body: bytes, at: int) -> tuple[Lineage, int]:
+        if len(body) < at + _SEGMENT_COUNT.size:
+            raise GuestStateError("guest state truncated before its run lineage")
+        (count,) = _SEGMENT_COUNT.unpack_from(body, at)
+        at += _SEGMENT_COUNT.size
+        if count == 0 or len(body) < at + count * _SEGMENT.size:
+            raise GuestStateError(f"guest state lineage of {count} segments does not fit its "
+                                  f"{len(body) - at} remaining bytes")
+        segments = tuple(Segment(*_SEGMENT.unpack_from(body, at + i * _SEGMENT.size)) for i in range(count))
+        try:
+            lineage = Lineage(segments)
+        except ValueError as exc:
+            raise GuestStateError(f"guest state lineage is invalid: {exc}") from None
+        return lineage, at + count * _SEGMENT.size
 
 
 class GuestWorkload:
@@ -210,6 +246,10 @@ class GuestWorkload:
         self._acked_writes = state.acked_writes if state else 0
         self._io_errors = state.io_errors if state else 0
         self._pauses = state.pauses if state else 0
+        # A new guest's first run covers its prefill (seq 0) too; a restored guest opens its own
+        # run when it starts, so that nothing it writes can pass for a write of the image's runs.
+        self._lineage = state.lineage if state else Lineage((Segment(draw_run_id(), 0),))
+        self._restored = state is not None
         # The first completion after a restore measures the blackout across the switchover.
         self._blackout_pending = self._last_completion is not None
         self._blackout_ms = 0.0
@@ -244,6 +284,9 @@ class GuestWorkload:
                 raise RuntimeError(
                     "workload already started; to run it again use GuestWorkload.from_state(ctrl, export_state())"
                 )
+            if self._restored:
+                run_id = draw_run_id(s.run_id for s in self._lineage.segments)
+                self._lineage = self._lineage.with_run(run_id, self._next_seq)
             self._started_at = time.monotonic()
             self._thread = threading.Thread(
                 target=self._run, name=f"guest-{self._ctrl.controller_id}", daemon=True
@@ -294,11 +337,12 @@ class GuestWorkload:
         with self._cond:
             if self._thread is not None:
                 raise RuntimeError("prefill() must run before start()")
+            run_id = self._lineage.run_of(0)
         per_chunk = CHUNK_BYTES // BLOCK_BYTES
         blocks = self._ctrl.block_count
         for first in range(0, blocks, per_chunk):
             count = min(per_chunk, blocks - first)
-            self._ctrl.write_blocks(first, b"".join(make_block(lba, 0) for lba in range(first, first + count)))
+            self._ctrl.write_blocks(first, b"".join(make_block(lba, 0, run_id) for lba in range(first, first + count)))
             with self._cond:
                 for lba in range(first, first + count):
                     self._acked[lba] = 1
@@ -320,6 +364,7 @@ class GuestWorkload:
                 acked_writes=self._acked_writes,
                 io_errors=self._io_errors,
                 pauses=self._pauses,
+                lineage=self._lineage,
             ).encode()
 
     def acked_map(self, first_lba: int = 0, count: int | None = None) -> AckedMap:
@@ -330,7 +375,11 @@ class GuestWorkload:
         if first_lba < 0 or count < 0 or first_lba + count > blocks:
             raise ValueError(f"lba range {first_lba}+{count} is outside the namespace of {blocks} blocks")
         with self._cond:
-            return AckedMap(first_lba, self._acked[first_lba : first_lba + count], self._next_seq)
+            return AckedMap(first_lba, self._acked[first_lba : first_lba + count], self._next_seq, self._lineage)
+
+    def lineage(self) -> Lineage:
+        with self._cond:
+            return self._lineage
 
     def status(self) -> WorkloadStats:
         with self._cond:
@@ -375,6 +424,8 @@ class GuestWorkload:
             pauses=self._pauses,
             io_errors=self._io_errors,
             failure=self._failure,
+            run_id=self._lineage.current_run,
+            receipt=self._lineage.receipt_for(self._next_seq - 1) if self._next_seq > 1 else None,
         )
 
     # ----- the guest thread -------------------------------------------------------------------
@@ -420,9 +471,10 @@ class GuestWorkload:
                 # next_seq advances only on acknowledgement, so a write abandoned during a stall
                 # is the same write (same seq, same LBA) when the guest continues.
                 seq = self._next_seq
+                run_id = self._lineage.current_run
             started = time.monotonic()
             lba = self._lba_for(seq)
-            data = b"".join(make_block(lba + i, seq) for i in range(self._per_write))
+            data = b"".join(make_block(lba + i, seq, run_id) for i in range(self._per_write))
             if not self._write(lba, data):
                 continue
             completed = time.time()

@@ -69,7 +69,7 @@ class StartWorkloadRequest(_message.Message):
     def __init__(self, controller_id: _Optional[str] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ...) -> None: ...
 
 class WorkloadStatus(_message.Message):
-    __slots__ = ("running", "paused", "acked_writes", "throttle_percent", "max_gap_ms", "blackout_ms", "next_seq", "writes_per_s", "pauses")
+    __slots__ = ("running", "paused", "acked_writes", "throttle_percent", "max_gap_ms", "blackout_ms", "next_seq", "writes_per_s", "pauses", "run_id", "receipt")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     ACKED_WRITES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class WorkloadStatus(_message.Message):
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     WRITES_PER_S_FIELD_NUMBER: _ClassVar[int]
     PAUSES_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     running: bool
     paused: bool
     acked_writes: int
@@ -88,7 +90,19 @@ class WorkloadStatus(_message.Message):
     next_seq: int
     writes_per_s: float
     pauses: int
-    def __init__(self, running: _Optional[bool] = ..., paused: _Optional[bool] = ..., acked_writes: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., max_gap_ms: _Optional[float] = ..., blackout_ms: _Optional[float] = ..., next_seq: _Optional[int] = ..., writes_per_s: _Optional[float] = ..., pauses: _Optional[int] = ...) -> None: ...
+    run_id: int
+    receipt: Receipt
+    def __init__(self, running: _Optional[bool] = ..., paused: _Optional[bool] = ..., acked_writes: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., max_gap_ms: _Optional[float] = ..., blackout_ms: _Optional[float] = ..., next_seq: _Optional[int] = ..., writes_per_s: _Optional[float] = ..., pauses: _Optional[int] = ..., run_id: _Optional[int] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("run_id", "seq", "run_first_seq")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    run_id: int
+    seq: int
+    run_first_seq: int
+    def __init__(self, run_id: _Optional[int] = ..., seq: _Optional[int] = ..., run_first_seq: _Optional[int] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
     __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload")
@@ -104,8 +118,16 @@ class ControllerStatus(_message.Message):
     workload: WorkloadStatus
     def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ...) -> None: ...
 
+class VerifyRequest(_message.Message):
+    __slots__ = ("controller_id", "receipts")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    receipts: _containers.RepeatedCompositeFieldContainer[Receipt]
+    def __init__(self, controller_id: _Optional[str] = ..., receipts: _Optional[_Iterable[_Union[Receipt, _Mapping]]] = ...) -> None: ...
+
 class VerifyResponse(_message.Message):
-    __slots__ = ("ok", "blocks_checked", "mismatches", "first_mismatch", "node", "digest", "controller")
+    __slots__ = ("ok", "blocks_checked", "mismatches", "first_mismatch", "node", "digest", "controller", "receipts_checked")
     OK_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     MISMATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +135,7 @@ class VerifyResponse(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     blocks_checked: int
     mismatches: int
@@ -120,7 +143,8 @@ class VerifyResponse(_message.Message):
     node: str
     digest: str
     controller: ControllerStatus
-    def __init__(self, ok: _Optional[bool] = ..., blocks_checked: _Optional[int] = ..., mismatches: _Optional[int] = ..., first_mismatch: _Optional[str] = ..., node: _Optional[str] = ..., digest: _Optional[str] = ..., controller: _Optional[_Union[ControllerStatus, _Mapping]] = ...) -> None: ...
+    receipts_checked: int
+    def __init__(self, ok: _Optional[bool] = ..., blocks_checked: _Optional[int] = ..., mismatches: _Optional[int] = ..., first_mismatch: _Optional[str] = ..., node: _Optional[str] = ..., digest: _Optional[str] = ..., controller: _Optional[_Union[ControllerStatus, _Mapping]] = ..., receipts_checked: _Optional[int] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
     __slots__ = ("job_id", "epoch", "controller_id")

@@ -61,7 +61,7 @@ class AgentServiceStub:
                 _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/nvmigrate.v1.AgentService/Verify',
-                request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+                request_serializer=proto_dot_v1_dot_agent__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_agent__pb2.VerifyResponse.FromString,
                 _registered_method=True)
         self.PrepareDestination = channel.unary_unary(
@@ -156,7 +156,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Checks every acknowledged guest write on this node, byte for byte.
+        """Checks every acknowledged guest write on this node, byte for byte, and that every receipt
+        given (a write someone saw acknowledged) is still in the guest's history.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -263,7 +264,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
-                    request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
+                    request_deserializer=proto_dot_v1_dot_agent__pb2.VerifyRequest.FromString,
                     response_serializer=proto_dot_v1_dot_agent__pb2.VerifyResponse.SerializeToString,
             ),
             'PrepareDestination': grpc.unary_unary_rpc_method_handler(
@@ -482,7 +483,7 @@ class AgentService:
             request,
             target,
             '/nvmigrate.v1.AgentService/Verify',
-            proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+            proto_dot_v1_dot_agent__pb2.VerifyRequest.SerializeToString,
             proto_dot_v1_dot_agent__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
