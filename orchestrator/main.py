@@ -21,6 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster import logs, telemetry
+from cluster.malformed_grpc import MalformedRequests
+from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
 from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
@@ -99,7 +101,7 @@ async def serve(args: argparse.Namespace) -> int:
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
         await http.stop()
     await orchestrator.agents.close()
     await store.close()
+    malformed_input.flush()
     return 0
 
 
