@@ -59,6 +59,7 @@ class Host:
         self.pending_corrupt_frame = 0
         self._lease_id = 0
         self._keeper: asyncio.Task[None] | None = None
+        self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
         self._lock = asyncio.Lock()
         self.started_at = time.time()
 
@@ -146,10 +147,11 @@ class Host:
                 log.warning("etcd unavailable for the node lease, retrying: %s", exc)
 
     async def stop(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        for task in (self._keeper, self._republisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.close()  # type: ignore[attr-defined]
@@ -388,7 +390,11 @@ class Host:
                     f"the source must not run it again")
         return None
 
-    async def abort(self, job_id: str, epoch: int, reason: str, controller_id: str = "") -> Session | None:
+    async def abort(self, job_id: str, epoch: int, reason: str, controller_id: str = "", *,
+                    commit_never_sent: bool = False) -> Session | None:
+        """Undoes a job here. A stopped source resumes only when etcd says it still owns the
+        controller, or when the orchestrator (of the session's epoch, checked first) says it never
+        sent the COMMIT: then no switchover can have happened and etcd need not answer."""
         session = self.sessions.get(job_id)
         if session is None:
             # Unknown job: nothing to undo, unless we restarted holding the source's suspended
@@ -400,7 +406,7 @@ class Host:
                 await self.publish()
             return None
         session.check_epoch(epoch)
-        if isinstance(session, SourceSession) and session.stage is SourceStage.STOPPED:
+        if isinstance(session, SourceSession) and session.stage is SourceStage.STOPPED and not commit_never_sent:
             # Past stop-and-copy the switchover may have committed: etcd decides who runs it.
             problem = await self._owned_here(session.controller_id)
             if problem:
@@ -415,5 +421,23 @@ class Host:
             await session.abort(reason)  # type: ignore[attr-defined]
         # A rolled-back source runs again: NBD requests stalled by the suspend go on now.
         self.nbd.controller_changed(session.controller_id)
-        await self.publish()
+        await self._publish_best_effort()  # the abort itself is done: an etcd outage must not fail it
         return session
+
+    async def _publish_best_effort(self) -> None:
+        try:
+            await self.publish()
+        except EtcdError as exc:
+            log.warning("node record not updated, etcd did not answer (%s); retrying in the background", exc)
+            if self._republisher is None or self._republisher.done():
+                self._republisher = asyncio.create_task(self._publish_until_done(), name="republish-node")
+
+    async def _publish_until_done(self) -> None:
+        delay_s = 0.2
+        while True:
+            await asyncio.sleep(delay_s)
+            try:
+                await self.publish()
+                return
+            except EtcdError:
+                delay_s = min(delay_s * 2, 5.0)

@@ -255,7 +255,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             if problem:
                 raise SessionError(ErrorKind.INVALID, problem)
             session = await self.host.abort(request.job_id, request.epoch, "aborted by the orchestrator",
-                                            request.controller_id)
+                                            request.controller_id, commit_never_sent=request.commit_never_sent)
             assert session is None or isinstance(session, SourceSession | DestinationSession)
             return self._session_status(session, request.job_id)
         return await self._guard(context, abort())

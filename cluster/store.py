@@ -40,6 +40,10 @@ READ_RETRY_BUDGET_S = 3.0
 T = TypeVar("T")
 
 
+class EtcdNotAnswering(aetcd.exceptions.ConnectionTimeoutError):
+    """etcd did not answer a quick check in time (frozen, partitioned, overloaded)."""
+
+
 class ConflictError(Exception):
     """A compare-and-swap lost: someone else wrote first. Re-read and decide again."""
 
@@ -333,6 +337,17 @@ class EtcdStore:
     async def leader_term(self) -> int | None:
         """The current leader's term, or None when nobody leads."""
         got = await self._read("get leader", lambda: self._client.get(self.keys.leader))
+        return int(got.create_revision) if got is not None else None
+
+    async def answers(self, timeout_s: float) -> int | None:
+        """One linearizable read (the leader key) that must be answered within `timeout_s`: asked
+        right before a step that etcd must follow quickly (the switchover). Returns the leader's
+        term; raises `EtcdNotAnswering` (an EtcdError) when etcd did not answer in time. Not
+        retried: a slow answer is the answer."""
+        try:
+            got = await asyncio.wait_for(self._client.get(self.keys.leader), timeout_s)
+        except TimeoutError:
+            raise EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {timeout_s:g} s") from None
         return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:

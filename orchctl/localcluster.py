@@ -185,6 +185,13 @@ class LocalCluster:
     def stop_etcd(self) -> None:
         self._own_etcd("stop_etcd").stop()
 
+    def freeze_etcd(self) -> None:
+        """SIGSTOP: etcd keeps its connections but answers nothing until `thaw_etcd()`."""
+        os.kill(self._own_etcd("freeze_etcd").popen.pid, signal.SIGSTOP)
+
+    def thaw_etcd(self) -> None:
+        os.kill(self._own_etcd("thaw_etcd").popen.pid, signal.SIGCONT)
+
     def restart_etcd(self, timeout_s: float = 30.0) -> str:
         """Starts etcd again on the same port and data dir (stopping it first if it runs), as an
         operator's restart would: clients keep their endpoint and etcd keeps its data and leases."""

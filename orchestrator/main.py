@@ -21,6 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster import logs, telemetry
+from cluster.malformed_grpc import MalformedRequests
+from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
 from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
@@ -97,9 +99,10 @@ class Orchestrator:
 async def serve(args: argparse.Namespace) -> int:
     store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
     await store.connect()
-    settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s)
+    settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
+                              etcd_check_timeout_s=args.etcd_check_timeout_s)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -139,6 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
         await http.stop()
     await orchestrator.agents.close()
     await store.close()
+    malformed_input.flush()
     return 0
 
 
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long an agent may not answer before it is declared lost for a job")
     parser.add_argument("--job-deadline-s", type=float, default=3600.0,
                         help="a job not committed by then rolls back")
+    parser.add_argument("--etcd-check-timeout-s", type=float, default=1.0,
+                        help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
+                             "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
-    for flag in ("agent_call_budget_s", "job_deadline_s"):
+    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.max_concurrent < 1:

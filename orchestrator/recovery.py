@@ -47,6 +47,9 @@ class Failure:
     destination_claimed: bool = False
     # After a MOVE_BACK: etcd gives the controller to the source again.
     moved_back: bool = False
+    # In STOP_AND_COPY: the COMMIT was never sent (and none sent earlier can land), so the stopped
+    # source may resume without etcd's word (etcd may be what failed).
+    commit_never_sent: bool = False
 
 
 class Action(StrEnum):
@@ -63,6 +66,7 @@ class Recovery:
     action: Action
     ending: Phase | None  # the terminal phase it ends the job with (None: the job goes on)
     reason: str
+    commit_never_sent: bool = False  # ROLL_BACK in STOP_AND_COPY: the source may resume without etcd
 
 
 def destination_replaceable(job: Job, *, max_attempts: int = MAX_DESTINATION_ATTEMPTS) -> bool:
@@ -104,4 +108,4 @@ def _before_commit(job: Job, failure: Failure, max_attempts: int) -> Recovery:
     if kind in (FailureKind.DESTINATION_LOST, FailureKind.DESTINATION_UNFIT) \
             and destination_replaceable(job, max_attempts=max_attempts):
         return Recovery(Action.REPLACE_DESTINATION, None, reason)
-    return Recovery(Action.ROLL_BACK, Phase.ROLLED_BACK, reason)
+    return Recovery(Action.ROLL_BACK, Phase.ROLLED_BACK, reason, commit_never_sent=failure.commit_never_sent)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cluster.records import LOST, RUNNING
-from cluster.store import ConflictError, EtcdError, EtcdStore
+from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
 from orchestrator import convergence, recovery, scheduler
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch, Stub
 from orchestrator.jobs import BEFORE_COMMIT, Job, Phase
@@ -37,6 +38,15 @@ T = TypeVar("T")
 STATE_FORMAT_VERSION = 1
 PROGRESS_INTERVAL_S = 0.5
 PROBE_BUDGET_S = 3.0
+# After the source resumed for want of etcd, the rolled-back job is written once etcd answers
+# again (within this long; past it a later pass finds the source aborted and rolls back anyway).
+ROLLBACK_WRITE_BUDGET_S = 120.0
+NO_ETCD_BEFORE_COMMIT = "etcd did not answer before COMMIT; the guest resumed on the source"
+
+# (job id, epoch) of the COMMITs this process sent. Their outcome is known only from etcd: a
+# commit that timed out at the client may still land. A later runner of the job (same epoch, so
+# no take-over write fences it) first writes the job, which makes such a commit's CAS fail.
+_commits_sent: set[tuple[str, int]] = set()
 # Refusals of PrepareDestination that say "not this node" (no room, an unknown state format):
 # another node may well take the controller.
 _UNFIT_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -46,6 +56,9 @@ _UNFIT_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.R
 class RunnerSettings:
     agent_call_budget_s: float = 15.0  # how long an agent may stay unreachable before we call it lost
     job_deadline_s: float = 3600.0  # past this, a job not yet committed rolls back
+    # How long etcd may take to answer the checks right before the guest pauses and right before
+    # COMMIT is sent: the guest's blackout must not wait on an etcd that is out.
+    etcd_check_timeout_s: float = 1.0
 
 
 class Superseded(Exception):
@@ -336,16 +349,33 @@ class JobRunner:
             await self.agents.address(self.j.destination_node)  # remembered for the resume right after
         except AgentUnreachable as exc:
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message)) from exc
+        if (self.job_id, self.epoch) in _commits_sent:
+            # An earlier runner's COMMIT did not land (the job still says STOP_AND_COPY); this
+            # write makes sure it never will, so the source may again resume without etcd.
+            await self._save(self.j.record(self._now()))
+            _commits_sent.discard((self.job_id, self.epoch))
+        # The guest pauses only while etcd answers: the commit needs it within the blackout.
+        # Raised as an EtcdError: this runner stops and a later pass starts the step again.
+        await self.store.answers(self.settings.etcd_check_timeout_s)
         self.suspended_at = self.monotonic()
         result = await self._long_call("source", "StopAndCopy", lambda s, t: s.StopAndCopy(self._ref(), timeout=t))
         job = self._step_done(result, rounds=0, guest_running=False)
         committed = self.observer.prepare(self._timed(self.j, job.enter(
             Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}")))
         try:
+            await self.store.answers(self.settings.etcd_check_timeout_s)
+        except EtcdError as exc:
+            # Nothing was sent: the switchover cannot have happened, so the source resumes now
+            # rather than after the outage.
+            log.warning("job %s: %s (%s)", self.job_id, NO_ETCD_BEFORE_COMMIT, exc)
+            raise StepFailed(Failure(FailureKind.STEP_FAILED, NO_ETCD_BEFORE_COMMIT, commit_never_sent=True)) from exc
+        _commits_sent.add((self.job_id, self.epoch))
+        try:
             self.revision = await self.store.commit_ownership(
                 job.id, committed.to_bytes(), self.revision, owned[0], owned[1], job.destination_node,
                 leader_term=self.epoch)
         except ConflictError:
+            _commits_sent.discard((self.job_id, self.epoch))  # refused: it can never land now
             fresh = await self._load()
             if fresh.phase is Phase.COMMIT:
                 return  # our write landed before the conflict was reported
@@ -353,6 +383,7 @@ class JobRunner:
                 raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator")) from None
             raise StepFailed(Failure(FailureKind.STEP_FAILED,
                                      f"commit refused: job or controller {job.controller_id} changed")) from None
+        _commits_sent.discard((self.job_id, self.epoch))
         self.observer.written(self.j, committed)
         self.job = committed
 
@@ -427,6 +458,13 @@ class JobRunner:
             await self._abort_source(decided.reason)
             self.history = []
             await self._save(job.destination_replaced(decided.reason, self._now()))
+        elif action is Action.ROLL_BACK and decided.commit_never_sent:
+            # The guest waits paused on the source: resume it first (the destination, never
+            # given the controller, cannot run it), then write the ending once etcd answers.
+            await self._abort_source(decided.reason, commit_never_sent=True)
+            notes = await self._abort_destination(budget_s=5.0)
+            await self._save_when_etcd_answers(self.j.end(_ending(decided), self._now(),
+                                                          "; ".join([decided.reason, *notes])))
         elif action is Action.ROLL_BACK:
             notes = await self._abort_destination(budget_s=5.0)
             await self._abort_source(decided.reason)
@@ -461,10 +499,21 @@ class JobRunner:
             raise Superseded(exc.message) from exc
         return []
 
-    async def _abort_source(self, reason: str, *, moved_back: bool = False) -> None:
+    async def _save_when_etcd_answers(self, new: Job) -> None:
+        """`_save(new, release=True)`, retried while etcd does not answer. Safe: a write that
+        landed unseen makes the retry's CAS lose, and `_save` then finds the job ended."""
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(TRANSIENT_ETCD_ERRORS),
+                                           stop=stop_after_delay(ROLLBACK_WRITE_BUDGET_S),
+                                           wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True):
+            with attempt:
+                await self._save(new, release=True)
+
+    async def _abort_source(self, reason: str, *, moved_back: bool = False, commit_never_sent: bool = False) -> None:
         """The source takes the controller back (RUNNING); if it cannot, it counts as lost."""
+        ref = self._ref()
+        ref.commit_never_sent = commit_never_sent
         try:
-            await self._call("source", "AbortMigration", lambda s: s.AbortMigration(self._ref(), timeout=10.0))
+            await self._call("source", "AbortMigration", lambda s: s.AbortMigration(ref, timeout=10.0))
         except StepFailed as exc:
             raise StepFailed(Failure(FailureKind.SOURCE_LOST, f"{reason}; then the source did not confirm it "
                                                               f"runs again: {exc.failure.reason}",

@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cluster import names
+from cluster.ratelimited_log import malformed_input
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.jobs import Job
 from orchestrator.metrics import ClusterState
 
 log = logging.getLogger(__name__)
+HTTP_KIND = "http"  # malformed input of this kind is logged at most once per window
 
 UI_DIR = Path(__file__).with_name("webui")
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -58,6 +61,20 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
+class ServerErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log: a request that is not HTTP (garbage, a TLS or HTTP/2 hello on this
+    port) goes to the rate-limited log of malformed input as one line; anything else (a handler
+    that raised) is logged as aiohttp would, with its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            said = (exc_info.message or type(exc_info).__name__).splitlines()[0][:120]
+            remote = args[0] if args else "?"
+            malformed_input.malformed(HTTP_KIND, "malformed HTTP request from %s: %d %s", remote, exc_info.code, said)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 class WebServer:
     def __init__(self, store: EtcdStore, name: str) -> None:
         self.store = store
@@ -78,7 +95,7 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> str:
         """Listens; returns the bound HOST:PORT (port 0 picks a free one)."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(self.app(), access_log=None, logger=ServerErrorLog(log))
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

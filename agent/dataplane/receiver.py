@@ -35,6 +35,7 @@ from agent.dataplane.framing import (
     encode_frame,
     read_frame,
 )
+from cluster.ratelimited_log import malformed_input
 
 __all__ = [
     "FINAL_MAX_PAYLOAD",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+DATA_PLANE_KIND = "data-plane"  # malformed input of this kind is logged at most once per window
 
 # StreamReader buffer limit. The default (64 KiB) makes the transport pause/resume reading many
 # times per 1 MiB frame; a few MiB lets the kernel->buffer copy overlap with sink writes.
@@ -350,9 +352,11 @@ class DataReceiver:
             async with asyncio.timeout(self._hello_timeout_s):
                 frame = await read_frame(reader, max_payload=HELLO_MAX_PAYLOAD)
         except TimeoutError:
-            logger.warning("data-plane peer %s sent no HELLO within %.1fs", conn.peer, self._hello_timeout_s)
+            malformed_input.malformed(DATA_PLANE_KIND, "data-plane peer %s sent no HELLO within %.1fs", conn.peer,
+                                      self._hello_timeout_s)
             return None
         except FrameError as exc:
+            malformed_input.malformed(DATA_PLANE_KIND, "data-plane peer %s sent a bad HELLO frame: %s", conn.peer, exc)
             await self._refuse(reader, writer, f"bad HELLO frame: {exc}")
             return None
         except OSError:
@@ -391,7 +395,7 @@ class DataReceiver:
                 + (f" (that session failed: {session.error})" if session.error else "")
             )
         if error is not None or session is None:
-            logger.warning("data-plane HELLO from %s refused: %s", conn.peer, error)
+            malformed_input.malformed(DATA_PLANE_KIND, "data-plane HELLO from %s refused: %s", conn.peer, error)
             await self._refuse(reader, writer, error or "refused")
             return None
 

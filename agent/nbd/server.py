@@ -38,6 +38,7 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError
 from agent.nbd import protocol as p
 from agent.vfio_states import VfioState
+from cluster.ratelimited_log import malformed_input
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class NbdServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away (or we hung up on it)
         except p.ProtocolError as exc:
-            log.warning("NBD client %s broke the protocol: %s; hanging up", peer, exc)
+            malformed_input.malformed("nbd", "NBD client %s broke the protocol: %s; hanging up", peer, exc)
         finally:
             if conn is not None:
                 conn.export.connections.discard(conn)

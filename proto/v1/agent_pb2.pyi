@@ -147,14 +147,16 @@ class VerifyResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., blocks_checked: _Optional[int] = ..., mismatches: _Optional[int] = ..., first_mismatch: _Optional[str] = ..., node: _Optional[str] = ..., digest: _Optional[str] = ..., controller: _Optional[_Union[ControllerStatus, _Mapping]] = ..., receipts_checked: _Optional[int] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
-    __slots__ = ("job_id", "epoch", "controller_id")
+    __slots__ = ("job_id", "epoch", "controller_id", "commit_never_sent")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_NEVER_SENT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch: int
     controller_id: str
-    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., controller_id: _Optional[str] = ...) -> None: ...
+    commit_never_sent: bool
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., controller_id: _Optional[str] = ..., commit_never_sent: _Optional[bool] = ...) -> None: ...
 
 class PrepareDestinationRequest(_message.Message):
     __slots__ = ("ref", "namespace_bytes", "state_format_version", "source_node")
