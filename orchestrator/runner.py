@@ -14,6 +14,7 @@ the source's (`verification`) happens afterwards, off the job's critical path (`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ T = TypeVar("T")
 STATE_FORMAT_VERSION = 1
 PROGRESS_INTERVAL_S = 0.5
 PROBE_BUDGET_S = 3.0
+MISSING_DESTINATION_POLL_S = 0.5
 # Refusals of PrepareDestination that say "not this node" (no room, an unknown state format):
 # another node may well take the controller.
 _UNFIT_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -249,6 +251,11 @@ class JobRunner:
             cordoned = await self.store.cordoned_nodes()
             if job.requested_destination:
                 node = next((n for n in nodes if n.name == job.requested_destination), None)
+                if node is None and not await self.agents.is_lost(job.requested_destination):
+                    # Unregistered for a moment (its lease expired under load) but not lost:
+                    # its record, which the checks need, comes back when it registers again.
+                    await asyncio.sleep(MISSING_DESTINATION_POLL_S)
+                    return
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
                                                  namespace_bytes=job.namespace_bytes, cordoned=cordoned)
                 if problem:
@@ -365,7 +372,9 @@ class JobRunner:
         except StaleEpoch as exc:
             raise Superseded(exc.message) from exc
         except AgentUnreachable as exc:
-            declared = await self.store.get_node(dest) is None
+            # Lost by the rule every call follows (unregistered past the grace window, and silent):
+            # a record missing for a moment (a lease that expired under load) is not enough.
+            declared = await self.agents.is_lost(dest)
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST,
                                      "its agent is gone (lease expired)" if declared else exc.message,
                                      destination_declared_lost=declared)) from exc
