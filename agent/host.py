@@ -22,6 +22,7 @@ from agent.backends.hosting import ControllerHosting, HostingError
 from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
+from agent.node_lease import NodeLease
 from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
@@ -57,8 +58,8 @@ class Host:
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0
-        self._lease_id = 0
-        self._keeper: asyncio.Task[None] | None = None
+        # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
+        self.lease = NodeLease(store.endpoint, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
         self._lock = asyncio.Lock()
         self.started_at = time.time()
@@ -70,8 +71,7 @@ class Host:
         await self.recover()
         await self.receiver.start()
         await self.nbd.start()
-        await self._register()
-        self._keeper = asyncio.create_task(self._keep_registered(), name="node-lease")
+        await self.lease.start(self.record())
 
     # ---- restart recovery ---------------------------------------------------------------------
     #
@@ -130,28 +130,11 @@ class Host:
             if (cid, job_id) not in pending:
                 state_path.unlink()  # its destination runs here already, or never will
 
-    async def _register(self) -> None:
-        self._lease_id = await self.store.grant_lease(self.lease_ttl_s)
-        await self.store.put_node(self.record(), self._lease_id)
-
-    async def _keep_registered(self) -> None:
-        """Refreshes the liveness lease at a third of its TTL; when etcd has expired it (we were
-        paused, partitioned, or etcd restarted), registers again under a new one."""
-        while True:
-            await asyncio.sleep(max(self.lease_ttl_s / 3.0, 0.2))
-            try:
-                if not await self.store.refresh_lease(self._lease_id):
-                    log.warning("node lease expired; registering again")
-                    await self._register()
-            except EtcdError as exc:
-                log.warning("etcd unavailable for the node lease, retrying: %s", exc)
-
     async def stop(self) -> None:
-        for task in (self._keeper, self._republisher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._republisher is not None:
+            self._republisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._republisher
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.close()  # type: ignore[attr-defined]
@@ -162,8 +145,7 @@ class Host:
             hosted.controller.close()
         await self.receiver.close()
         self.hosting.close()
-        with contextlib.suppress(EtcdError):
-            await self.store.revoke_lease(self._lease_id)
+        await self.lease.stop()
 
     @property
     def allocated_bytes(self) -> int:
@@ -178,12 +160,9 @@ class Host:
                           state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at)
 
     async def publish(self) -> None:
-        try:
-            await self.store.put_node(self.record(), self._lease_id)
-        except EtcdError as exc:
-            if "lease not found" not in str(exc):
-                raise
-            await self._register()  # expired under us (e.g. a long prefill starved the loop)
+        """The node record changed: the lease thread writes it (and registers again with it if
+        the lease expired)."""
+        await self.lease.publish(self.record())
 
     # ---- controllers ------------------------------------------------------------------------
 

@@ -3,11 +3,15 @@
 An `AgentCalls` owns a channel per agent address (with the tracing interceptor that places each
 call in its job's trace), finds a node's address in etcd (remembered briefly: a switchover
 makes several calls within milliseconds), and runs a call with a deadline and a retry budget.
+A node whose record is missing from etcd is not lost at once (`orchestrator.liveness`): within
+the grace window its last known address is used (or its record awaited), and after it the node
+is lost only if it does not answer a ping there.
 Every migration command is idempotent on the agent (keyed by job id and epoch), so calls are
 retried on the transient codes only (UNAVAILABLE, DEADLINE_EXCEEDED), never on everything.
 
 Failures come out typed, so callers branch on the type, never on message text:
-- `AgentUnreachable`: the node is not registered, or did not answer within the budget;
+- `AgentUnreachable`: the node is lost (unregistered past the grace window and silent), or did
+  not answer within the budget;
 - `StaleEpoch`: the agent refused because a newer orchestrator epoch drives the job (the agent
   sends it as structured status detail, see `cluster.agent_errors`);
 - `AgentRefused`: any other refusal, with the gRPC code and the agent's message.
@@ -27,8 +31,9 @@ import grpc.aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cluster import agent_errors, telemetry
-from cluster.store import EtcdStore
+from cluster.store import EtcdError, EtcdStore
 from orchestrator import tracing
+from orchestrator.liveness import Liveness, default_grace_s, judge_node
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,10 @@ log = logging.getLogger(__name__)
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 ADDRESS_CACHE_S = 1.0
 PING_TIMEOUT_S = 2.0
+# A ping that decides whether an unregistered node is lost: a busy agent may answer slowly.
+LIVENESS_PING_TIMEOUT_S = 5.0
+DEFAULT_NODE_GRACE_S = default_grace_s(5.0)  # the agents' default lease TTL
+MISSING_POLL_S = 0.2  # how often a missing record of a node never seen is looked for again
 LONG_CALL_DEADLINE_S = 20.0  # a long transfer call is re-issued (the agent attaches) after this
 UNREACHABLE_BACKOFF_S = 0.2
 T = TypeVar("T")
@@ -53,7 +62,7 @@ class AgentCallError(Exception):
 
 
 class AgentUnreachable(AgentCallError):
-    """The agent is not registered, or did not answer within the call's budget."""
+    """The node is lost (see `orchestrator.liveness`), or its agent did not answer within the call's budget."""
 
 
 class StaleEpoch(AgentCallError):
@@ -87,11 +96,15 @@ def _typed(node: str, what: str, exc: grpc.aio.AioRpcError) -> AgentCallError:
 class AgentCalls:
     """Channels, addresses and calls to agents. Close it with `close()`."""
 
-    def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic, *,
+                 node_grace_s: float = DEFAULT_NODE_GRACE_S) -> None:
         self.store = store
         self._clock = clock
+        self.node_grace_s = node_grace_s
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._addresses: dict[str, tuple[str, float]] = {}
+        self._addresses: dict[str, tuple[str, float]] = {}  # node -> (address, when read): the short cache
+        self._last_address: dict[str, str] = {}  # node -> the address it last had, kept while it is missing
+        self._missing_since: dict[str, float] = {}  # node -> when its record was first seen missing
 
     # ---- addresses and channels -----------------------------------------------------------
 
@@ -105,20 +118,66 @@ class AgentCalls:
         return Stub(channel)
 
     async def address(self, node: str) -> str:
-        """The node's AgentService address from etcd; AgentUnreachable when it is not registered."""
+        """The node's AgentService address. From etcd while it is registered; while its record is
+        missing, its last known address until `orchestrator.liveness` declares it lost, and then
+        AgentUnreachable. A node never seen is waited for through the grace window."""
         cached = self._addresses.get(node)
         if cached is not None and self._clock() - cached[1] < ADDRESS_CACHE_S:
             return cached[0]
-        record = await self.store.get_node(node)
-        if record is None:
+        while True:
+            try:
+                record = await self.store.get_node(node)
+            except EtcdError:
+                # etcd is out: the node's last address still reaches it (a command there is fenced by
+                # its job's epoch on the agent), so the source can resume during an etcd outage.
+                if node in self._last_address:
+                    return self._last_address[node]
+                raise
+            now = self._clock()
+            if record is not None:
+                self.remember(node, record.address)
+                return record.address
             self._addresses.pop(node, None)
-            raise AgentUnreachable(node, f"node {node!r} is not registered (its agent is down)")
-        self._addresses[node] = (record.address, self._clock())
-        return record.address
+            missing_for_s = now - self._missing_since.setdefault(node, now)
+            last = self._last_address.get(node, "")
+            verdict = judge_node(registered=False, missing_for_s=missing_for_s, grace_s=self.node_grace_s,
+                                 last_address=last, answered=None)
+            if verdict is Liveness.IN_GRACE:
+                if last:
+                    return last
+                await asyncio.sleep(MISSING_POLL_S)  # a node never seen: its record may come back
+                continue
+            if verdict is Liveness.ASK:
+                verdict = judge_node(registered=False, missing_for_s=missing_for_s, grace_s=self.node_grace_s,
+                                     last_address=last, answered=await self._is_node_at(node, last))
+            if verdict is Liveness.ANSWERS:
+                self._addresses[node] = (last, self._clock())  # one ping serves the calls right after
+                return last
+            where = f"and does not answer at {last}" if last else "and no address of it is known"
+            raise AgentUnreachable(node, f"node {node!r} has not been registered for {missing_for_s:.1f} s "
+                                         f"{where} (its agent is down)")
+
+    async def is_lost(self, node: str) -> bool:
+        """Whether the node counts as lost now, by the same rule as every call (see `address`)."""
+        try:
+            await self.address(node)
+        except AgentUnreachable:
+            return True
+        return False
+
+    async def _is_node_at(self, node: str, address: str) -> bool:
+        """A direct ping: does `node`'s agent (and not some other process) answer at `address`?"""
+        try:
+            info = await self.stub_at(address).GetInfo(agent_pb2.GetInfoRequest(), timeout=LIVENESS_PING_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(info.node == node)
 
     def remember(self, node: str, address: str) -> None:
         """An address read from etcd by the caller (a node listing): saves a read per call."""
         self._addresses[node] = (address, self._clock())
+        self._last_address[node] = address
+        self._missing_since.pop(node, None)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -127,10 +186,14 @@ class AgentCalls:
 
     # ---- calls ----------------------------------------------------------------------------
 
-    async def call(self, node: str, what: str, fn: Callable[[Stub], Awaitable[T]], *, budget_s: float) -> T:
+    async def call(self, node: str, what: str, fn: Callable[[Stub], Awaitable[T]], *, budget_s: float,
+                   etcd_down: bool = False) -> T:
         """One command, retried on transient errors until `budget_s` passes. The budget caps the
-        whole call: an attempt whose own RPC timeout reaches past it is cut off at the budget."""
-        stub = self.stub_at(await self.address(node))
+        whole call: an attempt whose own RPC timeout reaches past it is cut off at the budget.
+        `etcd_down`: the caller knows etcd is not answering; the node's last known address is used
+        without asking etcd (which would spend the budget waiting)."""
+        known = self._last_address.get(node) if etcd_down else None
+        stub = self.stub_at(known or await self.address(node))
         deadline = self._clock() + budget_s
 
         async def attempt_once() -> T:

@@ -280,15 +280,15 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
             if owned is None:
                 raise Refused(grpc.StatusCode.NOT_FOUND,
                               f"controller {cid!r} is not known; `orchctl controllers` lists them")
-            node = await self.store.get_node(owned[0].node)
-            if node is None:
+            owner = owned[0].node
+            # Not live by the rule every agent call follows: a record missing for a moment is not enough.
+            if await self.agents.is_lost(owner):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"controller {cid!r} is on node {owned[0].node!r}, whose agent is not live; "
+                              f"controller {cid!r} is on node {owner!r}, whose agent is not live; "
                               "it cannot be exported until that node is back")
-            self.agents.remember(node.name, node.address)
             try:
                 reply = await self.agents.call(
-                    node.name, f"export {cid}",
+                    owner, f"export {cid}",
                     lambda s: s.ExportController(agent_pb2.GetControllerRequest(controller_id=cid), timeout=5.0),
                     budget_s=EXPORT_BUDGET_S)
             except AgentUnreachable as exc:
@@ -297,10 +297,10 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     # etcd names the new owner from COMMIT on; the controller runs there a moment later.
                     raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                  f"controller {cid!r} belongs to node {node.name!r} but does not run there "
+                                  f"controller {cid!r} belongs to node {owner!r} but does not run there "
                                   "yet (a migration is switching it over); retry in a moment") from None
-                raise Refused(exc.code, f"node {node.name!r} refused to export {cid!r}: {exc.details}") from None
-            return migration_pb2.ControllerExport(controller_id=cid, node=node.name, uri=reply.uri)
+                raise Refused(exc.code, f"node {owner!r} refused to export {cid!r}: {exc.details}") from None
+            return migration_pb2.ControllerExport(controller_id=cid, node=owner, uri=reply.uri)
         return await self._guard(context, export())  # type: ignore[no-any-return]
 
     async def CordonNode(self, request: migration_pb2.CordonNodeRequest,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -24,10 +25,12 @@ from cluster import logs, telemetry
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
+from cluster.store_thread import StoreThread
 from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
+from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
 from orchestrator.verifier import Verifier
@@ -35,17 +38,22 @@ from proto.v1 import migration_pb2, migration_pb2_grpc
 
 log = logging.getLogger("orchestrator")
 CAMPAIGN_POLL_S = 0.2
+LEASE_THREAD_STOP_S = 5.0
 
 
 class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None) -> None:
+                 settings: RunnerSettings | None = None, node_grace_s: float | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.store = store
         self.name = name
         self.lease_ttl_s = lease_ttl_s
         self.max_concurrent = max_concurrent
-        self.agents = AgentCalls(store)
+        self.agents = AgentCalls(store, node_grace_s=default_grace_s(lease_ttl_s) if node_grace_s is None
+                                 else node_grace_s)
+        # The leader lease is refreshed from a thread of its own: a loop busy with many jobs must
+        # not let it expire (a needless step-down and takeover).
+        self.lease_thread = StoreThread(store.endpoint, store.prefix, f"leader-lease-{name}")
         self.dispatcher: JobDispatcher | None = None
         self.api = MigrationApi(store, self.agents, on_job_created=self._poke)
 
@@ -73,11 +81,10 @@ class Orchestrator:
                 continue
             log.info("%s leads with epoch %d", self.name, term)
             lost = asyncio.Event()
-
-            async def on_lost(lost: asyncio.Event = lost) -> None:
-                lost.set()
-
-            keeper = asyncio.create_task(keep_lease_alive(self.store, lease_id, self.lease_ttl_s, on_lost))
+            self.lease_thread.start()
+            keeper = self.lease_thread.submit(functools.partial(
+                keep_lease_alive, lease_id=lease_id, ttl_s=self.lease_ttl_s,
+                on_lost=functools.partial(_set_from_thread, asyncio.get_running_loop(), lost)))
             verifier = Verifier(self.store, self.agents, term)
             self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings,
                                             verifier)
@@ -90,10 +97,16 @@ class Orchestrator:
             finally:
                 await self.dispatcher.stop()
                 self.dispatcher = None
-                for task in (keeper, reconciling, verifying):
+                keeper.cancel()
+                for task in (reconciling, verifying):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+
+
+async def _set_from_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Sets `event`, which belongs to `loop`, from another thread's loop (the lease thread's)."""
+    loop.call_soon_threadsafe(event.set)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -101,7 +114,8 @@ async def serve(args: argparse.Namespace) -> int:
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
                               etcd_check_timeout_s=args.etcd_check_timeout_s)
-    orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings)
+    orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings,
+                                node_grace_s=args.node_grace_s)
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -140,6 +154,7 @@ async def serve(args: argparse.Namespace) -> int:
     await server.stop(grace=1.0)
     if http is not None:
         await http.stop()
+    await asyncio.to_thread(orchestrator.lease_thread.stop, LEASE_THREAD_STOP_S)
     await orchestrator.agents.close()
     await store.close()
     malformed_input.flush()
@@ -159,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=int, default=4, help="migrations driven at once")
     parser.add_argument("--agent-call-budget-s", type=float, default=15.0,
                         help="how long an agent may not answer before it is declared lost for a job")
+    parser.add_argument("--node-grace-s", type=float, default=None,
+                        help="how long a node's record may be missing from etcd (its lease expired) before "
+                             "the node counts as lost, if it does not answer a ping either (default: "
+                             f"--lease-ttl-s + {GRACE_OVER_LEASE_TTL_S:.0f} s; agents should use the same TTL)")
     parser.add_argument("--job-deadline-s", type=float, default=3600.0,
                         help="a job not committed by then rolls back")
     parser.add_argument("--etcd-check-timeout-s", type=float, default=1.0,
@@ -182,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
+    if args.node_grace_s is not None and args.node_grace_s < 0:
+        parser.error(f"--node-grace-s must be 0 or more, got {args.node_grace_s}")
     if args.max_concurrent < 1:
         parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     if telemetry.config_problem():  # the OTEL_* environment variables

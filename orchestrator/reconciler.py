@@ -126,6 +126,9 @@ class Reconciler:
             return None
 
     async def reconcile_once(self) -> list[SessionAction | SetControllerState]:
+        # Only registered nodes are asked. A node whose record is missing for a moment (a lease that
+        # expired under load) is not reported this pass, which only delays its repairs: `plan`
+        # takes nothing from a node's absence ("owner not live: nothing to compare with yet").
         nodes = await self.store.list_nodes()
         for n in nodes:
             self.agents.remember(n.name, n.address)

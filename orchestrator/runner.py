@@ -14,6 +14,7 @@ the source's (`verification`) happens afterwards, off the job's critical path (`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,7 @@ NO_ETCD_BEFORE_COMMIT = "etcd did not answer before COMMIT; the guest resumed on
 # commit that timed out at the client may still land. A later runner of the job (same epoch, so
 # no take-over write fences it) first writes the job, which makes such a commit's CAS fail.
 _commits_sent: set[tuple[str, int]] = set()
+MISSING_DESTINATION_POLL_S = 0.5
 # Refusals of PrepareDestination that say "not this node" (no room, an unknown state format):
 # another node may well take the controller.
 _UNFIT_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -167,10 +169,10 @@ class JobRunner:
         return Failure(FailureKind.STEP_FAILED, exc.message)
 
     async def _call(self, role: str, what: str, fn: Callable[[Stub], Awaitable[T]], *,
-                    budget_s: float | None = None) -> T:
+                    budget_s: float | None = None, etcd_down: bool = False) -> T:
         budget_s = self.settings.agent_call_budget_s if budget_s is None else budget_s
         try:
-            return await self.agents.call(self._node(role), what, fn, budget_s=budget_s)
+            return await self.agents.call(self._node(role), what, fn, budget_s=budget_s, etcd_down=etcd_down)
         except StaleEpoch as exc:
             raise Superseded(exc.message) from exc
         except (AgentUnreachable, AgentRefused) as exc:
@@ -263,6 +265,11 @@ class JobRunner:
             cordoned = await self.store.cordoned_nodes()
             if job.requested_destination:
                 node = next((n for n in nodes if n.name == job.requested_destination), None)
+                if node is None and not await self.agents.is_lost(job.requested_destination):
+                    # Unregistered for a moment (its lease expired under load) but not lost:
+                    # its record, which the checks need, comes back when it registers again.
+                    await asyncio.sleep(MISSING_DESTINATION_POLL_S)
+                    return
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
                                                  namespace_bytes=job.namespace_bytes, cordoned=cordoned)
                 if problem:
@@ -401,7 +408,9 @@ class JobRunner:
             # the switchover happened, whatever became of the reply.
             if await self._claimed_by(dest):
                 raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message, destination_claimed=True)) from exc
-            declared = await self.store.get_node(dest) is None
+            # Lost by the rule every call follows (unregistered past the grace window, and silent):
+            # a record missing for a moment (a lease that expired under load) is not enough.
+            declared = await self.agents.is_lost(dest)
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST,
                                      "its agent is gone (lease expired)" if declared else exc.message,
                                      destination_declared_lost=declared)) from exc
@@ -462,7 +471,7 @@ class JobRunner:
             # The guest waits paused on the source: resume it first (the destination, never
             # given the controller, cannot run it), then write the ending once etcd answers.
             await self._abort_source(decided.reason, commit_never_sent=True)
-            notes = await self._abort_destination(budget_s=5.0)
+            notes = await self._abort_destination(budget_s=5.0, etcd_down=True)
             await self._save_when_etcd_answers(self.j.end(_ending(decided), self._now(),
                                                           "; ".join([decided.reason, *notes])))
         elif action is Action.ROLL_BACK:
@@ -486,13 +495,14 @@ class JobRunner:
             log.warning("job %s: %s", job.id, decided.reason)
             await self._save(job.end(_ending(decided), self._now(), decided.reason), release=True)
 
-    async def _abort_destination(self, *, budget_s: float) -> list[str]:
+    async def _abort_destination(self, *, budget_s: float, etcd_down: bool = False) -> list[str]:
         """Best effort: a destination that does not answer is cleaned up by the reconciler later."""
         if not self.j.destination_node:
             return []
         try:
             await self.agents.call(self.j.destination_node, "AbortMigration",
-                                   lambda s: s.AbortMigration(self._ref(), timeout=5.0), budget_s=budget_s)
+                                   lambda s: s.AbortMigration(self._ref(), timeout=5.0), budget_s=budget_s,
+                                   etcd_down=etcd_down)
         except (AgentUnreachable, AgentRefused) as exc:
             return [f"destination cleanup pending: {exc.message}"]
         except StaleEpoch as exc:
@@ -513,7 +523,8 @@ class JobRunner:
         ref = self._ref()
         ref.commit_never_sent = commit_never_sent
         try:
-            await self._call("source", "AbortMigration", lambda s: s.AbortMigration(ref, timeout=10.0))
+            await self._call("source", "AbortMigration", lambda s: s.AbortMigration(ref, timeout=10.0),
+                             etcd_down=commit_never_sent)
         except StepFailed as exc:
             raise StepFailed(Failure(FailureKind.SOURCE_LOST, f"{reason}; then the source did not confirm it "
                                                               f"runs again: {exc.failure.reason}",
