@@ -61,6 +61,7 @@ class Host:
         # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
         self.lease = NodeLease(store.endpoint, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
+        self._publish_wanted = False
         self._lock = asyncio.Lock()
         self.started_at = time.time()
 
@@ -400,23 +401,24 @@ class Host:
             await session.abort(reason)  # type: ignore[attr-defined]
         # A rolled-back source runs again: NBD requests stalled by the suspend go on now.
         self.nbd.controller_changed(session.controller_id)
-        await self._publish_best_effort()  # the abort itself is done: an etcd outage must not fail it
+        self._publish_soon()  # the abort itself is done: an etcd outage must neither fail nor delay it
         return session
 
-    async def _publish_best_effort(self) -> None:
-        try:
-            await self.publish()
-        except EtcdError as exc:
-            log.warning("node record not updated, etcd did not answer (%s); retrying in the background", exc)
-            if self._republisher is None or self._republisher.done():
-                self._republisher = asyncio.create_task(self._publish_until_done(), name="republish-node")
+    def _publish_soon(self) -> None:
+        """The node record changed, but the caller must not wait on etcd (an abort that resumes a
+        guest during an etcd outage): it is written in the background, retried until it lands."""
+        self._publish_wanted = True
+        if self._republisher is None or self._republisher.done():
+            self._republisher = asyncio.create_task(self._publish_until_done(), name="publish-node")
 
     async def _publish_until_done(self) -> None:
         delay_s = 0.2
-        while True:
-            await asyncio.sleep(delay_s)
+        while self._publish_wanted:
+            self._publish_wanted = False  # a change made while this write runs asks for another
             try:
                 await self.publish()
-                return
-            except EtcdError:
+            except EtcdError as exc:
+                self._publish_wanted = True
+                log.warning("node record not updated, etcd did not answer (%s); retrying in %.1f s", exc, delay_s)
+                await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
