@@ -70,7 +70,9 @@ def no_space(exc: BaseException) -> OSError | None:
 def no_space_message(node: str, path: Path, exc: OSError) -> str:
     """One line for an operator: which node, which file, and what to do."""
     try:
-        free = f"{free_bytes(path.parent)} bytes free there"
+        stats = os.statvfs(path.parent)
+        free = (f"{stats.f_bavail * stats.f_frsize} bytes free there" if stats.f_favail
+                else "no inode left there")
     except OSError:
         free = "free space unknown"
     quota = " (over quota)" if exc.errno == errno.EDQUOT else ""
