@@ -50,7 +50,10 @@ async def test_a_record_without_a_claim_is_undone_and_the_destination_is_loaded_
         assert not (data_dir / "c1.json").exists() and (data_dir / "c1.mig-1.state").exists()
         assert restarted.hosting.pending_destinations() == [("c1", "mig-1")]
     finally:
-        await restarted.sessions["mig-1"].close()
+        loaded = restarted.sessions["mig-1"]
+        assert isinstance(loaded, DestinationSession)
+        await loaded.close()
+        loaded.ctrl.close()
         restarted.hosting.close()
 
 
