@@ -14,11 +14,12 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.backends.hosting import ControllerHosting, HostingError
+from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_files
 from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
@@ -27,7 +28,7 @@ from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
-from cluster.records import COMMITTED, LOST, ControllerRecord, NodeRecord
+from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, NodeRecord
 from cluster.store import EtcdError, EtcdStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,20 @@ class HostedController:
     guest: GuestDrivenController | None = None  # its guest-driver role, when the backend has one
     workload: GuestWorkload | None = None
     migrating_job: str = ""
+
+
+# Free space that moved less than this since the record was written is not worth an etcd write.
+FREE_SPACE_REPUBLISH_BYTES = 1 << 20
+FREE_SPACE_POLL_S = 1.0
+
+
+def _worth_publishing(published: NodeRecord, current: NodeRecord) -> bool:
+    before, now = published.data_dir_free_bytes, current.data_dir_free_bytes
+    if replace(published, data_dir_free_bytes=None) != replace(current, data_dir_free_bytes=None):
+        return True
+    if before is None or now is None:
+        return before != now
+    return abs(before - now) >= FREE_SPACE_REPUBLISH_BYTES
 
 
 class Host:
@@ -62,6 +77,8 @@ class Host:
         self.lease = NodeLease(store.endpoint, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
         self._publish_wanted = False
+        self._published: NodeRecord | None = None  # the record etcd has, as far as we know
+        self._free_space_watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.started_at = time.time()
 
@@ -69,10 +86,13 @@ class Host:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(sweep_temp_files, self.data_dir)  # writes a crash interrupted
         await self.recover()
         await self.receiver.start()
         await self.nbd.start()
-        await self.lease.start(self.record())
+        self._published = self.record()
+        await self.lease.start(self._published)
+        self._free_space_watch = asyncio.create_task(self._republish_on_change(), name="free-space-watch")
 
     # ---- restart recovery ---------------------------------------------------------------------
     #
@@ -94,6 +114,7 @@ class Host:
         """After a restart: reopen the controllers this node still owns (etcd decides), sanitize
         copies another node now owns, reload destinations whose state had arrived, and discard
         migrations that never got that far."""
+        await self._unadopt_unclaimed()
         for cid in await asyncio.to_thread(self.hosting.hosted_ids):
             owner = await self.store.get_controller(cid)
             elsewhere = owner is not None and owner[0].node != self.name
@@ -131,11 +152,39 @@ class Host:
             if (cid, job_id) not in pending:
                 state_path.unlink()  # its destination runs here already, or never will
 
+    async def _unadopt_unclaimed(self) -> None:
+        """A destination recorded as hosted whose claim of RUNNING never reached etcd (the agent
+        stopped between the two): it never ran, so it goes back to a loaded destination."""
+        hosted = set(await asyncio.to_thread(self.hosting.hosted_ids))
+        for state_path in sorted(self.data_dir.glob("*.state")):
+            cid, job_id = state_path.name.split(".")[:2]
+            if cid not in hosted:
+                continue
+            owner = await self.store.get_controller(cid)
+            if owner is not None and owner[0].node == self.name and owner[0].state == RUNNING:
+                continue  # claimed: it runs here
+            try:
+                await asyncio.to_thread(self.hosting.unadopt_destination, cid, job_id)
+            except HostingError as exc:
+                log.warning("%s left as it is: %s", state_path, exc)
+                continue
+            log.info("controller %s was recorded but never claimed: back to the loaded destination of job %s",
+                     cid, job_id)
+
+    async def _republish_on_change(self) -> None:
+        """The data dir's free space moves without us (guest writes fill sparse namespaces, other
+        programs share the filesystem): the record is written again once it moved enough."""
+        while True:
+            await asyncio.sleep(FREE_SPACE_POLL_S)
+            if self._published is None or _worth_publishing(self._published, self.record()):
+                self._publish_soon()
+
     async def stop(self) -> None:
-        if self._republisher is not None:
-            self._republisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._republisher
+        for task in (self._free_space_watch, self._republisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
                 await session.close()  # type: ignore[attr-defined]
@@ -154,16 +203,29 @@ class Host:
         backend, the slots taken)."""
         return self.hosting.allocated_bytes()
 
+    def data_dir_free_bytes(self) -> int | None:
+        """The data dir's free space when namespaces live there (the scheduler's real bound)."""
+        if not self.hosting.capabilities.namespaces_in_data_dir:
+            return None
+        try:
+            return free_bytes(self.data_dir)
+        except OSError as exc:
+            log.warning("free space of %s unknown: %s", self.data_dir, exc)
+            return None
+
     def record(self) -> NodeRecord:
         return NodeRecord(name=self.name, address=self.address, data_address=self.receiver.address,
                           capacity_bytes=self.capacity_bytes, allocated_bytes=self.allocated_bytes,
                           controllers=tuple(sorted(self.controllers)),
-                          state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at)
+                          state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at,
+                          data_dir_free_bytes=self.data_dir_free_bytes())
 
     async def publish(self) -> None:
         """The node record changed: the lease thread writes it (and registers again with it if
         the lease expired)."""
-        await self.lease.publish(self.record())
+        record = self.record()
+        await self.lease.publish(record)
+        self._published = record
 
     # ---- controllers ------------------------------------------------------------------------
 
@@ -329,7 +391,7 @@ class Host:
             except HostingError as exc:
                 raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {exc}") from None
             session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
-                                         controller=controller, token=secrets.token_hex(16),
+                                         controller=controller, token=secrets.token_hex(16), node=self.name,
                                          state_path=self._state_path(controller_id, job_id),
                                          guest=self.hosting.guest(controller), backend=self.hosting.kind)
             self.receiver.register(job_id, session.token, session)
@@ -338,18 +400,49 @@ class Host:
         return session
 
     async def destination_running(self, session: DestinationSession) -> None:
-        if session.stage is not DestinationStage.RUNNING:
-            # Claim RUNNING in etcd before running it: after this, ownership can no longer go
-            # back to the source, and if it already went back, we must not run it.
-            problem = await self.store.claim_running(session.controller_id, self.name)
+        """Runs the destination's controller, each step undone when a later one fails, so that a
+        controller runs only once it is durably listed: first the hosting's record (a restarted
+        agent finds it), then the claim of RUNNING in etcd (after which ownership cannot go back
+        to the source, and if it already went back we must not run it), then the controller and
+        its guest. A refusal before the claim leaves the destination loaded and resumable."""
+        async with session.resume_lock:
+            if session.stage is DestinationStage.RUNNING:
+                return
+            session.check_resumable()
+            try:
+                await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
+            except OSError as exc:
+                raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            try:
+                problem = await self.store.claim_running(session.controller_id, self.name)
+            except BaseException:
+                await self._unadopt(session)
+                raise
             if problem:
+                await self._unadopt(session)
                 raise SessionError(ErrorKind.PRECONDITION, problem)
-        async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
-            await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
-            self.controllers[session.controller_id] = self._hosted(controller, workload)
-            self.receiver.unregister(session.job_id)
-            await self.publish()
-        await session.resume(on_running)
+
+            async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
+                self.controllers[session.controller_id] = self._hosted(controller, workload)
+                self.receiver.unregister(session.job_id)
+                await self.publish()
+            await session.resume(on_running)
+
+    async def _unadopt(self, session: DestinationSession) -> None:
+        try:
+            await asyncio.to_thread(self.hosting.unadopt_destination, session.controller_id, session.job_id)
+        except Exception:
+            # Left recorded: a restarted agent un-adopts it then, as etcd never saw the claim.
+            log.exception("job %s: could not undo the record of controller %s", session.job_id,
+                          session.controller_id)
+
+    def _write_refusal(self, exc: OSError, what: str) -> SessionError:
+        full = no_space(exc)
+        where = Path(exc.filename) if exc.filename else self.data_dir
+        if full is not None:
+            return SessionError(ErrorKind.NO_SPACE, no_space_message(self.name, where, full))
+        return SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {what} failed writing {where}: "
+                                                    f"{exc.strerror or exc}; check its data dir")
 
     async def source_released(self, session: SourceSession) -> str:
         async def on_released() -> None:
@@ -392,11 +485,12 @@ class Host:
             if problem:
                 raise SessionError(ErrorKind.PRECONDITION, problem)
         if isinstance(session, DestinationSession):
-            self.receiver.unregister(job_id)
-            released = session.current not in (SourceStage.ABORTED, DestinationStage.ABORTED)
-            await session.abort(reason)
-            if released and session.controller is not None:
-                await asyncio.to_thread(self.hosting.release, session.controller_id, job_id)
+            async with session.resume_lock:  # not under a resume that is adopting or claiming
+                self.receiver.unregister(job_id)
+                released = session.current not in (SourceStage.ABORTED, DestinationStage.ABORTED)
+                await session.abort(reason)
+                if released and session.controller is not None:
+                    await asyncio.to_thread(self.hosting.release, session.controller_id, job_id)
         else:
             await session.abort(reason)  # type: ignore[attr-defined]
         # A rolled-back source runs again: NBD requests stalled by the suspend go on now.

@@ -25,6 +25,9 @@ class ErrorKind(StrEnum):
     STALE_EPOCH = "STALE_EPOCH"  # a newer orchestrator epoch drives the job
     DATA_LOSS = "DATA_LOSS"  # the data plane failed (checksum, peer gone)
     ABORTED = "ABORTED"  # the work was aborted under the caller
+    # A disk is full: this node's data dir (a resume), or, refused by a source's transfer, the
+    # destination's (the source itself writes nothing while it sends). Another node may do.
+    NO_SPACE = "NO_SPACE"
 
 
 CODES: dict[ErrorKind, grpc.StatusCode] = {
@@ -35,6 +38,7 @@ CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.STALE_EPOCH: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
     ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorKind.NO_SPACE: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

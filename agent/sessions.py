@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
+from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
-from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
+from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, stream_extents
 from agent.guest.workload import GuestWorkload
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
@@ -72,15 +72,6 @@ def decode_guest(controller: GuestDrivenController, blob: bytes) -> tuple[GuestW
 
 def guest_was_running(blob: bytes) -> bool:
     return bool(blob) and blob[0] == 1
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def lbas_to_extents(lbas: list[int]) -> list[tuple[int, int]]:
@@ -186,6 +177,9 @@ class SourceSession(Session):
         try:
             return await asyncio.shield(task)
         except DataPlaneError as exc:
+            if exc.cause == CAUSE_NO_SPACE:
+                raise SessionError(ErrorKind.NO_SPACE, f"the destination has no space left for job {self.job_id}: "
+                                                       f"{exc}") from exc
             raise SessionError(ErrorKind.DATA_LOSS, f"data plane failed: {exc}") from exc
         except asyncio.CancelledError:
             if task.cancelled():
@@ -400,6 +394,9 @@ class DestinationSession(Session):
     digest_task: asyncio.Task[str] | None = None
     bytes_received: int = 0
     guest_blob: bytes = b""
+    node: str = ""  # the node it runs on, for messages
+    # One resume at a time: a retried ResumeDestination waits for the one in flight.
+    resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     role: ClassVar[str] = "destination"
 
@@ -423,14 +420,30 @@ class DestinationSession(Session):
         assert self.controller is not None
         return self.controller
 
+    def _no_space(self, exc: BaseException, path: Path | None) -> SessionError | None:
+        """A refusal naming this node and the file, when ``exc`` is a full disk."""
+        full = no_space(exc)
+        if full is None:
+            return None
+        where = Path(full.filename) if full.filename else path
+        if where is None:
+            where = self.state_path.parent if self.state_path is not None else Path(".")
+        return SessionError(ErrorKind.NO_SPACE, no_space_message(self.node, where, full))
+
     # DestinationSink: the data plane calls these as frames arrive.
     async def apply_extent(self, offset: int, data: bytes) -> None:
-        if len(data) <= SMALL_WRITE_BYTES:
-            # A small pwrite into the page cache takes microseconds, a thread hop far longer;
-            # during stop-and-copy thousands of 4 KiB blocks arrive and the guest is waiting.
-            self.ctrl.write_raw(offset, data)
-        else:
-            await asyncio.to_thread(self.ctrl.write_raw, offset, data)
+        try:
+            if len(data) <= SMALL_WRITE_BYTES:
+                # A small pwrite into the page cache takes microseconds, a thread hop far longer;
+                # during stop-and-copy thousands of 4 KiB blocks arrive and the guest is waiting.
+                self.ctrl.write_raw(offset, data)
+            else:
+                await asyncio.to_thread(self.ctrl.write_raw, offset, data)
+        except OSError as exc:
+            refusal = self._no_space(exc, None)
+            if refusal is None:
+                raise
+            raise refusal from exc
         self.bytes_received += len(data)
 
     async def apply_round_end(self, round: int) -> None:
@@ -449,7 +462,13 @@ class DestinationSession(Session):
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
         # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
         if self.state_path is not None:
-            await asyncio.to_thread(_write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
+            try:
+                await asyncio.to_thread(write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
+            except OSError as exc:
+                refusal = self._no_space(exc, self.state_path)
+                if refusal is None:
+                    raise
+                raise refusal from exc
         self.guest_blob = guest_blob
         # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
         self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
@@ -473,13 +492,18 @@ class DestinationSession(Session):
         session.snapshot = await asyncio.to_thread(controller.begin_snapshot)
         return session
 
-    async def resume(self, on_running: Callable[[MigratableController, GuestWorkload | None], Awaitable[None]]
-                     ) -> None:
-        if self.stage is DestinationStage.RUNNING:
-            return
+    def check_resumable(self) -> None:
         if self.stage is not DestinationStage.LOADED:
             raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: cannot resume the destination in stage "
                                                        f"{self.label!r}; the controller state has not been loaded")
+
+    async def resume(self, on_running: Callable[[MigratableController, GuestWorkload | None], Awaitable[None]]
+                     ) -> None:
+        """Runs the controller. The caller has recorded it with the hosting and claimed it in
+        etcd first (Host.destination_running): a controller runs only once it is durably listed."""
+        if self.stage is DestinationStage.RUNNING:
+            return
+        self.check_resumable()
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.guest_blob and self.guest is not None:
             self.workload, was_running = decode_guest(self.guest, self.guest_blob)

@@ -6,7 +6,7 @@ Each record is a frozen dataclass that serializes to JSON; the key layout lives 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -22,6 +22,10 @@ class NodeRecord:
     controllers: tuple[str, ...] = ()
     state_format_version: int = 1
     started_at: float = 0.0
+    # Free space on the filesystem of the agent's data dir when its namespaces live there (statvfs:
+    # what an unprivileged writer may still use); None from a backend whose namespaces live
+    # elsewhere, and from agents older than this field.
+    data_dir_free_bytes: int | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -30,11 +34,20 @@ class NodeRecord:
     def from_bytes(cls, raw: bytes) -> NodeRecord:
         data: dict[str, Any] = json.loads(raw)
         data["controllers"] = tuple(data.get("controllers", ()))
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # a newer agent's extra fields
+
+    @property
+    def declared_free_bytes(self) -> int:
+        """What --capacity leaves free after the controllers and destinations already here."""
+        return self.capacity_bytes - self.allocated_bytes
 
     @property
     def free_bytes(self) -> int:
-        return self.capacity_bytes - self.allocated_bytes
+        """What fits here: the declared free space, bounded by the disk's when the agent says it."""
+        if self.data_dir_free_bytes is None:
+            return self.declared_free_bytes
+        return min(self.declared_free_bytes, self.data_dir_free_bytes)
 
 
 # Controller states kept in etcd.

@@ -129,13 +129,17 @@ class Reconciler:
         # Only registered nodes are asked. A node whose record is missing for a moment (a lease that
         # expired under load) is not reported this pass, which only delays its repairs: `plan`
         # takes nothing from a node's absence ("owner not live: nothing to compare with yet").
+        # Ownership is read before the reports: a controller claimed after the reports were taken
+        # (being created right now) would otherwise look MISSING on its live owner. The jobs are
+        # read after them, so that every session reported has its job.
+        controllers = await self.store.list_controllers()
         nodes = await self.store.list_nodes()
         for n in nodes:
             self.agents.remember(n.name, n.address)
         infos = await asyncio.gather(*(self._report(n.name) for n in nodes))
         reports = {n.name: info for n, info in zip(nodes, infos, strict=True) if info is not None}
         jobs = {j.id: j for j in (Job.from_bytes(v.value) for v in await self.store.list_jobs())}
-        actions = plan(await self.store.list_controllers(), reports, jobs)
+        actions = plan(controllers, reports, jobs)
         for action in actions:
             log.info("reconcile: %s", action)
             if isinstance(action, SessionAction):

@@ -10,8 +10,9 @@ failure. The table, by phase:
   operator did not name it and attempts remain; a lost source ends the job FAILED with the
   controller marked LOST there, never resumed elsewhere without an operator;
 - after COMMIT only the destination may run the controller: resuming it is retried while the
-  destination is merely silent; a destination declared lost before it claimed RUNNING in etcd
-  hands ownership back to the still-frozen source (MOVE_BACK); once it had claimed, the switchover
+  destination is merely silent; a destination declared lost, or that answers it cannot resume
+  (unfit: its disk is full; or any other refusal), before it claimed RUNNING in etcd hands
+  ownership back to the still-frozen source (MOVE_BACK); once it had claimed, the switchover
   has happened (it lists the controller durably before it claims, and runs it right after): the
   job completes, with the destination's silence in its reason, and verification follows (a
   destination that stays gone fails verification, which keeps the source copy for an operator).
@@ -33,7 +34,9 @@ class FailureKind(StrEnum):
     CANCELLED = "CANCELLED"  # the operator asked
     SOURCE_LOST = "SOURCE_LOST"  # the source is gone, or did not take the controller back
     DESTINATION_LOST = "DESTINATION_LOST"  # not registered, silent past the budget, or forgot the job
-    DESTINATION_UNFIT = "DESTINATION_UNFIT"  # answered, but cannot take this controller (no room, version)
+    # Answered, but cannot take this controller: no room (its disk full, before or after
+    # COMMIT), an unknown state format.
+    DESTINATION_UNFIT = "DESTINATION_UNFIT"
     STEP_FAILED = "STEP_FAILED"  # anything else: corrupt data, no convergence, deadline, a refusal
 
 
@@ -93,8 +96,11 @@ def decide(job: Job, failure: Failure, *, max_attempts: int = MAX_DESTINATION_AT
         # source matters again only if ownership comes back to it.
         return Recovery(Action.RETRY, None, f"destination {job.destination_node} not answering after COMMIT, "
                                             f"retrying: {reason}")
+    # Declared lost, or it answered that it cannot resume: it refuses before it claims, so
+    # the controller never ran there and the still-frozen source can take it back.
+    unfit = "cannot take the controller" if failure.kind is FailureKind.DESTINATION_UNFIT else "cannot resume"
     return Recovery(Action.MOVE_BACK, Phase.ROLLED_BACK,
-                    f"destination {job.destination_node} cannot resume after COMMIT ({reason}); it never ran the "
+                    f"destination {job.destination_node} {unfit} after COMMIT ({reason}); it never ran the "
                     f"controller, so ownership went back to {job.source_node}, which runs it again")
 
 

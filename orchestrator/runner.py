@@ -52,6 +52,8 @@ MISSING_DESTINATION_POLL_S = 0.5
 # Refusals of PrepareDestination that say "not this node" (no room, an unknown state format):
 # another node may well take the controller.
 _UNFIT_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# How an agent says a disk is full (agent.session_states.ErrorKind.NO_SPACE).
+_NO_SPACE_CODE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ class JobRunner:
         if isinstance(exc, AgentUnreachable):
             kind = FailureKind.SOURCE_LOST if role == "source" else FailureKind.DESTINATION_LOST
             return Failure(kind, exc.message)
+        if exc.code == _NO_SPACE_CODE:
+            # The destination's disk is full: refused by it, or by a source whose transfer it
+            # refused (a source writes nothing while it sends). Another node may take it.
+            return Failure(FailureKind.DESTINATION_UNFIT, exc.message)
         return Failure(FailureKind.STEP_FAILED, exc.message)
 
     async def _call(self, role: str, what: str, fn: Callable[[Stub], Awaitable[T]], *,
@@ -415,7 +421,9 @@ class JobRunner:
                                      "its agent is gone (lease expired)" if declared else exc.message,
                                      destination_declared_lost=declared)) from exc
         except AgentRefused as exc:
-            raise StepFailed(Failure(FailureKind.STEP_FAILED, exc.message)) from exc
+            # A refusal comes before the claim (the destination claims only once it can run it):
+            # recovery hands ownership back to the source unless the claim had landed after all.
+            raise StepFailed(self._failure("destination", exc)) from exc
         downtime_ms = (self.monotonic() - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
         blackout_ms = 0.0
         try:
@@ -489,7 +497,11 @@ class JobRunner:
                                               leader_term=self.epoch):
                 raise StepFailed(Failure(FailureKind.DESTINATION_LOST, decided.reason, destination_claimed=True))
             await self._abort_source(decided.reason, moved_back=True)
-            await self._save(job.end(_ending(decided), self._now(), decided.reason), release=True)
+            # Its loaded copy can never run now (its claim would lose): discard it while we are
+            # here; one that does not answer is left to the reconciler.
+            notes = await self._abort_destination(budget_s=2.0)
+            await self._save(job.end(_ending(decided), self._now(), "; ".join([decided.reason, *notes])),
+                             release=True)
         elif action is Action.COMPLETE_CLAIMED:
             # No downtime or blackout is recorded: the resume was never confirmed, so neither was measured.
             log.warning("job %s: %s", job.id, decided.reason)

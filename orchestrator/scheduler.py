@@ -1,4 +1,9 @@
-"""Choosing a destination node for a controller. Pure: node facts in, a choice or a reason out."""
+"""Choosing a destination node for a controller. Pure: node facts in, a choice or a reason out.
+
+A node has room for what both bounds allow: its declared capacity (--capacity) less what it
+holds, and the free space of its data dir's filesystem when the agent reports it (a disk that
+other data filled, or sparse namespaces that grew). A rejection names both numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,35 @@ from dataclasses import dataclass
 
 from cluster.records import NodeRecord
 
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
 
 @dataclass(frozen=True)
 class Placement:
     node: NodeRecord | None
     reason: str  # why this node, or why none
+
+
+def size_text(n: int) -> str:
+    """Bytes as an operator reads them: '16 MiB', '1.5 GiB', '512 bytes'."""
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if abs(n) >= unit:
+            value = n / unit
+            return f"{value:.0f} {name}" if n % unit == 0 else f"{value:.1f} {name}"
+    return f"{n} bytes"
+
+
+def room_problem(node: NodeRecord, namespace_bytes: int) -> str | None:
+    """'12 MiB free on its data dir, needs 16 MiB' (the bound that binds), or None when it fits."""
+    if node.free_bytes >= namespace_bytes:
+        return None
+    needs = f"needs {size_text(namespace_bytes)}"
+    disk = node.data_dir_free_bytes
+    declared = node.declared_free_bytes
+    if disk is not None and disk < declared:
+        return f"{size_text(disk)} free on its data dir ({size_text(declared)} by its declared capacity), {needs}"
+    on_disk = f", {size_text(disk)} on its data dir" if disk is not None else ""
+    return f"{size_text(declared)} free by its declared capacity{on_disk}, {needs}"
 
 
 def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_bytes: int,
@@ -23,10 +52,19 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
         return f"destination node {name!r} is not a live registered agent; check `orchctl nodes`"
     if name in cordoned:
         return f"destination node {name!r} is cordoned; choose another or uncordon it"
-    if node.free_bytes < namespace_bytes:
-        return (f"destination node {name!r} has {node.free_bytes} bytes free, the controller needs "
-                f"{namespace_bytes}; choose another node")
+    room = room_problem(node, namespace_bytes)
+    if room:
+        return f"destination node {name!r} has {room}; choose another node or free space there"
     return None
+
+
+def _rejection(node: NodeRecord, *, namespace_bytes: int, cordoned: Collection[str],
+               excluded: Collection[str]) -> str:
+    if node.name in excluded:
+        return f"{node.name}: tried already"
+    if node.name in cordoned:
+        return f"{node.name}: cordoned"
+    return f"{node.name}: {room_problem(node, namespace_bytes) or 'fits'}"
 
 
 def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_bytes: int,
@@ -37,8 +75,11 @@ def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_by
             and node_problem(n, n.name, source=source, namespace_bytes=namespace_bytes,
                              cordoned=cordoned) is None]
     if not fits:
-        considered = ", ".join(sorted(n.name for n in nodes if n.name != source)) or "none"
-        return Placement(None, f"no live node other than {source!r} has {namespace_bytes} bytes free "
-                               f"and is not cordoned or excluded (considered: {considered})")
+        others = sorted((n for n in nodes if n.name != source), key=lambda n: n.name)
+        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, cordoned=cordoned, excluded=excluded)
+                        for n in others)
+        considered = ", ".join(n.name for n in others) or "none"
+        return Placement(None, f"no live node other than {source!r} can take the controller's {namespace_bytes} "
+                               f"bytes{': ' + why if why else ''} (considered: {considered})")
     best = sorted(fits, key=lambda n: (-n.free_bytes, len(n.controllers), n.name))[0]
-    return Placement(best, f"{best.name}: {best.free_bytes} bytes free, {len(best.controllers)} controllers")
+    return Placement(best, f"{best.name}: {size_text(best.free_bytes)} free, {len(best.controllers)} controllers")

@@ -9,7 +9,8 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,28 @@ async def receiver() -> AsyncIterator[DataReceiver]:
         yield r
     finally:
         await r.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mounts a real tmpfs, a disk that fills: `tmpfs(name, size="8m", nr_inodes=...)` returns
+    its mount point under this test's tmp dir. Every mount is unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "8m", nr_inodes: int | None = None) -> Path:
+        point = tmp_path / name
+        point.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes is not None else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30, check=False)
 
 
 @pytest.fixture

@@ -89,3 +89,25 @@ def test_a_source_that_does_not_resume_after_the_move_back_fails_the_job() -> No
     decided = decide(job(Phase.RESUMING), Failure(K.SOURCE_LOST, "n1 silent", moved_back=True))
     assert (decided.action, decided.ending) == (FSL, Phase.FAILED)
     assert "ownership went back to n1" in decided.reason and "marked lost" in decided.reason
+
+
+@pytest.mark.parametrize("phase", [Phase.PRECOPY, Phase.DIRTY_ITERATION])
+def test_a_destination_whose_disk_fills_during_the_copy_is_replaced(phase: Phase) -> None:
+    decided = decide(job(phase), Failure(K.DESTINATION_UNFIT, "node 'n2': no space left on device writing x"))
+    assert (decided.action, decided.ending) == (REP, None)
+
+
+def test_a_destination_whose_disk_fills_at_stop_and_copy_rolls_back_to_the_source() -> None:
+    decided = decide(job(Phase.STOP_AND_COPY), Failure(K.DESTINATION_UNFIT, "node 'n2': no space left on device"))
+    assert (decided.action, decided.ending) == (RB, Phase.ROLLED_BACK)
+
+
+def test_a_destination_with_no_space_to_resume_hands_ownership_back_before_it_claims() -> None:
+    decided = decide(job(Phase.RESUMING), Failure(K.DESTINATION_UNFIT, "node 'n2': no space left on device writing "
+                                                                       "/d/c1.json.tmp"))
+    assert (decided.action, decided.ending) == (MOVE, Phase.ROLLED_BACK)
+    assert decided.reason.startswith("destination n2 cannot take the controller after COMMIT (node 'n2': no space")
+    assert "ownership went back to n1" in decided.reason
+    # had its claim landed after all, the move back fails: it runs there, the job completes
+    claimed = decide(job(Phase.RESUMING), Failure(K.DESTINATION_UNFIT, "no space", destination_claimed=True))
+    assert claimed.action is DONE

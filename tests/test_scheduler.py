@@ -127,3 +127,57 @@ def test_node_problem_and_choose_destination_agree(case: Case) -> None:
     for name in NAMES:  # a node that is not a live agent is never acceptable, whatever else holds
         if name not in {n.name for n in case.nodes}:
             assert case.problem(None, name) is not None
+
+
+# ---- the disk's own free space (agents report statvfs of their data dir) -----------------------
+
+MiB = 1 << 20
+
+
+def disk_node(name: str, declared_free: int, disk_free: int | None) -> NodeRecord:
+    return NodeRecord(name=name, address="a", data_address="d", capacity_bytes=1 << 30,
+                      allocated_bytes=(1 << 30) - declared_free, data_dir_free_bytes=disk_free)
+
+
+def test_the_smaller_of_declared_and_disk_free_space_decides() -> None:
+    nodes = [disk_node("n2", 900 * MiB, 12 * MiB), disk_node("n3", 100 * MiB, 500 * MiB)]
+    placement = choose_destination(nodes, source="n1", namespace_bytes=16 * MiB)
+    assert placement.node is not None and placement.node.name == "n3"  # 100 MiB beats n2's 12 MiB on disk
+    assert placement.reason == "n3: 100 MiB free, 0 controllers"
+
+
+def test_a_node_whose_disk_is_fuller_than_declared_is_refused_naming_both_numbers() -> None:
+    full = disk_node("n2", 900 * MiB, 12 * MiB)
+    problem = node_problem(full, "n2", source="n1", namespace_bytes=16 * MiB, cordoned=())
+    assert problem == ("destination node 'n2' has 12 MiB free on its data dir (900 MiB by its declared capacity), "
+                       "needs 16 MiB; choose another node or free space there")
+    placement = choose_destination([full], source="n1", namespace_bytes=16 * MiB)
+    assert placement.node is None
+    assert "n2: 12 MiB free on its data dir (900 MiB by its declared capacity), needs 16 MiB" in placement.reason
+
+
+def test_a_declared_capacity_smaller_than_the_disk_still_binds() -> None:
+    node_ = disk_node("n2", 8 * MiB, 500 * MiB)
+    problem = node_problem(node_, "n2", source="n1", namespace_bytes=16 * MiB, cordoned=())
+    assert problem is not None and "8 MiB free by its declared capacity, 500 MiB on its data dir, needs 16 MiB" \
+        in problem
+
+
+def test_an_older_record_without_disk_free_space_uses_the_declared_capacity() -> None:
+    raw = b'{"name": "n2", "address": "a", "data_address": "d", "capacity_bytes": 1000, "allocated_bytes": 200}'
+    old = NodeRecord.from_bytes(raw)
+    assert old.data_dir_free_bytes is None and old.free_bytes == 800
+    assert node_problem(old, "n2", source="n1", namespace_bytes=800, cordoned=()) is None
+    newer = NodeRecord.from_bytes(raw[:-1] + b', "data_dir_free_bytes": 100, "from_a_later_agent": 1}')
+    assert newer.free_bytes == 100
+
+
+def test_the_reason_for_no_destination_says_why_each_node_was_refused() -> None:
+    nodes = [disk_node("n2", 900 * MiB, 12 * MiB), disk_node("n3", 900 * MiB, 900 * MiB),
+             disk_node("n4", 900 * MiB, 900 * MiB)]
+    placement = choose_destination(nodes, source="n1", namespace_bytes=16 * MiB, cordoned={"n3"}, excluded={"n4"})
+    assert placement.node is None
+    assert placement.reason == (
+        f"no live node other than 'n1' can take the controller's {16 * MiB} bytes: n2: 12 MiB free on its data "
+        "dir (900 MiB by its declared capacity), needs 16 MiB; n3: cordoned; n4: tried already "
+        "(considered: n2, n3, n4)")

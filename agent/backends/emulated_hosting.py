@@ -20,12 +20,14 @@ from typing import Any
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.backends.hosting import HostingCapabilities, HostingError
+from agent.datadir import write_atomically
 from agent.emulated.controller import EmulatedController
 
 log = logging.getLogger(__name__)
 
 KIND = "emulated"
-CAPABILITIES = HostingCapabilities(guest_workload=True, nbd_export=True, sparse_extents=True)
+CAPABILITIES = HostingCapabilities(guest_workload=True, nbd_export=True, sparse_extents=True,
+                                   namespaces_in_data_dir=True)
 # A data dir of the nvme-passthru backend (agent.backends.passthru_hosting.SLOTS_FILE).
 _PASSTHRU_SLOTS_FILE = "nvme-passthru.slots"
 
@@ -80,9 +82,8 @@ class EmulatedHosting:
 
     def _write_meta(self, controller_id: str, namespace_bytes: int, namespace_file: str) -> None:
         meta = {"controller_id": controller_id, "namespace_bytes": namespace_bytes, "namespace_file": namespace_file}
-        tmp = self._meta_path(controller_id).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(self._meta_path(controller_id))  # atomic: never a half-written record
+        # atomic: never a half-written record, and no temp file left when the disk is full
+        write_atomically(self._meta_path(controller_id), json.dumps(meta).encode())
 
     # ----- capacity -----------------------------------------------------------------------------
 
@@ -145,9 +146,21 @@ class EmulatedHosting:
         return EmulatedController.for_resuming(controller_id, incoming, incoming.stat().st_size, create=False)
 
     def adopt_destination(self, controller_id: str, job_id: str) -> None:
-        namespace_bytes = self._destinations.pop((controller_id, job_id))
+        namespace_bytes = self._destinations[controller_id, job_id]
+        # Recorded first: a write that fails (disk full) leaves it a pending destination.
         self._write_meta(controller_id, namespace_bytes, self._incoming_path(controller_id, job_id).name)
+        del self._destinations[controller_id, job_id]
         self._hosted[controller_id] = namespace_bytes
+
+    def unadopt_destination(self, controller_id: str, job_id: str) -> None:
+        meta = self._metadata().get(controller_id)
+        if meta is not None and meta["namespace_file"] != self._incoming_path(controller_id, job_id).name:
+            raise HostingError(f"controller {controller_id!r} runs here from {meta['namespace_file']}, not as the "
+                               f"destination of job {job_id}")
+        self._meta_path(controller_id).unlink(missing_ok=True)
+        namespace_bytes = self._hosted.pop(controller_id, None)
+        if namespace_bytes is not None:
+            self._destinations[controller_id, job_id] = namespace_bytes
 
     def release(self, controller_id: str, job_id: str = "") -> None:
         """The controller's release() deleted its namespace file; forget the rest."""

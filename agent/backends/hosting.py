@@ -10,7 +10,9 @@ so that a restarted agent finds its controllers again:
   (``discard``, which never needs them open);
 - ``create_destination``: a migration destination in RESUMING for a job; ``pending_destinations``
   / ``reload_destination``: after a restart, the destinations prepared and not yet running;
-  ``adopt_destination``: a destination that runs now is a hosted controller;
+  ``adopt_destination``: a destination about to run is recorded as a hosted controller (before
+  it claims the controller in etcd and runs it), ``unadopt_destination`` undoes that when the
+  claim fails;
 - ``release``: a controller or destination that was sanitized (its ``release()``) gives its
   resources back;
 - ``capacity_problem`` / ``capacity_bytes`` / ``allocated_bytes``: what fits, as etcd is told;
@@ -42,6 +44,8 @@ class HostingCapabilities:
     guest_workload: bool  # a built-in guest (the guest-driver role): workloads and Verify
     nbd_export: bool  # NBD export of a controller's namespace through its guest I/O path
     sparse_extents: bool  # data_extents reports holes, so a first copy moves only data
+    # Namespaces are files in the agent's data dir, so its free space bounds what fits here.
+    namespaces_in_data_dir: bool = False
 
 
 class ControllerHosting(Protocol):
@@ -89,7 +93,13 @@ class ControllerHosting(Protocol):
         ...
 
     def adopt_destination(self, controller_id: str, job_id: str) -> None:
-        """The destination of ``job_id`` runs now: record it as a controller of this agent."""
+        """The destination of ``job_id`` is about to run: record it as a controller of this agent.
+        When the record cannot be written (a full disk) it stays a pending destination."""
+        ...
+
+    def unadopt_destination(self, controller_id: str, job_id: str) -> None:
+        """Undo ``adopt_destination``: the controller may not run here after all, and stays the
+        pending (loaded, resumable) destination of ``job_id``."""
         ...
 
     def release(self, controller_id: str, job_id: str = "") -> None:

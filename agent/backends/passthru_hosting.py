@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import stat
 import threading
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ from agent.backends.hosting import DeviceAccess, HostingCapabilities, HostingErr
 from agent.backends.namespace_device import DeviceUnavailableError, NamespaceDevice
 from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruController
 from agent.controller_errors import ControllerError
+from agent.datadir import write_atomically
 from agent.nvme import commands
 from agent.nvme.migration_driver import MigrationDriver
 from agent.nvme.spec import ID_CTRL_OACS, IDENTIFY_BYTES, OACS_HMLMS
@@ -195,12 +195,7 @@ class PassthruHosting:
     def _save(self) -> None:
         data = {"version": 1, "pf": str(self.device),
                 "slots": {str(c): asdict(r) for c, r in sorted(self._records.items())}}
-        tmp = self._file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self._file)  # atomic: never a half-written inventory
+        write_atomically(self._file, json.dumps(data, indent=1).encode())  # never a half-written inventory
 
     # ----- capacity -----------------------------------------------------------------------------
 
@@ -327,8 +322,23 @@ class PassthruHosting:
 
     def adopt_destination(self, controller_id: str, job_id: str) -> None:
         with self._lock:
-            self._records[self._slot_of(controller_id, job_id)].job_id = ""
-            self._save()
+            record = self._records[self._slot_of(controller_id, job_id)]
+            record.job_id = ""
+            try:
+                self._save()
+            except BaseException:
+                record.job_id = job_id  # not recorded (disk full): still the pending destination
+                raise
+
+    def unadopt_destination(self, controller_id: str, job_id: str) -> None:
+        with self._lock:
+            record = self._records[self._slot_of(controller_id)]
+            record.job_id = job_id
+            try:
+                self._save()
+            except BaseException:
+                record.job_id = ""
+                raise
 
     def release(self, controller_id: str, job_id: str = "") -> None:
         """The controller's release() erased the namespace; the VF stays suspended."""

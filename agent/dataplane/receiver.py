@@ -12,7 +12,9 @@ into the new controller's namespace. The source agent connects with ``DataSender
     ABORT(reason)                ends the session
 
 Any failure (corrupt frame, sink error, protocol violation, idle timeout) marks the session
-failed with a readable reason, answers with a not-ok ACK and closes the connection. A failed or
+failed with a readable reason, answers with a not-ok ACK and closes the connection. A sink that
+failed for lack of space (its error, or one behind it, is ENOSPC or EDQUOT) adds
+``"cause": "no_space"`` to that ACK: this destination is unfit, another node may well do. A failed or
 used token can never be reused, so a stray or replayed connection cannot write into a namespace;
 the destination must register the job again with a fresh token.
 """
@@ -28,6 +30,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.datadir import no_space
 from agent.dataplane.framing import (
     Frame,
     FrameError,
@@ -38,6 +41,7 @@ from agent.dataplane.framing import (
 from cluster.ratelimited_log import malformed_input
 
 __all__ = [
+    "CAUSE_NO_SPACE",
     "FINAL_MAX_PAYLOAD",
     "STREAM_LIMIT",
     "DataReceiver",
@@ -53,6 +57,8 @@ DATA_PLANE_KIND = "data-plane"  # malformed input of this kind is logged at most
 # StreamReader buffer limit. The default (64 KiB) makes the transport pause/resume reading many
 # times per 1 MiB frame; a few MiB lets the kernel->buffer copy overlap with sink writes.
 STREAM_LIMIT = 4 * 1024 * 1024
+# The cause of a refusal, in its ACK, when the destination's disk is full.
+CAUSE_NO_SPACE = "no_space"
 # Before authentication a peer may only send a small HELLO.
 HELLO_MAX_PAYLOAD = 64 * 1024
 # FINAL carries controller state plus guest state, which can be much larger than an extent.
@@ -149,6 +155,10 @@ def _ack(seq: int = 0, **body: Any) -> bytes:
 
 def _exc_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    return CAUSE_NO_SPACE if no_space(exc) is not None else ""
 
 
 class DataReceiver:
@@ -332,10 +342,14 @@ class DataReceiver:
         except (TimeoutError, OSError):
             writer.transport.abort()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: str) -> None:
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: str,
+                      cause: str = "") -> None:
         """Send a not-ok ACK, half-close and discard in-flight data for a while (see _LINGER_S)."""
         try:
-            writer.write(_ack(ok=False, error=error))
+            body: dict[str, Any] = {"ok": False, "error": error}
+            if cause:
+                body["cause"] = cause
+            writer.write(_ack(**body))
             if writer.can_write_eof():
                 writer.write_eof()
             await asyncio.wait_for(writer.drain(), _LINGER_S)
@@ -416,10 +430,10 @@ class DataReceiver:
     async def _serve(self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         job = session.job_id
 
-        async def fail(reason: str) -> None:
+        async def fail(reason: str, cause: str = "") -> None:
             session.fail(reason)
             logger.warning("data-plane session for job %s failed: %s", job, reason)
-            await self._refuse(reader, writer, reason)
+            await self._refuse(reader, writer, reason, cause)
 
         while True:
             try:
@@ -448,7 +462,8 @@ class DataReceiver:
                 except Exception as exc:
                     await fail(
                         f"destination failed to write extent at offset {frame.offset} "
-                        f"({len(frame.payload)} bytes): {_exc_text(exc)}"
+                        f"({len(frame.payload)} bytes): {_exc_text(exc)}",
+                        _cause(exc),
                     )
                     return
                 session.bytes_received += len(frame.payload)
@@ -479,7 +494,7 @@ class DataReceiver:
                     await session.sink.apply_final(state_blob, guest_blob)
                 except Exception as exc:
                     # The sink's own message is what the source (and the operator) needs to see.
-                    await fail(_exc_text(exc))
+                    await fail(_exc_text(exc), _cause(exc))
                     return
                 session.done = True
                 writer.write(_ack(ok=True, kind="final", bytes_received=session.bytes_received))

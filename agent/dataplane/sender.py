@@ -31,9 +31,9 @@ from agent.dataplane.framing import (
     read_frame,
 )
 from agent.dataplane.ratelimit import TokenBucket
-from agent.dataplane.receiver import FINAL_MAX_PAYLOAD, STREAM_LIMIT, encode_final_payload
+from agent.dataplane.receiver import CAUSE_NO_SPACE, FINAL_MAX_PAYLOAD, STREAM_LIMIT, encode_final_payload
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "stream_extents"]
+__all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "stream_extents"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,14 @@ _ABORT_REASON_MAX = 4096
 
 
 class DataPlaneError(Exception):
-    """The transfer failed; ``reason`` is the receiver's (or the connection's) own explanation."""
+    """The transfer failed; ``reason`` is the receiver's (or the connection's) own explanation,
+    ``cause`` what its refusal said of the kind of failure (``CAUSE_NO_SPACE``, or empty)."""
 
-    def __init__(self, reason: str, *, address: str = "", job_id: str = "") -> None:
+    def __init__(self, reason: str, *, address: str = "", job_id: str = "", cause: str = "") -> None:
         self.reason = reason
         self.address = address
         self.job_id = job_id
+        self.cause = cause
         where = f"data plane to {address or '?'} (job {job_id or '?'})"
         super().__init__(f"{where}: {reason}")
 
@@ -97,6 +99,7 @@ class DataSender:
         self._bytes_sent = 0
         self._extent_frames = 0
         self._error: str | None = None
+        self._error_cause = ""
         self._closed = False
         self.corrupt_frame = 0
         # ACKs come back in request order (the receiver handles frames strictly in order).
@@ -270,22 +273,25 @@ class DataSender:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise DataPlaneError(self._error, address=self._address, job_id=self._job_id)
+            raise DataPlaneError(self._error, address=self._address, job_id=self._job_id,
+                                 cause=self._error_cause)
 
-    def _set_error(self, reason: str) -> None:
+    def _set_error(self, reason: str, cause: str = "") -> None:
         # The first reason wins: later ones (EOF after an error ACK) are consequences.
         if self._error is None:
             self._error = reason
+            self._error_cause = cause
 
     def _fail_waiters(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_exception(DataPlaneError(self._error or "failed", address=self._address, job_id=self._job_id))
+                fut.set_exception(DataPlaneError(self._error or "failed", address=self._address, job_id=self._job_id,
+                                                 cause=self._error_cause))
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, cause: str = "") -> None:
         """Mark the sender unusable, wake every waiter, drop the connection."""
-        self._set_error(reason)
+        self._set_error(reason, cause)
         self._fail_waiters()
         # Aborting also wakes a writer blocked in drain(), which then sees _error.
         self._writer.transport.abort()
@@ -302,7 +308,8 @@ class DataSender:
                     self._fail(f"protocol error: receiver sent {frame.type.name} {body!r}, expected an ACK")
                     return
                 if not body["ok"]:
-                    self._fail(str(body.get("error") or "receiver reported a failure without a reason"))
+                    self._fail(str(body.get("error") or "receiver reported a failure without a reason"),
+                               str(body.get("cause") or ""))
                     return
                 if not self._waiters:
                     self._fail(f"protocol error: unexpected ACK {body!r} with no request outstanding")
