@@ -116,6 +116,7 @@ FREEZE_BEYOND_TTL_S = 3.0
 CLOCK_STEP_S = 120.0
 GARBAGE_BURST_S = 3.0
 GARBAGE_MAX_LOG_LINES = 20  # per process, during the burst
+GARBAGE_EVIDENCE_LINES = 8  # of an offending process's burst lines, the first ones go in the report
 
 
 def _etcd_restart(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
@@ -183,7 +184,7 @@ def _garbage_ports(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
                    + ", ".join(f"{n} {len(lines)}" for n, lines in sorted(new_lines.items())))
     for name, lines in sorted(new_lines.items()):
         if any(problem.startswith(f"{name} ") for problem in fault.problems):
-            fault.evidence += [f"{name} (during the burst): {ln[:300]}" for ln in lines[:15]]
+            fault.evidence += [f"{name} (during the burst): {ln[:300]}" for ln in lines[:GARBAGE_EVIDENCE_LINES]]
     return fault
 
 
