@@ -188,6 +188,18 @@ def _garbage_ports(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
     return fault
 
 
+def _fill_disk(role: str) -> Callable[[MultiHostCluster, dict[str, Any]], FaultRecord]:
+    """Fills the disk of the job's `role` ("source_node" or "destination_node"); says where the
+    job stood once the disk was full (a fast phase may be over by then)."""
+    def inject(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
+        fault = bed.fill_disk(str(job[role]))
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+            now = json.loads(str(bed.etcd_range(f"/nvmigrate/jobs/{job['id']}", timeout_s=2.0)[0]["value"]))
+            fault.note += f"; the job was in {now['phase']} once the disk was full"
+        return fault
+    return inject
+
+
 def _not_lost(bed: MultiHostCluster, cell: CellResult) -> list[str]:
     """The faulty node lived (or came back): the controller must not be written off."""
     state = str(owner_record(bed, CONTROLLER).get("state", ""))
@@ -213,10 +225,10 @@ FAULTS: dict[str, Fault] = {f.key: f for f in (
     Fault("kill-leader", "kill orchestrator leader", lambda bed, job: bed.kill_leader()),
     Fault("etcd-restart", "etcd restart", _etcd_restart),
     Fault("overload-source", "overload source", _overload_source, busy_guests=True, check=_not_lost),
-    Fault("disk-full-destination", "disk full destination", lambda bed, job: bed.fill_disk(job["destination_node"]),
+    Fault("disk-full-destination", "disk full destination", _fill_disk("destination_node"),
           data_tmpfs_mib=DISK_TMPFS_MIB, check=_not_lost),
-    Fault("disk-full-source", "disk full source", lambda bed, job: bed.fill_disk(job["source_node"]),
-          data_tmpfs_mib=DISK_TMPFS_MIB, check=_not_lost),
+    Fault("disk-full-source", "disk full source", _fill_disk("source_node"), data_tmpfs_mib=DISK_TMPFS_MIB,
+          check=_not_lost),
     Fault("freeze-source", "freeze source (TTL+3 s)", _freeze(lambda bed, job: str(job["source_node"])),
           check=_not_lost),
     Fault("freeze-destination", "freeze destination (TTL+3 s)",

@@ -70,11 +70,22 @@ ORCHESTRATOR_GRPC_METHOD = "/nvmigrate.v1.MigrationService/GetMigration"
 
 
 def fill_until_full(path: Path, chunk_bytes: int = FILL_CHUNK_BYTES) -> int:
-    """Writes `path` until the file system says ENOSPC (then in 4 KiB pieces, to leave no
-    room at all); returns the bytes written. Any other error is raised."""
+    """Fills the file system of `path` with that file: the free space allocated in one call
+    (twice as fast as writing it, so a fault aimed at a short phase lands in it), then written
+    until the file system says ENOSPC (then in 4 KiB pieces, to leave no room at all); returns
+    the bytes taken. Any other error is raised."""
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        free = shutil.disk_usage(path.parent).free
+        if free:
+            try:
+                os.posix_fallocate(fd, 0, free)
+                written = free
+            except OSError as exc:  # ENOSPC: someone took some meanwhile; EOPNOTSUPP: not here
+                if exc.errno not in (errno.ENOSPC, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        os.lseek(fd, written, os.SEEK_SET)
         for size in (chunk_bytes, 4096):
             block = b"\0" * size
             while True:
