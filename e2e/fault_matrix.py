@@ -107,11 +107,19 @@ class Fault:
     busy_guests: bool = False  # Workload.busy_guests more busy controllers on the source at set-up
     # extra expectations, checked once the job ended and the fault is healed: problems found
     check: Callable[[MultiHostCluster, CellResult], list[str]] | None = None
+    # for a fault too slow to land inside a short phase (STOP_AND_COPY, COMMIT lasts milliseconds):
+    # most of its work done when the job enters DIRTY_ITERATION; returns a note for the report
+    stage: Callable[[MultiHostCluster, dict[str, Any]], str] | None = None
 
 
 # A data dir holds the 16 MiB namespace (source) or its copy (destination), the controller
 # metadata and the state file: 48 MiB leaves room for all that, and a filler takes the rest.
 DISK_TMPFS_MIB = 48
+# Once precopy is over, the destination's namespace copy is written whole and dirty rounds only
+# overwrite it: a ballast can take all but this much of its disk without changing what happens
+# before the fault; the fault fills the rest in a millisecond.
+DISK_BALLAST_LEAVES_MIB = 4
+SHORT_PHASES = ("STOP_AND_COPY", "COMMIT")
 FREEZE_BEYOND_TTL_S = 3.0
 CLOCK_STEP_S = 120.0
 GARBAGE_BURST_S = 3.0
@@ -200,6 +208,14 @@ def _fill_disk(role: str) -> Callable[[MultiHostCluster, dict[str, Any]], FaultR
     return inject
 
 
+def _ballast(role: str) -> Callable[[MultiHostCluster, dict[str, Any]], str]:
+    def stage(bed: MultiHostCluster, job: dict[str, Any]) -> str:
+        taken = bed.ballast_disk(str(job[role]), DISK_BALLAST_LEAVES_MIB * MiB)
+        return (f"{taken >> 20} MiB ballast on {job[role]} in DIRTY_ITERATION, leaving "
+                f"{DISK_BALLAST_LEAVES_MIB} MiB for the fault to fill")
+    return stage
+
+
 def _not_lost(bed: MultiHostCluster, cell: CellResult) -> list[str]:
     """The faulty node lived (or came back): the controller must not be written off."""
     state = str(owner_record(bed, CONTROLLER).get("state", ""))
@@ -226,9 +242,9 @@ FAULTS: dict[str, Fault] = {f.key: f for f in (
     Fault("etcd-restart", "etcd restart", _etcd_restart),
     Fault("overload-source", "overload source", _overload_source, busy_guests=True, check=_not_lost),
     Fault("disk-full-destination", "disk full destination", _fill_disk("destination_node"),
-          data_tmpfs_mib=DISK_TMPFS_MIB, check=_not_lost),
+          data_tmpfs_mib=DISK_TMPFS_MIB, check=_not_lost, stage=_ballast("destination_node")),
     Fault("disk-full-source", "disk full source", _fill_disk("source_node"), data_tmpfs_mib=DISK_TMPFS_MIB,
-          check=_not_lost),
+          check=_not_lost, stage=_ballast("source_node")),
     Fault("freeze-source", "freeze source (TTL+3 s)", _freeze(lambda bed, job: str(job["source_node"])),
           check=_not_lost),
     Fault("freeze-destination", "freeze destination (TTL+3 s)",
@@ -406,6 +422,8 @@ class Trigger(threading.Thread):
         self.record: FaultRecord | None = None
         self.job_at_fault: dict[str, Any] = {}
         self.error = ""
+        self.stage_note = ""
+        self._staged = fault.stage is None or column.key not in SHORT_PHASES
         self._pending: list[dict[str, Any]] = []
 
     def run(self) -> None:
@@ -422,6 +440,15 @@ class Trigger(threading.Thread):
                     job = self._pending.pop(0)
                     if job.get("id") != self.job_id:
                         continue
+                    if not self._staged and job["phase"] == "DIRTY_ITERATION":
+                        self._staged = True
+                        assert self.fault.stage is not None
+                        try:
+                            self.stage_note = self.fault.stage(self.bed, job)
+                        except Exception as exc:
+                            self.error = f"preparing {self.fault.title} failed: {exc}"
+                            self.fired.set()
+                            break
                     if self.column.reached(job):
                         self.job_at_fault = job
                         try:
@@ -494,9 +521,11 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
         assert trigger.record is not None
         cell.injected_in = str(trigger.job_at_fault["phase"])
         cell.target = trigger.record.target
-        cell.fault_note = trigger.record.note + (f"; {busy} busy guests ({workload.busy_guest_bytes >> 20} MiB, "
-                                                 f"{workload.busy_guest_write_iops} writes/s) on {SOURCE} since "
-                                                 "set-up" if busy else "")
+        notes = [trigger.record.note, trigger.stage_note]
+        if busy:
+            notes.append(f"{busy} busy guests ({workload.busy_guest_bytes >> 20} MiB, "
+                         f"{workload.busy_guest_write_iops} writes/s) on {SOURCE} since set-up")
+        cell.fault_note = "; ".join(n for n in notes if n)
         epoch_at_fault = int(trigger.job_at_fault.get("epoch", 0))
         fault_at = trigger.record.at_monotonic
         print(f"fault {trigger.record.kind} {trigger.record.target} injected with the job in {cell.injected_in} "

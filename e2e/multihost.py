@@ -64,6 +64,7 @@ LEADER_KEY = "/nvmigrate/leader"
 API_TIMEOUT_S = 5.0
 ETCD = "etcd"  # the name a freeze takes for the etcd process
 FILLER_NAME = "e2e-disk-filler"
+BALLAST_NAME = "e2e-disk-ballast"
 FILL_CHUNK_BYTES = 1 << 20
 AGENT_GRPC_METHOD = "/nvmigrate.v1.AgentService/GetController"
 ORCHESTRATOR_GRPC_METHOD = "/nvmigrate.v1.MigrationService/GetMigration"
@@ -148,7 +149,7 @@ class MultiHostCluster:
     frozen: dict[str, _Freeze] = field(default_factory=dict)  # process name -> its pending SIGCONT
     cpu_hogs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     mounts: dict[str, Path] = field(default_factory=dict)  # agent -> its tmpfs data dir
-    fillers: dict[str, Path] = field(default_factory=dict)  # agent -> the file that fills its disk
+    fillers: dict[str, list[Path]] = field(default_factory=dict)  # agent -> the files that fill its disk
     clock_file: Path | None = None  # the orchestrators' libfaketime offset file
     clock_offset_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -442,7 +443,8 @@ class MultiHostCluster:
         if hogs:
             healed.append(f"{hogs} CPU hogs stopped")
         for name in sorted(self.fillers):
-            self.fillers.pop(name).unlink(missing_ok=True)
+            for path in self.fillers.pop(name):
+                path.unlink(missing_ok=True)
             healed.append(f"disk of {name} freed")
         if healed:
             self._say(f"healed: {', '.join(healed)}")
@@ -530,13 +532,30 @@ class MultiHostCluster:
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
         self.mounts.clear()
 
+    def ballast_disk(self, name: str, leave_bytes: int) -> int:
+        """Takes all but `leave_bytes` of agent `name`'s tmpfs (a ballast file, removed on heal),
+        so that filling the rest later takes a millisecond; returns the bytes taken."""
+        if name not in self.mounts:
+            raise ClusterError(f"agent {name}'s data dir is not a tmpfs of its own: start the bed with "
+                               "MultiHostConfig(data_tmpfs_bytes=...)")
+        ballast = self.mounts[name] / BALLAST_NAME
+        self.fillers.setdefault(name, []).append(ballast)
+        take = max(0, shutil.disk_usage(self.mounts[name]).free - leave_bytes)
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if take:
+                os.posix_fallocate(fd, 0, take)
+        finally:
+            os.close(fd)
+        return take
+
     def fill_disk(self, name: str) -> FaultRecord:
         """Fills agent `name`'s tmpfs data dir until ENOSPC."""
         if name not in self.mounts:
             raise ClusterError(f"agent {name}'s data dir is not a tmpfs of its own: start the bed with "
                                "MultiHostConfig(data_tmpfs_bytes=...)")
         filler = self.mounts[name] / FILLER_NAME
-        self.fillers[name] = filler
+        self.fillers.setdefault(name, []).append(filler)
         written = fill_until_full(filler)
         free = shutil.disk_usage(self.mounts[name]).free
         return self._record("disk full", name, f"{written >> 20} MiB filler written to its "

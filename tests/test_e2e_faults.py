@@ -109,7 +109,9 @@ def test_the_bed_fills_disks_freezes_overloads_steps_clocks_finds_ports_and_leav
         data_dirs = [bed.c.agent_data_dir(n) for n in bed.agent_names]
         assert all(os.path.ismount(d) for d in data_dirs)
 
-        # disk full: that node's tmpfs only, until healed
+        # disk full: that node's tmpfs only, until healed; a ballast first leaves a little to fill
+        bed.ballast_disk("n2", 4 * MiB)
+        assert 3 * MiB < shutil.disk_usage(data_dirs[1]).free <= 4 * MiB
         bed.fill_disk("n2")
         assert shutil.disk_usage(data_dirs[1]).free < 64 * 1024
         assert shutil.disk_usage(data_dirs[0]).free > 8 * MiB
