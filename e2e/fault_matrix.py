@@ -3,7 +3,26 @@ the cell's phase, then the five invariants of DESIGN.md checked.
 
 Faults (rows): kill the source agent, kill the destination agent, SIGSTOP the destination (a
 hang), partition the destination (its link cut; SIGSTOP in loopback mode), kill the
-orchestrator that leads, restart etcd. Phases (columns): PREPARING/PRECOPY (injected once
+orchestrator that leads, restart etcd, and:
+
+- overload-source: the source stays alive but starved: 2 x cores busy-loop processes beside it
+  from the fault on, and (made at set-up, for this row only) `Workload.busy_guests` more
+  controllers of a few MiB on the source, each with a guest writing 100 times a second.
+- disk-full-destination, disk-full-source: every agent's --data-dir is a small tmpfs of its own
+  (this row only); at the fault the node's tmpfs is filled with a filler file until ENOSPC.
+  Before COMMIT a destination out of space should be replaced by another; after it no write
+  may be lost. The node is alive: never FAILED.
+- freeze-source, freeze-destination, freeze-leader, freeze-etcd: SIGSTOP the process for its
+  lease TTL + 3 s, then SIGCONT (a timer of the bed). A process that comes back must not leave
+  the controller LOST or the job FAILED.
+- clock-forward, clock-back: the orchestrators' wall clock steps +120 s / -120 s (libfaketime,
+  this row only; CLOCK_MONOTONIC unchanged). Deadlines use the monotonic clock, so the job must
+  not end by "job deadline passed".
+- garbage-ports: for a few seconds every TCP port the orchestrators and agents listen on gets
+  random bytes, HTTP/2 junk frames and gRPC calls with an undecodable body. The job should
+  complete, and each process may log at most a few lines about it, with no traceback.
+
+Phases (columns): PREPARING/PRECOPY (injected once
 precopy data flows), DIRTY_ITERATION, STOP_AND_COPY, COMMIT/RESUMING. The trigger is an etcd
 watch on the job record, so the fault lands within milliseconds of the phase being written,
 before its actions have run (short phases such as STOP_AND_COPY are hit reliably).
@@ -18,6 +37,7 @@ again against the recovered cluster.
     python -m e2e.fault_matrix            # the quick subset (the same cells CI runs)
     python -m e2e.fault_matrix --full     # every cell
     python -m e2e.fault_matrix --cells kill-destination@STOP_AND_COPY,etcd-restart@COMMIT
+    python -m e2e.fault_matrix --cells freeze-etcd,garbage-ports    # whole rows
 """
 
 from __future__ import annotations
@@ -26,17 +46,19 @@ import argparse
 import base64
 import contextlib
 import json
+import os
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from e2e.garbage import burst_log_problems
 from e2e.invariants import (
     InvariantResult,
     Observer,
@@ -48,7 +70,7 @@ from e2e.invariants import (
     owner_record,
     print_results,
 )
-from e2e.multihost import FaultRecord, MultiHostCluster, MultiHostConfig
+from e2e.multihost import ETCD, FaultRecord, MultiHostCluster, MultiHostConfig
 from orchctl.localcluster import ClusterError, wait_for
 from proto.v1 import agent_pb2, migration_pb2
 
@@ -66,6 +88,10 @@ class Workload:
     namespace_bytes: int = 16 * MiB
     write_iops: int = 300
     bandwidth_bytes_per_s: int = 4 * MiB
+    # overload-source only: more controllers with busy guests on the source, made at set-up
+    busy_guests: int = 20
+    busy_guest_bytes: int = 4 * MiB
+    busy_guest_write_iops: int = 100
 
 
 # ---- the rows: faults ---------------------------------------------------------------------------
@@ -76,6 +102,29 @@ class Fault:
     key: str
     title: str
     inject: Callable[[MultiHostCluster, dict[str, Any]], FaultRecord]
+    data_tmpfs_mib: int = 0  # > 0: every agent's data dir a tmpfs of this size (this row only)
+    orchestrator_faketime: bool = False  # orchestrators under libfaketime (this row only)
+    busy_guests: bool = False  # Workload.busy_guests more busy controllers on the source at set-up
+    # extra expectations, checked once the job ended and the fault is healed: problems found
+    check: Callable[[MultiHostCluster, CellResult], list[str]] | None = None
+    # for a fault too slow to land inside a short phase (STOP_AND_COPY, COMMIT lasts milliseconds):
+    # most of its work done when the job enters DIRTY_ITERATION; returns a note for the report
+    stage: Callable[[MultiHostCluster, dict[str, Any]], str] | None = None
+
+
+# A data dir holds the 16 MiB namespace (source) or its copy (destination), the controller
+# metadata and the state file: 48 MiB leaves room for all that, and a filler takes the rest.
+DISK_TMPFS_MIB = 48
+# Once precopy is over, the destination's namespace copy is written whole and dirty rounds only
+# overwrite it: a ballast can take all but this much of its disk without changing what happens
+# before the fault; the fault fills the rest in a millisecond.
+DISK_BALLAST_LEAVES_MIB = 4
+SHORT_PHASES = ("STOP_AND_COPY", "COMMIT")
+FREEZE_BEYOND_TTL_S = 3.0
+CLOCK_STEP_S = 120.0
+GARBAGE_BURST_S = 3.0
+GARBAGE_MAX_LOG_LINES = 20  # per process, during the burst
+GARBAGE_EVIDENCE_LINES = 8  # of an offending process's burst lines, the first ones go in the report
 
 
 def _etcd_restart(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
@@ -104,6 +153,85 @@ def _etcd_restart(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
     return fault
 
 
+def _overload_source(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
+    cores = os.cpu_count() or 1
+    return bed.overload(job["source_node"], 2 * cores, note=f"{2 * cores} busy-loop processes (2 x {cores} cores) "
+                                                              "until healed")
+
+
+def _freeze(who: Callable[[MultiHostCluster, dict[str, Any]], str]) -> Callable[[MultiHostCluster, dict[str, Any]],
+                                                                                 FaultRecord]:
+    """SIGSTOP for longer than the lease TTL, then SIGCONT: the process has lost its lease (and
+    the others may have acted on that) by the time it runs again."""
+    def inject(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
+        ttl = bed.config.lease_ttl_s
+        frozen_s = ttl + FREEZE_BEYOND_TTL_S
+        note = f"SIGSTOP for {frozen_s:g} s (lease TTL {ttl} s + {FREEZE_BEYOND_TTL_S:g} s), then SIGCONT"
+        return bed.freeze(who(bed, job), frozen_s, note=note)
+    return inject
+
+
+def _garbage_ports(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
+    """The burst, then what each process logged meanwhile: a bounded few lines, no traceback."""
+    logs = {**{p.name: p.log_path for p in bed.live_orchestrators()},
+            **{n: p for n, p in bed.agent_logs().items() if n not in bed.killed_agents}}
+    sizes = {name: path.stat().st_size for name, path in logs.items()}
+    fault, tallies = bed.throw_garbage(GARBAGE_BURST_S)
+    new_lines: dict[str, list[str]] = {}
+    for name, path in logs.items():
+        with open(path, "rb") as f:
+            f.seek(sizes[name])
+            new_lines[name] = f.read().decode(errors="replace").splitlines()
+    fault.problems += burst_log_problems(new_lines, GARBAGE_MAX_LOG_LINES)
+    sent = sum(t.connections for t in tallies.values())
+    codes: dict[str, int] = {}
+    for tally in tallies.values():
+        for code, n in tally.grpc_codes.items():
+            codes[code] = codes.get(code, 0) + n
+    fault.note += (f"; {sent} connections, gRPC answers {dict(sorted(codes.items()))}; lines logged meanwhile: "
+                   + ", ".join(f"{n} {len(lines)}" for n, lines in sorted(new_lines.items())))
+    for name, lines in sorted(new_lines.items()):
+        if any(problem.startswith(f"{name} ") for problem in fault.problems):
+            fault.evidence += [f"{name} (during the burst): {ln[:300]}" for ln in lines[:GARBAGE_EVIDENCE_LINES]]
+    return fault
+
+
+def _fill_disk(role: str) -> Callable[[MultiHostCluster, dict[str, Any]], FaultRecord]:
+    """Fills the disk of the job's `role` ("source_node" or "destination_node"); says where the
+    job stood once the disk was full (a fast phase may be over by then)."""
+    def inject(bed: MultiHostCluster, job: dict[str, Any]) -> FaultRecord:
+        fault = bed.fill_disk(str(job[role]))
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+            now = json.loads(str(bed.etcd_range(f"/nvmigrate/jobs/{job['id']}", timeout_s=2.0)[0]["value"]))
+            fault.note += f"; the job was in {now['phase']} once the disk was full"
+        return fault
+    return inject
+
+
+def _ballast(role: str) -> Callable[[MultiHostCluster, dict[str, Any]], str]:
+    def stage(bed: MultiHostCluster, job: dict[str, Any]) -> str:
+        taken = bed.ballast_disk(str(job[role]), DISK_BALLAST_LEAVES_MIB * MiB)
+        return (f"{taken >> 20} MiB ballast on {job[role]} in DIRTY_ITERATION, leaving "
+                f"{DISK_BALLAST_LEAVES_MIB} MiB for the fault to fill")
+    return stage
+
+
+def _not_lost(bed: MultiHostCluster, cell: CellResult) -> list[str]:
+    """The faulty node lived (or came back): the controller must not be written off."""
+    state = str(owner_record(bed, CONTROLLER).get("state", ""))
+    if state.upper() == "LOST":
+        return [f"controller {CONTROLLER} is marked LOST in etcd although no node died"]
+    return []
+
+
+def _not_by_wall_clock(bed: MultiHostCluster, cell: CellResult) -> list[str]:
+    problems = _not_lost(bed, cell)
+    if cell.by_job_deadline:
+        problems.append(f"ended by the job deadline after a {CLOCK_STEP_S:g} s wall-clock step ({cell.reason}): "
+                        "a deadline must follow the monotonic clock")
+    return problems
+
+
 FAULTS: dict[str, Fault] = {f.key: f for f in (
     Fault("kill-source", "kill source agent", lambda bed, job: bed.kill_agent(job["source_node"])),
     Fault("kill-destination", "kill destination agent", lambda bed, job: bed.kill_agent(job["destination_node"])),
@@ -112,6 +240,23 @@ FAULTS: dict[str, Fault] = {f.key: f for f in (
           lambda bed, job: bed.partition_agent(job["destination_node"])),
     Fault("kill-leader", "kill orchestrator leader", lambda bed, job: bed.kill_leader()),
     Fault("etcd-restart", "etcd restart", _etcd_restart),
+    Fault("overload-source", "overload source", _overload_source, busy_guests=True, check=_not_lost),
+    Fault("disk-full-destination", "disk full destination", _fill_disk("destination_node"),
+          data_tmpfs_mib=DISK_TMPFS_MIB, check=_not_lost, stage=_ballast("destination_node")),
+    Fault("disk-full-source", "disk full source", _fill_disk("source_node"), data_tmpfs_mib=DISK_TMPFS_MIB,
+          check=_not_lost, stage=_ballast("source_node")),
+    Fault("freeze-source", "freeze source (TTL+3 s)", _freeze(lambda bed, job: str(job["source_node"])),
+          check=_not_lost),
+    Fault("freeze-destination", "freeze destination (TTL+3 s)",
+          _freeze(lambda bed, job: str(job["destination_node"])), check=_not_lost),
+    Fault("freeze-leader", "freeze leader (TTL+3 s)", _freeze(lambda bed, job: bed.leader_proc().name),
+          check=_not_lost),
+    Fault("freeze-etcd", "freeze etcd (TTL+3 s)", _freeze(lambda bed, job: ETCD), check=_not_lost),
+    Fault("clock-forward", "orchestrator clock +120 s", lambda bed, job: bed.step_orchestrator_clocks(CLOCK_STEP_S),
+          orchestrator_faketime=True, check=_not_by_wall_clock),
+    Fault("clock-back", "orchestrator clock -120 s", lambda bed, job: bed.step_orchestrator_clocks(-CLOCK_STEP_S),
+          orchestrator_faketime=True, check=_not_by_wall_clock),
+    Fault("garbage-ports", "garbage at every port", _garbage_ports, check=_not_lost),
 )}
 
 
@@ -150,13 +295,32 @@ for _phase in PHASES:
             else frozenset({"ROLLED_BACK"}) if _phase == "STOP_AND_COPY" else _after_commit)
     EXPECTED[("kill-leader", _phase)] = _ANY_SUCCESS
     EXPECTED[("etcd-restart", _phase)] = _ANY_SUCCESS
+    # Every node stays alive (or comes back) in these: never FAILED.
+    for _alive_fault in ("overload-source", "disk-full-destination", "disk-full-source", "freeze-source",
+                         "freeze-destination", "freeze-leader", "freeze-etcd", "clock-forward", "clock-back"):
+        EXPECTED[(_alive_fault, _phase)] = _ANY_SUCCESS
+    # Garbage is no reason to give up a migration.
+    EXPECTED[("garbage-ports", _phase)] = frozenset({"COMPLETED"})
 
-# The cells CI runs: ones the product is expected to handle (see the lead's fault-handling work).
+# The cells CI runs: ones the product is expected to handle (see the lead's fault-handling work),
+# and one per newer fault class, at the phase where it tells the most.
 QUICK: list[tuple[str, str]] = [
     ("kill-destination", "PRECOPY"),
     ("kill-leader", "PRECOPY"),
     ("kill-source", "PRECOPY"),
     ("etcd-restart", "DIRTY_ITERATION"),
+    # starved while the dirty rounds must converge
+    ("overload-source", "DIRTY_ITERATION"),
+    # the destination holds the only running copy soon: out of space there must lose no write
+    ("disk-full-destination", "COMMIT"),
+    # the source must still save its state (and the guest keep its writes) with no space left
+    ("disk-full-source", "STOP_AND_COPY"),
+    # the source's lease runs out while it still runs the guest and streams data
+    ("freeze-source", "PRECOPY"),
+    # a deadline computed from the wall clock would have passed at once
+    ("clock-forward", "DIRTY_ITERATION"),
+    # data and control planes both busy when the junk arrives
+    ("garbage-ports", "DIRTY_ITERATION"),
 ]
 
 
@@ -211,6 +375,20 @@ class CellResult:
                 + ("" if self.as_expected else " (unexpected)"))
 
 
+def _create_call(request: agent_pb2.CreateControllerRequest) -> Callable[[Any], Any]:
+    return lambda stub: stub.CreateController(request, timeout=60)
+
+
+def _create_busy_guests(bed: MultiHostCluster, workload: Workload) -> None:
+    """More controllers on the source, each with a guest writing: the source agent's event loop
+    and disk serve them all while it migrates c1."""
+    for i in range(workload.busy_guests):
+        request = agent_pb2.CreateControllerRequest(
+            controller_id=f"busy-{i + 1}", namespace_bytes=workload.busy_guest_bytes, prefill=False,
+            workload=agent_pb2.WorkloadSpec(write_iops=workload.busy_guest_write_iops, seed=100 + i))
+        bed.agent(SOURCE, _create_call(request))
+
+
 def _merge_one_node(first: InvariantResult, second: InvariantResult) -> InvariantResult:
     held = first.held is not False and second.held is not False
     return InvariantResult(1, held, first.detail + second.detail)
@@ -244,6 +422,8 @@ class Trigger(threading.Thread):
         self.record: FaultRecord | None = None
         self.job_at_fault: dict[str, Any] = {}
         self.error = ""
+        self.stage_note = ""
+        self._staged = fault.stage is None or column.key not in SHORT_PHASES
         self._pending: list[dict[str, Any]] = []
 
     def run(self) -> None:
@@ -260,6 +440,15 @@ class Trigger(threading.Thread):
                     job = self._pending.pop(0)
                     if job.get("id") != self.job_id:
                         continue
+                    if not self._staged and job["phase"] == "DIRTY_ITERATION":
+                        self._staged = True
+                        assert self.fault.stage is not None
+                        try:
+                            self.stage_note = self.fault.stage(self.bed, job)
+                        except Exception as exc:
+                            self.error = f"preparing {self.fault.title} failed: {exc}"
+                            self.fired.set()
+                            break
                     if self.column.reached(job):
                         self.job_at_fault = job
                         try:
@@ -287,6 +476,10 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
              keep_logs: bool = False) -> CellResult:
     fault, column = FAULTS[fault_key], PHASES[phase_key]
     config = config or MultiHostConfig()
+    if fault.data_tmpfs_mib:
+        config = replace(config, data_tmpfs_bytes=fault.data_tmpfs_mib * MiB)
+    if fault.orchestrator_faketime:
+        config = replace(config, orchestrator_faketime=True)
     workload = workload or Workload()
     cell = CellResult(fault_key, phase_key, expected=sorted(EXPECTED[(fault_key, phase_key)]))
     started = time.monotonic()
@@ -305,6 +498,10 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
         request = agent_pb2.GetControllerRequest(controller_id=CONTROLLER)
         wait_for("guest writes on the source", lambda: bed.agent(
             SOURCE, lambda s: s.GetController(request, timeout=5)).workload.acked_writes > 50, 60)
+        busy = workload.busy_guests if fault.busy_guests else 0
+        if busy:
+            step = f"creating {busy} busy guests on {SOURCE}"
+            _create_busy_guests(bed, workload)
         observer = Observer(bed, CONTROLLER)
         observer.start()
         trigger = Trigger(bed, fault, column)
@@ -324,7 +521,11 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
         assert trigger.record is not None
         cell.injected_in = str(trigger.job_at_fault["phase"])
         cell.target = trigger.record.target
-        cell.fault_note = trigger.record.note
+        notes = [trigger.record.note, trigger.stage_note]
+        if busy:
+            notes.append(f"{busy} busy guests ({workload.busy_guest_bytes >> 20} MiB, "
+                         f"{workload.busy_guest_write_iops} writes/s) on {SOURCE} since set-up")
+        cell.fault_note = "; ".join(n for n in notes if n)
         epoch_at_fault = int(trigger.job_at_fault.get("epoch", 0))
         fault_at = trigger.record.at_monotonic
         print(f"fault {trigger.record.kind} {trigger.record.target} injected with the job in {cell.injected_in} "
@@ -386,6 +587,9 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
                                                  f"etcd (state {state!r})")
         if cell.end_phase not in cell.expected:
             cell.expectation_problems.append(f"ended {cell.end_phase}, expected {' or '.join(cell.expected)}")
+        cell.expectation_problems += trigger.record.problems
+        if fault.check is not None:
+            cell.expectation_problems += fault.check(bed, cell)
     except (ClusterError, grpc.RpcError, OSError, AssertionError) as exc:
         details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)  # type: ignore[attr-defined]
         cell.error = f"while {step}: {type(exc).__name__}: {details}"
@@ -397,7 +601,8 @@ def run_cell(fault_key: str, phase_key: str, *, config: MultiHostConfig | None =
             if observer is not None:
                 observer.stop()
             if cell.job_id and not cell.ok and bed.cluster is not None:
-                cell.log_excerpt = _log_excerpt(bed, cell.job_id)
+                evidence = trigger.record.evidence if trigger is not None and trigger.record is not None else []
+                cell.log_excerpt = evidence + _log_excerpt(bed, cell.job_id)
         finally:
             bed.close()  # whatever failed above, no process or namespace outlives the cell
         cell.duration_s = time.monotonic() - started
@@ -415,11 +620,13 @@ def render_table(cells: list[CellResult]) -> str:
     faults = [f for f in FAULTS if any(c.fault == f for c in cells)]
     phases = [p for p in PHASES if any(c.phase == p for c in cells)]
     first = max(len(FAULTS[f].title) for f in faults)
-    width = max(26, *(len(by[(f, p)].short()) + 1 for f in faults for p in phases if (f, p) in by))
+    def text(c: CellResult) -> str:
+        return f"{c.short()} {c.duration_s:.0f}s"
+    width = max(26, *(len(text(by[(f, p)])) + 1 for f in faults for p in phases if (f, p) in by))
     lines = [" " * first + " | " + " | ".join(PHASES[p].title.ljust(width) for p in phases)]
     lines.append("-" * len(lines[0]))
     for f in faults:
-        row = [by[(f, p)].short() if (f, p) in by else "-" for p in phases]
+        row = [text(by[(f, p)]) if (f, p) in by else "-" for p in phases]
         lines.append(FAULTS[f].title.ljust(first) + " | " + " | ".join(r.ljust(width) for r in row))
     return "\n".join(lines)
 
@@ -427,7 +634,7 @@ def render_table(cells: list[CellResult]) -> str:
 def render_details(cells: list[CellResult]) -> str:
     out = []
     for c in cells:
-        head = f"[{FAULTS[c.fault].title} @ {PHASES[c.phase].title}] {c.short()}"
+        head = f"[{FAULTS[c.fault].title} @ {PHASES[c.phase].title}] {c.short()} (cell {c.duration_s:.0f} s)"
         out.append(head)
         if c.error:
             out.append(f"  harness: {c.error}")
@@ -474,12 +681,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["auto", "netns", "loopback"], default="auto",
                         help="agents on network namespaces (root) or 127.0.0.x")
     parser.add_argument("--deadline-s", type=float, default=90.0, help="invariant 3: seconds after the fault")
+    parser.add_argument("--busy-guests", type=int, default=Workload.busy_guests, metavar="N",
+                        help="overload-source: busy controllers made on the source at set-up "
+                             f"(default {Workload.busy_guests})")
     parser.add_argument("--keep-logs", action="store_true", help="keep each cell's process logs")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.busy_guests < 0:
+        parser.error(f"--busy-guests must be 0 or more, got {args.busy_guests}")
     cells = args.cells or ([(f, p) for f in FAULTS for p in PHASES] if args.full else QUICK)
     started = time.monotonic()
-    results = [run_cell(f, p, config=MultiHostConfig(mode=args.mode), deadline_s=args.deadline_s,
+    workload = Workload(busy_guests=args.busy_guests)
+    results = [run_cell(f, p, config=MultiHostConfig(mode=args.mode), workload=workload, deadline_s=args.deadline_s,
                         keep_logs=args.keep_logs) for f, p in cells]
     total_s = time.monotonic() - started
     modes = sorted({c.mode for c in results if c.mode})

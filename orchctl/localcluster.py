@@ -129,10 +129,10 @@ class LocalCluster:
     _owns_workdir: bool = True
     env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=env, start_new_session=True)
         log.close()
@@ -182,6 +182,11 @@ class LocalCluster:
                  alive=self._etcd.exited)
         return self.etcd_endpoint
 
+    @property
+    def etcd_process(self) -> Proc:
+        """The etcd this cluster started (e2e faults signal it by pid)."""
+        return self._own_etcd("etcd_process")
+
     def stop_etcd(self) -> None:
         self._own_etcd("stop_etcd").stop()
 
@@ -212,19 +217,21 @@ class LocalCluster:
     # ---- orchestrator -----------------------------------------------------------------------
 
     def start_orchestrator(self, name: str = "orch-1", port: int | None = None, timeout_s: float = 30.0,
-                           extra_args: list[str] | None = None) -> Proc:
-        proc = self._spawn_orchestrator(name, port, extra_args)
+                           extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Proc:
+        """`env` is added to this orchestrator's environment only (e2e: a preloaded libfaketime)."""
+        proc = self._spawn_orchestrator(name, port, extra_args, env)
         self._await_orchestrator(proc, timeout_s)
         return proc
 
-    def _spawn_orchestrator(self, name: str, port: int | None, extra_args: list[str] | None) -> Proc:
+    def _spawn_orchestrator(self, name: str, port: int | None, extra_args: list[str] | None,
+                            env: dict[str, str] | None = None) -> Proc:
         port = port or free_port(self.host)
         http = f"{self.host}:{free_port(self.host)}"  # never the fixed default: several may run here
         proc = self._spawn(name, [
             sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint, "--etcd-prefix", self.etcd_prefix,
             "--listen", f"{self.host}:{port}", "--name", name, "--lease-ttl-s", str(self.lease_ttl_s),
             "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http, *(extra_args or []),
-        ])
+        ], env)
         proc.http_address = http
         proc.address = f"{self.host}:{port}"  # type: ignore[attr-defined]
         return proc
@@ -288,7 +295,7 @@ class LocalCluster:
             argv = [
                 *command_prefix, sys.executable, "-m", module, "--name", name, "--etcd", self.etcd_endpoint,
                 "--etcd-prefix", self.etcd_prefix, "--listen", f"{listen_host or self.host}:0",
-                "--data-dir", str(self.workdir / name), "--lease-ttl-s", str(self.lease_ttl_s),
+                "--data-dir", str(self.agent_data_dir(name)), "--lease-ttl-s", str(self.lease_ttl_s),
                 *(["--capacity", capacity] if capacity is not None else []), *extra_args,
             ]
             if listen_host:
@@ -299,6 +306,10 @@ class LocalCluster:
             self.agents[name] = proc
             started.append((name, proc, before.address if before is not None else None))
         return started
+
+    def agent_data_dir(self, name: str) -> Path:
+        """The --data-dir agent `name` gets (the same on a restart)."""
+        return self.workdir / name
 
     def _await_agents(self, started: list[tuple[str, Proc, str | None]], timeout_s: float) -> None:
         for name, proc, stale in started:

@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-# python3-venv: the virtual environment; chromium: the web page test drives it headless
-for pkg in python3 python3-venv etcd-server etcd-client fio qemu-utils libnbd-bin chromium; do
+# python3-venv: the virtual environment; chromium: the web page test drives it headless;
+# faketime: libfaketime, which steps the orchestrators' wall clock in the e2e fault matrix
+for pkg in python3 python3-venv etcd-server etcd-client fio qemu-utils libnbd-bin chromium faketime; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
