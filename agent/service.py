@@ -136,7 +136,11 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
     async def GetController(self, request: agent_pb2.GetControllerRequest,
                             context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
         async def get() -> agent_pb2.ControllerStatus:
-            return controller_status(self.host.name, self.host.hosted(request.controller_id))
+            hosted = self.host.hosted(request.controller_id)
+            status = controller_status(self.host.name, hosted)
+            extents = await asyncio.to_thread(hosted.controller.data_extents)
+            status.stored_bytes = sum(length for _, length in extents)
+            return status
         return await self._guard(context, get())
 
     async def StartWorkload(self, request: agent_pb2.StartWorkloadRequest,

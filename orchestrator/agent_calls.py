@@ -157,6 +157,17 @@ class AgentCalls:
             raise AgentUnreachable(node, f"node {node!r} has not been registered for {missing_for_s:.1f} s "
                                          f"{where} (its agent is down)")
 
+    async def stored_bytes(self, node: str, controller_id: str, *, budget_s: float) -> int | None:
+        """The data a controller's namespace holds on `node` (for placement on a destination's
+        disk), or None when the agent does not say (an older agent, or no answer in time)."""
+        try:
+            status = await self.call(node, "GetController", lambda s: s.GetController(
+                agent_pb2.GetControllerRequest(controller_id=controller_id), timeout=budget_s), budget_s=budget_s)
+        except AgentCallError as exc:
+            log.info("stored bytes of %s on %s not known, placing by its size: %s", controller_id, node, exc.message)
+            return None
+        return int(status.stored_bytes) or None
+
     async def is_lost(self, node: str) -> bool:
         """Whether the node counts as lost now, by the same rule as every call (see `address`)."""
         try:

@@ -25,6 +25,7 @@ from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
 EXPORT_BUDGET_S = 10.0
+PLACEMENT_BUDGET_S = 2.0  # asking the source how much data its controller holds, for placement
 
 _ON_NO_CONVERGENCE = {
     migration_pb2.NO_CONVERGENCE_ACTION_UNSPECIFIED: OnNoConvergence.THROTTLE,
@@ -140,6 +141,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"controller {controller.controller_id!r} is on node {controller.node!r}, whose agent "
                           "is not live; it cannot be migrated until that node is back")
+        stored = await self.agents.stored_bytes(controller.node, controller.controller_id, budget_s=PLACEMENT_BUDGET_S)
         dest = request.destination_node
         if dest:
             if dest == controller.node:
@@ -151,12 +153,14 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                               f"destination node {dest!r} is not a registered live agent; `orchctl nodes` "
                               "lists them")
             problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
-                                             namespace_bytes=controller.namespace_bytes, cordoned=cordoned)
+                                             namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
+                                             stored_bytes=stored)
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
             placement = scheduler.choose_destination(list(nodes.values()), source=controller.node,
-                                                     namespace_bytes=controller.namespace_bytes, cordoned=cordoned)
+                                                     namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
+                                             stored_bytes=stored)
             if placement.node is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
         active = await self.store.active_job_for(controller.controller_id)

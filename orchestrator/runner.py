@@ -269,6 +269,7 @@ class JobRunner:
         if not job.destination_node:
             nodes = await self.store.list_nodes()
             cordoned = await self.store.cordoned_nodes()
+            stored = await self.agents.stored_bytes(job.source_node, job.controller_id, budget_s=PROBE_BUDGET_S)
             if job.requested_destination:
                 node = next((n for n in nodes if n.name == job.requested_destination), None)
                 if node is None and not await self.agents.is_lost(job.requested_destination):
@@ -277,7 +278,8 @@ class JobRunner:
                     await asyncio.sleep(MISSING_DESTINATION_POLL_S)
                     return
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
-                                                 namespace_bytes=job.namespace_bytes, cordoned=cordoned)
+                                                 namespace_bytes=job.namespace_bytes, cordoned=cordoned,
+                                                 stored_bytes=stored)
                 if problem:
                     await self._save(job.end(Phase.FAILED, self._now(), problem), release=True)
                     return
@@ -285,7 +287,7 @@ class JobRunner:
             else:
                 placement = scheduler.choose_destination(nodes, source=job.source_node,
                                                          namespace_bytes=job.namespace_bytes, cordoned=cordoned,
-                                                         excluded=job.excluded_destinations)
+                                                         excluded=job.excluded_destinations, stored_bytes=stored)
                 if placement.node is None:
                     await self._save(job.end(Phase.FAILED, self._now(), placement.reason), release=True)
                     return

@@ -2,7 +2,9 @@
 
 A node has room for what both bounds allow: its declared capacity (--capacity) less what it
 holds, and the free space of its data dir's filesystem when the agent reports it (a disk that
-other data filled, or sparse namespaces that grew). A rejection names both numbers.
+other data filled, or sparse namespaces that grew). The first bounds the namespace's size; the
+disk bounds the data the copy will store, which for a sparse namespace is what it holds, not its
+size. A rejection names both numbers.
 """
 
 from __future__ import annotations
@@ -30,21 +32,25 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def room_problem(node: NodeRecord, namespace_bytes: int) -> str | None:
-    """'12 MiB free on its data dir, needs 16 MiB' (the bound that binds), or None when it fits."""
-    if node.free_bytes >= namespace_bytes:
-        return None
-    needs = f"needs {size_text(namespace_bytes)}"
-    disk = node.data_dir_free_bytes
+def room_problem(node: NodeRecord, namespace_bytes: int, stored_bytes: int | None = None) -> str | None:
+    """'12 MiB free on its data dir, needs 16 MiB' (the bound that binds), or None when it fits.
+    The declared capacity bounds the namespace's size; the disk bounds what the copy stores,
+    `stored_bytes` (the namespace's data, less than its size when it is sparse; default its size)."""
+    stored = namespace_bytes if stored_bytes is None else stored_bytes
     declared = node.declared_free_bytes
-    if disk is not None and disk < declared:
-        return f"{size_text(disk)} free on its data dir ({size_text(declared)} by its declared capacity), {needs}"
-    on_disk = f", {size_text(disk)} on its data dir" if disk is not None else ""
-    return f"{size_text(declared)} free by its declared capacity{on_disk}, {needs}"
+    disk = node.data_dir_free_bytes
+    if disk is not None and disk < stored:
+        held = f" (the data its {size_text(namespace_bytes)} namespace holds)" if stored != namespace_bytes else ""
+        return (f"{size_text(disk)} free on its data dir ({size_text(declared)} by its declared capacity), "
+                f"needs {size_text(stored)}{held}")
+    if declared < namespace_bytes:
+        on_disk = f", {size_text(disk)} on its data dir" if disk is not None else ""
+        return f"{size_text(declared)} free by its declared capacity{on_disk}, needs {size_text(namespace_bytes)}"
+    return None
 
 
 def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_bytes: int,
-                 cordoned: Collection[str]) -> str | None:
+                 cordoned: Collection[str], stored_bytes: int | None = None) -> str | None:
     """Why `name` cannot take the controller, or None when it can."""
     if name == source:
         return f"destination node {name!r} is the controller's source; choose another node"
@@ -52,31 +58,33 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
         return f"destination node {name!r} is not a live registered agent; check `orchctl nodes`"
     if name in cordoned:
         return f"destination node {name!r} is cordoned; choose another or uncordon it"
-    room = room_problem(node, namespace_bytes)
+    room = room_problem(node, namespace_bytes, stored_bytes)
     if room:
         return f"destination node {name!r} has {room}; choose another node or free space there"
     return None
 
 
-def _rejection(node: NodeRecord, *, namespace_bytes: int, cordoned: Collection[str],
+def _rejection(node: NodeRecord, *, namespace_bytes: int, stored_bytes: int | None, cordoned: Collection[str],
                excluded: Collection[str]) -> str:
     if node.name in excluded:
         return f"{node.name}: tried already"
     if node.name in cordoned:
         return f"{node.name}: cordoned"
-    return f"{node.name}: {room_problem(node, namespace_bytes) or 'fits'}"
+    return f"{node.name}: {room_problem(node, namespace_bytes, stored_bytes) or 'fits'}"
 
 
 def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_bytes: int,
-                       cordoned: Collection[str] = (), excluded: Collection[str] = ()) -> Placement:
+                       cordoned: Collection[str] = (), excluded: Collection[str] = (),
+                       stored_bytes: int | None = None) -> Placement:
     """The live node with the most free space (fewest controllers on a tie, then by name)."""
     fits = [n for n in nodes
             if n.name not in excluded
             and node_problem(n, n.name, source=source, namespace_bytes=namespace_bytes,
-                             cordoned=cordoned) is None]
+                             cordoned=cordoned, stored_bytes=stored_bytes) is None]
     if not fits:
         others = sorted((n for n in nodes if n.name != source), key=lambda n: n.name)
-        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, cordoned=cordoned, excluded=excluded)
+        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, stored_bytes=stored_bytes, cordoned=cordoned,
+                                   excluded=excluded)
                         for n in others)
         considered = ", ".join(n.name for n in others) or "none"
         return Placement(None, f"no live node other than {source!r} can take the controller's {namespace_bytes} "

@@ -181,3 +181,27 @@ def test_the_reason_for_no_destination_says_why_each_node_was_refused() -> None:
         f"no live node other than 'n1' can take the controller's {16 * MiB} bytes: n2: 12 MiB free on its data "
         "dir (900 MiB by its declared capacity), needs 16 MiB; n3: cordoned; n4: tried already "
         "(considered: n2, n3, n4)")
+
+
+def test_a_sparse_namespace_needs_its_data_on_the_disk_and_its_size_within_the_declared_capacity() -> None:
+    GiB = 1 << 30
+    roomy_declared = NodeRecord(name="n2", address="a", data_address="d", capacity_bytes=256 * GiB,
+                                allocated_bytes=0, data_dir_free_bytes=77 * GiB)
+    # 200 GiB namespace holding 1 GiB of data: the disk needs 1 GiB, the declared capacity 200 GiB.
+    assert node_problem(roomy_declared, "n2", source="n1", namespace_bytes=200 * GiB, cordoned=(),
+                        stored_bytes=1 * GiB) is None
+    # Without knowing what it holds, the whole size is asked of the disk too.
+    assert "77 GiB free on its data dir" in str(node_problem(roomy_declared, "n2", source="n1",
+                                                             namespace_bytes=200 * GiB, cordoned=()))
+    # Data beyond the disk's free space is refused, saying what the namespace holds.
+    problem = node_problem(roomy_declared, "n2", source="n1", namespace_bytes=200 * GiB, cordoned=(),
+                           stored_bytes=80 * GiB)
+    assert problem is not None and "needs 80 GiB (the data its 200 GiB namespace holds)" in problem
+    # The declared capacity still bounds the namespace's size, whatever it holds.
+    small = NodeRecord(name="n3", address="a", data_address="d", capacity_bytes=100 * GiB, allocated_bytes=0,
+                       data_dir_free_bytes=500 * GiB)
+    placement = choose_destination([roomy_declared, small], source="n1", namespace_bytes=200 * GiB,
+                                   stored_bytes=1 * GiB)
+    assert placement.node is not None and placement.node.name == "n2"
+    assert "n3: 100 GiB free by its declared capacity" in choose_destination(
+        [small], source="n1", namespace_bytes=200 * GiB, stored_bytes=1 * GiB).reason

@@ -105,18 +105,20 @@ class Receipt(_message.Message):
     def __init__(self, run_id: _Optional[int] = ..., seq: _Optional[int] = ..., run_first_seq: _Optional[int] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
-    __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload")
+    __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload", "stored_bytes")
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VFIO_STATE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
     node: str
     vfio_state: str
     namespace_bytes: int
     workload: WorkloadStatus
-    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ...) -> None: ...
+    stored_bytes: int
+    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("controller_id", "receipts")
