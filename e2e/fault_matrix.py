@@ -286,8 +286,9 @@ for _phase in PHASES:
     _before_stop = _phase in ("PRECOPY", "DIRTY_ITERATION")
     EXPECTED[("kill-source", _phase)] = frozenset({"COMPLETED"} if _phase == "COMMIT" else {"FAILED"})
     # After COMMIT a destination lost before it claimed the controller sends it back to the
-    # source (ROLLED_BACK); one lost after its claim keeps it, marked lost (FAILED); one that
-    # resumed first completes.
+    # source (ROLLED_BACK); one lost after its claim has switched over (COMPLETED, its silence in
+    # the reason); FAILED stays possible only when the source does not take a moved-back
+    # controller again.
     _after_commit = frozenset({"ROLLED_BACK", "FAILED", "COMPLETED"})
     for _dest_fault in ("kill-destination", "sigstop-destination", "partition-destination"):
         EXPECTED[(_dest_fault, _phase)] = (
