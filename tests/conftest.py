@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.receiver import DataReceiver
+from agent.guest.workload import GuestWorkload
 from cluster.store import EtcdStore
 from orchctl.localcluster import LocalCluster
 
@@ -129,3 +130,12 @@ def bad_input_cluster(request: pytest.FixtureRequest, shared_etcd: str) -> Itera
             yield c
     finally:
         etcdctl(shared_etcd, "del", "--prefix", prefix)
+
+
+@pytest.fixture
+def guests() -> Iterator[list[GuestWorkload]]:
+    """Every workload a test starts is stopped, even when the test fails."""
+    started: list[GuestWorkload] = []
+    yield started
+    for g in started:
+        g.stop()

@@ -26,15 +26,6 @@ TIMEOUT_S = 30.0
 
 
 @pytest.fixture
-def guests() -> Iterator[list[GuestWorkload]]:
-    """Every workload a test starts is stopped, even when the test fails."""
-    started: list[GuestWorkload] = []
-    yield started
-    for g in started:
-        g.stop()
-
-
-@pytest.fixture
 def ctrl(tmp_path: Path) -> Iterator[EmulatedController]:
     c = EmulatedController("vm1", tmp_path / "vm1.img", SIZE, create=True)
     yield c

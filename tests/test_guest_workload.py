@@ -38,15 +38,6 @@ def ctrl(tmp_path: Path) -> Iterator[EmulatedController]:
     c.close()
 
 
-@pytest.fixture
-def guests() -> Iterator[list[GuestWorkload]]:
-    """Every workload a test starts is stopped, even when the test fails."""
-    started: list[GuestWorkload] = []
-    yield started
-    for g in started:
-        g.stop()
-
-
 def run(ctrl: EmulatedController, guests: list[GuestWorkload], spec: WorkloadSpec, *,
         prefill: bool = True) -> GuestWorkload:
     g = GuestWorkload(ctrl, spec)
