@@ -4,6 +4,7 @@ session errors to status codes with the session's message."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -34,6 +35,9 @@ def receipt_message(receipt: Receipt) -> agent_pb2.Receipt:
 
 def receipt_from_message(msg: agent_pb2.Receipt) -> Receipt:
     return Receipt(run_id=msg.run_id, seq=msg.seq, run_first_seq=msg.run_first_seq)
+
+
+MAX_STALL_MS = 600_000
 
 
 def controller_status(node: str, hosted: HostedController) -> agent_pb2.ControllerStatus:
@@ -293,5 +297,12 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if request.corrupt_frame < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"corrupt_frame {request.corrupt_frame} must be >= 0")
+        if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
         self.host.pending_corrupt_frame = request.corrupt_frame
+        if request.stall_event_loop_ms:
+            # A blocking sleep on the loop itself, after this reply is on its way: every call and
+            # guest stalls, the lease thread does not.
+            asyncio.get_running_loop().call_later(0.05, time.sleep, request.stall_event_loop_ms / 1000.0)
         return agent_pb2.InjectFaultResponse()

@@ -164,8 +164,12 @@ class JobRunner:
     def _node(self, role: str) -> str:
         return self.j.source_node if role == "source" else self.j.destination_node
 
-    def _failure(self, role: str, exc: AgentUnreachable | AgentRefused) -> Failure:
+    async def _failure(self, role: str, exc: AgentUnreachable | AgentRefused, silent_for_s: float) -> Failure:
         if isinstance(exc, AgentUnreachable):
+            if role == "source" and await self._source_busy(silent_for_s):
+                return Failure(FailureKind.STEP_FAILED,
+                               f"{exc.message}; source {self.j.source_node} is alive (its lease is kept) but too busy "
+                               "to answer: it keeps the controller")
             kind = FailureKind.SOURCE_LOST if role == "source" else FailureKind.DESTINATION_LOST
             return Failure(kind, exc.message)
         if exc.code == _NO_SPACE_CODE:
@@ -173,6 +177,14 @@ class JobRunner:
             # refused (a source writes nothing while it sends). Another node may take it.
             return Failure(FailureKind.DESTINATION_UNFIT, exc.message)
         return Failure(FailureKind.STEP_FAILED, exc.message)
+
+    async def _source_busy(self, silent_for_s: float) -> bool:
+        """A source silent for longer than the grace window whose node record is still in etcd is
+        alive: its lease is refreshed from a thread of its own, so a dead or frozen process would
+        have lost it by now. It is busy (a host loaded past answering), not lost."""
+        if silent_for_s < self.agents.node_grace_s:
+            return False
+        return await self.store.get_node(self.j.source_node) is not None
 
     async def _call(self, role: str, what: str, fn: Callable[[Stub], Awaitable[T]], *,
                     budget_s: float | None = None, etcd_down: bool = False) -> T:
@@ -182,7 +194,7 @@ class JobRunner:
         except StaleEpoch as exc:
             raise Superseded(exc.message) from exc
         except (AgentUnreachable, AgentRefused) as exc:
-            raise StepFailed(self._failure(role, exc)) from exc
+            raise StepFailed(await self._failure(role, exc, silent_for_s=budget_s)) from exc
 
     async def _long_call(self, role: str, what: str, fn: Callable[[Stub, float], Awaitable[T]]) -> T:
         try:
@@ -193,7 +205,7 @@ class JobRunner:
         except StaleEpoch as exc:
             raise Superseded(exc.message) from exc
         except (AgentUnreachable, AgentRefused) as exc:
-            raise StepFailed(self._failure(role, exc)) from exc
+            raise StepFailed(await self._failure(role, exc, silent_for_s=self.settings.agent_call_budget_s)) from exc
 
     async def _poll_progress_and_cancel(self) -> None:
         got = await self.store.get_job(self.job_id)
@@ -425,7 +437,7 @@ class JobRunner:
         except AgentRefused as exc:
             # A refusal comes before the claim (the destination claims only once it can run it):
             # recovery hands ownership back to the source unless the claim had landed after all.
-            raise StepFailed(self._failure("destination", exc)) from exc
+            raise StepFailed(await self._failure("destination", exc, silent_for_s=0.0)) from exc
         downtime_ms = (self.monotonic() - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
         blackout_ms = 0.0
         try:
@@ -486,7 +498,7 @@ class JobRunner:
                                                           "; ".join([decided.reason, *notes])))
         elif action is Action.ROLL_BACK:
             notes = await self._abort_destination(budget_s=5.0)
-            await self._abort_source(decided.reason)
+            notes += await self._abort_source(decided.reason, pending_if_busy=True)
             await self._save(self.j.end(_ending(decided), self._now(), "; ".join([decided.reason, *notes])),
                              release=True)
         elif action is Action.FAIL_SOURCE_LOST:
@@ -532,17 +544,26 @@ class JobRunner:
             with attempt:
                 await self._save(new, release=True)
 
-    async def _abort_source(self, reason: str, *, moved_back: bool = False, commit_never_sent: bool = False) -> None:
-        """The source takes the controller back (RUNNING); if it cannot, it counts as lost."""
+    async def _abort_source(self, reason: str, *, moved_back: bool = False, commit_never_sent: bool = False,
+                            pending_if_busy: bool = False) -> list[str]:
+        """The source takes the controller back (RUNNING); if it cannot, it counts as lost. With
+        `pending_if_busy`, a source too busy to confirm (alive: see `_source_busy`) is left to the
+        reconciler, which aborts the sessions of ended jobs once their agent answers."""
         ref = self._ref()
         ref.commit_never_sent = commit_never_sent
         try:
             await self._call("source", "AbortMigration", lambda s: s.AbortMigration(ref, timeout=10.0),
                              etcd_down=commit_never_sent)
         except StepFailed as exc:
+            busy = exc.failure.kind is FailureKind.STEP_FAILED and isinstance(exc.__cause__, AgentUnreachable)
+            if busy and pending_if_busy:
+                return [f"source abort pending (the reconciler finishes it): {exc.failure.reason}"]
+            if busy and not moved_back:
+                raise StepFailed(Failure(FailureKind.STEP_FAILED, f"{reason}; then {exc.failure.reason}")) from exc
             raise StepFailed(Failure(FailureKind.SOURCE_LOST, f"{reason}; then the source did not confirm it "
                                                               f"runs again: {exc.failure.reason}",
                                      moved_back=moved_back)) from exc
+        return []
 
 
 def _ending(decided: recovery.Recovery) -> Phase:

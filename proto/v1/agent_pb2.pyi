@@ -249,10 +249,12 @@ class SessionStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., digest_error: _Optional[str] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("corrupt_frame",)
+    __slots__ = ("corrupt_frame", "stall_event_loop_ms")
     CORRUPT_FRAME_FIELD_NUMBER: _ClassVar[int]
+    STALL_EVENT_LOOP_MS_FIELD_NUMBER: _ClassVar[int]
     corrupt_frame: int
-    def __init__(self, corrupt_frame: _Optional[int] = ...) -> None: ...
+    stall_event_loop_ms: int
+    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ...) -> None: ...
 
 class InjectFaultResponse(_message.Message):
     __slots__ = ()

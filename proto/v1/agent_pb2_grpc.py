@@ -228,7 +228,7 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InjectFault(self, request, context):
-        """Test hook: corrupt the payload of the Nth data-plane frame this agent sends.
+        """Test hook: corrupt the payload of the Nth data-plane frame this agent sends, or stall the agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
