@@ -24,11 +24,12 @@ from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
 from agent.node_lease import NodeLease
+from agent.nvme.smart import SmartLogError, parse_smart_log
 from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
-from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, NodeRecord
+from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class HostedController:
 # Free space that moved less than this since the record was written is not worth an etcd write.
 FREE_SPACE_REPUBLISH_BYTES = 1 << 20
 FREE_SPACE_POLL_S = 1.0
+HEALTH_POLL_S = 5.0  # a SMART log read is cheap, but not worth doing every second
 
 
 def _worth_publishing(published: NodeRecord, current: NodeRecord) -> bool:
@@ -79,6 +81,8 @@ class Host:
         self._publish_wanted = False
         self._published: NodeRecord | None = None  # the record etcd has, as far as we know
         self._free_space_watch: asyncio.Task[None] | None = None
+        self.health: DriveHealth | None = None  # the backend's SMART / Health log, as last read
+        self._health_problem = ""
         self._lock = asyncio.Lock()
         self.started_at = time.time()
 
@@ -90,6 +94,7 @@ class Host:
         await self.recover()
         await self.receiver.start()
         await self.nbd.start()
+        await self.read_health()
         self._published = self.record()
         await self.lease.start(self._published)
         self._free_space_watch = asyncio.create_task(self._republish_on_change(), name="free-space-watch")
@@ -172,12 +177,33 @@ class Host:
                      cid, job_id)
 
     async def _republish_on_change(self) -> None:
-        """The data dir's free space moves without us (guest writes fill sparse namespaces, other
-        programs share the filesystem): the record is written again once it moved enough."""
+        """The data dir's free space and the drive's health move without us (guest writes fill
+        sparse namespaces, other programs share the filesystem, a drive wears out): the record is
+        written again once either moved enough. Health is read every HEALTH_POLL_S."""
+        last_health_read = float("-inf")
         while True:
-            await asyncio.sleep(FREE_SPACE_POLL_S)
+            if time.monotonic() - last_health_read >= HEALTH_POLL_S:
+                last_health_read = time.monotonic()
+                await self.read_health()
             if self._published is None or _worth_publishing(self._published, self.record()):
-                self._publish_soon()
+                self.publish_soon()
+            await asyncio.sleep(FREE_SPACE_POLL_S)
+
+    async def read_health(self) -> DriveHealth | None:
+        """Reads the backend's SMART / Health log into the node record's health."""
+        try:
+            page = await asyncio.to_thread(self.hosting.health_log)
+            health = parse_smart_log(page) if page is not None else None
+        except SmartLogError as exc:
+            health = None
+            problem = str(exc)
+        else:
+            problem = ""
+        if problem and problem != self._health_problem:
+            log.warning("drive health not known: %s", problem)
+        self._health_problem = problem
+        self.health = health
+        return health
 
     async def stop(self) -> None:
         for task in (self._free_space_watch, self._republisher):
@@ -218,7 +244,7 @@ class Host:
                           capacity_bytes=self.capacity_bytes, allocated_bytes=self.allocated_bytes,
                           controllers=tuple(sorted(self.controllers)),
                           state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at,
-                          data_dir_free_bytes=self.data_dir_free_bytes())
+                          data_dir_free_bytes=self.data_dir_free_bytes(), health=self.health)
 
     async def publish(self) -> None:
         """The node record changed: the lease thread writes it (and registers again with it if
@@ -495,10 +521,10 @@ class Host:
             await session.abort(reason)  # type: ignore[attr-defined]
         # A rolled-back source runs again: NBD requests stalled by the suspend go on now.
         self.nbd.controller_changed(session.controller_id)
-        self._publish_soon()  # the abort itself is done: an etcd outage must neither fail nor delay it
+        self.publish_soon()  # the abort itself is done: an etcd outage must neither fail nor delay it
         return session
 
-    def _publish_soon(self) -> None:
+    def publish_soon(self) -> None:
         """The node record changed, but the caller must not wait on etcd (an abort that resumes a
         guest during an etcd outage): it is written in the background, retried until it lands."""
         self._publish_wanted = True

@@ -11,6 +11,8 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
+from agent.backends.emulated_hosting import EmulatedHosting
+from agent.backends.hosting import HostingError
 from agent.guest.lineage import Receipt
 from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
@@ -300,6 +302,20 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
+        if request.HasField("health"):
+            values = {f.name: value for f, value in request.health.ListFields()}
+            hosting = self.host.hosting
+            if not isinstance(hosting, EmulatedHosting):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"backend {hosting.kind} reads a real drive's health; only the emulated "
+                                    "backend's can be set")
+                return agent_pb2.InjectFaultResponse()
+            try:
+                hosting.set_health(**values)
+            except HostingError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self.host.read_health()
+            self.host.publish_soon()
         self.host.pending_corrupt_frame = request.corrupt_frame
         if request.stall_event_loop_ms:
             # A blocking sleep on the loop itself, after this reply is on its way: every call and

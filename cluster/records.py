@@ -11,6 +11,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class DriveHealth:
+    """A node's drive health, from its backend's SMART / Health log (agent.nvme.smart)."""
+
+    critical_warning: int = 0  # the Critical Warning bits
+    temperature_k: int = 0
+    available_spare: int = 100  # percent
+    available_spare_threshold: int = 0  # percent
+    percentage_used: int = 0  # of the rated endurance; may pass 100
+    media_errors: int = 0  # unrecovered data integrity errors, lifetime
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     """An agent's registration, kept under its liveness lease: gone when the agent stops."""
 
@@ -26,6 +38,8 @@ class NodeRecord:
     # what an unprivileged writer may still use); None from a backend whose namespaces live
     # elsewhere, and from agents older than this field.
     data_dir_free_bytes: int | None = None
+    # The backend's drive health (its SMART / Health log); None when the backend has none to read.
+    health: DriveHealth | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -34,6 +48,9 @@ class NodeRecord:
     def from_bytes(cls, raw: bytes) -> NodeRecord:
         data: dict[str, Any] = json.loads(raw)
         data["controllers"] = tuple(data.get("controllers", ()))
+        if isinstance(data.get("health"), dict):
+            health_fields = {f.name for f in fields(DriveHealth)}
+            data["health"] = DriveHealth(**{k: v for k, v in data["health"].items() if k in health_fields})
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})  # a newer agent's extra fields
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableControll
 from agent.backends.hosting import HostingCapabilities, HostingError
 from agent.datadir import write_atomically
 from agent.emulated.controller import EmulatedController
+from agent.emulated.model import structures
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,9 @@ CAPABILITIES = HostingCapabilities(guest_workload=True, nbd_export=True, sparse_
 # A data dir of the nvme-passthru backend (agent.backends.passthru_hosting.SLOTS_FILE).
 _PASSTHRU_SLOTS_FILE = "nvme-passthru.slots"
 
+
+# The warning composite temperature the emulated drive reports against (its WCTEMP default).
+WARNING_TEMPERATURE_K = 343
 
 class EmulatedHosting:
     """Emulated controllers in ``data_dir``, at most ``capacity_bytes`` of namespaces."""
@@ -43,6 +49,8 @@ class EmulatedHosting:
             raise HostingError(f"capacity {capacity_bytes} bytes must be positive")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.health = structures.Health()  # the emulated drive this node's namespaces live on
+        self._health_lock = threading.Lock()
         slots = self.data_dir / _PASSTHRU_SLOTS_FILE
         if slots.exists():
             raise HostingError(f"data dir {self.data_dir} belongs to an nvme-passthru agent ({slots} exists); "
@@ -169,6 +177,25 @@ class EmulatedHosting:
             return
         self._meta_path(controller_id).unlink(missing_ok=True)
         self._hosted.pop(controller_id, None)
+
+    # ----- drive health ---------------------------------------------------------------------------
+
+    def health_log(self) -> bytes | None:
+        """The emulated drive's SMART / Health log, encoded as the NVMe model encodes it."""
+        with self._health_lock:
+            return structures.smart_log(self.health, over_threshold_k=WARNING_TEMPERATURE_K, under_threshold_k=0,
+                                        error_log_entries=0)
+
+    def set_health(self, **values: int) -> None:
+        """The emulated drive's failure signals (tests, demos): fields of model Health."""
+        known = {f.name for f in fields(structures.Health)}
+        with self._health_lock:
+            for name, value in values.items():
+                if name not in known:
+                    raise HostingError(f"health field {name!r} is unknown; known fields: {sorted(known)}")
+                if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                    raise HostingError(f"health {name}={value!r} must be an integer from 0 to 65535")
+                setattr(self.health, name, value)
 
     def guest(self, controller: MigratableController) -> GuestDrivenController | None:
         return controller if isinstance(controller, EmulatedController) else None

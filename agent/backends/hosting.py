@@ -106,6 +106,11 @@ class ControllerHosting(Protocol):
         """The controller (or the destination of ``job_id``) was released: give its resources back."""
         ...
 
+    def health_log(self) -> bytes | None:
+        """The backend's SMART / Health Information log page (LID 02h, 512 bytes), or None when
+        it has none to read."""
+        ...
+
     def guest(self, controller: MigratableController) -> GuestDrivenController | None:
         """The controller's guest-driver role, when the backend has one."""
         ...

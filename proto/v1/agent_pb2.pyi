@@ -249,12 +249,30 @@ class SessionStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., digest_error: _Optional[str] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("corrupt_frame", "stall_event_loop_ms")
+    __slots__ = ("corrupt_frame", "stall_event_loop_ms", "health")
     CORRUPT_FRAME_FIELD_NUMBER: _ClassVar[int]
     STALL_EVENT_LOOP_MS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     corrupt_frame: int
     stall_event_loop_ms: int
-    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ...) -> None: ...
+    health: DriveHealthFault
+    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ..., health: _Optional[_Union[DriveHealthFault, _Mapping]] = ...) -> None: ...
+
+class DriveHealthFault(_message.Message):
+    __slots__ = ("critical_warning", "temperature_k", "available_spare", "available_spare_threshold", "percentage_used", "media_errors")
+    CRITICAL_WARNING_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_K_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_SPARE_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_SPARE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PERCENTAGE_USED_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    critical_warning: int
+    temperature_k: int
+    available_spare: int
+    available_spare_threshold: int
+    percentage_used: int
+    media_errors: int
+    def __init__(self, critical_warning: _Optional[int] = ..., temperature_k: _Optional[int] = ..., available_spare: _Optional[int] = ..., available_spare_threshold: _Optional[int] = ..., percentage_used: _Optional[int] = ..., media_errors: _Optional[int] = ...) -> None: ...
 
 class InjectFaultResponse(_message.Message):
     __slots__ = ()
