@@ -137,6 +137,16 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             return controller_status(self.host.name, hosted)
         return await self._guard(context, create())
 
+    async def DeleteController(self, request: agent_pb2.GetControllerRequest,
+                               context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def delete() -> agent_pb2.ControllerStatus:
+            self._check_controller_id(request.controller_id)
+            deleted = await self.host.delete_controller(request.controller_id)
+            if deleted is None:
+                return agent_pb2.ControllerStatus(controller_id=request.controller_id, node=self.host.name)
+            return controller_status(self.host.name, deleted)
+        return await self._guard(context, delete())
+
     async def GetController(self, request: agent_pb2.GetControllerRequest,
                             context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
         async def get() -> agent_pb2.ControllerStatus:
