@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.backends.hosting import ControllerHosting, HostingError
+from agent.controller_errors import ControllerError
 from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_files
 from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
@@ -307,6 +308,15 @@ class Host:
                             await asyncio.to_thread(hosted.workload.prefill)
                         except OSError as exc:
                             raise self._write_refusal(exc, f"prefilling controller {controller_id!r}") from exc
+                        except ControllerError as exc:
+                            # The guest's write failed inside the device model (a full disk shows
+                            # as a short write there): the create fails, and is undone below.
+                            free = self.data_dir_free_bytes()
+                            on_disk = f" ({free} bytes free on its data dir)" if free is not None else ""
+                            raise SessionError(ErrorKind.PRECONDITION,
+                                               f"node {self.name!r}: prefilling controller {controller_id!r} failed"
+                                               f"{on_disk}: {exc}; free space there or choose another node"
+                                               ) from None
                     if spec is not None:
                         hosted.workload.start()
                 self.controllers[controller_id] = hosted
@@ -349,12 +359,12 @@ class Host:
                 return job_id
         return None
 
-    async def delete_controller(self, controller_id: str) -> HostedController | None:
+    async def delete_controller(self, controller_id: str) -> int | None:
         """Stops the guest, sanitizes the controller, gives its resources back, then deletes its
         etcd record (only while it names this node). Local first: a record left behind by a failed
         etcd write is removed by calling this again (the controller gone from here, the record
         naming this node), while the reverse order could leave a controller nobody owns.
-        Returns what was deleted here, None when only the record was left."""
+        Returns the namespace size of what was deleted here, None when only the record was left."""
         async with self._lock:
             moving = self._moving_job(controller_id)
             if moving is None:
@@ -364,12 +374,14 @@ class Host:
                                    f"controller {controller_id!r} is being moved by job {moving}; "
                                    "wait for it or cancel it, then delete")
             hosted = self.controllers.get(controller_id)
+            deleted: int | None = None
             if hosted is None:
                 owned = await self.store.get_controller(controller_id)
                 if owned is None or owned[0].node != self.name:
                     raise SessionError(ErrorKind.NOT_FOUND,
                                        f"controller {controller_id!r} does not run on node {self.name!r}")
             else:
+                deleted = hosted.controller.namespace_bytes
                 self.nbd.unexport(controller_id)  # its NBD clients' connections end here
                 await asyncio.to_thread(self._destroy, controller_id, hosted)
                 del self.controllers[controller_id]
@@ -378,7 +390,7 @@ class Host:
                 raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} was deleted on node "
                                                            f"{self.name!r} but its etcd record stays: {problem}")
         await self.publish()
-        return hosted
+        return deleted
 
     async def start_workload(self, controller_id: str, spec: WorkloadSpec) -> HostedController:
         hosted, guest = self.guest_of(controller_id, "a workload")
