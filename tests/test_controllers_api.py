@@ -50,8 +50,10 @@ def refusal(c: LocalCluster, method: str, request: object) -> grpc.RpcError:
     return caught.value
 
 
-def create(cid: str, size: int, node: str = "", **options: object) -> migration_pb2.NewControllerRequest:
-    return migration_pb2.NewControllerRequest(controller_id=cid, namespace_bytes=size, node=node, **options)
+def create(cid: str, size: int, node: str = "", *, prefill: bool = False,
+           guest: migration_pb2.GuestOptions | None = None) -> migration_pb2.NewControllerRequest:
+    return migration_pb2.NewControllerRequest(controller_id=cid, namespace_bytes=size, node=node, prefill=prefill,
+                                              guest=guest)
 
 
 def records(c: LocalCluster) -> dict[str, migration_pb2.Controller]:
