@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.backends.hosting import ControllerHosting, HostingError
+from agent.controller_errors import ControllerError
 from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_files
 from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
@@ -317,23 +318,105 @@ class Host:
             # Reported as CREATING until it runs: etcd already names this node its owner, and a
             # reconciler pass in between must not take its absence for a controller gone MISSING.
             self.creating[controller_id] = namespace_bytes
+            hosted = None
             try:
                 try:
                     controller = await asyncio.to_thread(self.hosting.create, controller_id, namespace_bytes)
                 except HostingError as exc:
                     raise SessionError(ErrorKind.PRECONDITION, f"node {self.name!r}: {exc}") from None
+                except OSError as exc:
+                    raise self._write_refusal(exc, f"creating controller {controller_id!r}") from exc
                 hosted = self._hosted(controller)
                 if hosted.guest is not None and (prefill or spec is not None):
                     hosted.workload = GuestWorkload(hosted.guest, spec or WorkloadSpec())
                     if prefill:
-                        await asyncio.to_thread(hosted.workload.prefill)
+                        try:
+                            await asyncio.to_thread(hosted.workload.prefill)
+                        except OSError as exc:
+                            raise self._write_refusal(exc, f"prefilling controller {controller_id!r}") from exc
+                        except ControllerError as exc:
+                            # The guest's write failed inside the device model (a full disk shows
+                            # as a short write there): the create fails, and is undone below.
+                            free = self.data_dir_free_bytes()
+                            on_disk = f" ({free} bytes free on its data dir)" if free is not None else ""
+                            raise SessionError(ErrorKind.PRECONDITION,
+                                               f"node {self.name!r}: prefilling controller {controller_id!r} failed"
+                                               f"{on_disk}: {exc}; free space there or choose another node"
+                                               ) from None
                     if spec is not None:
                         hosted.workload.start()
                 self.controllers[controller_id] = hosted
+            except BaseException:
+                # Nothing half-created: what was made here goes, and so does the claim in etcd
+                # (a create that failed must not leave an owner record for a controller nobody runs).
+                await self._undo_create(controller_id, hosted)
+                raise
             finally:
                 del self.creating[controller_id]
         await self.publish()
         return hosted
+
+    async def _undo_create(self, controller_id: str, hosted: HostedController | None) -> None:
+        try:
+            if hosted is not None:
+                await asyncio.to_thread(self._destroy, controller_id, hosted)
+        except Exception:
+            log.exception("controller %s: could not undo its failed creation here", controller_id)
+        try:
+            problem = await self.store.delete_controller(controller_id, self.name)
+            if problem:
+                log.warning("controller %s: its claim stays in etcd after a failed create: %s", controller_id, problem)
+        except EtcdError as exc:
+            log.warning("controller %s: its claim stays in etcd after a failed create (etcd: %s); "
+                        "`orchctl controllers delete %s` removes it", controller_id, exc, controller_id)
+
+    def _destroy(self, controller_id: str, hosted: HostedController) -> None:
+        """Stops the guest, sanitizes the controller and gives its resources back (blocking)."""
+        if hosted.workload is not None:
+            hosted.workload.stop()
+        hosted.controller.release()
+        self.hosting.release(controller_id)
+
+    def _moving_job(self, controller_id: str) -> str | None:
+        """The job of a migration session here that still holds the controller, if any."""
+        for job_id, session in self.sessions.items():
+            if session.controller_id == controller_id and session.current not in (
+                    SourceStage.ABORTED, SourceStage.RELEASED, DestinationStage.ABORTED, DestinationStage.RUNNING):
+                return job_id
+        return None
+
+    async def delete_controller(self, controller_id: str) -> int | None:
+        """Stops the guest, sanitizes the controller, gives its resources back, then deletes its
+        etcd record (only while it names this node). Local first: a record left behind by a failed
+        etcd write is removed by calling this again (the controller gone from here, the record
+        naming this node), while the reverse order could leave a controller nobody owns.
+        Returns the namespace size of what was deleted here, None when only the record was left."""
+        async with self._lock:
+            moving = self._moving_job(controller_id)
+            if moving is None:
+                moving = await self.store.active_job_for(controller_id)
+            if moving:
+                raise SessionError(ErrorKind.PRECONDITION,
+                                   f"controller {controller_id!r} is being moved by job {moving}; "
+                                   "wait for it or cancel it, then delete")
+            hosted = self.controllers.get(controller_id)
+            deleted: int | None = None
+            if hosted is None:
+                owned = await self.store.get_controller(controller_id)
+                if owned is None or owned[0].node != self.name:
+                    raise SessionError(ErrorKind.NOT_FOUND,
+                                       f"controller {controller_id!r} does not run on node {self.name!r}")
+            else:
+                deleted = hosted.controller.namespace_bytes
+                self.nbd.unexport(controller_id)  # its NBD clients' connections end here
+                await asyncio.to_thread(self._destroy, controller_id, hosted)
+                del self.controllers[controller_id]
+            problem = await self.store.delete_controller(controller_id, self.name)
+            if problem:
+                raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} was deleted on node "
+                                                           f"{self.name!r} but its etcd record stays: {problem}")
+        await self.publish()
+        return deleted
 
     async def start_workload(self, controller_id: str, spec: WorkloadSpec) -> HostedController:
         hosted, guest = self.guest_of(controller_id, "a workload")

@@ -25,6 +25,7 @@ from proto.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
 CREATING = "CREATING"  # the vfio_state GetInfo reports for a controller still being created
+DELETED = "DELETED"  # the vfio_state DeleteController reports: the controller is gone
 
 def spec_from_message(msg: agent_pb2.WorkloadSpec) -> WorkloadSpec:
     return WorkloadSpec(write_iops=msg.write_iops, block_bytes=msg.block_bytes or 4096,
@@ -138,6 +139,15 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                                                        request.prefill, spec)
             return controller_status(self.host.name, hosted)
         return await self._guard(context, create())
+
+    async def DeleteController(self, request: agent_pb2.GetControllerRequest,
+                               context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def delete() -> agent_pb2.ControllerStatus:
+            self._check_controller_id(request.controller_id)
+            namespace_bytes = await self.host.delete_controller(request.controller_id)
+            return agent_pb2.ControllerStatus(controller_id=request.controller_id, node=self.host.name,
+                                              vfio_state=DELETED, namespace_bytes=namespace_bytes or 0)
+        return await self._guard(context, delete())
 
     async def GetController(self, request: agent_pb2.GetControllerRequest,
                             context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:

@@ -223,6 +223,27 @@ class EtcdStore:
         existing = await self.get_controller(record.controller_id)
         return existing is not None and existing[0].node == record.node
 
+    async def delete_controller(self, controller_id: str, node: str) -> str | None:
+        """Removes a controller's record, by CAS, only while it names `node` and no migration job
+        is active for it. Returns None when it is gone (or was already), else why not."""
+        key, active_key = self.keys.controller(controller_id), self.keys.active_job(controller_id)
+        for _ in range(10):
+            got = await self.get_controller(controller_id)
+            if got is None:
+                return None
+            record, revision = got
+            if record.node != node:
+                return f"controller {controller_id!r} belongs to node {record.node!r}, not {node!r}"
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == revision, self._tx.version(active_key) == 0],
+                success=[self._tx.delete(key)], failure=[])
+            if ok:
+                return None
+            active = await self.active_job_for(controller_id)
+            if active:
+                return f"controller {controller_id!r} is being moved by job {active}"
+        return f"controller {controller_id!r} kept changing; retry"
+
     async def set_controller_state(self, controller_id: str, state: str, *, only_if_node: str | None = None) -> bool:
         """Records a controller's state (RUNNING, LOST, ...) by CAS; False if it changed owner
         meanwhile (only_if_node) or does not exist."""

@@ -3,6 +3,8 @@
     orchctl migrate CONTROLLER [--to NODE] [--bandwidth 100M] [--wait]
     orchctl get JOB | list [--active] [--controller ID] | watch JOB | trace JOB | cancel JOB
     orchctl nodes | controllers | export CONTROLLER | demo ... | version
+    orchctl controllers create ID --size 1G [--on NODE] [--prefill] [--write-iops N] [--pattern P] [--seed N]
+    orchctl controllers delete ID
 
 Tables for people, `-o json` for scripts (protobuf JSON with snake_case keys and enum names;
 `watch -o json` prints one JSON object per line). Global options (--server, -o, --timeout) are
@@ -68,6 +70,13 @@ _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEA
 WATCH_RECONNECT_WINDOW_S = 60.0
 _WATCH_RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
+GUEST_PATTERNS = ("random", "sequential", "hot")  # the agent's WorkloadSpec patterns
+# The orchestrator gives an agent this long to create a controller, plus this much per byte
+# prefilled (orchestrator.api.create_budget_s); orchctl waits as long, and a little more.
+CREATE_BUDGET_S = 30.0
+CREATE_PREFILL_BYTES_PER_S = 16 << 20
+CREATE_MARGIN_S = 5.0
+
 _ON_NO_CONVERGENCE = {
     "throttle": migration_pb2.THROTTLE,
     "abort": migration_pb2.ABORT,
@@ -120,6 +129,30 @@ def parse_bandwidth(value: str) -> int:
     if result >= 2**63:
         raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: too large")
     return result
+
+
+def parse_size(value: str) -> int:
+    """Bytes from '67108864', '64M', '1G', '1GiB' (K/M/G/T powers of 1024; KB/MB/GB powers of 1000)."""
+    match = _SIZE_RE.match(value.strip().lower())
+    units = match and _SIZE_UNITS.get(match.group("unit"))
+    if not match or not units:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {value!r}: expected bytes as a number with an optional suffix K, M, G, T "
+            "(powers of 1024; KB, MB, GB, TB are powers of 1000), e.g. 64M or 1G")
+    result = math.floor(float(match.group("num")) * units)
+    if result < 1 or result >= 2**63:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}: must be at least 1 byte and below 8 EiB")
+    return result
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be 0 or more")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -225,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", "list migrations")
     p.add_argument("--active", action="store_true", help="only jobs not yet in a terminal phase")
     p.add_argument("--controller", metavar="ID", default="", help="only jobs for this controller")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only the job ids, oldest first, one a line (JOB=$(orchctl list -q | tail -n 1))")
     p.set_defaults(handler=cmd_list)
 
     p = command(
@@ -241,13 +276,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cancel", "cancel a migration before COMMIT (it rolls back to the source)")
     p.add_argument("job", metavar="JOB", help="migration id")
+    p.add_argument("--wait", action="store_true",
+                   help="then follow it to its end (exit 0 if it ended CANCELLED, 1 otherwise)")
     p.set_defaults(handler=cmd_cancel)
 
     p = command("nodes", "list nodes")
     p.set_defaults(handler=cmd_nodes)
 
-    p = command("controllers", "list controllers and where they run")
+    # ---- controllers as API objects: `controllers` lists, `controllers create|delete` ----
+    p = command("controllers", "list controllers and where they run (create or delete one: see ACTION)")
     p.set_defaults(handler=cmd_controllers)
+    actions = p.add_subparsers(dest="controllers_action", metavar="ACTION", required=False)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(a, top_level=False)
+        return a
+
+    a = action("create", "create a controller (an emulated one gets a built-in guest) on a node")
+    a.add_argument("controller", metavar="ID", help="controller id, e.g. c1")
+    a.add_argument("--size", metavar="BYTES", type=parse_size, required=True,
+                   help="namespace size, a multiple of 4 KiB, e.g. 64M or 1G")
+    a.add_argument("--on", metavar="NODE", default="", help="node to create it on (default: scheduler picks)")
+    a.add_argument("--prefill", action="store_true", help="write every block once (verifiable) before returning")
+    a.add_argument("--write-iops", metavar="N", type=_non_negative_int,
+                   help="start the guest writing N 4 KiB blocks per second (0: as fast as it goes)")
+    a.add_argument("--pattern", choices=GUEST_PATTERNS, help="where the guest writes (default random; starts it)")
+    a.add_argument("--seed", metavar="N", type=_non_negative_int, help="the guest's random seed (starts it)")
+    a.set_defaults(handler=cmd_controllers_create)
+
+    a = action("delete", "stop a controller's guest and delete it (refused while a migration moves it)")
+    a.add_argument("controller", metavar="ID", help="controller id")
+    a.set_defaults(handler=cmd_controllers_delete)
+    # ---- end controllers ----
 
     for verb, what in (("cordon", "take no new controllers (never chosen as a destination)"),
                        ("uncordon", "take controllers again")):
@@ -359,7 +420,10 @@ def cmd_list(ctx: Context) -> int:
         active_only=ctx.args.active, controller_id=ctx.args.controller.strip()
     )
     response = client.stub.ListMigrations(request, timeout=client.timeout)
-    if ctx.json:
+    if ctx.args.quiet and not ctx.json:
+        sys.stdout.write("".join(f"{m.id}\n" for m in response.migrations))
+        sys.stdout.flush()
+    elif ctx.json:
         ctx.print_json(render.message_to_dict(response))
     elif response.migrations:
         ctx.show(render.migrations_table(response.migrations, time.time()))
@@ -390,8 +454,15 @@ def cmd_cancel(ctx: Context) -> int:
         ctx.print_json(render.message_to_dict(job))
     else:
         ctx.show(render.migration_summary_table(job))
-        if not render.is_terminal(job.phase):
+        if not render.is_terminal(job.phase) and not ctx.args.wait:
             ctx.show(Text(f"cancel requested; follow it with: orchctl watch {job.id}", style="dim"))
+    if ctx.args.wait:
+        last = _follow_stream(ctx, job.id, lambda event: None)
+        if ctx.json:
+            ctx.print_json(render.message_to_dict(migration_pb2.MigrationEvent(migration=last)), indent=None)
+        else:
+            ctx.out.print(render.final_line(last))
+        return EXIT_OK if last.phase == migration_pb2.CANCELLED else EXIT_FAILURE
     return EXIT_OK
 
 
@@ -427,6 +498,35 @@ def cmd_controllers(ctx: Context) -> int:
     client = ctx.client()
     response = client.stub.ListControllers(migration_pb2.ListControllersRequest(), timeout=client.timeout)
     return _show_listing(ctx, response, response.controllers, render.controllers_table, "no controllers registered")
+
+
+def cmd_controllers_create(ctx: Context) -> int:
+    args = ctx.args
+    request = migration_pb2.NewControllerRequest(controller_id=args.controller.strip(), namespace_bytes=args.size,
+                                                 node=args.on.strip(), prefill=args.prefill)
+    if args.write_iops is not None or args.pattern is not None or args.seed is not None:
+        request.guest.CopyFrom(migration_pb2.GuestOptions(write_iops=args.write_iops or 0,
+                                                          pattern=args.pattern or "", seed=args.seed or 0))
+    client = ctx.client()
+    budget_s = CREATE_BUDGET_S + (args.size / CREATE_PREFILL_BYTES_PER_S if args.prefill else 0.0)
+    controller = client.stub.CreateController(request, timeout=max(client.timeout, budget_s + CREATE_MARGIN_S))
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(controller))
+    else:
+        ctx.show(render.controllers_table([controller]))
+    return EXIT_OK
+
+
+def cmd_controllers_delete(ctx: Context) -> int:
+    client = ctx.client()
+    request = migration_pb2.DeleteControllerRequest(controller_id=ctx.args.controller.strip())
+    # The agent stops the guest and sanitizes the namespace: give it the orchestrator's budget.
+    controller = client.stub.DeleteController(request, timeout=max(client.timeout, CREATE_BUDGET_S + CREATE_MARGIN_S))
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(controller))
+    else:
+        ctx.show(f"controller {controller.id} deleted from node {controller.node}")
+    return EXIT_OK
 
 
 def cmd_export(ctx: Context) -> int:

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from cluster import names
-from cluster.records import RUNNING, NodeRecord
+from cluster.records import RUNNING, ControllerRecord, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import scheduler, tracing
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable
@@ -26,6 +26,18 @@ from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 WATCH_POLL_S = 0.2
 EXPORT_BUDGET_S = 10.0
 PLACEMENT_BUDGET_S = 2.0  # asking the source how much data its controller holds, for placement
+BLOCK_BYTES = 4096  # namespaces are made of 4 KiB blocks
+DELETE_BUDGET_S = 30.0  # stopping the guest and sanitizing the namespace
+# Creating a controller: the agent writes every block when asked to prefill. The budget lets a
+# slow disk take its time (16 MiB/s) on top of a fixed allowance; orchctl (orchctl/cli.py, the
+# same numbers) waits as long.
+CREATE_BUDGET_S = 30.0
+CREATE_PREFILL_BYTES_PER_S = 16 << 20
+
+
+def create_budget_s(namespace_bytes: int, prefill: bool) -> float:
+    """How long a CreateController may take on the agent."""
+    return CREATE_BUDGET_S + (namespace_bytes / CREATE_PREFILL_BYTES_PER_S if prefill else 0.0)
 
 _ON_NO_CONVERGENCE = {
     migration_pb2.NO_CONVERGENCE_ACTION_UNSPECIFIED: OnNoConvergence.THROTTLE,
@@ -266,10 +278,113 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                               context: grpc.aio.ServicerContext) -> migration_pb2.ListControllersResponse:
         async def list_controllers() -> migration_pb2.ListControllersResponse:
             records = sorted(await self.store.list_controllers(), key=lambda c: c.controller_id)
-            return migration_pb2.ListControllersResponse(controllers=[
-                migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes,
-                                         state=c.state) for c in records])
+            return migration_pb2.ListControllersResponse(controllers=[_controller_message(c) for c in records])
         return await self._guard(context, list_controllers())
+
+    # ---- controllers as API objects ------------------------------------------------------
+
+    @staticmethod
+    def _check_controller_id(cid: str) -> None:
+        if not cid:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "controller_id is required")
+        problem = names.controller_id_problem(cid)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def CreateController(self, request: migration_pb2.NewControllerRequest,
+                               context: grpc.aio.ServicerContext) -> migration_pb2.Controller:
+        return await self._guard(context, self._create_controller(request))  # type: ignore[no-any-return]
+
+    async def _create_controller(self, request: migration_pb2.NewControllerRequest) -> migration_pb2.Controller:
+        cid, size = request.controller_id, request.namespace_bytes
+        self._check_controller_id(cid)
+        if size <= 0 or size % BLOCK_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"namespace size {size} bytes is not a positive multiple of {BLOCK_BYTES} (4 KiB); "
+                          "give a size like 64M or 1G")
+        if request.node:
+            problem = names.node_name_problem(request.node)
+            if problem:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        guest = request.guest if request.HasField("guest") else None
+        if guest is not None and guest.write_iops < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"guest write_iops {guest.write_iops} must be >= 0 (0: as fast as it goes)")
+        if guest is not None and guest.seed < 0:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"guest seed {guest.seed} must be >= 0")
+        existing = await self.store.get_controller(cid)
+        if existing is not None:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                          f"controller {cid!r} already exists on node {existing[0].node!r}; choose another id "
+                          "or delete it first")
+        nodes = {n.name: n for n in await self.store.list_nodes()}
+        cordoned = await self.store.cordoned_nodes()
+        node = request.node
+        if node:
+            if node not in nodes:
+                raise Refused(grpc.StatusCode.NOT_FOUND,
+                              f"node {node!r} is not a registered live agent; `orchctl nodes` lists them")
+            problem = scheduler.new_controller_problem(nodes[node], node, namespace_bytes=size, cordoned=cordoned)
+            if problem:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        else:
+            placement = scheduler.choose_node_for_new(list(nodes.values()), namespace_bytes=size, cordoned=cordoned)
+            if placement.node is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
+            node = placement.node.name
+        agent_request = agent_pb2.CreateControllerRequest(controller_id=cid, namespace_bytes=size,
+                                                          prefill=request.prefill)
+        if guest is not None:
+            agent_request.workload.CopyFrom(agent_pb2.WorkloadSpec(write_iops=guest.write_iops,
+                                                                   pattern=guest.pattern, seed=guest.seed))
+        budget_s = create_budget_s(size, request.prefill)
+        try:
+            # Not retried past its own deadline: the agent may still be prefilling, and a second
+            # create would only be told the controller exists.
+            await self.agents.call(node, f"create {cid}",
+                                   lambda s: s.CreateController(agent_request, timeout=budget_s), budget_s=budget_s)
+        except AgentUnreachable as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          f"{exc.message}; the controller may still appear there: `orchctl controllers` shows "
+                          "it, `orchctl controllers delete` removes it") from None
+        except AgentRefused as exc:
+            raise Refused(exc.code, f"node {node!r} refused to create controller {cid!r}: {exc.details}") from None
+        created = await self.store.get_controller(cid)
+        if created is None:
+            return migration_pb2.Controller(id=cid, node=node, namespace_bytes=size, state=RUNNING)
+        return _controller_message(created[0])
+
+    async def DeleteController(self, request: migration_pb2.DeleteControllerRequest,
+                               context: grpc.aio.ServicerContext) -> migration_pb2.Controller:
+        return await self._guard(context, self._delete_controller(request.controller_id))  # type: ignore[no-any-return]
+
+    async def _delete_controller(self, cid: str) -> migration_pb2.Controller:
+        self._check_controller_id(cid)
+        owned = await self.store.get_controller(cid)
+        if owned is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"controller {cid!r} is not known; `orchctl controllers` lists them")
+        record = owned[0]
+        active = await self.store.active_job_for(cid)
+        if active:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is being moved by job {active}; wait for it (orchctl watch {active}) "
+                          f"or cancel it (orchctl cancel {active}), then delete")
+        if await self.agents.is_lost(record.node):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is on node {record.node!r}, whose agent is not live; it cannot be "
+                          "deleted until that node is back")
+        try:
+            await self.agents.call(
+                record.node, f"delete {cid}",
+                lambda s: s.DeleteController(agent_pb2.GetControllerRequest(controller_id=cid),
+                                             timeout=DELETE_BUDGET_S), budget_s=DELETE_BUDGET_S)
+        except AgentUnreachable as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc.message}; retry the delete shortly") from None
+        except AgentRefused as exc:
+            raise Refused(exc.code, f"node {record.node!r} refused to delete controller {cid!r}: "
+                                    f"{exc.details}") from None
+        return _controller_message(record)
 
     async def ExportController(self, request: migration_pb2.ExportControllerRequest,
                                context: grpc.aio.ServicerContext) -> migration_pb2.ControllerExport:
@@ -327,6 +442,10 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
         if node is None:
             return migration_pb2.Node(name=name, live=False, cordoned=cordoned)
         return _node_message(node, cordoned)
+
+
+def _controller_message(c: ControllerRecord) -> migration_pb2.Controller:
+    return migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes, state=c.state)
 
 
 def _node_message(n: NodeRecord, cordoned: bool) -> migration_pb2.Node:

@@ -1,4 +1,5 @@
-"""Choosing a destination node for a controller. Pure: node facts in, a choice or a reason out.
+"""Choosing a node for a controller: a migration's destination, or the home of a new controller.
+Pure: node facts in, a choice or a reason out.
 
 A node has room for what both bounds allow: its declared capacity (--capacity) less what it
 holds, and the free space of its data dir's filesystem when the agent reports it (a disk that
@@ -89,5 +90,40 @@ def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_by
         considered = ", ".join(n.name for n in others) or "none"
         return Placement(None, f"no live node other than {source!r} can take the controller's {namespace_bytes} "
                                f"bytes{': ' + why if why else ''} (considered: {considered})")
+    best = sorted(fits, key=lambda n: (-n.free_bytes, len(n.controllers), n.name))[0]
+    return Placement(best, f"{best.name}: {size_text(best.free_bytes)} free, {len(best.controllers)} controllers")
+
+
+# ---- a new controller ---------------------------------------------------------------------------
+
+
+def new_controller_problem(node: NodeRecord | None, name: str, *, namespace_bytes: int,
+                           cordoned: Collection[str]) -> str | None:
+    """Why `name` cannot host a new controller of `namespace_bytes`, or None when it can."""
+    if node is None:
+        return f"node {name!r} is not a live registered agent; `orchctl nodes` lists them"
+    if name in cordoned:
+        return f"node {name!r} is cordoned; choose another with --on or uncordon it"
+    room = room_problem(node, namespace_bytes)
+    if room:
+        return f"node {name!r} has {room}; choose another node with --on, or a smaller --size"
+    return None
+
+
+def choose_node_for_new(nodes: Sequence[NodeRecord], *, namespace_bytes: int,
+                        cordoned: Collection[str] = ()) -> Placement:
+    """The live, uncordoned node with the most free space for a new controller (fewest
+    controllers on a tie, then by name), or a reason that names every node's problem."""
+    fits = [n for n in nodes
+            if new_controller_problem(n, n.name, namespace_bytes=namespace_bytes, cordoned=cordoned) is None]
+    if not fits:
+        ordered = sorted(nodes, key=lambda n: n.name)
+        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, stored_bytes=None, cordoned=cordoned,
+                                   excluded=()) for n in ordered)
+        if not why:
+            return Placement(None, f"no live node can take a new {size_text(namespace_bytes)} controller: no agent "
+                                   "is registered; start one (nvmigrate-agent) and check `orchctl nodes`")
+        return Placement(None, f"no live node can take a new {size_text(namespace_bytes)} controller: {why}; "
+                               "free space, uncordon a node, or ask for a smaller --size")
     best = sorted(fits, key=lambda n: (-n.free_bytes, len(n.controllers), n.name))[0]
     return Placement(best, f"{best.name}: {size_text(best.free_bytes)} free, {len(best.controllers)} controllers")

@@ -59,6 +59,11 @@ class AgentServiceStub:
                 request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
                 _registered_method=True)
+        self.DeleteController = channel.unary_unary(
+                '/nvmigrate.v1.AgentService/DeleteController',
+                request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/nvmigrate.v1.AgentService/Verify',
                 request_serializer=proto_dot_v1_dot_agent__pb2.VerifyRequest.SerializeToString,
@@ -151,6 +156,15 @@ class AgentServiceServicer:
 
     def StopWorkload(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteController(self, request, context):
+        """Stops the guest, sanitizes the controller and gives its resources back, then deletes its etcd
+        record (only while it names this node). Refused while a migration session holds it.
+        Idempotent: a controller gone from here whose record still names this node loses the record.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -259,6 +273,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'StopWorkload': grpc.unary_unary_rpc_method_handler(
                     servicer.StopWorkload,
+                    request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.SerializeToString,
+            ),
+            'DeleteController': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteController,
                     request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
                     response_serializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.SerializeToString,
             ),
@@ -456,6 +475,33 @@ class AgentService:
             request,
             target,
             '/nvmigrate.v1.AgentService/StopWorkload',
+            proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+            proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.AgentService/DeleteController',
             proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
             proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
             options,

@@ -257,3 +257,33 @@ class CordonNodeRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GuestOptions(_message.Message):
+    __slots__ = ("write_iops", "pattern", "seed")
+    WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    write_iops: int
+    pattern: str
+    seed: int
+    def __init__(self, write_iops: _Optional[int] = ..., pattern: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class NewControllerRequest(_message.Message):
+    __slots__ = ("controller_id", "namespace_bytes", "node", "prefill", "guest")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    namespace_bytes: int
+    node: str
+    prefill: bool
+    guest: GuestOptions
+    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., node: _Optional[str] = ..., prefill: _Optional[bool] = ..., guest: _Optional[_Union[GuestOptions, _Mapping]] = ...) -> None: ...
+
+class DeleteControllerRequest(_message.Message):
+    __slots__ = ("controller_id",)
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    def __init__(self, controller_id: _Optional[str] = ...) -> None: ...

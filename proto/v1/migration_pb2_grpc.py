@@ -84,6 +84,16 @@ class MigrationServiceStub:
                 request_serializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_migration__pb2.Node.FromString,
                 _registered_method=True)
+        self.CreateController = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/CreateController',
+                request_serializer=proto_dot_v1_dot_migration__pb2.NewControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Controller.FromString,
+                _registered_method=True)
+        self.DeleteController = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/DeleteController',
+                request_serializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Controller.FromString,
+                _registered_method=True)
 
 
 class MigrationServiceServicer:
@@ -154,6 +164,24 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateController(self, request, context):
+        """---- controllers as API objects ----
+        Creates a controller (and, when asked, its emulated guest) on a named node or on the node the
+        scheduler picks among live, uncordoned nodes with room; returns it as etcd now records it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteController(self, request, context):
+        """Stops the guest and deletes the controller on its owner, and its etcd record; refused
+        (FAILED_PRECONDITION) while a migration job is active for it.
+        ---- end controllers ----
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +234,16 @@ def add_MigrationServiceServicer_to_server(servicer, server):
                     servicer.UncordonNode,
                     request_deserializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.FromString,
                     response_serializer=proto_dot_v1_dot_migration__pb2.Node.SerializeToString,
+            ),
+            'CreateController': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateController,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.NewControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Controller.SerializeToString,
+            ),
+            'DeleteController': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteController,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Controller.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +516,60 @@ class MigrationService:
             '/nvmigrate.v1.MigrationService/UncordonNode',
             proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
             proto_dot_v1_dot_migration__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/CreateController',
+            proto_dot_v1_dot_migration__pb2.NewControllerRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Controller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/DeleteController',
+            proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Controller.FromString,
             options,
             channel_credentials,
             insecure,
