@@ -26,6 +26,9 @@ class NodeRecord:
     # what an unprivileged writer may still use); None from a backend whose namespaces live
     # elsewhere, and from agents older than this field.
     data_dir_free_bytes: int | None = None
+    # The backend kind that hosts its controllers (emulated, nvme-passthru, vfio): a controller
+    # moves only between nodes of one kind. Empty from agents older than this field (unknown).
+    backend: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -154,7 +154,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                               "lists them")
             problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
                                              namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
-                                             stored_bytes=stored)
+                                             stored_bytes=stored, source_record=nodes.get(controller.node))
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
