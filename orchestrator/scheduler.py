@@ -87,7 +87,8 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
 
 
 def _rejection(node: NodeRecord, *, namespace_bytes: int, stored_bytes: int | None, cordoned: Collection[str],
-               excluded: Collection[str], unavailable: Mapping[str, str], source_record: NodeRecord | None) -> str | None:
+               excluded: Collection[str], unavailable: Mapping[str, str],
+               source_record: NodeRecord | None) -> str | None:
     """Why `node` is passed over ("tried already", "cordoned", ...), or None when it fits."""
     if node.name in excluded:
         return "tried already"

@@ -25,6 +25,7 @@ from orchestrator.evacuation import (
 from orchestrator.jobs import Job, Phase, PhaseEntry, Policy
 
 GiB = 1 << 30
+DEFAULT_LIMITS = Limits()
 
 
 def node(name: str, free: int = 100 * GiB, fmt: int = 1) -> NodeRecord:
@@ -48,7 +49,7 @@ def ids() -> Callable[[], str]:
 
 
 def plan(evs: Sequence[Evacuation], nodes: Sequence[NodeRecord], controllers: Sequence[ControllerRecord],
-         jobs: Sequence[Job] = (), limits: Limits = Limits(), cordoned: Sequence[str] = (),
+         jobs: Sequence[Job] = (), limits: Limits = DEFAULT_LIMITS, cordoned: Sequence[str] = (),
          now: float = 10.0) -> Decision:
     return step(evs, nodes=nodes, controllers={c.controller_id: c for c in controllers},
                 jobs={j.id: j for j in jobs}, cordoned=cordoned, limits=limits, now=now, new_job_id=ids())
@@ -85,7 +86,7 @@ def test_round_robin_one_draining_node_does_not_starve_another() -> None:
     assert sorted(s.node for s in d.starts) == ["n1", "n2"]
     # next tick with one free slot: the evacuation that started longest ago goes first (n1 started
     # before n2 within the tick), then the other takes its turn
-    first = [j for j in (job(s.job_id, s.controller_id, s.node, s.destination) for s in d.starts) if j.source_node == "n1"]
+    first = [job(s.job_id, s.controller_id, s.node, s.destination) for s in d.starts if s.node == "n1"]
     finished = [job(first[0].id, first[0].controller_id, "n1", first[0].destination_node, Phase.COMPLETED)]
     moved = {c.controller_id: c for c in cs}
     moved[first[0].controller_id] = ControllerRecord(first[0].controller_id, first[0].destination_node, GiB)
@@ -186,7 +187,8 @@ def fleets(draw: st.DrawFn) -> tuple[list[Evacuation], list[NodeRecord], list[Co
              for n in NAMES]
     controllers = [c for n in NAMES for c in ctrls(n, draw(st.integers(0, 4)))]
     draining = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3))
-    evs = [new_evacuation(n, draw(st.sampled_from(list(Reason))), controllers, float(i)) for i, n in enumerate(draining)]
+    evs = [new_evacuation(n, draw(st.sampled_from(list(Reason))), controllers, float(i))
+           for i, n in enumerate(draining)]
     jobs = []
     for i, c in enumerate(controllers):
         if draw(st.booleans()) and draw(st.booleans()):
