@@ -60,10 +60,6 @@ def evacuation_to_message(ev: Evacuation) -> migration_pb2.Evacuation:
         total=counts["total"])
 
 
-def evacuation_state_name(message: migration_pb2.Evacuation) -> str:
-    return migration_pb2.EvacuationState.Name(message.state).removeprefix("EVACUATION_")
-
-
 class EvacuationRpcs:
     """Mixed into MigrationApi, which provides these attributes."""
 
