@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,6 +126,13 @@ def test_evacuating_a_node_moves_every_controller_within_the_limits(evac_cluster
     assert ev["state"] == "DONE" and ev["note"] == "firmware" and ev["finished_at"] >= ev["created_at"]
     assert node_cordoned(c, "n1")
     check_limits(c, check_moved_once_and_verified(c, ev))
+
+    with urllib.request.urlopen(f"http://{c.orchestrators[0].http_address}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    assert 'nvmigrate_evacuations_finished_total{outcome="DONE"} 1.0' in metrics
+    assert "nvmigrate_evacuations_total 1.0" in metrics
+    assert "nvmigrate_controllers_evacuated_total 5.0" in metrics
+    assert "nvmigrate_evacuation_makespan_seconds_count 1.0" in metrics
 
     listed = orchctl(c, "evacuations", "-o", "json")
     assert listed.returncode == 0 and '"node": "n1"' in listed.stdout and "EVACUATION_DONE" in listed.stdout
