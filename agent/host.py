@@ -245,7 +245,8 @@ class Host:
                           capacity_bytes=self.capacity_bytes, allocated_bytes=self.allocated_bytes,
                           controllers=tuple(sorted(self.controllers)),
                           state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at,
-                          data_dir_free_bytes=self.data_dir_free_bytes(), health=self.health)
+                          data_dir_free_bytes=self.data_dir_free_bytes(), health=self.health,
+                          backend=self.hosting.kind)
 
     async def publish(self) -> None:
         """The node record changed: the lease thread writes it (and registers again with it if

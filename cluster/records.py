@@ -40,6 +40,9 @@ class NodeRecord:
     data_dir_free_bytes: int | None = None
     # The backend's drive health (its SMART / Health log); None when the backend has none to read.
     health: DriveHealth | None = None
+    # The backend kind that hosts its controllers (emulated, nvme-passthru, vfio): a controller
+    # moves only between nodes of one kind. Empty from agents older than this field (unknown).
+    backend: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

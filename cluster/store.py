@@ -11,6 +11,8 @@ one etcd. Keys, relative to the prefix:
                              revision is the leader's term (the epoch it stamps on jobs)
   cordon/<name>              a cordoned node (kept apart from the node record, which vanishes
                              with the agent's lease: a restart must not uncordon a node)
+  evacuations/<node>         the node's latest evacuation (orchestrator/evacuation.py Evacuation);
+                             written by the API when asked, then by the leader, every write a CAS
 Prefixes of clusters sharing an etcd must not nest inside one another's folders: the keys of a
 cluster under /nvmigrate/jobs/ would read as jobs of the cluster under /nvmigrate/.
 """
@@ -78,6 +80,7 @@ class KeyLayout:
         self.nodes = self.prefix + b"nodes/"
         self.leader = self.prefix + b"leader"
         self.cordon = self.prefix + b"cordon/"
+        self.evacuations = self.prefix + b"evacuations/"
 
     def job(self, job_id: str) -> bytes:
         return self.jobs + job_id.encode()
@@ -93,6 +96,9 @@ class KeyLayout:
 
     def cordoned(self, name: str) -> bytes:
         return self.cordon + name.encode()
+
+    def evacuation(self, node: str) -> bytes:
+        return self.evacuations + node.encode()
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -338,6 +344,28 @@ class EtcdStore:
     async def cordoned_nodes(self) -> set[str]:
         cordon = self.keys.cordon
         return {key[len(cordon):].decode() for key, _ in await self._list(cordon)}
+
+    # ---- evacuations -------------------------------------------------------------------------
+
+    async def get_evacuation(self, node: str) -> Versioned | None:
+        return await self._get(self.keys.evacuation(node))
+
+    async def list_evacuations(self) -> list[Versioned]:
+        return [v for _, v in await self._list(self.keys.evacuations)]
+
+    async def put_evacuation(self, node: str, record: bytes, expected_revision: int, *,
+                             leader_term: int | None = None) -> int:
+        """CAS on the record's mod revision (0: it must not exist); with leader_term, only while
+        that leader holds the leader key."""
+        key = self.keys.evacuation(node)
+        compare = [self._tx.version(key) == 0] if expected_revision == 0 else [self._tx.mod(key) == expected_revision]
+        if leader_term is not None:
+            compare.append(self._tx.create(self.keys.leader) == leader_term)
+        ok, responses = await self._client.transaction(compare=compare, success=[self._tx.put(key, record)],
+                                                       failure=[])
+        if not ok:
+            raise ConflictError(f"the evacuation record of node {node!r} changed since revision {expected_revision}")
+        return int(responses[0].response_put.header.revision)
 
     # ---- leader -----------------------------------------------------------------------------
 

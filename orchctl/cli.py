@@ -5,6 +5,7 @@
     orchctl nodes | controllers | export CONTROLLER | demo ... | version
     orchctl controllers create ID --size 1G [--on NODE] [--prefill] [--write-iops N] [--pattern P] [--seed N]
     orchctl controllers delete ID
+    orchctl evacuate node NAME [--dry-run] [--wait] [--timeout S] [--reason TEXT] | evacuations [NODE]
 
 Tables for people, `-o json` for scripts (protobuf JSON with snake_case keys and enum names;
 `watch -o json` prints one JSON object per line). Global options (--server, -o, --timeout) are
@@ -187,7 +188,7 @@ def _server_address(value: str) -> str:
 # Parser
 
 
-def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool, with_timeout: bool = True) -> None:
     # Registered on the top-level parser (with real defaults) and again on every subcommand
     # (with SUPPRESS) so `orchctl list -o json` works as well as `orchctl -o json list`: a
     # suppressed default leaves the top-level value alone when the option is not repeated.
@@ -209,6 +210,8 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool) -> 
         default=default("table"),
         help="output format (default: table)",
     )
+    if not with_timeout:
+        return
     group.add_argument(
         "--timeout",
         metavar="SECONDS",
@@ -320,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("controller", metavar="CONTROLLER", help="controller id")
     p.set_defaults(handler=cmd_export)
 
+    _add_evacuation_commands(sub)
+
     # The demo owns its own options (and --help); everything after `demo` is passed through.
     p = sub.add_parser("demo", add_help=False, help="run the local demo (orchctl demo --help)")
     p.set_defaults(handler=cmd_demo)
@@ -327,6 +332,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("version", "print the orchctl version")
     p.set_defaults(handler=cmd_version)
     return parser
+
+
+# ---- evacuation commands ----
+
+_EVACUATION_PRIORITIES = {
+    "predicted-failure": migration_pb2.PREDICTED_FAILURE,
+    "manual": migration_pb2.MANUAL,
+    "rebalance": migration_pb2.REBALANCE,
+}
+EVACUATION_POLL_S = 1.0  # how often `evacuate --wait` reads progress
+
+
+def _add_evacuation_commands(sub: Any) -> None:
+    evacuate = sub.add_parser("evacuate", help="move every controller off a node",
+                              description="move every controller off a node")
+    _add_global_options(evacuate, top_level=False)
+    targets = evacuate.add_subparsers(dest="target", metavar="TARGET", required=True)
+    p = targets.add_parser("node", help="cordon a node and migrate all its controllers to other nodes",
+                           description="cordon a node and migrate all its controllers to other nodes, within the "
+                                       "orchestrator's evacuation limits")
+    # --timeout here bounds --wait (and each request), so the global one is left out.
+    _add_global_options(p, top_level=False, with_timeout=False)
+    p.add_argument("node", metavar="NAME", help="node name")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with reasons; cordon and start nothing")
+    p.add_argument("--wait", action="store_true",
+                   help="then show progress per controller until it ends (exit 0 if DONE, 1 otherwise)")
+    p.add_argument("--timeout", metavar="SECONDS", type=_positive_float, dest="wait_timeout_s",
+                   help="with --wait: give up waiting after this long (exit 1; the evacuation goes on)")
+    p.add_argument("--reason", metavar="TEXT", default="", help="why, kept in the evacuation record")
+    p.add_argument("--priority", choices=sorted(_EVACUATION_PRIORITIES), default="manual",
+                   help="predicted-failure goes before manual, which goes before rebalance (default manual)")
+    p.set_defaults(handler=cmd_evacuate_node)
+
+    p = sub.add_parser("evacuations", help="list node evacuations, or show one",
+                       description="list node evacuations, or show one")
+    _add_global_options(p, top_level=False)
+    p.add_argument("node", metavar="NODE", nargs="?", default="", help="show this node's evacuation per controller")
+    p.set_defaults(handler=cmd_evacuations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,6 +615,136 @@ def cmd_version(ctx: Context) -> int:
     else:
         ctx.out.print(f"orchctl {_version()} (API {api})", markup=False, highlight=False)
     return EXIT_OK
+
+
+# ---- evacuation commands ----
+
+
+def cmd_evacuate_node(ctx: Context) -> int:
+    args = ctx.args
+    if not args.node.strip():
+        raise CliError("NAME must not be empty", EXIT_USAGE)
+    if args.dry_run and args.wait:
+        raise CliError("--dry-run and --wait do not go together: a dry run starts nothing to wait for", EXIT_USAGE)
+    if args.wait_timeout_s is not None and not args.wait:
+        raise CliError("--timeout needs --wait: it bounds the wait for the evacuation to end", EXIT_USAGE)
+    client = ctx.client()
+    request = migration_pb2.EvacuateNodeRequest(node=args.node.strip(), note=args.reason,
+                                                reason=_EVACUATION_PRIORITIES[args.priority], dry_run=args.dry_run)
+    plan = client.stub.EvacuateNode(request, timeout=client.timeout)
+    if ctx.json:
+        if not args.wait:
+            ctx.print_json(render.message_to_dict(plan))
+    else:
+        ctx.show(render.evacuation_plan_view(plan))
+        if not args.wait and not args.dry_run:
+            ctx.show(Text(f"follow it with: orchctl evacuations {plan.evacuation.node}", style="dim"))
+    if args.wait:
+        return wait_evacuation(ctx, plan.evacuation.node, args.wait_timeout_s)
+    return EXIT_OK
+
+
+def cmd_evacuations(ctx: Context) -> int:
+    client = ctx.client()
+    if ctx.args.node:
+        ev = client.stub.GetEvacuation(migration_pb2.GetEvacuationRequest(node=ctx.args.node.strip()),
+                                       timeout=client.timeout)
+        if ctx.json:
+            ctx.print_json(render.message_to_dict(ev))
+        else:
+            ctx.show(render.evacuation_progress_view(ev, _evacuation_jobs(ctx, ev), time.time()))
+        return EXIT_OK
+    response = client.stub.ListEvacuations(migration_pb2.ListEvacuationsRequest(), timeout=client.timeout)
+    return _show_listing(ctx, response, response.evacuations,
+                         lambda rows: render.evacuations_table(rows, time.time()), "no evacuations")
+
+
+def _evacuation_jobs(ctx: Context, ev: migration_pb2.Evacuation) -> dict[str, migration_pb2.Migration]:
+    """The current job of each controller still moving, for its phase and bytes."""
+    client = ctx.client()
+    wanted = {m.attempts[-1].job_id for m in ev.controllers if m.attempts and not m.attempts[-1].outcome}
+    jobs = {}
+    for job_id in sorted(wanted):
+        try:
+            jobs[job_id] = client.stub.GetMigration(migration_pb2.GetMigrationRequest(id=job_id),
+                                                    timeout=client.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # recorded, not created yet: shown as STARTING
+                raise
+    return jobs
+
+
+class _EvacuationView:
+    def __init__(self) -> None:
+        self.evacuation: migration_pb2.Evacuation | None = None
+        self.jobs: dict[str, migration_pb2.Migration] = {}
+
+    def __rich__(self) -> RenderableType:
+        if self.evacuation is None:
+            return Text("waiting for the orchestrator…", style="dim")
+        return render.evacuation_progress_view(self.evacuation, self.jobs, time.time())
+
+
+def wait_evacuation(ctx: Context, node: str, timeout_s: float | None) -> int:
+    """Polls the evacuation until it ends: a live table on a terminal, one line per controller
+    change otherwise, one JSON object per change with -o json. Exit 0 if DONE, else 1."""
+    client = ctx.client()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    view = _EvacuationView()
+    live: Live | None = None
+    if not ctx.json and ctx.out.is_terminal:
+        live = Live(view, console=ctx.out, refresh_per_second=4, transient=False)
+        live.start()
+    shown: dict[str, tuple[str, str, str]] = {}
+    last_json = ""
+    ev: migration_pb2.Evacuation | None = None
+    unreachable_since: float | None = None
+    try:
+        while True:
+            try:
+                ev = client.stub.GetEvacuation(migration_pb2.GetEvacuationRequest(node=node), timeout=client.timeout)
+                jobs = _evacuation_jobs(ctx, ev)
+                unreachable_since = None
+            except grpc.RpcError as exc:
+                # A leader failover or an orchestrator restart: ride through it like `watch` does.
+                if exc.code() not in _WATCH_RECONNECT_CODES:
+                    raise
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > WATCH_RECONNECT_WINDOW_S:
+                    raise
+                time.sleep(EVACUATION_POLL_S)
+                continue
+            if ctx.json:
+                body = json.dumps(render.message_to_dict(ev))
+                if body != last_json:
+                    sys.stdout.write(body + "\n")
+                    sys.stdout.flush()
+                    last_json = body
+            elif live is not None:
+                view.evacuation, view.jobs = ev, jobs
+                live.refresh()
+            else:
+                for move in ev.controllers:
+                    progress = render.controller_progress(move, jobs)
+                    # a new line when the status (phase) changes, not for every byte
+                    if shown.get(move.controller_id, ("",))[0] != progress[0]:
+                        ctx.out.print(render.controller_progress_line(ev, move, jobs))
+                        shown[move.controller_id] = progress
+            if ev.state in (migration_pb2.EVACUATION_DONE, migration_pb2.EVACUATION_FAILED,
+                            migration_pb2.EVACUATION_CANCELLED):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                if not ctx.json:
+                    ctx.out.print(render.evacuation_final_line(ev))
+                raise CliError(f"the evacuation of {node!r} did not end within {timeout_s:g} s; it goes on: "
+                               f"`orchctl evacuations {node}` shows it")
+            time.sleep(EVACUATION_POLL_S)  # poll interval of the progress display
+    finally:
+        if live is not None:
+            live.stop()
+    if not ctx.json:
+        ctx.out.print(render.evacuation_final_line(ev))
+    return EXIT_OK if ev.state == migration_pb2.EVACUATION_DONE else EXIT_FAILURE
 
 
 # ---------------------------------------------------------------------------------------------

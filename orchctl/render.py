@@ -590,3 +590,112 @@ def trace_dict(m: migration_pb2.Migration, now: float) -> dict[str, Any]:
                        "duration_ms": round(duration, 3), "running": running, "bytes": rec.bytes,
                        "rounds": rec.rounds, "note": rec.note})
     return {"id": m.id, "trace_id": m.trace_id, "phase": phase_name(m.phase), "phases": phases}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evacuations
+
+
+def evacuation_state_name(ev: migration_pb2.Evacuation) -> str:
+    return migration_pb2.EvacuationState.Name(ev.state).removeprefix("EVACUATION_")
+
+
+def evacuation_reason_name(ev: migration_pb2.Evacuation) -> str:
+    return migration_pb2.EvacuationReason.Name(ev.reason)
+
+
+_EVACUATION_STYLES = {"PLANNED": "dim", "RUNNING": "cyan", "DONE": "bold green", "FAILED": "bold red",
+                      "CANCELLED": "bold magenta"}
+
+
+def evacuation_state_text(ev: migration_pb2.Evacuation) -> Text:
+    name = evacuation_state_name(ev)
+    return Text(name, style=_EVACUATION_STYLES.get(name, ""))
+
+
+def evacuation_counts_text(ev: migration_pb2.Evacuation) -> str:
+    return f"{ev.moved}/{ev.total} moved, {ev.in_flight} in flight, {ev.waiting} waiting, {ev.failed} failed"
+
+
+def evacuation_plan_view(plan: migration_pb2.EvacuationPlan) -> Group:
+    """What `evacuate node` will do (or, with --dry-run, would do): per controller, where to and why."""
+    ev = plan.evacuation
+    head = Text.assemble(("dry run: " if plan.dry_run else ""), "evacuation of ", (ev.node, "bold"), " (",
+                         evacuation_reason_name(ev), ") ", evacuation_state_text(ev),
+                         f": {ev.total} controller{'s' if ev.total != 1 else ''}")
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    table.add_column("CONTROLLER", no_wrap=True)
+    table.add_column("DESTINATION", no_wrap=True)
+    table.add_column("WHEN", no_wrap=True)
+    table.add_column("WHY")
+    for move in plan.moves:
+        table.add_row(Text(move.controller_id), Text(move.destination_node or "-"),
+                      Text("now", style="green") if move.starts_now else Text("waits", style="yellow"),
+                      Text(move.why))
+    parts: list[RenderableType] = [head, table] if plan.moves else [head]
+    if plan.dry_run:
+        parts.append(Text("nothing was cordoned or started (dry run)", style="dim"))
+    return Group(*parts)
+
+
+def evacuations_table(evacuations: Iterable[migration_pb2.Evacuation], now: float) -> Table:
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    for column in ("NODE", "REASON", "STATE", "MOVED", "IN FLIGHT", "WAITING", "FAILED", "AGE", "NOTE"):
+        table.add_column(column, no_wrap=column != "NOTE")
+    for ev in evacuations:
+        end = ev.finished_at or now
+        table.add_row(Text(ev.node), Text(evacuation_reason_name(ev)), evacuation_state_text(ev),
+                      Text(f"{ev.moved}/{ev.total}"), Text(str(ev.in_flight)), Text(str(ev.waiting)),
+                      Text(str(ev.failed)), Text(human_duration_s(max(0.0, end - ev.created_at))),
+                      Text(ev.failure or ev.note))
+    return table
+
+
+def controller_progress(move: migration_pb2.ControllerEvacuation,
+                        jobs: dict[str, migration_pb2.Migration]) -> tuple[str, str, str]:
+    """(status, route, bytes) of one controller of an evacuation: its result once settled, else
+    the phase and bytes of its current migration, else 'waiting'."""
+    attempt = move.attempts[-1] if move.attempts else None
+    job = jobs.get(attempt.job_id) if attempt is not None else None
+    route_text = f"-> {attempt.destination_node}" if attempt is not None and attempt.destination_node else ""
+    if move.result:
+        return move.result, route_text, human_bytes(move.namespace_bytes) if move.result == "MOVED" else ""
+    if attempt is None or attempt.outcome:
+        return "WAITING", "", ""
+    if job is None:
+        return "STARTING", route_text, ""
+    moved = f"{human_bytes(job.bytes_transferred)} / {human_bytes(job.namespace_bytes)}"
+    return phase_name(job.phase), route_text, moved
+
+
+def evacuation_progress_view(ev: migration_pb2.Evacuation, jobs: dict[str, migration_pb2.Migration],
+                             now: float) -> Group:
+    """The live view of `evacuate node --wait`: the evacuation's counts and one row per controller."""
+    end = ev.finished_at or now
+    head = Text.assemble("evacuation of ", (ev.node, "bold"), " ", evacuation_state_text(ev), "  ",
+                         evacuation_counts_text(ev), f"  {human_duration_s(max(0.0, end - ev.created_at))}")
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    for column in ("CONTROLLER", "STATUS", "ROUTE", "BYTES", "ATTEMPTS"):
+        table.add_column(column, no_wrap=True)
+    for move in ev.controllers:
+        status, route_text, moved = controller_progress(move, jobs)
+        table.add_row(Text(move.controller_id), Text(status), Text(route_text), Text(moved),
+                      Text(str(len(move.attempts))))
+    return Group(head, table)
+
+
+def controller_progress_line(ev: migration_pb2.Evacuation, move: migration_pb2.ControllerEvacuation,
+                             jobs: dict[str, migration_pb2.Migration]) -> Text:
+    """One line per change of a controller's status, for `evacuate --wait` into a log or pipe."""
+    status, route_text, moved = controller_progress(move, jobs)
+    return Text(" ".join(part for part in (ev.node, move.controller_id, status, route_text, moved) if part))
+
+
+def evacuation_final_line(ev: migration_pb2.Evacuation) -> Text:
+    line = Text.assemble("evacuation of ", (ev.node, "bold"), " ", evacuation_state_text(ev), ": ",
+                         evacuation_counts_text(ev))
+    if ev.finished_at:
+        line.append(f" after {human_duration_s(max(0.0, ev.finished_at - ev.created_at))}")
+    if ev.failure:
+        line.append(f"; {' '.join(ev.failure.split())}")
+    return line

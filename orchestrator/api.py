@@ -20,7 +20,9 @@ from cluster.records import RUNNING, ControllerRecord, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import scheduler, tracing
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable
-from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, PhaseEntry, Policy, Verification
+from orchestrator.evacuation import Limits
+from orchestrator.evacuation_api import EvacuationRpcs
+from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, Policy, Verification, pending_job
 from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
@@ -53,6 +55,10 @@ _VERIFICATION = {
     Verification.PASSED: migration_pb2.VERIFICATION_PASSED,
     Verification.FAILED: migration_pb2.VERIFICATION_FAILED,
 }
+
+
+def new_job_id() -> str:
+    return f"mig-{secrets.token_hex(6)}"
 
 
 class Refused(Exception):
@@ -105,13 +111,16 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
         verification=_VERIFICATION[job.verification], verification_note=job.verification_note)
 
 
-class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
+class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, evacuation_limits: Limits | None = None,
+                 on_evacuation_created: Callable[[], None] | None = None) -> None:
         self.store = store
         self.agents = agents
         self.on_job_created = on_job_created
         self.clock = clock
+        self.evacuation_limits = evacuation_limits or Limits()
+        self.on_evacuation_created = on_evacuation_created or (lambda: None)
 
     async def _guard(self, context: grpc.aio.ServicerContext, coro):  # type: ignore[no-untyped-def]
         try:
@@ -166,7 +175,7 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                               "lists them")
             problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
                                              namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
-                                             stored_bytes=stored)
+                                             stored_bytes=stored, source_record=nodes.get(controller.node))
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
@@ -181,10 +190,9 @@ class MigrationApi(migration_pb2_grpc.MigrationServiceServicer):
                           f"controller {controller.controller_id!r} is already being moved by job {active}; "
                           "wait for it or cancel it")
         now = self.clock()
-        job = Job(id=f"mig-{secrets.token_hex(6)}", controller_id=controller.controller_id,
-                  source_node=controller.node, namespace_bytes=controller.namespace_bytes, policy=policy,
-                  created_at=now, updated_at=now, requested_destination=dest,
-                  phases=(PhaseEntry(Phase.PENDING, now),), trace_context=tracing.new_job_context())
+        job = pending_job(new_job_id(), controller_id=controller.controller_id, source_node=controller.node,
+                          namespace_bytes=controller.namespace_bytes, policy=policy, now=now,
+                          requested_destination=dest, trace_context=tracing.new_job_context())
         try:
             await self.store.create_job(job.id, job.controller_id, job.to_bytes())
         except ConflictError as exc:

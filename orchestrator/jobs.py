@@ -102,6 +102,8 @@ def since_wall(wall_now: float, then: float) -> float:
 
 @dataclass(frozen=True)
 class Job:
+    """A migration job; `pending_job` makes a new one."""
+
     id: str
     controller_id: str
     source_node: str
@@ -272,3 +274,11 @@ class Job:
         data["excluded_destinations"] = tuple(data.get("excluded_destinations", ()))
         data["verification"] = Verification(data.get("verification", ""))
         return cls(**data)
+
+
+def pending_job(job_id: str, *, controller_id: str, source_node: str, namespace_bytes: int, policy: Policy,
+                now: float, requested_destination: str = "", trace_context: dict[str, str] | None = None) -> Job:
+    """A job as it is created (PENDING), by the API and by evacuations alike."""
+    return Job(id=job_id, controller_id=controller_id, source_node=source_node, namespace_bytes=namespace_bytes,
+               policy=policy, created_at=now, updated_at=now, requested_destination=requested_destination,
+               phases=(PhaseEntry(Phase.PENDING, now),), trace_context=dict(trace_context or {}))

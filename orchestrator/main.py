@@ -30,6 +30,8 @@ from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
+from orchestrator.evacuation import Limits
+from orchestrator.evacuator import Evacuator
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
@@ -43,7 +45,8 @@ LEASE_THREAD_STOP_S = 5.0
 
 class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None, node_grace_s: float | None = None) -> None:
+                 settings: RunnerSettings | None = None, node_grace_s: float | None = None,
+                 evacuation_limits: Limits | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.store = store
         self.name = name
@@ -55,11 +58,18 @@ class Orchestrator:
         # not let it expire (a needless step-down and takeover).
         self.lease_thread = StoreThread(store.endpoint, store.prefix, f"leader-lease-{name}")
         self.dispatcher: JobDispatcher | None = None
-        self.api = MigrationApi(store, self.agents, on_job_created=self._poke)
+        self.evacuation_limits = evacuation_limits or Limits()
+        self.evacuator: Evacuator | None = None
+        self.api = MigrationApi(store, self.agents, on_job_created=self._poke, evacuation_limits=self.evacuation_limits,
+                                on_evacuation_created=self._poke_evacuator)
 
     def _poke(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.poke()
+
+    def _poke_evacuator(self) -> None:
+        if self.evacuator is not None:
+            self.evacuator.poke()
 
     async def lead_forever(self) -> None:
         """Campaigns for the leader key; while held, a dispatcher drives the jobs."""
@@ -91,14 +101,17 @@ class Orchestrator:
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")
+            self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke)
+            evacuating = asyncio.create_task(self.evacuator.run_forever(), name="evacuate")
             try:
                 await lost.wait()
                 log.error("%s lost the leader lease; stopping job runners", self.name)
             finally:
                 await self.dispatcher.stop()
                 self.dispatcher = None
+                self.evacuator = None
                 keeper.cancel()
-                for task in (reconciling, verifying):
+                for task in (reconciling, verifying, evacuating):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -114,8 +127,10 @@ async def serve(args: argparse.Namespace) -> int:
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
                               etcd_check_timeout_s=args.etcd_check_timeout_s)
+    limits = Limits(cluster=args.evacuation_max_parallel, outbound_per_node=args.evacuation_outbound_per_node,
+                    inbound_per_node=args.evacuation_inbound_per_node)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings,
-                                node_grace_s=args.node_grace_s)
+                                node_grace_s=args.node_grace_s, evacuation_limits=limits)
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -183,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-check-timeout-s", type=float, default=1.0,
                         help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
                              "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
+    defaults = Limits()
+    parser.add_argument("--evacuation-max-parallel", type=int, default=defaults.cluster,
+                        help="evacuation migrations started while this many jobs run in the cluster at most")
+    parser.add_argument("--evacuation-outbound-per-node", type=int, default=defaults.outbound_per_node,
+                        help="migrations leaving one node at once, at most, for an evacuation to start another")
+    parser.add_argument("--evacuation-inbound-per-node", type=int, default=defaults.inbound_per_node,
+                        help="migrations arriving at one node at once, at most, for an evacuation to send it another")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
@@ -203,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.node_grace_s is not None and args.node_grace_s < 0:
         parser.error(f"--node-grace-s must be 0 or more, got {args.node_grace_s}")
+    for flag in ("evacuation_max_parallel", "evacuation_outbound_per_node", "evacuation_inbound_per_node"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_concurrent < 1:
         parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     if telemetry.config_problem():  # the OTEL_* environment variables

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
+from orchestrator.evacuation import MOVED, Evacuation, EvacuationState
 from orchestrator.jobs import TERMINAL, Job, Phase, Verification
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,16 @@ DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds complet
 VERIFICATIONS = Counter("nvmigrate_verifications", "Completed migrations checked against the source's switchover "
                         "image, by outcome (FAILED is an alarm: the source copy is kept)", ["outcome"],
                         registry=REGISTRY)
+# ---- evacuations (counted by the leader that drove them; see orchestrator/evacuator.py) ----
 EVACUATIONS = Counter("nvmigrate_evacuations", "Node evacuations started", registry=REGISTRY)
+EVACUATIONS_FINISHED = Counter("nvmigrate_evacuations_finished", "Node evacuations ended, by outcome (DONE, FAILED, "
+                               "CANCELLED)", ["outcome"], registry=REGISTRY)
+CONTROLLERS_EVACUATED = Counter("nvmigrate_controllers_evacuated", "Controllers moved off a node by an evacuation",
+                                registry=REGISTRY)
+EVACUATION_MAKESPAN = Histogram("nvmigrate_evacuation_makespan_seconds",
+                                "Time from an evacuation's creation to its end (every controller moved, or given up)",
+                                buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+                                registry=REGISTRY)
 ProcessCollector(registry=REGISTRY)
 
 # Every phase shows up in nvmigrate_jobs, at 0 when no job is in it, so panels need no `or vector(0)`.
@@ -73,6 +83,19 @@ def job_written(old: Job, new: Job) -> None:
                 GUEST_BLACKOUT.observe(new.guest_blackout_ms / 1000.0)
             if new.downtime_ms > 0:
                 SWITCHOVER_DOWNTIME.observe(new.downtime_ms / 1000.0)
+
+
+def evacuation_written(old: Evacuation, new: Evacuation) -> None:
+    """Counts what changed between two consecutive records of an evacuation this process wrote."""
+    if old.state is EvacuationState.PLANNED and new.state is not EvacuationState.PLANNED:
+        EVACUATIONS.inc()
+    before = {m.controller_id: m.result for m in old.moves}
+    moved = sum(1 for m in new.moves if m.result == MOVED and before.get(m.controller_id) != MOVED)
+    if moved:
+        CONTROLLERS_EVACUATED.inc(moved)
+    if new.ended and not old.ended:
+        EVACUATIONS_FINISHED.labels(new.state.value).inc()
+        EVACUATION_MAKESPAN.observe(max(0.0, new.finished_at - new.created_at))
 
 
 @dataclass

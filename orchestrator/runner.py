@@ -291,7 +291,9 @@ class JobRunner:
                     return
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
                                                  namespace_bytes=job.namespace_bytes, cordoned=cordoned,
-                                                 stored_bytes=stored)
+                                                 stored_bytes=stored,
+                                                 source_record=next((n for n in nodes if n.name == job.source_node),
+                                                                    None))
                 if problem:
                     await self._save(job.end(Phase.FAILED, self._now(), problem), release=True)
                     return

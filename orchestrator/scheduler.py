@@ -6,11 +6,15 @@ holds, and the free space of its data dir's filesystem when the agent reports it
 other data filled, or sparse namespaces that grew). The first bounds the namespace's size; the
 disk bounds the data the copy will store, which for a sparse namespace is what it holds, not its
 size. A rejection names both numbers.
+
+A node must also be compatible with the source: the same controller-state format version (a
+destination refuses a version it does not know) and the same backend kind, when both nodes say
+which. The explanation of a choice lists why every other node was passed over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.records import NodeRecord
@@ -22,6 +26,20 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 class Placement:
     node: NodeRecord | None
     reason: str  # why this node, or why none
+    # One line per node passed over, "n3: state format 2, source needs 1", sorted by name.
+    rejected: tuple[str, ...] = ()
+
+
+def compatibility_problem(node: NodeRecord, source: NodeRecord | None) -> str | None:
+    """'state format 2, source needs 1' when `node` cannot resume a controller from `source`, or
+    None. An unknown source (not registered) or an unknown backend on either side is no problem."""
+    if source is None:
+        return None
+    if node.state_format_version != source.state_format_version:
+        return f"state format {node.state_format_version}, source needs {source.state_format_version}"
+    if node.backend and source.backend and node.backend != source.backend:
+        return f"backend {node.backend}, source runs {source.backend}"
+    return None
 
 
 def size_text(n: int) -> str:
@@ -51,7 +69,8 @@ def room_problem(node: NodeRecord, namespace_bytes: int, stored_bytes: int | Non
 
 
 def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_bytes: int,
-                 cordoned: Collection[str], stored_bytes: int | None = None) -> str | None:
+                 cordoned: Collection[str], stored_bytes: int | None = None,
+                 source_record: NodeRecord | None = None) -> str | None:
     """Why `name` cannot take the controller, or None when it can."""
     if name == source:
         return f"destination node {name!r} is the controller's source; choose another node"
@@ -59,6 +78,9 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
         return f"destination node {name!r} is not a live registered agent; check `orchctl nodes`"
     if name in cordoned:
         return f"destination node {name!r} is cordoned; choose another or uncordon it"
+    incompatible = compatibility_problem(node, source_record)
+    if incompatible:
+        return f"destination node {name!r} is incompatible ({incompatible}); choose another node"
     room = room_problem(node, namespace_bytes, stored_bytes)
     if room:
         return f"destination node {name!r} has {room}; choose another node or free space there"
@@ -66,32 +88,45 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
 
 
 def _rejection(node: NodeRecord, *, namespace_bytes: int, stored_bytes: int | None, cordoned: Collection[str],
-               excluded: Collection[str]) -> str:
+               excluded: Collection[str], unavailable: Mapping[str, str],
+               source_record: NodeRecord | None) -> str | None:
+    """Why `node` is passed over ("tried already", "cordoned", ...), or None when it fits."""
     if node.name in excluded:
-        return f"{node.name}: tried already"
+        return "tried already"
+    if node.name in unavailable:
+        return unavailable[node.name]
     if node.name in cordoned:
-        return f"{node.name}: cordoned"
-    return f"{node.name}: {room_problem(node, namespace_bytes, stored_bytes) or 'fits'}"
+        return "cordoned"
+    return compatibility_problem(node, source_record) or room_problem(node, namespace_bytes, stored_bytes)
 
 
 def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_bytes: int,
                        cordoned: Collection[str] = (), excluded: Collection[str] = (),
-                       stored_bytes: int | None = None) -> Placement:
-    """The live node with the most free space (fewest controllers on a tie, then by name)."""
-    fits = [n for n in nodes
-            if n.name not in excluded
-            and node_problem(n, n.name, source=source, namespace_bytes=namespace_bytes,
-                             cordoned=cordoned, stored_bytes=stored_bytes) is None]
+                       stored_bytes: int | None = None, unavailable: Mapping[str, str] | None = None,
+                       source_record: NodeRecord | None = None) -> Placement:
+    """The live compatible node with the most free space (fewest controllers on a tie, then by
+    name). `unavailable` maps nodes to why they may not take anything now (being evacuated, at
+    their inbound limit); `source_record` defaults to the source's record among `nodes`."""
+    unavailable = unavailable or {}
+    if source_record is None:
+        source_record = next((n for n in nodes if n.name == source), None)
+    others = sorted((n for n in nodes if n.name != source), key=lambda n: n.name)
+    why_not = {n.name: _rejection(n, namespace_bytes=namespace_bytes, stored_bytes=stored_bytes, cordoned=cordoned,
+                                  excluded=excluded, unavailable=unavailable, source_record=source_record)
+               for n in others}
+    rejected = tuple(f"{name}: {why}" for name, why in why_not.items() if why is not None)
+    fits = [n for n in others if why_not[n.name] is None]
     if not fits:
-        others = sorted((n for n in nodes if n.name != source), key=lambda n: n.name)
-        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, stored_bytes=stored_bytes, cordoned=cordoned,
-                                   excluded=excluded)
-                        for n in others)
+        why = "; ".join(rejected)
         considered = ", ".join(n.name for n in others) or "none"
         return Placement(None, f"no live node other than {source!r} can take the controller's {namespace_bytes} "
-                               f"bytes{': ' + why if why else ''} (considered: {considered})")
+                               f"bytes{': ' + why if why else ''} (considered: {considered})", rejected)
     best = sorted(fits, key=lambda n: (-n.free_bytes, len(n.controllers), n.name))[0]
-    return Placement(best, f"{best.name}: {size_text(best.free_bytes)} free, {len(best.controllers)} controllers")
+    passed_over = [f"{n.name}: fits, ranked lower ({size_text(n.free_bytes)} free, {len(n.controllers)} controllers)"
+                   for n in fits if n is not best]
+    explanation = "; ".join((*passed_over, *rejected))
+    return Placement(best, f"{best.name}: {size_text(best.free_bytes)} free, {len(best.controllers)} controllers"
+                           + (f" (other nodes: {explanation})" if explanation else ""), rejected)
 
 
 # ---- a new controller ---------------------------------------------------------------------------
@@ -118,8 +153,8 @@ def choose_node_for_new(nodes: Sequence[NodeRecord], *, namespace_bytes: int,
             if new_controller_problem(n, n.name, namespace_bytes=namespace_bytes, cordoned=cordoned) is None]
     if not fits:
         ordered = sorted(nodes, key=lambda n: n.name)
-        why = "; ".join(_rejection(n, namespace_bytes=namespace_bytes, stored_bytes=None, cordoned=cordoned,
-                                   excluded=()) for n in ordered)
+        why = "; ".join(f"{n.name}: {'cordoned' if n.name in cordoned else room_problem(n, namespace_bytes)}"
+                        for n in ordered)
         if not why:
             return Placement(None, f"no live node can take a new {size_text(namespace_bytes)} controller: no agent "
                                    "is registered; start one (nvmigrate-agent) and check `orchctl nodes`")

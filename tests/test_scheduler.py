@@ -143,7 +143,8 @@ def test_the_smaller_of_declared_and_disk_free_space_decides() -> None:
     nodes = [disk_node("n2", 900 * MiB, 12 * MiB), disk_node("n3", 100 * MiB, 500 * MiB)]
     placement = choose_destination(nodes, source="n1", namespace_bytes=16 * MiB)
     assert placement.node is not None and placement.node.name == "n3"  # 100 MiB beats n2's 12 MiB on disk
-    assert placement.reason == "n3: 100 MiB free, 0 controllers"
+    assert placement.reason.startswith("n3: 100 MiB free, 0 controllers")
+    assert placement.rejected == ("n2: 12 MiB free on its data dir (900 MiB by its declared capacity), needs 16 MiB",)
 
 
 def test_a_node_whose_disk_is_fuller_than_declared_is_refused_naming_both_numbers() -> None:
@@ -205,3 +206,50 @@ def test_a_sparse_namespace_needs_its_data_on_the_disk_and_its_size_within_the_d
     assert placement.node is not None and placement.node.name == "n2"
     assert "n3: 100 GiB free by its declared capacity" in choose_destination(
         [small], source="n1", namespace_bytes=200 * GiB, stored_bytes=1 * GiB).reason
+
+
+# ---- compatibility: state format and backend must match the source's ---------------------------
+
+def versioned(name: str, free: int, fmt: int = 1, backend: str = "emulated") -> NodeRecord:
+    return NodeRecord(name=name, address="a", data_address="d", capacity_bytes=1000, allocated_bytes=1000 - free,
+                      state_format_version=fmt, backend=backend)
+
+
+def test_an_incompatible_node_is_never_chosen_and_the_explanation_says_why() -> None:
+    # n3 has the most room but speaks another controller-state format; n4 runs another backend.
+    nodes = [versioned("n1", 900), versioned("n2", 300), versioned("n3", 900, fmt=2),
+             versioned("n4", 900, backend="vfio"), versioned("n5", 100)]
+    placement = choose_destination(nodes, source="n1", namespace_bytes=200, cordoned={"n5"})
+    assert placement.node is not None and placement.node.name == "n2"
+    assert "n3: state format 2, source needs 1" in placement.rejected
+    assert "n4: backend vfio, source runs emulated" in placement.rejected
+    assert "n5: cordoned" in placement.rejected
+    assert "n3: state format 2, source needs 1" in placement.reason
+    # every node but the source and the chosen one is accounted for
+    assert sorted(r.split(":")[0] for r in placement.rejected) == ["n3", "n4", "n5"]
+
+
+def test_no_compatible_node_names_each_reason() -> None:
+    nodes = [versioned("n1", 900), versioned("n2", 900, fmt=2)]
+    placement = choose_destination(nodes, source="n1", namespace_bytes=200)
+    assert placement.node is None
+    assert "n2: state format 2, source needs 1" in placement.reason
+
+
+def test_node_problem_refuses_an_incompatible_destination() -> None:
+    problem = node_problem(versioned("n2", 900, fmt=2), "n2", source="n1", namespace_bytes=1, cordoned=(),
+                           source_record=versioned("n1", 900))
+    assert problem is not None and "state format 2, source needs 1" in problem
+
+
+def test_unavailable_nodes_are_passed_over_with_their_reason() -> None:
+    nodes = [versioned("n1", 900), versioned("n2", 900), versioned("n3", 500)]
+    placement = choose_destination(nodes, source="n1", namespace_bytes=200,
+                                   unavailable={"n2": "inbound limit 2 reached"})
+    assert placement.node is not None and placement.node.name == "n3"
+    assert placement.rejected == ("n2: inbound limit 2 reached",)
+
+
+def test_an_agent_that_does_not_say_its_backend_is_not_refused_for_it() -> None:
+    nodes = [versioned("n1", 900), versioned("n2", 900, backend="")]
+    assert choose_destination(nodes, source="n1", namespace_bytes=1).node is not None

@@ -35,6 +35,22 @@ class Verification(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERIFICATION_PENDING: _ClassVar[Verification]
     VERIFICATION_PASSED: _ClassVar[Verification]
     VERIFICATION_FAILED: _ClassVar[Verification]
+
+class EvacuationReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVACUATION_REASON_UNSPECIFIED: _ClassVar[EvacuationReason]
+    PREDICTED_FAILURE: _ClassVar[EvacuationReason]
+    MANUAL: _ClassVar[EvacuationReason]
+    REBALANCE: _ClassVar[EvacuationReason]
+
+class EvacuationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVACUATION_STATE_UNSPECIFIED: _ClassVar[EvacuationState]
+    EVACUATION_PLANNED: _ClassVar[EvacuationState]
+    EVACUATION_RUNNING: _ClassVar[EvacuationState]
+    EVACUATION_DONE: _ClassVar[EvacuationState]
+    EVACUATION_FAILED: _ClassVar[EvacuationState]
+    EVACUATION_CANCELLED: _ClassVar[EvacuationState]
 PHASE_UNSPECIFIED: Phase
 PENDING: Phase
 PREPARING: Phase
@@ -55,6 +71,16 @@ VERIFICATION_UNSPECIFIED: Verification
 VERIFICATION_PENDING: Verification
 VERIFICATION_PASSED: Verification
 VERIFICATION_FAILED: Verification
+EVACUATION_REASON_UNSPECIFIED: EvacuationReason
+PREDICTED_FAILURE: EvacuationReason
+MANUAL: EvacuationReason
+REBALANCE: EvacuationReason
+EVACUATION_STATE_UNSPECIFIED: EvacuationState
+EVACUATION_PLANNED: EvacuationState
+EVACUATION_RUNNING: EvacuationState
+EVACUATION_DONE: EvacuationState
+EVACUATION_FAILED: EvacuationState
+EVACUATION_CANCELLED: EvacuationState
 
 class ConvergencePolicy(_message.Message):
     __slots__ = ("max_downtime_ms", "max_rounds", "bandwidth_bytes_per_s", "on_no_convergence")
@@ -287,3 +313,111 @@ class DeleteControllerRequest(_message.Message):
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
     def __init__(self, controller_id: _Optional[str] = ...) -> None: ...
+
+class EvacuateNodeRequest(_message.Message):
+    __slots__ = ("node", "reason", "note", "dry_run")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    reason: EvacuationReason
+    note: str
+    dry_run: bool
+    def __init__(self, node: _Optional[str] = ..., reason: _Optional[_Union[EvacuationReason, str]] = ..., note: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class EvacuationAttempt(_message.Message):
+    __slots__ = ("job_id", "destination_node", "outcome", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    destination_node: str
+    outcome: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., destination_node: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ControllerEvacuation(_message.Message):
+    __slots__ = ("controller_id", "namespace_bytes", "attempts", "result", "note")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    namespace_bytes: int
+    attempts: _containers.RepeatedCompositeFieldContainer[EvacuationAttempt]
+    result: str
+    note: str
+    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[EvacuationAttempt, _Mapping]]] = ..., result: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class Evacuation(_message.Message):
+    __slots__ = ("node", "reason", "state", "note", "created_at", "updated_at", "finished_at", "failure", "controllers", "moved", "in_flight", "failed", "waiting", "total")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    reason: EvacuationReason
+    state: EvacuationState
+    note: str
+    created_at: float
+    updated_at: float
+    finished_at: float
+    failure: str
+    controllers: _containers.RepeatedCompositeFieldContainer[ControllerEvacuation]
+    moved: int
+    in_flight: int
+    failed: int
+    waiting: int
+    total: int
+    def __init__(self, node: _Optional[str] = ..., reason: _Optional[_Union[EvacuationReason, str]] = ..., state: _Optional[_Union[EvacuationState, str]] = ..., note: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failure: _Optional[str] = ..., controllers: _Optional[_Iterable[_Union[ControllerEvacuation, _Mapping]]] = ..., moved: _Optional[int] = ..., in_flight: _Optional[int] = ..., failed: _Optional[int] = ..., waiting: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class PlannedMove(_message.Message):
+    __slots__ = ("controller_id", "destination_node", "starts_now", "why")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
+    STARTS_NOW_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    destination_node: str
+    starts_now: bool
+    why: str
+    def __init__(self, controller_id: _Optional[str] = ..., destination_node: _Optional[str] = ..., starts_now: _Optional[bool] = ..., why: _Optional[str] = ...) -> None: ...
+
+class EvacuationPlan(_message.Message):
+    __slots__ = ("evacuation", "moves", "dry_run")
+    EVACUATION_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    evacuation: Evacuation
+    moves: _containers.RepeatedCompositeFieldContainer[PlannedMove]
+    dry_run: bool
+    def __init__(self, evacuation: _Optional[_Union[Evacuation, _Mapping]] = ..., moves: _Optional[_Iterable[_Union[PlannedMove, _Mapping]]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class GetEvacuationRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class ListEvacuationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEvacuationsResponse(_message.Message):
+    __slots__ = ("evacuations",)
+    EVACUATIONS_FIELD_NUMBER: _ClassVar[int]
+    evacuations: _containers.RepeatedCompositeFieldContainer[Evacuation]
+    def __init__(self, evacuations: _Optional[_Iterable[_Union[Evacuation, _Mapping]]] = ...) -> None: ...

@@ -94,6 +94,21 @@ class MigrationServiceStub:
                 request_serializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_migration__pb2.Controller.FromString,
                 _registered_method=True)
+        self.EvacuateNode = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/EvacuateNode',
+                request_serializer=proto_dot_v1_dot_migration__pb2.EvacuateNodeRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.EvacuationPlan.FromString,
+                _registered_method=True)
+        self.GetEvacuation = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/GetEvacuation',
+                request_serializer=proto_dot_v1_dot_migration__pb2.GetEvacuationRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Evacuation.FromString,
+                _registered_method=True)
+        self.ListEvacuations = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/ListEvacuations',
+                request_serializer=proto_dot_v1_dot_migration__pb2.ListEvacuationsRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.ListEvacuationsResponse.FromString,
+                _registered_method=True)
 
 
 class MigrationServiceServicer:
@@ -176,8 +191,29 @@ class MigrationServiceServicer:
     def DeleteController(self, request, context):
         """Stops the guest and deletes the controller on its owner, and its etcd record; refused
         (FAILED_PRECONDITION) while a migration job is active for it.
-        ---- end controllers ----
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvacuateNode(self, request, context):
+        """---- end controllers ----
+        ---- node evacuation ----
+        Cordons the node, records an evacuation of every controller on it and returns the plan; the
+        leader then moves them within the evacuation limits. With dry_run: the plan only, nothing written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvacuation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvacuations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -244,6 +280,21 @@ def add_MigrationServiceServicer_to_server(servicer, server):
                     servicer.DeleteController,
                     request_deserializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.FromString,
                     response_serializer=proto_dot_v1_dot_migration__pb2.Controller.SerializeToString,
+            ),
+            'EvacuateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvacuateNode,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.EvacuateNodeRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.EvacuationPlan.SerializeToString,
+            ),
+            'GetEvacuation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvacuation,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.GetEvacuationRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Evacuation.SerializeToString,
+            ),
+            'ListEvacuations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvacuations,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.ListEvacuationsRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.ListEvacuationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -570,6 +621,87 @@ class MigrationService:
             '/nvmigrate.v1.MigrationService/DeleteController',
             proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
             proto_dot_v1_dot_migration__pb2.Controller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvacuateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/EvacuateNode',
+            proto_dot_v1_dot_migration__pb2.EvacuateNodeRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.EvacuationPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvacuation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/GetEvacuation',
+            proto_dot_v1_dot_migration__pb2.GetEvacuationRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Evacuation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvacuations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/ListEvacuations',
+            proto_dot_v1_dot_migration__pb2.ListEvacuationsRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.ListEvacuationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
