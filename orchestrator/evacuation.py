@@ -112,6 +112,7 @@ class Evacuation:
     updated_at: float = 0.0
     finished_at: float = 0.0
     last_started_at: float = 0.0  # when it last started a migration: round-robin order
+    automatic: bool = False  # started by the health policy (counts against its storm guard)
 
     @property
     def ended(self) -> bool:
@@ -157,12 +158,12 @@ class Evacuation:
 
 
 def new_evacuation(node: str, reason: Reason, controllers: Iterable[ControllerRecord], now: float, *,
-                   note: str = "", max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Evacuation:
+                   note: str = "", max_attempts: int = DEFAULT_MAX_ATTEMPTS, automatic: bool = False) -> Evacuation:
     """The evacuation of `node`: every controller etcd says it owns."""
     moves = tuple(ControllerMove(c.controller_id, c.namespace_bytes)
                   for c in sorted(controllers, key=lambda c: c.controller_id) if c.node == node)
     return Evacuation(node=node, reason=reason, created_at=now, moves=moves, note=note, max_attempts=max_attempts,
-                      updated_at=now)
+                      updated_at=now, automatic=automatic)
 
 
 @dataclass(frozen=True)

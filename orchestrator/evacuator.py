@@ -16,10 +16,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from cluster.records import NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
-from orchestrator import evacuation, metrics, tracing
+from orchestrator import evacuation, health_policy, metrics, tracing
 from orchestrator.api import new_job_id
-from orchestrator.evacuation import Evacuation, Limits, Start
+from orchestrator.evacuation import Evacuation, Limits, Reason, Start
+from orchestrator.health_policy import HealthPolicy
 from orchestrator.jobs import Job, Policy, pending_job
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,15 @@ TICK_S = 0.5  # how often progress is read back from etcd (jobs end without tell
 
 class Evacuator:
     def __init__(self, store: EtcdStore, term: int, limits: Limits, on_job_created: Callable[[], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, health: HealthPolicy | None = None) -> None:
+        self.health = health  # None: no automatic evacuation on predicted failures
         self.store = store
         self.term = term
         self.limits = limits
         self.on_job_created = on_job_created
         self.clock = clock
         self._wake = asyncio.Event()
+        self._held_back_logged: set[str] = set()
 
     def poke(self) -> None:
         """An evacuation was written: look now."""
@@ -53,16 +57,26 @@ class Evacuator:
 
     async def tick(self) -> None:
         versioned = {}
-        for v in await self.store.list_evacuations():
-            ev = Evacuation.from_bytes(v.value)
+        everything = [(Evacuation.from_bytes(v.value), v.mod_revision) for v in await self.store.list_evacuations()]
+        for ev, revision in everything:
             if not ev.ended:
-                versioned[ev.node] = (ev, v.mod_revision)
+                versioned[ev.node] = (ev, revision)
+        nodes = await self.store.list_nodes()
+        failing: set[str] = set()
+        if self.health is not None:
+            failing = health_policy.failing(nodes, self.health)
+            # An emptied node stays cordoned until an operator has dealt with its drive: it is not
+            # evacuated again meanwhile (uncordoned while still failing, it is).
+            settled = {ev.node for ev, _ in everything if ev.ended} & await self.store.cordoned_nodes()
+            if await self._start_automatic(nodes, versioned, {ev.node: rev for ev, rev in everything}, settled):
+                self.poke()
+                return  # the next tick (right away) plans what was just written
         if not versioned:
             return
-        nodes = await self.store.list_nodes()
         controllers = {c.controller_id: c for c in await self.store.list_controllers()}
         jobs = {j.id: j for j in (Job.from_bytes(v.value) for v in await self.store.list_jobs())}
-        cordoned = await self.store.cordoned_nodes()
+        # a node whose drive predicts a failure is never a destination, evacuating yet or not
+        cordoned = await self.store.cordoned_nodes() | failing
         before = [ev for ev, _ in versioned.values()]
         decision = evacuation.step(before, nodes=nodes, controllers=controllers, jobs=jobs, cordoned=cordoned,
                                    limits=self.limits, now=self.clock(), new_job_id=new_job_id)
@@ -87,6 +101,35 @@ class Evacuator:
                 created |= await self._create(start, controllers[start.controller_id].namespace_bytes)
         if created:
             self.on_job_created()
+
+    async def _start_automatic(self, nodes: list[NodeRecord], active: dict[str, tuple[Evacuation, int]],
+                               revisions: dict[str, int], settled: set[str]) -> bool:
+        """Evacuations the health policy asks for, within its storm guard; True when one was written."""
+        assert self.health is not None
+        triggers = health_policy.automatic_evacuations(
+            nodes, self.health, evacuating_automatically={n for n, (ev, _) in active.items() if ev.automatic},
+            evacuating=set(active) | settled)
+        for node, reasons in triggers.held_back:
+            if node not in self._held_back_logged:
+                log.warning("node %s predicts a drive failure (%s) but %d automatic evacuation(s) already run "
+                            "(the storm guard); it waits its turn", node, "; ".join(reasons), self.health.max_automatic)
+                self._held_back_logged.add(node)
+        started = False
+        for node, reasons in triggers.start:
+            controllers = await self.store.list_controllers()
+            ev = evacuation.new_evacuation(node, Reason.PREDICTED_FAILURE, controllers, self.clock(),
+                                           note="automatic: " + "; ".join(reasons), automatic=True)
+            await self.store.set_cordon(node, True)
+            try:
+                await self.store.put_evacuation(node, ev.to_bytes(), revisions.get(node, 0), leader_term=self.term)
+            except ConflictError:
+                continue  # someone (an operator) asked at the same moment: theirs stands
+            self._held_back_logged.discard(node)
+            metrics.automatic_evacuation_triggered(node)
+            log.warning("node %s predicts a drive failure (%s): evacuating its %d controllers automatically", node,
+                        "; ".join(reasons), len(ev.moves))
+            started = True
+        return started
 
     async def _create(self, start: Start, namespace_bytes: int) -> bool:
         now = self.clock()

@@ -32,6 +32,7 @@ from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
 from orchestrator.evacuation import Limits
 from orchestrator.evacuator import Evacuator
+from orchestrator.health_policy import HealthPolicy
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
@@ -46,8 +47,9 @@ LEASE_THREAD_STOP_S = 5.0
 class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, node_grace_s: float | None = None,
-                 evacuation_limits: Limits | None = None) -> None:
+                 evacuation_limits: Limits | None = None, health_policy: HealthPolicy | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        self.health_policy = health_policy  # None: drives predicting a failure start no evacuation
         self.store = store
         self.name = name
         self.lease_ttl_s = lease_ttl_s
@@ -101,7 +103,8 @@ class Orchestrator:
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")
-            self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke)
+            self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke,
+                                       health=self.health_policy)
             evacuating = asyncio.create_task(self.evacuator.run_forever(), name="evacuate")
             try:
                 await lost.wait()
@@ -130,7 +133,9 @@ async def serve(args: argparse.Namespace) -> int:
     limits = Limits(cluster=args.evacuation_max_parallel, outbound_per_node=args.evacuation_outbound_per_node,
                     inbound_per_node=args.evacuation_inbound_per_node)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings,
-                                node_grace_s=args.node_grace_s, evacuation_limits=limits)
+                                node_grace_s=args.node_grace_s, evacuation_limits=limits,
+                                health_policy=None if args.auto_evacuate_max == 0
+                                else HealthPolicy(max_automatic=args.auto_evacuate_max))
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
                              "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
     defaults = Limits()
+    parser.add_argument("--auto-evacuate-max", type=int, default=1,
+                        help="nodes evacuated automatically at once when their drive predicts a failure (SMART / "
+                             "Health log: critical warning, spare, wear, media errors, temperature); 0 turns "
+                             "automatic evacuation off")
     parser.add_argument("--evacuation-max-parallel", type=int, default=defaults.cluster,
                         help="evacuation migrations started while this many jobs run in the cluster at most")
     parser.add_argument("--evacuation-outbound-per-node", type=int, default=defaults.outbound_per_node,
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.node_grace_s is not None and args.node_grace_s < 0:
         parser.error(f"--node-grace-s must be 0 or more, got {args.node_grace_s}")
+    if args.auto_evacuate_max < 0:
+        parser.error(f"--auto-evacuate-max must be 0 (off) or more, got {args.auto_evacuate_max}")
     for flag in ("evacuation_max_parallel", "evacuation_outbound_per_node", "evacuation_inbound_per_node"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")

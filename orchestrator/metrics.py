@@ -49,6 +49,8 @@ VERIFICATIONS = Counter("nvmigrate_verifications", "Completed migrations checked
                         registry=REGISTRY)
 # ---- evacuations (counted by the leader that drove them; see orchestrator/evacuator.py) ----
 EVACUATIONS = Counter("nvmigrate_evacuations", "Node evacuations started", registry=REGISTRY)
+TRIGGERS_FIRED = Counter("nvmigrate_evacuation_triggers_fired", "Automatic evacuations started because a node's "
+                         "drive predicts a failure (the health policy)", registry=REGISTRY)
 EVACUATIONS_FINISHED = Counter("nvmigrate_evacuations_finished", "Node evacuations ended, by outcome (DONE, FAILED, "
                                "CANCELLED)", ["outcome"], registry=REGISTRY)
 CONTROLLERS_EVACUATED = Counter("nvmigrate_controllers_evacuated", "Controllers moved off a node by an evacuation",
@@ -83,6 +85,10 @@ def job_written(old: Job, new: Job) -> None:
                 GUEST_BLACKOUT.observe(new.guest_blackout_ms / 1000.0)
             if new.downtime_ms > 0:
                 SWITCHOVER_DOWNTIME.observe(new.downtime_ms / 1000.0)
+
+
+def automatic_evacuation_triggered(node: str) -> None:
+    TRIGGERS_FIRED.inc()
 
 
 def evacuation_written(old: Evacuation, new: Evacuation) -> None:

@@ -1,0 +1,76 @@
+"""A drive that predicts a failure empties its node automatically. Real processes: one
+orchestrator, four agents, eight controllers with guests writing on n1; a failing SMART / Health
+log injected on n1's emulated drive. The limits are checked from the job records etcd kept."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from orchctl.localcluster import LocalCluster, wait_for
+from proto.v1 import agent_pb2
+from tests.clusterprobe import create_controller, etcd_json, owners, verify
+from tests.test_evacuation import LIMIT_ARGS, job, max_overlap, node_cordoned
+
+MiB = 1 << 20
+CONTROLLERS = tuple(f"h{i}" for i in range(1, 9))
+OTHERS = ("n2", "n3", "n4")
+DEADLINE_S = 300.0
+
+
+@pytest.fixture
+def health_cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
+    with LocalCluster() as c:
+        c.use_etcd(shared_etcd, etcd_prefix)
+        c.start_orchestrator("orch-1", extra_args=[*LIMIT_ARGS, "--auto-evacuate-max", "1"])
+        c.start_agents(["n1", *OTHERS])
+        yield c
+
+
+def test_a_failing_drive_evacuates_its_node_within_the_limits(health_cluster: LocalCluster) -> None:
+    c = health_cluster
+    for cid in CONTROLLERS:
+        create_controller(c, "n1", cid, 4 * MiB, write_iops=100)
+    assert etcd_json(c, f"{c.etcd_prefix}evacuations/n1") is None  # a healthy drive asks nothing
+
+    channel, stub = c.agent_stub("n1")
+    with channel:
+        stub.InjectFault(agent_pb2.InjectFaultRequest(health=agent_pb2.DriveHealthFault(
+            available_spare=3, media_errors=2)), timeout=5)
+
+    def ended() -> dict[str, object] | None:
+        ev = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+        return ev if ev is not None and ev["state"] in ("DONE", "FAILED", "CANCELLED") else None
+    ev = wait_for("n1's automatic evacuation to end", ended, DEADLINE_S, interval_s=0.5)
+    assert ev["state"] == "DONE", ev
+    assert ev["automatic"] is True and ev["reason"] == "PREDICTED_FAILURE"
+    assert "available spare 3% at or below its threshold 10%" in str(ev["note"])
+    assert "2 media errors" in str(ev["note"])
+    assert node_cordoned(c, "n1")
+
+    # every controller moved once, off n1, and reads back every acknowledged write
+    jobs = [job(c, a["job_id"]) for m in ev["moves"] for a in m["attempts"]]  # type: ignore[attr-defined]
+    where = owners(c)
+    for cid in CONTROLLERS:
+        done = [j for j in jobs if j["controller_id"] == cid and j["phase"] == "COMPLETED"]
+        assert len(done) == 1, f"{cid} completed {len(done)} migrations"
+        assert where[cid] in OTHERS and where[cid] == done[0]["destination_node"]
+        result = verify(c, where[cid], cid)
+        assert result.ok and result.mismatches == 0, result.first_mismatch
+
+    # the limits held at every moment: from each job's creation to its end, as etcd kept them
+    spans = {j["id"]: (j["created_at"], j["phases"][-1]["started_at"]) for j in jobs}
+    assert max_overlap(list(spans.values())) <= 5
+    assert max_overlap([spans[j["id"]] for j in jobs if j["source_node"] == "n1"]) == 2  # used, never passed
+    for dest in OTHERS:
+        assert max_overlap([spans[j["id"]] for j in jobs if j["destination_node"] == dest]) <= 2
+    assert "n1" not in {j["destination_node"] for j in jobs}
+
+    with urllib.request.urlopen(f"http://{c.orchestrators[0].http_address}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    fired = [ln for ln in metrics.splitlines() if ln.startswith("nvmigrate_evacuation_triggers_fired_total")]
+    assert fired == ["nvmigrate_evacuation_triggers_fired_total 1.0"]  # an emptied, cordoned node is not asked again
+    final = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+    assert final is not None and final["state"] == "DONE" and final["created_at"] == ev["created_at"]
