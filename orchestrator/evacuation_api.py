@@ -77,6 +77,15 @@ class EvacuationRpcs:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}; retry shortly")
         raise AssertionError("unreachable: context.abort raises")
 
+    async def start_evacuation(self, request: migration_pb2.EvacuateNodeRequest) -> str:
+        """EvacuateNode for callers inside the orchestrator (the Kubernetes node watch): "" when it
+        started, else why not (already evacuating, unknown node, ...)."""
+        try:
+            await self._evacuate(request)
+        except _Refusal as exc:
+            return exc.message
+        return ""
+
     async def EvacuateNode(self, request: migration_pb2.EvacuateNodeRequest,
                            context: grpc.aio.ServicerContext) -> migration_pb2.EvacuationPlan:
         return await self._evacuation_guard(context, self._evacuate(request))

@@ -203,3 +203,44 @@ class KubeNodeWatcher:
         if done or failed:
             await asyncio.to_thread(self.nodes.event, request.kube_node,
                                     "EvacuationFailed" if failed else "EvacuationDone", progress, warning=failed)
+
+
+class KubeEvacuations:
+    """While this orchestrator leads: evacuations that Kubernetes Nodes ask for are started through
+    `start` (the EvacuateNode path), and each one's progress is written back onto its Node (the
+    annotation as it changes, an Event when it ends), read from the evacuation records."""
+
+    def __init__(self, nodes: KubeNodes, start: Callable[[EvacuationRequest], Awaitable[None]],
+                 progress: Callable[[str], Awaitable[tuple[str, bool, bool] | None]],
+                 signals: KubeSignals = KubeSignals(), poll_s: float = 1.0) -> None:
+        self.watcher = KubeNodeWatcher(nodes, self._requested, signals)
+        self._start = start
+        self._progress = progress  # node -> (text, ended, failed), or None when it has no evacuation
+        self._poll_s = poll_s
+        self._following: dict[str, tuple[EvacuationRequest, str]] = {}  # node -> (request, text shown)
+
+    async def _requested(self, request: EvacuationRequest) -> None:
+        await self._start(request)
+        self._following[request.node] = (request, "")
+
+    async def run_forever(self) -> None:
+        self.watcher.start()
+        try:
+            while True:
+                for node, (request, shown) in list(self._following.items()):
+                    try:
+                        got = await self._progress(node)
+                        if got is None:
+                            continue
+                        text, ended, failed = got
+                        if text != shown or ended:
+                            await self.watcher.report(request, text, done=ended and not failed, failed=failed)
+                            self._following[node] = (request, text)
+                        if ended:
+                            del self._following[node]
+                    except Exception as exc:  # the API server away: the next pass writes it
+                        log.warning("progress of %s not written to Kubernetes node %s: %s", node, request.kube_node,
+                                    exc)
+                await asyncio.sleep(self._poll_s)
+        finally:
+            await self.watcher.stop()

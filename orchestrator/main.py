@@ -30,9 +30,10 @@ from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
-from orchestrator.evacuation import Limits
+from orchestrator.evacuation import Evacuation, EvacuationState, Limits
 from orchestrator.evacuator import Evacuator
 from orchestrator.health_policy import HealthPolicy
+from orchestrator.kube import EvacuationRequest, KubeEvacuations, KubeNodes
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
@@ -47,7 +48,9 @@ LEASE_THREAD_STOP_S = 5.0
 class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, node_grace_s: float | None = None,
-                 evacuation_limits: Limits | None = None, health_policy: HealthPolicy | None = None) -> None:
+                 evacuation_limits: Limits | None = None, health_policy: HealthPolicy | None = None,
+                 kube_nodes: KubeNodes | None = None) -> None:
+        self.kube_nodes = kube_nodes  # None: Kubernetes Nodes are not watched
         self.settings = settings or RunnerSettings()
         self.health_policy = health_policy  # None: drives predicting a failure start no evacuation
         self.store = store
@@ -106,6 +109,10 @@ class Orchestrator:
             self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke,
                                        health=self.health_policy)
             evacuating = asyncio.create_task(self.evacuator.run_forever(), name="evacuate")
+            background = [reconciling, verifying, evacuating]
+            if self.kube_nodes is not None:
+                kube = KubeEvacuations(self.kube_nodes, self._evacuate_for_kube, self._evacuation_progress)
+                background.append(asyncio.create_task(kube.run_forever(), name="kube-nodes"))
             try:
                 await lost.wait()
                 log.error("%s lost the leader lease; stopping job runners", self.name)
@@ -114,10 +121,31 @@ class Orchestrator:
                 self.dispatcher = None
                 self.evacuator = None
                 keeper.cancel()
-                for task in (reconciling, verifying, evacuating):
+                for task in background:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+
+
+    async def _evacuate_for_kube(self, request: EvacuationRequest) -> None:
+        reason = migration_pb2.PREDICTED_FAILURE if request.predicted_failure else migration_pb2.MANUAL
+        why_not = await self.api.start_evacuation(migration_pb2.EvacuateNodeRequest(
+            node=request.node, reason=reason, note=request.reason))
+        if why_not:
+            log.warning("evacuation asked by Kubernetes node %s not started: %s", request.kube_node, why_not)
+        if self.evacuator is not None:
+            self.evacuator.poke()
+
+    async def _evacuation_progress(self, node: str) -> tuple[str, bool, bool] | None:
+        got = await self.store.get_evacuation(node)
+        if got is None:
+            return None
+        ev = Evacuation.from_bytes(got.value)
+        counts = ev.counts()
+        text = f"{ev.state.value}: {counts['moved']} of {counts['total']} controllers moved"
+        if ev.failure:
+            text += f"; {ev.failure}"
+        return text, ev.ended, ev.state is not EvacuationState.DONE and ev.ended
 
 
 async def _set_from_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
@@ -130,12 +158,22 @@ async def serve(args: argparse.Namespace) -> int:
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
                               etcd_check_timeout_s=args.etcd_check_timeout_s)
+    kube_nodes = None
+    if args.kube_api or args.kubeconfig:
+        try:
+            kube_nodes = await asyncio.to_thread(KubeNodes, "" if args.kube_api == "in-cluster" else args.kube_api,
+                                                 args.kubeconfig)
+        except Exception as exc:  # a bad kubeconfig, no service account
+            print(f"error: cannot use the Kubernetes API ({args.kube_api or args.kubeconfig}): {exc}", file=sys.stderr)
+            await store.close()
+            return 2
     limits = Limits(cluster=args.evacuation_max_parallel, outbound_per_node=args.evacuation_outbound_per_node,
                     inbound_per_node=args.evacuation_inbound_per_node)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings,
                                 node_grace_s=args.node_grace_s, evacuation_limits=limits,
                                 health_policy=None if args.auto_evacuate_max == 0
-                                else HealthPolicy(max_automatic=args.auto_evacuate_max))
+                                else HealthPolicy(max_automatic=args.auto_evacuate_max),
+                                kube_nodes=kube_nodes)
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -204,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
                              "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
     defaults = Limits()
+    parser.add_argument("--kube-api", default="", metavar="URL",
+                        help="watch this Kubernetes API server's Nodes for evacuation requests (a condition "
+                             "NVMeDriveFailurePredicted, the taint or annotation nvmigrate.io/evacuate); "
+                             "'in-cluster' uses the pod's service account")
+    parser.add_argument("--kubeconfig", default="", help="a kubeconfig file for --kube-api (instead of a URL)")
     parser.add_argument("--auto-evacuate-max", type=int, default=1,
                         help="nodes evacuated automatically at once when their drive predicts a failure (SMART / "
                              "Health log: critical warning, spare, wear, media errors, temperature); 0 turns "

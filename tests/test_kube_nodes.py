@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from orchctl.localcluster import LocalCluster, wait_for
 from orchestrator.kube import (
     PROGRESS_ANNOTATION,
     EvacuationRequest,
@@ -16,7 +17,10 @@ from orchestrator.kube import (
     KubeNodeWatcher,
     evacuation_request,
 )
+from tests.clusterprobe import create_controller, etcd_json, owners, verify
 from tests.fakes.fake_kube_api import FakeKubeApi
+
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -98,3 +102,35 @@ async def test_a_node_already_asking_when_the_watch_starts_is_handed_over(kube: 
         assert requests[0].node == "k3" and not requests[0].predicted_failure
     finally:
         await watcher.stop()
+
+
+def test_a_node_condition_evacuates_through_a_real_orchestrator(shared_etcd: str, etcd_prefix: str,
+                                                                 kube: FakeKubeApi) -> None:
+    for name in ("n1", "n2", "n3"):
+        kube.add_node(name)
+    with LocalCluster() as c:
+        c.use_etcd(shared_etcd, etcd_prefix)
+        c.start_orchestrator("orch-1", extra_args=["--kube-api", kube.url])
+        c.start_agents(["n1", "n2", "n3"])
+        for cid in ("k1", "k2"):
+            create_controller(c, "n1", cid, 4 * MiB, write_iops=100)
+        # as node-problem-detector reports a predicted drive failure
+        kube.patch_node("n1", {"status": {"conditions": [
+            {"type": "NVMeDriveFailurePredicted", "status": "True", "reason": "SmartSpareLow"}]}})
+
+        def annotated_done() -> str | None:
+            text = kube.node("n1")["metadata"]["annotations"].get(PROGRESS_ANNOTATION, "")
+            return str(text) if text.startswith("DONE") else None
+        text = wait_for("n1's Node to say the evacuation is done", annotated_done, 240, interval_s=0.2)
+        assert text == "DONE: 2 of 2 controllers moved"
+        assert kube.node("n1")["spec"].get("unschedulable") is True  # the Kubernetes node, cordoned
+        assert [(e["involvedObject"]["name"], e["reason"]) for e in kube.events] == [("n1", "EvacuationDone")]
+        ev = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+        assert ev is not None and ev["reason"] == "PREDICTED_FAILURE"
+        assert "condition NVMeDriveFailurePredicted (SmartSpareLow)" in str(ev["note"])
+        where = owners(c)
+        for cid in ("k1", "k2"):
+            assert where[cid] in ("n2", "n3")
+            assert verify(c, where[cid], cid).ok
+        # other Nodes were left alone
+        assert "unschedulable" not in kube.node("n2")["spec"]
