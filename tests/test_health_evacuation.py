@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2
-from tests.clusterprobe import create_controller, etcd_json, owners, verify
-from tests.test_evacuation import LIMIT_ARGS, job, max_overlap, node_cordoned
+from tests.clusterprobe import create_controller, etcd_json, etcd_keys, owners, verify
+from tests.test_evacuation import LIMIT_ARGS, etcd_raw, job, max_overlap, node_cordoned
 
 MiB = 1 << 20
 CONTROLLERS = tuple(f"h{i}" for i in range(1, 9))
@@ -35,15 +36,30 @@ def test_a_failing_drive_evacuates_its_node_within_the_limits(health_cluster: Lo
         create_controller(c, "n1", cid, 4 * MiB, write_iops=100)
     assert etcd_json(c, f"{c.etcd_prefix}evacuations/n1") is None  # a healthy drive asks nothing
 
-    channel, stub = c.agent_stub("n1")
-    with channel:
-        stub.InjectFault(agent_pb2.InjectFaultRequest(health=agent_pb2.DriveHealthFault(
-            available_spare=3, media_errors=2)), timeout=5)
+    inject_failing_drive(c, "n1")
 
     def ended() -> dict[str, object] | None:
         ev = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
         return ev if ev is not None and ev["state"] in ("DONE", "FAILED", "CANCELLED") else None
     ev = wait_for("n1's automatic evacuation to end", ended, DEADLINE_S, interval_s=0.5)
+    check_emptied_within_the_limits(c, ev)
+
+    with urllib.request.urlopen(f"http://{c.orchestrators[0].http_address}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    fired = [ln for ln in metrics.splitlines() if ln.startswith("nvmigrate_evacuation_triggers_fired_total")]
+    assert fired == ["nvmigrate_evacuation_triggers_fired_total 1.0"]  # an emptied, cordoned node is not asked again
+    final = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+    assert final is not None and final["state"] == "DONE" and final["created_at"] == ev["created_at"]
+
+
+def inject_failing_drive(c: LocalCluster, node: str) -> None:
+    channel, stub = c.agent_stub(node)
+    with channel:
+        stub.InjectFault(agent_pb2.InjectFaultRequest(health=agent_pb2.DriveHealthFault(
+            available_spare=3, media_errors=2)), timeout=5)
+
+
+def check_emptied_within_the_limits(c: LocalCluster, ev: dict[str, Any]) -> None:
     assert ev["state"] == "DONE", ev
     assert ev["automatic"] is True and ev["reason"] == "PREDICTED_FAILURE"
     assert "available spare 3% at or below its threshold 10%" in str(ev["note"])
@@ -67,10 +83,36 @@ def test_a_failing_drive_evacuates_its_node_within_the_limits(health_cluster: Lo
     for dest in OTHERS:
         assert max_overlap([spans[j["id"]] for j in jobs if j["destination_node"] == dest]) <= 2
     assert "n1" not in {j["destination_node"] for j in jobs}
+    # no job of any kind completed a second move of these controllers
+    everything = [job(c, key.rsplit("/", 1)[1]) for key in etcd_keys(c, f"{c.etcd_prefix}jobs/")]
+    completed = sorted(j["controller_id"] for j in everything if j["controller_id"] in CONTROLLERS
+                       and j["phase"] == "COMPLETED")
+    assert completed == sorted(CONTROLLERS)
 
-    with urllib.request.urlopen(f"http://{c.orchestrators[0].http_address}/metrics", timeout=10) as reply:
-        metrics = reply.read().decode()
-    fired = [ln for ln in metrics.splitlines() if ln.startswith("nvmigrate_evacuation_triggers_fired_total")]
-    assert fired == ["nvmigrate_evacuation_triggers_fired_total 1.0"]  # an emptied, cordoned node is not asked again
-    final = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
-    assert final is not None and final["state"] == "DONE" and final["created_at"] == ev["created_at"]
+
+def test_the_automatic_evacuation_survives_the_leader_being_killed(shared_etcd: str, etcd_prefix: str) -> None:
+    with LocalCluster() as c:
+        c.use_etcd(shared_etcd, etcd_prefix)
+        for name in ("orch-1", "orch-2"):
+            c.start_orchestrator(name, extra_args=[*LIMIT_ARGS, "--auto-evacuate-max", "1"])
+        c.start_agents(["n1", *OTHERS])
+        for cid in CONTROLLERS:
+            create_controller(c, "n1", cid, 4 * MiB, write_iops=100)
+        inject_failing_drive(c, "n1")
+
+        def some_moved_some_not() -> bool:
+            ev: Any = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+            moved = sum(1 for m in ev["moves"] if m["result"] == "MOVED") if ev else 0
+            return bool(ev and ev["state"] == "RUNNING" and 1 <= moved < len(CONTROLLERS))
+        wait_for("the automatic evacuation midway", some_moved_some_not, DEADLINE_S, interval_s=0.05)
+        leader = etcd_raw(c, f"{c.etcd_prefix}leader")
+        next(p for p in c.orchestrators if p.name == leader).kill()
+        survivor = next(p for p in c.orchestrators if p.name != leader)
+        c.orchestrator_address = survivor.address  # type: ignore[attr-defined]
+
+        def ended() -> dict[str, Any] | None:
+            ev = etcd_json(c, f"{c.etcd_prefix}evacuations/n1")
+            return ev if ev is not None and ev["state"] in ("DONE", "FAILED", "CANCELLED") else None
+        ev = wait_for("the evacuation to end under the new leader", ended, DEADLINE_S, interval_s=0.2)
+        assert etcd_raw(c, f"{c.etcd_prefix}leader") == survivor.name
+        check_emptied_within_the_limits(c, ev)
