@@ -11,6 +11,7 @@ one etcd. Keys, relative to the prefix:
                              revision is the leader's term (the epoch it stamps on jobs)
   cordon/<name>              a cordoned node (kept apart from the node record, which vanishes
                              with the agent's lease: a restart must not uncordon a node)
+  predictions/<name>         an external predictor's failure mark on a node: its reason
   evacuations/<node>         the node's latest evacuation (orchestrator/evacuation.py Evacuation);
                              written by the API when asked, then by the leader, every write a CAS
 Prefixes of clusters sharing an etcd must not nest inside one another's folders: the keys of a
@@ -81,6 +82,7 @@ class KeyLayout:
         self.leader = self.prefix + b"leader"
         self.cordon = self.prefix + b"cordon/"
         self.evacuations = self.prefix + b"evacuations/"
+        self.predictions = self.prefix + b"predictions/"
 
     def job(self, job_id: str) -> bytes:
         return self.jobs + job_id.encode()
@@ -340,6 +342,18 @@ class EtcdStore:
             await self._client.put(self.keys.cordoned(name), b"1")
         else:
             await self._client.delete(self.keys.cordoned(name))
+
+    async def set_prediction(self, name: str, reason: str) -> None:
+        """An external predictor's failure mark on a node ("" clears it)."""
+        key = self.keys.predictions + name.encode()
+        if reason:
+            await self._client.put(key, reason.encode())
+        else:
+            await self._client.delete(key)
+
+    async def predictions(self) -> dict[str, str]:
+        prefix = self.keys.predictions
+        return {key[len(prefix):].decode(): v.value.decode() for key, v in await self._list(prefix)}
 
     async def cordoned_nodes(self) -> set[str]:
         cordon = self.keys.cordon

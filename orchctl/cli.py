@@ -6,6 +6,7 @@
     orchctl controllers create ID --size 1G [--on NODE] [--prefill] [--write-iops N] [--pattern P] [--seed N]
     orchctl controllers delete ID
     orchctl evacuate node NAME [--dry-run] [--wait] [--timeout S] [--reason TEXT] | evacuations [NODE]
+    orchctl predict-failure NAME --reason TEXT | --clear
 
 Tables for people, `-o json` for scripts (protobuf JSON with snake_case keys and enum names;
 `watch -o json` prints one JSON object per line). Global options (--server, -o, --timeout) are
@@ -319,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("node", metavar="NODE", help="node name")
         p.set_defaults(handler=cmd_cordon, cordon=verb == "cordon")
 
+    p = command("predict-failure", "mark a node whose hardware an external predictor expects to fail (with "
+                "automatic evacuation on, the leader empties it), or clear the mark")
+    p.add_argument("node", metavar="NODE", help="node name")
+    mark = p.add_mutually_exclusive_group(required=True)
+    mark.add_argument("--reason", help="what the predictor saw, kept with the mark")
+    mark.add_argument("--clear", action="store_true", help="the prediction no longer stands")
+    p.set_defaults(handler=cmd_predict_failure)
+
     p = command("export", "serve a controller's namespace over NBD from the node that runs it; prints the URI")
     p.add_argument("controller", metavar="CONTROLLER", help="controller id")
     p.set_defaults(handler=cmd_export)
@@ -534,6 +543,19 @@ def cmd_cordon(ctx: Context) -> int:
         ctx.print_json(render.message_to_dict(node))
     else:
         ctx.show(f"node {node.name} {'cordoned' if node.cordoned else 'uncordoned'}")
+    return EXIT_OK
+
+
+def cmd_predict_failure(ctx: Context) -> int:
+    client = ctx.client()
+    node = client.stub.PredictNodeFailure(migration_pb2.PredictNodeFailureRequest(
+        name=ctx.args.node, reason=ctx.args.reason or "", clear=ctx.args.clear), timeout=client.timeout)
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(node))
+    elif node.predicted_failure:
+        ctx.show(f"node {node.name} marked as predicted to fail: {node.predicted_failure}")
+    else:
+        ctx.show(f"node {node.name}: failure prediction cleared")
     return EXIT_OK
 
 

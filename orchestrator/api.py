@@ -27,7 +27,8 @@ from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
 EXPORT_BUDGET_S = 10.0
-PLACEMENT_BUDGET_S = 2.0  # asking the source how much data its controller holds, for placement
+PLACEMENT_BUDGET_S = 2.0
+MAX_PREDICTION_REASON = 1000  # asking the source how much data its controller holds, for placement
 BLOCK_BYTES = 4096  # namespaces are made of 4 KiB blocks
 DELETE_BUDGET_S = 30.0  # stopping the guest and sanitizing the namespace
 # Creating a controller: the agent writes every block when asked to prefill. The budget lets a
@@ -437,6 +438,30 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     async def UncordonNode(self, request: migration_pb2.CordonNodeRequest,
                            context: grpc.aio.ServicerContext) -> migration_pb2.Node:
         return await self._guard(context, self._cordon(request.name, False))
+
+    async def PredictNodeFailure(self, request: migration_pb2.PredictNodeFailureRequest,
+                                 context: grpc.aio.ServicerContext) -> migration_pb2.Node:
+        async def predict() -> migration_pb2.Node:
+            name, reason = request.name, request.reason.strip()
+            problem = names.node_name_problem(name)
+            if problem:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            if not request.clear and not reason:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"a failure prediction for node {name!r} needs a "
+                                                                "reason (what the predictor saw); or pass clear")
+            if len(reason) > MAX_PREDICTION_REASON:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"reason is {len(reason)} characters; at most "
+                                                                f"{MAX_PREDICTION_REASON}")
+            node = await self.store.get_node(name)
+            if node is None and not request.clear:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"node {name!r} is not a registered live agent; "
+                                                         "`orchctl nodes` lists them")
+            await self.store.set_prediction(name, "" if request.clear else reason)
+            cordoned = name in await self.store.cordoned_nodes()
+            message = _node_message(node, cordoned) if node is not None else migration_pb2.Node(name=name)
+            message.predicted_failure = "" if request.clear else reason
+            return message
+        return await self._guard(context, predict())
 
     async def _cordon(self, name: str, cordoned: bool) -> migration_pb2.Node:
         problem = names.node_name_problem(name)

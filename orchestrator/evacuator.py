@@ -64,11 +64,13 @@ class Evacuator:
         nodes = await self.store.list_nodes()
         failing: set[str] = set()
         if self.health is not None:
-            failing = health_policy.failing(nodes, self.health)
+            predictions = await self.store.predictions()
+            failing = health_policy.failing(nodes, self.health, predictions)
             # An emptied node stays cordoned until an operator has dealt with its drive: it is not
             # evacuated again meanwhile (uncordoned while still failing, it is).
             settled = {ev.node for ev, _ in everything if ev.ended} & await self.store.cordoned_nodes()
-            if await self._start_automatic(nodes, versioned, {ev.node: rev for ev, rev in everything}, settled):
+            if await self._start_automatic(nodes, versioned, {ev.node: rev for ev, rev in everything}, settled,
+                                           predictions):
                 self.poke()
                 return  # the next tick (right away) plans what was just written
         if not versioned:
@@ -103,12 +105,12 @@ class Evacuator:
             self.on_job_created()
 
     async def _start_automatic(self, nodes: list[NodeRecord], active: dict[str, tuple[Evacuation, int]],
-                               revisions: dict[str, int], settled: set[str]) -> bool:
+                               revisions: dict[str, int], settled: set[str], predictions: dict[str, str]) -> bool:
         """Evacuations the health policy asks for, within its storm guard; True when one was written."""
         assert self.health is not None
         triggers = health_policy.automatic_evacuations(
             nodes, self.health, evacuating_automatically={n for n, (ev, _) in active.items() if ev.automatic},
-            evacuating=set(active) | settled)
+            evacuating=set(active) | settled, predictions=predictions)
         for node, reasons in triggers.held_back:
             if node not in self._held_back_logged:
                 log.warning("node %s predicts a drive failure (%s) but %d automatic evacuation(s) already run "

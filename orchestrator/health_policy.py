@@ -12,7 +12,7 @@ held-back ones are reported as such; a failing node is never a destination (see 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.nvme.smart import warning_names
@@ -46,9 +46,15 @@ def failing_reasons(health: DriveHealth | None, policy: HealthPolicy) -> list[st
     return reasons
 
 
-def failing(nodes: Sequence[NodeRecord], policy: HealthPolicy) -> set[str]:
+def node_failing_reasons(node: NodeRecord, policy: HealthPolicy, predictions: Mapping[str, str]) -> list[str]:
+    """The drive's reasons, and an external predictor's mark on the node."""
+    marked = [f"predicted by an external predictor: {predictions[node.name]}"] if node.name in predictions else []
+    return marked + failing_reasons(node.health, policy)
+
+
+def failing(nodes: Sequence[NodeRecord], policy: HealthPolicy, predictions: Mapping[str, str] = {}) -> set[str]:
     """Nodes no controller may be moved onto."""
-    return {n.name for n in nodes if failing_reasons(n.health, policy)}
+    return {n.name for n in nodes if node_failing_reasons(n, policy, predictions)}
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,10 @@ class Triggers:
 
 
 def automatic_evacuations(nodes: Sequence[NodeRecord], policy: HealthPolicy, *,
-                          evacuating_automatically: Collection[str], evacuating: Collection[str]) -> Triggers:
+                          evacuating_automatically: Collection[str], evacuating: Collection[str],
+                          predictions: Mapping[str, str] = {}) -> Triggers:
     """Failing nodes not yet evacuating, up to the storm guard (worst first: most reasons, then name)."""
-    candidates = sorted(((n.name, failing_reasons(n.health, policy)) for n in nodes
+    candidates = sorted(((n.name, node_failing_reasons(n, policy, predictions)) for n in nodes
                          if n.name not in evacuating), key=lambda c: (-len(c[1]), c[0]))
     candidates = [c for c in candidates if c[1]]
     room = max(0, policy.max_automatic - len(set(evacuating_automatically)))

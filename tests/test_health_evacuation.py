@@ -13,7 +13,7 @@ import pytest
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2
 from tests.clusterprobe import create_controller, etcd_json, etcd_keys, owners, verify
-from tests.test_evacuation import LIMIT_ARGS, etcd_raw, job, max_overlap, node_cordoned
+from tests.test_evacuation import LIMIT_ARGS, etcd_raw, job, max_overlap, node_cordoned, orchctl
 
 MiB = 1 << 20
 CONTROLLERS = tuple(f"h{i}" for i in range(1, 9))
@@ -116,3 +116,25 @@ def test_the_automatic_evacuation_survives_the_leader_being_killed(shared_etcd: 
         ev = wait_for("the evacuation to end under the new leader", ended, DEADLINE_S, interval_s=0.2)
         assert etcd_raw(c, f"{c.etcd_prefix}leader") == survivor.name
         check_emptied_within_the_limits(c, ev)
+
+
+def test_an_external_predictor_marks_a_node_and_it_is_emptied(health_cluster: LocalCluster) -> None:
+    c = health_cluster
+    for cid in ("p1", "p2"):
+        create_controller(c, "n2", cid, 4 * MiB, write_iops=100)
+    refused = orchctl(c, "predict-failure", "n2", "--reason", "  ")
+    assert refused.returncode != 0 and "needs a reason" in refused.stderr
+    marked = orchctl(c, "predict-failure", "n2", "--reason", "fleet model: 92% failure in 7 days")
+    assert marked.returncode == 0, marked.stderr
+    assert "node n2 marked as predicted to fail: fleet model: 92% failure in 7 days" in marked.stdout
+
+    def ended() -> dict[str, object] | None:
+        ev = etcd_json(c, f"{c.etcd_prefix}evacuations/n2")
+        return ev if ev is not None and ev["state"] in ("DONE", "FAILED", "CANCELLED") else None
+    ev = wait_for("n2's automatic evacuation to end", ended, DEADLINE_S, interval_s=0.5)
+    assert ev["state"] == "DONE" and ev["automatic"] is True
+    assert "predicted by an external predictor: fleet model: 92% failure in 7 days" in str(ev["note"])
+    where = owners(c)
+    assert {where["p1"], where["p2"]} <= {"n1", "n3", "n4"}
+    cleared = orchctl(c, "predict-failure", "n2", "--clear")
+    assert cleared.returncode == 0 and "failure prediction cleared" in cleared.stdout

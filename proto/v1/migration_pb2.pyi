@@ -211,7 +211,7 @@ class CancelMigrationRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "data_address", "live", "cordoned", "capacity_bytes", "allocated_bytes", "controllers")
+    __slots__ = ("name", "address", "data_address", "live", "cordoned", "capacity_bytes", "allocated_bytes", "controllers", "predicted_failure")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class Node(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     data_address: str
@@ -228,7 +229,8 @@ class Node(_message.Message):
     capacity_bytes: int
     allocated_bytes: int
     controllers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., live: _Optional[bool] = ..., cordoned: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ...) -> None: ...
+    predicted_failure: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., live: _Optional[bool] = ..., cordoned: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ..., predicted_failure: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -283,6 +285,16 @@ class CordonNodeRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class PredictNodeFailureRequest(_message.Message):
+    __slots__ = ("name", "reason", "clear")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    clear: bool
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ..., clear: _Optional[bool] = ...) -> None: ...
 
 class GuestOptions(_message.Message):
     __slots__ = ("write_iops", "pattern", "seed")

@@ -84,6 +84,11 @@ class MigrationServiceStub:
                 request_serializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_migration__pb2.Node.FromString,
                 _registered_method=True)
+        self.PredictNodeFailure = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/PredictNodeFailure',
+                request_serializer=proto_dot_v1_dot_migration__pb2.PredictNodeFailureRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Node.FromString,
+                _registered_method=True)
         self.CreateController = channel.unary_unary(
                 '/nvmigrate.v1.MigrationService/CreateController',
                 request_serializer=proto_dot_v1_dot_migration__pb2.NewControllerRequest.SerializeToString,
@@ -179,6 +184,15 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictNodeFailure(self, request, context):
+        """An external failure predictor marks a node whose hardware it expects to fail (or clears its
+        mark); with automatic evacuation on, the leader empties a marked node as it does one whose
+        drive's SMART / Health log fails the policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateController(self, request, context):
         """---- controllers as API objects ----
         Creates a controller (and, when asked, its emulated guest) on a named node or on the node the
@@ -269,6 +283,11 @@ def add_MigrationServiceServicer_to_server(servicer, server):
             'UncordonNode': grpc.unary_unary_rpc_method_handler(
                     servicer.UncordonNode,
                     request_deserializer=proto_dot_v1_dot_migration__pb2.CordonNodeRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Node.SerializeToString,
+            ),
+            'PredictNodeFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictNodeFailure,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.PredictNodeFailureRequest.FromString,
                     response_serializer=proto_dot_v1_dot_migration__pb2.Node.SerializeToString,
             ),
             'CreateController': grpc.unary_unary_rpc_method_handler(
@@ -566,6 +585,33 @@ class MigrationService:
             target,
             '/nvmigrate.v1.MigrationService/UncordonNode',
             proto_dot_v1_dot_migration__pb2.CordonNodeRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictNodeFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/PredictNodeFailure',
+            proto_dot_v1_dot_migration__pb2.PredictNodeFailureRequest.SerializeToString,
             proto_dot_v1_dot_migration__pb2.Node.FromString,
             options,
             channel_credentials,
