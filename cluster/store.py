@@ -187,6 +187,15 @@ class EtcdStore:
             raise ConflictError(f"job {job_id} changed since revision {expected_revision}")
         return int(responses[0].response_put.header.revision)
 
+    async def delete_job(self, job_id: str, expected_revision: int, *, leader_term: int) -> bool:
+        """Deletes a finished job's record if it is unchanged since `expected_revision` and the
+        leader of `leader_term` still leads; False (nothing deleted) otherwise."""
+        job_key = self.keys.job(job_id)
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.mod(job_key) == expected_revision, self._tx.create(self.keys.leader) == leader_term],
+            success=[self._tx.delete(job_key)], failure=[])
+        return bool(ok)
+
     async def commit_ownership(self, job_id: str, record: bytes, expected_revision: int,
                                controller: ControllerRecord, controller_revision: int,
                                new_owner: str, leader_term: int) -> int:

@@ -30,6 +30,8 @@ from orchestrator import web
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.api import MigrationApi
 from orchestrator.dispatcher import JobDispatcher
+from orchestrator.job_collector import JobCollector
+from orchestrator.job_retention import DEFAULT_KEEP_COUNT, DEFAULT_RETENTION_S, Retention
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
@@ -43,8 +45,10 @@ LEASE_THREAD_STOP_S = 5.0
 
 class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None, node_grace_s: float | None = None) -> None:
+                 settings: RunnerSettings | None = None, node_grace_s: float | None = None,
+                 retention: Retention | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        self.retention = retention or Retention()
         self.store = store
         self.name = name
         self.lease_ttl_s = lease_ttl_s
@@ -91,6 +95,8 @@ class Orchestrator:
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")
+            collecting = asyncio.create_task(JobCollector(self.store, term, self.retention).run_forever(),
+                                             name="collect-jobs")
             try:
                 await lost.wait()
                 log.error("%s lost the leader lease; stopping job runners", self.name)
@@ -98,7 +104,7 @@ class Orchestrator:
                 await self.dispatcher.stop()
                 self.dispatcher = None
                 keeper.cancel()
-                for task in (reconciling, verifying):
+                for task in (reconciling, verifying, collecting):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -115,7 +121,8 @@ async def serve(args: argparse.Namespace) -> int:
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
                               etcd_check_timeout_s=args.etcd_check_timeout_s)
     orchestrator = Orchestrator(store, args.name, args.lease_ttl_s, args.max_concurrent, settings,
-                                node_grace_s=args.node_grace_s)
+                                node_grace_s=args.node_grace_s,
+                                retention=Retention(args.job_retention_s, args.job_retention_count))
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -183,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-check-timeout-s", type=float, default=1.0,
                         help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
                              "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
+    parser.add_argument("--job-retention-s", type=float, default=DEFAULT_RETENTION_S,
+                        help="a finished job is deleted from etcd this long after it ended (default 7 days); "
+                             "a completed job whose verification is pending or failed is kept")
+    parser.add_argument("--job-retention-count", type=int, default=DEFAULT_KEEP_COUNT,
+                        help="at most this many finished jobs are kept, the newest (default "
+                             f"{DEFAULT_KEEP_COUNT}); a completed job whose verification is pending or failed is kept")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
@@ -198,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
-    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s"):
+    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.node_grace_s is not None and args.node_grace_s < 0:
         parser.error(f"--node-grace-s must be 0 or more, got {args.node_grace_s}")
+    if args.job_retention_count < 0:
+        parser.error(f"--job-retention-count must be 0 or more, got {args.job_retention_count}")
     if args.max_concurrent < 1:
         parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     if telemetry.config_problem():  # the OTEL_* environment variables
