@@ -171,7 +171,10 @@ class NodeLease:
             try:
                 if await store.update_node(self._latest(), self._lease_id, self._create_revision):
                     return
-                log.warning("node record gone from etcd; registering again")
+                if self._lease_id and not await store.refresh_lease(self._lease_id):
+                    self._expired()  # found by a write before the refresh saw it
+                else:
+                    log.warning("node record gone from etcd; registering again")
             except EtcdError as exc:
                 if "lease not found" not in str(exc):
                     raise
