@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
+import grpc.aio
+
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.backends.hosting import ControllerHosting, HostingError
 from agent.controller_errors import ControllerError
@@ -24,7 +27,7 @@ from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_fil
 from agent.dataplane.receiver import DataReceiver
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
-from agent.node_lease import NodeLease
+from agent.node_lease import NodeLease, await_name_free
 from agent.nvme.smart import SmartLogError, parse_smart_log
 from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
@@ -32,6 +35,7 @@ from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
+from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,11 @@ class Host:
         self.started_at = time.time()
 
     # ---- lifecycle --------------------------------------------------------------------------
+
+    async def await_name_free(self) -> None:
+        """Waits until no other agent holds this node's name (one that crashed: its lease runs
+        out); raises NodeNameHeld if one that answers does. Called before this agent serves."""
+        await await_name_free(self.store, self.name, _node_answering_at)
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -626,3 +635,19 @@ class Host:
                 log.warning("node record not updated, etcd did not answer (%s); retrying in %.1f s", exc, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
+
+
+NAME_PING_TIMEOUT_S = 1.0
+
+
+async def _node_answering_at(address: str) -> str | None:
+    """The node name the agent at `address` gives, None when nothing answers there."""
+    if not address:
+        return None
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            info = await agent_pb2_grpc.AgentServiceStub(channel).GetInfo(agent_pb2.GetInfoRequest(),
+                                                                         timeout=NAME_PING_TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+    return str(info.node)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent import backends
 from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.host import Host
+from agent.node_lease import NodeNameHeld
 from agent.service import AgentApi
 from cluster import logs, names, telemetry
 from cluster.malformed_grpc import MalformedRequests
@@ -71,10 +72,17 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(host), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        await host.await_name_free()  # before serving: the old holder's address may be ours
+    except (EtcdError, NodeNameHeld):
+        await server.stop(grace=None)
+        with contextlib.suppress(Exception):
+            await store.close()
+        raise
     await server.start()
     try:
         await host.start()
-    except EtcdError:
+    except (EtcdError, NodeNameHeld):
         # Tear down what started before main() reports etcd; a server left running would
         # outlive the event loop.
         await server.stop(grace=None)
@@ -158,6 +166,9 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
             return asyncio.run(serve(args, hosting))
     except EtcdError as exc:
         print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        return 2
+    except NodeNameHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         hosting.close()

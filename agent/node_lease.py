@@ -6,6 +6,12 @@ The main side hands over what the record says (`publish`); the thread refreshes 
 third of its TTL and, when etcd has expired it anyway (the process was paused, etcd was frozen
 or restarted), registers again under a new lease with the record it was last handed (and puts
 the record back if it went while the lease lived).
+
+A node name has one holder at a time. Registering claims the key only if no one holds it (an
+etcd transaction), and every later write of the record compares the key's create revision with
+the claim's, so an agent never overwrites another's registration. Before that, `await_name_free`
+looks at the holder of the name: one that answers at its address refuses the start; one that
+does not (this agent, crashed a moment ago: its lease lives up to its TTL) is waited out.
 """
 
 from __future__ import annotations
@@ -14,14 +20,67 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from cluster.records import NodeRecord
-from cluster.store import EtcdError, EtcdStore
+from cluster.store import EtcdError, EtcdStore, NodeHolder
 from cluster.store_thread import StoreThread
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0
+# How long past the old holder's lease TTL a restarted agent waits for the name: etcd expires a
+# lease a little after its TTL, and a loaded etcd later still.
+NAME_WAIT_MARGIN_S = 5.0
+NAME_POLL_S = 0.25
+
+
+class NodeNameHeld(Exception):
+    """Another agent holds this node's name in etcd: this one must not register."""
+
+
+def _since(record: NodeRecord) -> str:
+    if not record.started_at:
+        return "an unknown time"
+    return datetime.fromtimestamp(record.started_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def held_by_live_agent(record: NodeRecord) -> NodeNameHeld:
+    return NodeNameHeld(f"node name '{record.name}' is held by a live agent at {record.address} (registered since "
+                        f"{_since(record)}); stop it or choose another --name")
+
+
+def held_by_silent_agent(record: NodeRecord, waited_s: float) -> NodeNameHeld:
+    return NodeNameHeld(f"node name '{record.name}' is held by an agent at {record.address} (registered since "
+                        f"{_since(record)}) that keeps its lease alive but has not answered there for "
+                        f"{waited_s:.0f} s; stop it or choose another --name")
+
+
+async def await_name_free(store: EtcdStore, name: str, ping: Callable[[str], Awaitable[str | None]], *,
+                          margin_s: float = NAME_WAIT_MARGIN_S,
+                          monotonic: Callable[[], float] = time.monotonic) -> None:
+    """Returns once no agent holds `name`; raises NodeNameHeld when one that is alive does.
+    `ping(address)` is the node name the agent answering at `address` gives, None if none
+    answers. Call it before this agent serves: it must not answer for the old holder."""
+    started = monotonic()
+    deadline: float | None = None
+    seen: NodeHolder | None = None
+    while (holder := await store.node_holder(name)) is not None:
+        if await ping(holder.record.address) == name:
+            raise held_by_live_agent(holder.record)
+        if seen is None or holder.create_revision != seen.create_revision:
+            seen = holder
+            left_s, granted_s = await store.lease_ttls_s(holder.lease_id)
+            deadline = monotonic() + max(left_s, granted_s, 0) + margin_s
+            log.warning("node name %r is still registered by an agent at %s that does not answer (crashed?); "
+                        "waiting up to %.0f s for its lease to expire", name, holder.record.address,
+                        deadline - monotonic())
+        assert deadline is not None
+        if monotonic() >= deadline:
+            raise held_by_silent_agent(holder.record, monotonic() - started)
+        await asyncio.sleep(NAME_POLL_S)
 
 
 class NodeLease:
@@ -31,6 +90,8 @@ class NodeLease:
         self._record_lock = threading.Lock()
         self._record: NodeRecord | None = None  # the latest record handed over by the main side
         self._lease_id = 0  # touched on the lease thread only
+        self._create_revision = 0  # the node key's, as this agent claimed it; lease thread only
+        self._held_logged = False
         self._write_lock: asyncio.Lock | None = None  # the lease thread's: one registration at a time
         self.expiries = 0  # how often etcd expired the lease under us
 
@@ -72,8 +133,34 @@ class NodeLease:
             await self._register_locked(store)
 
     async def _register_locked(self, store: EtcdStore) -> None:
+        """A new lease, and the node key claimed under it if no one holds it (NodeNameHeld if
+        someone does: its registration is left alone)."""
+        if self._lease_id:
+            with contextlib.suppress(EtcdError):  # expired already, or its key went: let it go
+                await store.revoke_lease(self._lease_id)
         self._lease_id = await store.grant_lease(self.ttl_s)
-        await store.put_node(self._latest(), self._lease_id)
+        record = self._latest()
+        revision = await store.claim_node(record, self._lease_id)
+        if revision is None:
+            holder = await store.node_holder(record.name)
+            with contextlib.suppress(EtcdError):
+                await store.revoke_lease(self._lease_id)
+            self._lease_id = 0
+            raise held_by_live_agent(holder.record if holder is not None else record)
+        self._create_revision = revision
+        if self._held_logged:
+            log.warning("node name %r registered again", record.name)
+        self._held_logged = False
+
+    async def _register_again(self, store: EtcdStore) -> None:
+        """After an expiry or a lost record: register again, unless another agent now holds the
+        name (logged, and tried again at the next refresh)."""
+        try:
+            await self._register_locked(store)
+        except NodeNameHeld as exc:
+            if not self._held_logged:
+                log.error("cannot register again: %s", exc)
+                self._held_logged = True
 
     def _expired(self) -> None:
         log.warning("node lease expired; registering again")
@@ -82,12 +169,17 @@ class NodeLease:
     async def _put_latest(self, store: EtcdStore) -> None:
         async with self._lock():
             try:
-                await store.put_node(self._latest(), self._lease_id)
+                if await store.update_node(self._latest(), self._lease_id, self._create_revision):
+                    return
+                if self._lease_id and not await store.refresh_lease(self._lease_id):
+                    self._expired()  # found by a write before the refresh saw it
+                else:
+                    log.warning("node record gone from etcd; registering again")
             except EtcdError as exc:
                 if "lease not found" not in str(exc):
                     raise
                 self._expired()  # found by a write before the refresh saw it
-                await self._register_locked(store)
+            await self._register_again(store)
 
     async def _keep_alive(self, store: EtcdStore) -> None:
         interval_s = max(self.ttl_s / 3.0, 0.2)
@@ -95,15 +187,20 @@ class NodeLease:
             await asyncio.sleep(interval_s)
             try:
                 async with self._lock():
-                    if not await store.refresh_lease(self._lease_id):
-                        self._expired()
-                        await self._register_locked(store)
-                    elif await store.get_node(self._latest().name) is None:
-                        # the lease lives but the record went (deleted by hand): put it back
+                    if not self._lease_id or not await store.refresh_lease(self._lease_id):
+                        if self._lease_id:
+                            self._expired()
+                        await self._register_again(store)
+                    elif await self._record_lost(store):
+                        # the lease lives but the record went (deleted by hand): claim it again
                         log.warning("node record missing under a live lease; writing it again")
-                        await store.put_node(self._latest(), self._lease_id)
+                        await self._register_again(store)
             except EtcdError as exc:
                 log.warning("etcd unavailable for the node lease, retrying: %s", exc)
+
+    async def _record_lost(self, store: EtcdStore) -> bool:
+        holder = await store.node_holder(self._latest().name)
+        return holder is None or holder.create_revision != self._create_revision
 
     async def _revoke(self, store: EtcdStore) -> None:
         with contextlib.suppress(EtcdError):

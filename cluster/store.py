@@ -57,6 +57,13 @@ class Versioned:
     mod_revision: int
 
 
+@dataclass(frozen=True)
+class NodeHolder:
+    record: NodeRecord
+    create_revision: int
+    lease_id: int
+
+
 def prefix_problem(prefix: str) -> str | None:
     """Why `prefix` cannot hold a cluster's keys, or None when it can."""
     if not (prefix.startswith("/") and prefix.endswith("/")):
@@ -194,6 +201,15 @@ class EtcdStore:
         if not ok:
             raise ConflictError(f"job {job_id} changed since revision {expected_revision}")
         return int(responses[0].response_put.header.revision)
+
+    async def delete_job(self, job_id: str, expected_revision: int, *, leader_term: int) -> bool:
+        """Deletes a finished job's record if it is unchanged since `expected_revision` and the
+        leader of `leader_term` still leads; False (nothing deleted) otherwise."""
+        job_key = self.keys.job(job_id)
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.mod(job_key) == expected_revision, self._tx.create(self.keys.leader) == leader_term],
+            success=[self._tx.delete(job_key)], failure=[])
+        return bool(ok)
 
     async def commit_ownership(self, job_id: str, record: bytes, expected_revision: int,
                                controller: ControllerRecord, controller_revision: int,
@@ -336,6 +352,36 @@ class EtcdStore:
 
     async def put_node(self, record: NodeRecord, lease_id: int) -> None:
         await self._client.put(self.keys.node(record.name), record.to_bytes(), lease=lease_id)
+
+    async def node_holder(self, name: str) -> NodeHolder | None:
+        """Who holds node `name`: its record, the key's create revision and its lease."""
+        got = await self._read(f"get node {name}", lambda: self._client.get(self.keys.node(name)))
+        if got is None:
+            return None
+        return NodeHolder(NodeRecord.from_bytes(got.value), int(got.create_revision), int(got.lease))
+
+    async def claim_node(self, record: NodeRecord, lease_id: int) -> int | None:
+        """Writes a node's record under `lease_id` only if no one holds the name: returns the key's
+        create revision (what this holder's later writes compare against), or None when held."""
+        key = self.keys.node(record.name)
+        ok, responses = await self._client.transaction(
+            compare=[self._tx.version(key) == 0], success=[self._tx.put(key, record.to_bytes(), lease=lease_id)],
+            failure=[])
+        return int(responses[0].response_put.header.revision) if ok else None
+
+    async def update_node(self, record: NodeRecord, lease_id: int, create_revision: int) -> bool:
+        """Rewrites a node's record if the key is still the one claimed at `create_revision`
+        (False: it went with an expired lease, or another holder claimed it since)."""
+        key = self.keys.node(record.name)
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.create(key) == create_revision],
+            success=[self._tx.put(key, record.to_bytes(), lease=lease_id)], failure=[])
+        return bool(ok)
+
+    async def lease_ttls_s(self, lease_id: int) -> tuple[int, int]:
+        """(seconds left, seconds granted) of a lease; (-1, 0) when it is gone."""
+        info = await self._read(f"lease {lease_id:x}", lambda: self._client.get_lease_info(lease_id, keys=False))
+        return int(info.TTL), int(info.grantedTTL)
 
     async def set_cordon(self, name: str, cordoned: bool) -> None:
         if cordoned:

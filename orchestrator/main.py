@@ -33,6 +33,8 @@ from orchestrator.dispatcher import JobDispatcher
 from orchestrator.evacuation import Evacuation, EvacuationState, Limits
 from orchestrator.evacuator import Evacuator
 from orchestrator.health_policy import HealthPolicy
+from orchestrator.job_collector import JobCollector
+from orchestrator.job_retention import DEFAULT_KEEP_COUNT, DEFAULT_RETENTION_S, Retention
 from orchestrator.kube import EvacuationRequest, KubeEvacuations, KubeNodes
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.reconciler import Reconciler
@@ -49,10 +51,11 @@ class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, node_grace_s: float | None = None,
                  evacuation_limits: Limits | None = None, health_policy: HealthPolicy | None = None,
-                 kube_nodes: KubeNodes | None = None) -> None:
+                 kube_nodes: KubeNodes | None = None, retention: Retention | None = None) -> None:
         self.kube_nodes = kube_nodes  # None: Kubernetes Nodes are not watched
         self.settings = settings or RunnerSettings()
         self.health_policy = health_policy  # None: drives predicting a failure start no evacuation
+        self.retention = retention or Retention()
         self.store = store
         self.name = name
         self.lease_ttl_s = lease_ttl_s
@@ -109,7 +112,9 @@ class Orchestrator:
             self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke,
                                        health=self.health_policy)
             evacuating = asyncio.create_task(self.evacuator.run_forever(), name="evacuate")
-            background = [reconciling, verifying, evacuating]
+            collecting = asyncio.create_task(JobCollector(self.store, term, self.retention).run_forever(),
+                                             name="collect-jobs")
+            background = [reconciling, verifying, evacuating, collecting]
             if self.kube_nodes is not None:
                 kube = KubeEvacuations(self.kube_nodes, self._evacuate_for_kube, self._evacuation_progress)
                 background.append(asyncio.create_task(kube.run_forever(), name="kube-nodes"))
@@ -173,7 +178,8 @@ async def serve(args: argparse.Namespace) -> int:
                                 node_grace_s=args.node_grace_s, evacuation_limits=limits,
                                 health_policy=None if args.auto_evacuate_max == 0
                                 else HealthPolicy(max_automatic=args.auto_evacuate_max),
-                                kube_nodes=kube_nodes)
+                                kube_nodes=kube_nodes,
+                                retention=Retention(args.job_retention_s, args.job_retention_count))
     server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
@@ -257,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="migrations leaving one node at once, at most, for an evacuation to start another")
     parser.add_argument("--evacuation-inbound-per-node", type=int, default=defaults.inbound_per_node,
                         help="migrations arriving at one node at once, at most, for an evacuation to send it another")
+    parser.add_argument("--job-retention-s", type=float, default=DEFAULT_RETENTION_S,
+                        help="a finished job is deleted from etcd this long after it ended (default 7 days); "
+                             "a completed job whose verification is pending or failed is kept")
+    parser.add_argument("--job-retention-count", type=int, default=DEFAULT_KEEP_COUNT,
+                        help="at most this many finished jobs are kept, the newest (default "
+                             f"{DEFAULT_KEEP_COUNT}); a completed job whose verification is pending or failed is kept")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
-    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s"):
+    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.node_grace_s is not None and args.node_grace_s < 0:
@@ -282,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("evacuation_max_parallel", "evacuation_outbound_per_node", "evacuation_inbound_per_node"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.job_retention_count < 0:
+        parser.error(f"--job-retention-count must be 0 or more, got {args.job_retention_count}")
     if args.max_concurrent < 1:
         parser.error(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     if telemetry.config_problem():  # the OTEL_* environment variables

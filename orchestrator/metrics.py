@@ -47,6 +47,10 @@ DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds complet
 VERIFICATIONS = Counter("nvmigrate_verifications", "Completed migrations checked against the source's switchover "
                         "image, by outcome (FAILED is an alarm: the source copy is kept)", ["outcome"],
                         registry=REGISTRY)
+JOBS_DELETED = Counter("nvmigrate_jobs_deleted", "Finished jobs this orchestrator deleted from etcd (past "
+                       "--job-retention-s, or beyond --job-retention-count), by outcome", ["outcome"],
+                       registry=REGISTRY)
+
 # ---- evacuations (counted by the leader that drove them; see orchestrator/evacuator.py) ----
 EVACUATIONS = Counter("nvmigrate_evacuations", "Node evacuations started", registry=REGISTRY)
 TRIGGERS_FIRED = Counter("nvmigrate_evacuation_triggers_fired", "Automatic evacuations started because a node's "

@@ -249,6 +249,20 @@ async def test_update_job_is_a_compare_and_swap_on_the_job_revision(store: EtcdS
 
 # ---- controller records ---------------------------------------------------------------------
 
+async def test_a_job_is_deleted_only_unchanged_and_by_the_leader_of_its_term(
+        store: EtcdStore, other: EtcdStore, shared_etcd: str) -> None:
+    old_lease, old_term = await lead(store, "orch-a")
+    job = new_job("mig-0000000000de", "c1")
+    revision = await store.create_job(job.id, "c1", job.to_bytes())
+    assert not await store.delete_job(job.id, revision - 1, leader_term=old_term)  # changed since: kept
+    await store.revoke_lease(old_lease)
+    _, new_term = await lead(other, "orch-b")
+    assert not await store.delete_job(job.id, revision, leader_term=old_term)  # no longer leads: kept
+    assert read_back(shared_etcd, store.keys.job(job.id)) is not None
+    assert await other.delete_job(job.id, revision, leader_term=new_term)
+    assert read_back(shared_etcd, store.keys.job(job.id)) is None
+
+
 async def test_claim_controller_is_idempotent_for_its_node_and_refused_for_another(
         store: EtcdStore, other: EtcdStore, shared_etcd: str) -> None:
     first = ControllerRecord("c1", "n1", MiB)
