@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.records import NodeRecord
+from orchestrator.health_policy import HealthPolicy, failing_reasons
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -81,6 +82,9 @@ def node_problem(node: NodeRecord | None, name: str, *, source: str, namespace_b
     incompatible = compatibility_problem(node, source_record)
     if incompatible:
         return f"destination node {name!r} is incompatible ({incompatible}); choose another node"
+    failing = health_problem(node)
+    if failing:
+        return f"destination node {name!r} {failing}; choose another node"
     room = room_problem(node, namespace_bytes, stored_bytes)
     if room:
         return f"destination node {name!r} has {room}; choose another node or free space there"
@@ -97,7 +101,15 @@ def _rejection(node: NodeRecord, *, namespace_bytes: int, stored_bytes: int | No
         return unavailable[node.name]
     if node.name in cordoned:
         return "cordoned"
-    return compatibility_problem(node, source_record) or room_problem(node, namespace_bytes, stored_bytes)
+    return (compatibility_problem(node, source_record) or health_problem(node)
+            or room_problem(node, namespace_bytes, stored_bytes))
+
+
+def health_problem(node: NodeRecord) -> str | None:
+    """'drive predicts a failure (...)' when its SMART / Health log fails the default policy: no
+    controller is moved onto a drive about to fail."""
+    reasons = failing_reasons(node.health, HealthPolicy())
+    return f"drive predicts a failure ({'; '.join(reasons)})" if reasons else None
 
 
 def choose_destination(nodes: Sequence[NodeRecord], *, source: str, namespace_bytes: int,

@@ -253,3 +253,16 @@ def test_unavailable_nodes_are_passed_over_with_their_reason() -> None:
 def test_an_agent_that_does_not_say_its_backend_is_not_refused_for_it() -> None:
     nodes = [versioned("n1", 900), versioned("n2", 900, backend="")]
     assert choose_destination(nodes, source="n1", namespace_bytes=1).node is not None
+
+
+def test_a_node_whose_drive_predicts_a_failure_is_never_a_destination_and_the_reason_says_why() -> None:
+    from cluster.records import DriveHealth
+    worn = NodeRecord(name="n2", address="a", data_address="d", capacity_bytes=1000, allocated_bytes=0,
+                      health=DriveHealth(percentage_used=120))
+    fine = NodeRecord(name="n3", address="a", data_address="d", capacity_bytes=1000, allocated_bytes=500,
+                      health=DriveHealth())
+    placement = choose_destination([worn, fine], source="n1", namespace_bytes=100)
+    assert placement.node is not None and placement.node.name == "n3"  # n2 has more room, but its drive is failing
+    assert "n2: drive predicts a failure (120% of its rated endurance used (limit 100%))" in placement.reason
+    problem = node_problem(worn, "n2", source="n1", namespace_bytes=100, cordoned=())
+    assert problem is not None and "drive predicts a failure" in problem
