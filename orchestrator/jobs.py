@@ -137,6 +137,9 @@ class Job:
     # Seconds the job has existed as the orchestrators that drove it measured on their monotonic
     # clocks, written with every save; a wall-clock step does not move it. -1: an older record.
     age_s: float = -1.0
+    # Dirty bytes the source still had to send after its last step (precopy or a round), as it
+    # measured them; -1 before any step measured it.
+    remaining_bytes: int = -1
 
     @property
     def terminal(self) -> bool:
@@ -170,6 +173,10 @@ class Job:
         entry = self.phases[index]
         phases = (*self.phases[:index], replace(entry, duration_ms=max(0.0, duration_ms)), *self.phases[index + 1:])
         return replace(self, phases=phases)
+
+    def remaining(self, remaining_bytes: int, now: float) -> Job:
+        """What the source measured it still had to send after a step."""
+        return replace(self, remaining_bytes=max(0, remaining_bytes), updated_at=now)
 
     def record(self, now: float, *, add_bytes: int = 0, add_rounds: int = 0, note: str | None = None) -> Job:
         """Adds what a step moved to the current phase (and rounds to the total)."""

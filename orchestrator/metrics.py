@@ -47,6 +47,31 @@ DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds complet
 VERIFICATIONS = Counter("nvmigrate_verifications", "Completed migrations checked against the source's switchover "
                         "image, by outcome (FAILED is an alarm: the source copy is kept)", ["outcome"],
                         registry=REGISTRY)
+JOB_FAILURES = Counter("nvmigrate_job_failures", "Jobs that ended other than COMPLETED, by end phase and cause "
+                       "(a small fixed set read off the reason; the job's reason has the full text)",
+                       ["phase", "cause"], registry=REGISTRY)
+# Causes, first match wins: (cause, words in the job's reason).
+_FAILURE_CAUSES = (
+    ("cancelled", ("cancelled by operator",)),
+    ("source_busy", ("too busy to answer",)),
+    ("source_lost", ("source", "lost")),
+    ("no_space", ("no space left",)),
+    ("etcd_unavailable", ("etcd did not answer",)),
+    ("deadline", ("deadline",)),
+    ("no_convergence", ("converge",)),
+    ("destination_lost", ("destination",)),
+)
+
+
+def failure_cause(reason: str) -> str:
+    """A job's end reason, reduced to a label of bounded cardinality."""
+    text = reason.lower()
+    for cause, words in _FAILURE_CAUSES:
+        if all(word in text for word in words):
+            return cause
+    return "other"
+
+
 JOBS_DELETED = Counter("nvmigrate_jobs_deleted", "Finished jobs this orchestrator deleted from etcd (past "
                        "--job-retention-s, or beyond --job-retention-count), by outcome", ["outcome"],
                        registry=REGISTRY)
@@ -83,6 +108,8 @@ def job_written(old: Job, new: Job) -> None:
         VERIFICATIONS.labels(new.verification.value).inc()
     if new.terminal and not old.terminal:
         JOBS_FINISHED.labels(new.phase.value).inc()
+        if new.phase is not Phase.COMPLETED:
+            JOB_FAILURES.labels(new.phase.value, failure_cause(new.reason)).inc()
         if new.phase is Phase.COMPLETED:
             # 0 means "not measured" (no guest workload; a leader change lost the suspend time).
             if new.guest_blackout_ms > 0:
@@ -194,6 +221,9 @@ class ClusterState(Collector):
         throttle = GaugeMetricFamily("nvmigrate_job_throttle_percent", "Guest throttle an active job applies "
                                      "(auto-converge)", labels=labels)
         rounds = GaugeMetricFamily("nvmigrate_job_rounds", "Dirty rounds an active job has run", labels=labels)
+        remaining = GaugeMetricFamily("nvmigrate_job_remaining_bytes", "Dirty bytes an active job's source still had "
+                                      "to send after its last step, as measured (absent before the first)",
+                                      labels=labels)
         for job in snap.jobs:
             if job.phase in TERMINAL:
                 continue
@@ -203,4 +233,6 @@ class ClusterState(Collector):
             rate.add_metric(values, job.dirty_rate_bytes_per_s)
             throttle.add_metric(values, float(job.throttle_percent))
             rounds.add_metric(values, float(job.rounds))
-        yield from (sent, size, rate, throttle, rounds)
+            if job.remaining_bytes >= 0:
+                remaining.add_metric(values, float(job.remaining_bytes))
+        yield from (sent, size, rate, throttle, rounds, remaining)

@@ -343,6 +343,7 @@ class JobRunner:
         job = self.j.record(now, add_bytes=result.bytes_sent + result.state_bytes, add_rounds=rounds)
         if guest_running:
             job = job.round_measured(result.dirty_rate_bytes_per_s, now)
+        job = job.remaining(int(result.dirty_bytes_remaining), now)
         return job.progressed(int(result.total_bytes_sent), now)
 
     async def _dirty_round(self) -> None:

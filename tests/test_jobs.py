@@ -149,3 +149,21 @@ def test_a_record_from_before_ages_were_kept_falls_back_to_its_creation_time() -
     old = job(updated_at=150.0)  # age_s left at -1, as an older orchestrator wrote it
     assert old.age_at_load(110.0) == pytest.approx(10.0)
     assert old.age_at_load(100.0 + 86400.0) == pytest.approx(MAX_UNWATCHED_GAP_S)
+
+
+def test_failure_reasons_become_a_bounded_set_of_causes() -> None:
+    from orchestrator.metrics import failure_cause
+    assert failure_cause("cancelled by operator") == "cancelled"
+    assert failure_cause("StartPrecopy: agent n1 did not answer for 5 s; source n1 lost: controller c1 marked lost") \
+        == "source_lost"
+    assert failure_cause("x; source n1 is alive (its lease is kept) but too busy to answer: it keeps the controller") \
+        == "source_busy"
+    assert failure_cause("node 'n2': no space left on device writing /d/c1.state") == "no_space"
+    assert failure_cause("job deadline of 60 s passed before COMMIT") == "deadline"
+    assert failure_cause("something new") == "other"
+
+
+def test_the_remaining_bytes_a_step_measured_are_kept_and_never_negative() -> None:
+    assert job().remaining_bytes == -1  # not measured yet
+    assert job().remaining(4096, 1.0).remaining_bytes == 4096
+    assert job().remaining(-5, 1.0).remaining_bytes == 0
