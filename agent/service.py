@@ -11,7 +11,6 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 
-from agent.backends.emulated_hosting import EmulatedHosting
 from agent.backends.hosting import HostingError
 from agent.guest.lineage import Receipt
 from agent.guest.verifier import verify as verify_blocks
@@ -315,13 +314,15 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if request.HasField("health"):
             values = {f.name: value for f, value in request.health.ListFields()}
             hosting = self.host.hosting
-            if not isinstance(hosting, EmulatedHosting):
+            # duck-typed: importing the emulated backend here would load the NVMe model into every agent
+            set_health = getattr(hosting, "set_health", None)
+            if not callable(set_health):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"backend {hosting.kind} reads a real drive's health; only the emulated "
                                     "backend's can be set")
                 return agent_pb2.InjectFaultResponse()
             try:
-                hosting.set_health(**values)
+                set_health(**values)
             except HostingError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             await self.host.read_health()

@@ -31,15 +31,21 @@ class Placement:
     rejected: tuple[str, ...] = ()
 
 
+# Backends that cannot take a controller at all yet (agent/backends: vfio hosting is refused).
+_HOSTS_NOTHING = {"vfio": "backend vfio cannot host a controller yet"}
+
+
 def compatibility_problem(node: NodeRecord, source: NodeRecord | None) -> str | None:
     """'state format 2, source needs 1' when `node` cannot resume a controller from `source`, or
-    None. An unknown source (not registered) or an unknown backend on either side is no problem."""
+    None. Backends of different kinds interoperate (an emulated controller moves to a passthru VF
+    and back: the controller-state format is what they share); one that cannot host is refused.
+    An unknown source (not registered) or backend is no problem."""
+    if node.backend in _HOSTS_NOTHING:
+        return _HOSTS_NOTHING[node.backend]
     if source is None:
         return None
     if node.state_format_version != source.state_format_version:
         return f"state format {node.state_format_version}, source needs {source.state_format_version}"
-    if node.backend and source.backend and node.backend != source.backend:
-        return f"backend {node.backend}, source runs {source.backend}"
     return None
 
 

@@ -208,7 +208,7 @@ def test_a_sparse_namespace_needs_its_data_on_the_disk_and_its_size_within_the_d
         [small], source="n1", namespace_bytes=200 * GiB, stored_bytes=1 * GiB).reason
 
 
-# ---- compatibility: state format and backend must match the source's ---------------------------
+# ---- compatibility: the state format must match the source's; a backend that cannot host is out ---
 
 def versioned(name: str, free: int, fmt: int = 1, backend: str = "emulated") -> NodeRecord:
     return NodeRecord(name=name, address="a", data_address="d", capacity_bytes=1000, allocated_bytes=1000 - free,
@@ -216,13 +216,13 @@ def versioned(name: str, free: int, fmt: int = 1, backend: str = "emulated") -> 
 
 
 def test_an_incompatible_node_is_never_chosen_and_the_explanation_says_why() -> None:
-    # n3 has the most room but speaks another controller-state format; n4 runs another backend.
+    # n3 has the most room but speaks another controller-state format; n4's backend cannot host.
     nodes = [versioned("n1", 900), versioned("n2", 300), versioned("n3", 900, fmt=2),
              versioned("n4", 900, backend="vfio"), versioned("n5", 100)]
     placement = choose_destination(nodes, source="n1", namespace_bytes=200, cordoned={"n5"})
     assert placement.node is not None and placement.node.name == "n2"
     assert "n3: state format 2, source needs 1" in placement.rejected
-    assert "n4: backend vfio, source runs emulated" in placement.rejected
+    assert "n4: backend vfio cannot host a controller yet" in placement.rejected
     assert "n5: cordoned" in placement.rejected
     assert "n3: state format 2, source needs 1" in placement.reason
     # every node but the source and the chosen one is accounted for
@@ -250,9 +250,11 @@ def test_unavailable_nodes_are_passed_over_with_their_reason() -> None:
     assert placement.rejected == ("n2: inbound limit 2 reached",)
 
 
-def test_an_agent_that_does_not_say_its_backend_is_not_refused_for_it() -> None:
-    nodes = [versioned("n1", 900), versioned("n2", 900, backend="")]
-    assert choose_destination(nodes, source="n1", namespace_bytes=1).node is not None
+def test_another_backend_kind_or_an_unsaid_one_is_not_refused_for_it() -> None:
+    # an emulated controller moves to a passthru VF and back (tests/test_passthru_migration.py)
+    for backend in ("", "nvme-passthru"):
+        nodes = [versioned("n1", 900), versioned("n2", 900, backend=backend)]
+        assert choose_destination(nodes, source="n1", namespace_bytes=1).node is not None
 
 
 def test_a_node_whose_drive_predicts_a_failure_is_never_a_destination_and_the_reason_says_why() -> None:
