@@ -153,8 +153,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def get() -> agent_pb2.ControllerStatus:
             hosted = self.host.hosted(request.controller_id)
             status = controller_status(self.host.name, hosted)
-            extents = await asyncio.to_thread(hosted.controller.data_extents)
-            status.stored_bytes = sum(length for _, length in extents)
+            if request.with_stored_bytes:
+                extents = await asyncio.to_thread(hosted.controller.data_extents)
+                status.stored_bytes = sum(length for _, length in extents)
             return status
         return await self._guard(context, get())
 

@@ -160,9 +160,10 @@ class AgentCalls:
     async def stored_bytes(self, node: str, controller_id: str, *, budget_s: float) -> int | None:
         """The data a controller's namespace holds on `node` (for placement on a destination's
         disk), or None when the agent does not say (an older agent, or no answer in time)."""
+        request = agent_pb2.GetControllerRequest(controller_id=controller_id, with_stored_bytes=True)
         try:
-            status = await self.call(node, "GetController", lambda s: s.GetController(
-                agent_pb2.GetControllerRequest(controller_id=controller_id), timeout=budget_s), budget_s=budget_s)
+            status = await self.call(node, "GetController", lambda s: s.GetController(request, timeout=budget_s),
+                                     budget_s=budget_s)
         except AgentCallError as exc:
             log.info("stored bytes of %s on %s not known, placing by its size: %s", controller_id, node, exc.message)
             return None

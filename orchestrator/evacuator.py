@@ -62,13 +62,14 @@ class Evacuator:
             if not ev.ended:
                 versioned[ev.node] = (ev, revision)
         nodes = await self.store.list_nodes()
+        cordoned = await self.store.cordoned_nodes()
         failing: set[str] = set()
         if self.health is not None:
             predictions = await self.store.predictions()
             failing = health_policy.failing(nodes, self.health, predictions)
             # An emptied node stays cordoned until an operator has dealt with its drive: it is not
             # evacuated again meanwhile (uncordoned while still failing, it is).
-            settled = {ev.node for ev, _ in everything if ev.ended} & await self.store.cordoned_nodes()
+            settled = {ev.node for ev, _ in everything if ev.ended} & cordoned
             if await self._start_automatic(nodes, versioned, {ev.node: rev for ev, rev in everything}, settled,
                                            predictions):
                 self.poke()
@@ -78,7 +79,7 @@ class Evacuator:
         controllers = {c.controller_id: c for c in await self.store.list_controllers()}
         jobs = {j.id: j for j in (Job.from_bytes(v.value) for v in await self.store.list_jobs())}
         # a node whose drive predicts a failure is never a destination, evacuating yet or not
-        cordoned = await self.store.cordoned_nodes() | failing
+        cordoned |= failing
         before = [ev for ev, _ in versioned.values()]
         decision = evacuation.step(before, nodes=nodes, controllers=controllers, jobs=jobs, cordoned=cordoned,
                                    limits=self.limits, now=self.clock(), new_job_id=new_job_id)
@@ -117,8 +118,8 @@ class Evacuator:
                             "(the storm guard); it waits its turn", node, "; ".join(reasons), self.health.max_automatic)
                 self._held_back_logged.add(node)
         started = False
+        controllers = await self.store.list_controllers() if triggers.start else []
         for node, reasons in triggers.start:
-            controllers = await self.store.list_controllers()
             ev = evacuation.new_evacuation(node, Reason.PREDICTED_FAILURE, controllers, self.clock(),
                                            note="automatic: " + "; ".join(reasons), automatic=True)
             await self.store.set_cordon(node, True)

@@ -66,7 +66,8 @@ def on_agent(c: LocalCluster, node: str, cid: str) -> agent_pb2.ControllerStatus
     channel, stub = c.agent_stub(node)
     with channel:
         try:
-            status = stub.GetController(agent_pb2.GetControllerRequest(controller_id=cid), timeout=30)
+            request = agent_pb2.GetControllerRequest(controller_id=cid, with_stored_bytes=True)
+            status = stub.GetController(request, timeout=30)
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND, exc.details()
             return None

@@ -55,10 +55,12 @@ class CreateControllerRequest(_message.Message):
     def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., prefill: _Optional[bool] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ...) -> None: ...
 
 class GetControllerRequest(_message.Message):
-    __slots__ = ("controller_id",)
+    __slots__ = ("controller_id", "with_stored_bytes")
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
-    def __init__(self, controller_id: _Optional[str] = ...) -> None: ...
+    with_stored_bytes: bool
+    def __init__(self, controller_id: _Optional[str] = ..., with_stored_bytes: _Optional[bool] = ...) -> None: ...
 
 class StartWorkloadRequest(_message.Message):
     __slots__ = ("controller_id", "workload")
