@@ -102,7 +102,8 @@ def node_cordoned(cluster: LocalCluster, name: str) -> bool:
 def test_evacuating_a_node_moves_every_controller_within_the_limits(evac_cluster: LocalCluster) -> None:
     c = evac_cluster
     for cid in CONTROLLERS:
-        create_controller(c, "n1", cid, 8 * MiB, write_iops=200)
+        # big enough that the --wait poll (once a second) sees a migration in flight
+        create_controller(c, "n1", cid, 48 * MiB, write_iops=200)
 
     dry = orchctl(c, "evacuate", "node", "n1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
