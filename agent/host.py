@@ -81,7 +81,7 @@ class Host:
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0
         # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
-        self.lease = NodeLease(store.endpoint, store.prefix, name, lease_ttl_s)
+        self.lease = NodeLease(store.config, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
         self._publish_wanted = False
         self._published: NodeRecord | None = None  # the record etcd has, as far as we know

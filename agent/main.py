@@ -28,7 +28,7 @@ from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.host import Host
 from agent.node_lease import NodeNameHeld
 from agent.service import AgentApi
-from cluster import logs, names, telemetry
+from cluster import etcd_config, logs, names, telemetry
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, prefix_problem
@@ -55,7 +55,7 @@ def split_host_port(text: str) -> tuple[str, int]:
 
 
 async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
-    store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
+    store = EtcdStore(args.etcd_config, prefix=args.etcd_prefix)
     await store.connect()
     # Undecodable requests answered INVALID_ARGUMENT first; with tracing on, a span per call.
     server = grpc.aio.server(interceptors=[MalformedRequests(), *telemetry.server_interceptors()])
@@ -110,7 +110,7 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
 def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-agent", description="NVMe live-migration agent (one per host)")
     parser.add_argument("--name", required=True, help="node name, e.g. n1")
-    parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"))
+    etcd_config.add_etcd_arguments(parser)
     parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
                         help="every etcd key of this cluster lives under it, so clusters can share an etcd "
                              f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
+    try:
+        args.etcd_config = etcd_config.config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if telemetry.config_problem():  # the OTEL_* environment variables
         parser.error(str(telemetry.config_problem()))
     problem = backends.device_problem(args.backend, args.device, access)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
         with telemetry.running("nvmigrate-agent", args.name, f"agent[{args.name}]", args.log_level, args.log_format):
             return asyncio.run(serve(args, hosting))
     except EtcdError as exc:
-        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        print(etcd_config.unreachable_message(args.etcd_config, exc), file=sys.stderr)
         return 2
     except NodeNameHeld as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
+from cluster.etcd_config import EtcdConfig
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore, NodeHolder
 from cluster.store_thread import StoreThread
@@ -84,9 +85,9 @@ async def await_name_free(store: EtcdStore, name: str, ping: Callable[[str], Awa
 
 
 class NodeLease:
-    def __init__(self, endpoint: str, prefix: str, node: str, ttl_s: int) -> None:
+    def __init__(self, etcd: EtcdConfig, prefix: str, node: str, ttl_s: int) -> None:
         self.ttl_s = ttl_s
-        self._thread = StoreThread(endpoint, prefix, f"node-lease-{node}")
+        self._thread = StoreThread(etcd, prefix, f"node-lease-{node}")
         self._record_lock = threading.Lock()
         self._record: NodeRecord | None = None  # the latest record handed over by the main side
         self._lease_id = 0  # touched on the lease thread only

@@ -31,6 +31,8 @@ import aetcd
 import aetcd.exceptions
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from cluster.etcd_client import FailoverClient
+from cluster.etcd_config import EtcdConfig, plain
 from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -110,21 +112,19 @@ class KeyLayout:
         return self.evacuations + node.encode()
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"etcd endpoint {endpoint!r} is malformed: expected HOST:PORT, e.g. 127.0.0.1:2379")
-    return host, int(port)
-
-
 class EtcdStore:
-    def __init__(self, endpoint: str, timeout_s: int = 5, prefix: str = DEFAULT_PREFIX) -> None:
-        host, port = parse_endpoint(endpoint)
-        self.endpoint = endpoint
+    def __init__(self, etcd: EtcdConfig | str, timeout_s: int = 5, prefix: str = DEFAULT_PREFIX) -> None:
+        """`etcd`: the cluster's members and how to reach them, or plain endpoints 'HOST:PORT[,...]'."""
+        self.config = plain(etcd) if isinstance(etcd, str) else etcd
         self.prefix = prefix
         self.keys = KeyLayout(prefix)
-        self._client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+        self._client = FailoverClient(self.config, timeout_s)
         self._tx = self._client.transactions
+
+    @property
+    def endpoint(self) -> str:
+        """The member this store talks to now."""
+        return str(self._client.endpoint)
 
     async def connect(self) -> None:
         await self._client.connect()
@@ -453,10 +453,13 @@ class EtcdStore:
         right before a step that etcd must follow quickly (the switchover). Returns the leader's
         term; raises `EtcdNotAnswering` (an EtcdError) when etcd did not answer in time. Not
         retried: a slow answer is the answer."""
+        generation = self._client.generation
         try:
             got = await asyncio.wait_for(self._client.get(self.keys.leader), timeout_s)
         except TimeoutError:
-            raise EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {timeout_s:g} s") from None
+            slow = EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {timeout_s:g} s")
+            await self._client.fail_over(generation, slow)
+            raise slow from None
         return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:

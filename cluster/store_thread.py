@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from cluster.etcd_config import EtcdConfig
 from cluster.store import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ START_TIMEOUT_S = 30.0
 
 
 class StoreThread:
-    def __init__(self, endpoint: str, prefix: str, name: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, etcd: EtcdConfig, prefix: str, name: str) -> None:
+        self.etcd = etcd
         self.prefix = prefix
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -43,7 +44,7 @@ class StoreThread:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             self._loop = loop
-            self._store = EtcdStore(self.endpoint, prefix=self.prefix)
+            self._store = EtcdStore(self.etcd, prefix=self.prefix)
             ready.set()
             try:
                 loop.run_forever()

@@ -9,6 +9,7 @@ in etcd), never on fixed sleeps. It starts its own etcd, or uses one that runs a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -110,6 +111,14 @@ class Proc:
         self.stop(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """An etcd member's TLS files: the CA it trusts for client certificates, its own pair."""
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class LocalCluster:
     """Start with `start_etcd()` (or `use_etcd()`), `start_orchestrator()`, `start_agent()`;
@@ -126,6 +135,7 @@ class LocalCluster:
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrators: list[Proc] = field(default_factory=list)
     _etcd: Proc | None = None
+    etcd_members: list[Proc] = field(default_factory=list)  # every etcd process this cluster started
     _owns_workdir: bool = True
     env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
 
@@ -159,27 +169,43 @@ class LocalCluster:
             raise ClusterError(f"{what}: {whose}; call start_etcd() to have one of its own")
         return self._etcd
 
-    def start_etcd(self, timeout_s: float = 30.0) -> str:
+    def start_etcd(self, timeout_s: float = 30.0, tls: EtcdServerTls | None = None) -> str:
+        """One etcd member; with `tls` it serves https only and wants client certificates."""
+        endpoints = self.start_etcd_cluster(1, timeout_s, tls)
+        self._etcd = self.etcd_members[0]
+        return endpoints
+
+    def start_etcd_cluster(self, members: int = 3, timeout_s: float = 30.0, tls: EtcdServerTls | None = None) -> str:
+        """`members` etcd processes forming one cluster; returns their endpoints, comma-separated,
+        as --etcd takes them. `etcd_members[i]` is member i's process."""
         if self.etcd_endpoint:
             raise ClusterError(f"start_etcd: this cluster already has etcd at {self.etcd_endpoint}")
-        client, peer = free_port(self.host), free_port(self.host)
         # tmpfs when there is one: fsync on a slow disk would dominate the switchover time
         shm = Path("/dev/shm")
         base = Path(tempfile.mkdtemp(prefix="nvmigrate-etcd-", dir=shm if shm.is_dir() else self.workdir))
         self._etcd_dir = base
-        url = f"http://{self.host}:{client}"
-        self._etcd_argv = [
-            find_etcd(), "--name", "nvmigrate", "--data-dir", str(base / "data"),
-            "--listen-client-urls", url, "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://{self.host}:{peer}",
-            "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
-            "--initial-cluster", f"nvmigrate=http://{self.host}:{peer}",
-            "--log-level", "warn",
-        ]
-        self._etcd = self._spawn("etcd", self._etcd_argv)
-        self.etcd_endpoint = f"{self.host}:{client}"
-        wait_for("etcd to answer", lambda: self._tcp_open(self.host, client), timeout_s,
-                 alive=self._etcd.exited)
+        ports = [(free_port(self.host), free_port(self.host)) for _ in range(members)]
+        names = ["nvmigrate"] if members == 1 else [f"member-{i}" for i in range(members)]
+        scheme = "https" if tls else "http"
+        initial = ",".join(f"{name}=http://{self.host}:{peer}" for name, (_, peer) in zip(names, ports, strict=True))
+        tls_args = [] if tls is None else ["--cert-file", str(tls.cert), "--key-file", str(tls.key),
+                                           "--trusted-ca-file", str(tls.ca), "--client-cert-auth"]
+        self._etcd_argvs = []
+        for name, (client, peer) in zip(names, ports, strict=True):
+            url = f"{scheme}://{self.host}:{client}"
+            argv = [find_etcd(), "--name", name, "--data-dir", str(base / name),
+                    "--listen-client-urls", url, "--advertise-client-urls", url,
+                    "--listen-peer-urls", f"http://{self.host}:{peer}",
+                    "--initial-advertise-peer-urls", f"http://{self.host}:{peer}",
+                    "--initial-cluster", initial, "--log-level", "warn", *tls_args]
+            self._etcd_argvs.append(argv)
+            self.etcd_members.append(self._spawn("etcd" if members == 1 else f"etcd-{name}", argv))
+        for member, (client, _) in zip(self.etcd_members, ports, strict=True):
+            wait_for(f"{member.name} to answer", functools.partial(self._tcp_open, self.host, client), timeout_s,
+                     alive=member.exited)
+        prefix = "https://" if tls else ""
+        self.etcd_endpoint = ",".join(f"{prefix}{self.host}:{client}" for client, _ in ports)
+        self._etcd_argv = self._etcd_argvs[0]
         return self.etcd_endpoint
 
     @property
@@ -340,13 +366,14 @@ class LocalCluster:
 
     def stop(self) -> None:
         # agents and orchestrators first, all at once, etcd last (they deregister through it)
-        others = [proc for proc in reversed(self.procs) if proc is not self._etcd]
+        etcds = [self._etcd, *self.etcd_members]
+        others = [proc for proc in reversed(self.procs) if proc not in etcds]
         for proc in others:
             proc.signal()
         for proc in others:
             proc.reap()
-        if self._etcd is not None:
-            self._etcd.stop()
+        for proc in {id(p): p for p in etcds if p is not None}.values():
+            proc.stop()
         etcd_dir = getattr(self, "_etcd_dir", None)
         if etcd_dir is not None:
             shutil.rmtree(etcd_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster import logs, telemetry
+from cluster import etcd_config, logs, telemetry
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
@@ -64,7 +64,7 @@ class Orchestrator:
                                  else node_grace_s)
         # The leader lease is refreshed from a thread of its own: a loop busy with many jobs must
         # not let it expire (a needless step-down and takeover).
-        self.lease_thread = StoreThread(store.endpoint, store.prefix, f"leader-lease-{name}")
+        self.lease_thread = StoreThread(store.config, store.prefix, f"leader-lease-{name}")
         self.dispatcher: JobDispatcher | None = None
         self.evacuation_limits = evacuation_limits or Limits()
         self.evacuator: Evacuator | None = None
@@ -159,7 +159,7 @@ async def _set_from_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event
 
 
 async def serve(args: argparse.Namespace) -> int:
-    store = EtcdStore(args.etcd, prefix=args.etcd_prefix)
+    store = EtcdStore(args.etcd_config, prefix=args.etcd_prefix)
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
                               etcd_check_timeout_s=args.etcd_check_timeout_s)
@@ -227,8 +227,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-orchestrator", description="NVMe live-migration orchestrator")
-    parser.add_argument("--etcd", default=os.environ.get("NVMIGRATE_ETCD", "127.0.0.1:2379"),
-                        help="etcd endpoint HOST:PORT")
+    etcd_config.add_etcd_arguments(parser)
     parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
                         help="every etcd key of this cluster lives under it, so clusters can share an etcd "
                              f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
@@ -284,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = prefix_problem(args.etcd_prefix)
     if problem:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
+    try:
+        args.etcd_config = etcd_config.config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.log_format):
             return asyncio.run(serve(args))
     except EtcdError as exc:
-        print(f"error: cannot reach etcd at {args.etcd}: {exc}; start etcd or pass --etcd", file=sys.stderr)
+        print(etcd_config.unreachable_message(args.etcd_config, exc), file=sys.stderr)
         return 2
 
 
