@@ -75,7 +75,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         except SessionError as exc:
             if exc.stale is not None:
                 await context.abort_with_status(agent_errors.stale_epoch_status(exc.message, exc.stale))
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, names.bounded(exc.message))
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}")
         raise AssertionError("context.abort raises")

@@ -37,6 +37,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from cluster.policy_limits import MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
 from orchctl import render
 from orchctl.client import (
     DEFAULT_TIMEOUT_S,
@@ -118,6 +119,9 @@ def parse_bandwidth(value: str) -> int:
     text = value.strip().lower()
     if text.endswith("/s"):
         text = text[:-2].rstrip()
+    if text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: a rate cannot be negative; give e.g. 100M, "
+                                         "or no --bandwidth for no limit")
     match = _SIZE_RE.match(text)
     units = match and _SIZE_UNITS.get(match.group("unit"))
     if not match or not units:
@@ -126,10 +130,9 @@ def parse_bandwidth(value: str) -> int:
             "suffix K, M, G, T (powers of 1024; KB, MB, GB, TB are powers of 1000), e.g. 100M or 1.5G"
         )
     result = math.floor(float(match.group("num")) * units)
-    if result < 1:
-        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: must be at least 1 byte per second")
-    if result >= 2**63:
-        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: too large")
+    problem = policy_value_problem("bandwidth_bytes_per_s", result) if result >= 1 else "must be above 0"
+    if problem:
+        raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: {problem}")
     return result
 
 
@@ -155,6 +158,30 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be 0 or more")
     return number
+
+
+def _policy_int(field: str) -> Callable[[str], int]:
+    """An argparse type for a policy field: a whole number within the bounds the server checks."""
+    def parse(value: str) -> int:
+        number = _positive_int(value)
+        problem = policy_value_problem(field, number)
+        if problem:
+            raise argparse.ArgumentTypeError(f"invalid value {value[:24]!r}: {problem}")
+        return number
+    return parse
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """`--bandwidth -5M` as `--bandwidth=-5M`: argparse would take '-5M' for an option and say
+    "expected one argument"; glued, the option's own check names the bad value. No option of
+    orchctl starts with a dash and a digit."""
+    glued: list[str] = []
+    for token in argv:
+        if glued and glued[-1].startswith("--") and "=" not in glued[-1] and re.match(r"^-[\d.]", token):
+            glued[-1] = f"{glued[-1]}={token}"
+        else:
+            glued.append(token)
+    return glued
 
 
 def _positive_int(value: str) -> int:
@@ -239,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("migrate", "start a live migration of a controller")
     p.add_argument("controller", metavar="CONTROLLER", help="controller id")
     p.add_argument("--to", metavar="NODE", default="", help="destination node (default: scheduler picks)")
-    p.add_argument("--max-downtime-ms", metavar="N", type=_positive_int, help="downtime budget (ms)")
-    p.add_argument("--max-rounds", metavar="N", type=_positive_int, help="dirty rounds before giving up")
+    p.add_argument("--max-downtime-ms", metavar="N", type=_policy_int("max_downtime_ms"),
+                   help=f"downtime budget (ms, at most {MAX_DOWNTIME_MS})")
+    p.add_argument("--max-rounds", metavar="N", type=_policy_int("max_rounds"),
+                   help=f"dirty rounds before giving up (at most {MAX_ROUNDS})")
     p.add_argument(
         "--bandwidth",
         metavar="BYTES_PER_S",
@@ -912,7 +941,7 @@ def _stdout_console() -> Console:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_glue_negative_values(sys.argv[1:] if argv is None else argv))
     if args.command != "demo" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     ctx = Context(args=args, extra=extra, out=_stdout_console(), err=Console(stderr=True, highlight=False))

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from cluster import names
+from cluster.policy_limits import policy_value_problem
 from cluster.records import RUNNING, ControllerRecord, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import scheduler, tracing
@@ -79,6 +80,9 @@ def policy_from_request(msg: migration_pb2.ConvergencePolicy) -> Policy:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"policy.{field} must be greater than 0, got {value}; leave it unset for "
                               f"the default")
+            problem = policy_value_problem(field, value)
+            if problem:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"policy.{problem}")
             values[field] = value
     action = _ON_NO_CONVERGENCE.get(msg.on_no_convergence)
     if action is None:
@@ -127,7 +131,7 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
         try:
             return await coro
         except Refused as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, names.bounded(exc.message))
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}; retry shortly")
 
@@ -221,6 +225,10 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     async def ListMigrations(self, request: migration_pb2.ListMigrationsRequest,
                              context: grpc.aio.ServicerContext) -> migration_pb2.ListMigrationsResponse:
         async def list_jobs() -> migration_pb2.ListMigrationsResponse:
+            if request.controller_id:
+                problem = names.controller_id_problem(request.controller_id)
+                if problem:
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
             jobs = [Job.from_bytes(v.value) for v in await self.store.list_jobs()]
             jobs = [j for j in jobs if (not request.active_only or not j.terminal)
                     and (not request.controller_id or j.controller_id == request.controller_id)]
@@ -233,7 +241,7 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
         try:
             job, revision = await self._job(request.id)
         except Refused as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, names.bounded(exc.message))
             return
         yield migration_pb2.MigrationEvent(migration=job_to_message(job))
         while not job.terminal:

@@ -72,7 +72,7 @@ class EvacuationRpcs:
         try:
             return await coro
         except _Refusal as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, names.bounded(exc.message))
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd is unavailable: {exc}; retry shortly")
         raise AssertionError("unreachable: context.abort raises")

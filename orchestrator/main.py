@@ -37,6 +37,7 @@ from orchestrator.job_collector import JobCollector
 from orchestrator.job_retention import DEFAULT_KEEP_COUNT, DEFAULT_RETENTION_S, Retention
 from orchestrator.kube import EvacuationRequest, KubeEvacuations, KubeNodes
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
+from orchestrator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
 from orchestrator.verifier import Verifier
@@ -162,7 +163,8 @@ async def serve(args: argparse.Namespace) -> int:
     store = EtcdStore(args.etcd_config, prefix=args.etcd_prefix)
     await store.connect()
     settings = RunnerSettings(agent_call_budget_s=args.agent_call_budget_s, job_deadline_s=args.job_deadline_s,
-                              etcd_check_timeout_s=args.etcd_check_timeout_s)
+                              etcd_check_timeout_s=args.etcd_check_timeout_s,
+                              progress_timeout_s=args.progress_timeout_s)
     kube_nodes = None
     if args.kube_api or args.kubeconfig:
         try:
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"--lease-ttl-s + {GRACE_OVER_LEASE_TTL_S:.0f} s; agents should use the same TTL)")
     parser.add_argument("--job-deadline-s", type=float, default=3600.0,
                         help="a job not committed by then rolls back")
+    parser.add_argument("--progress-timeout-s", type=float, default=DEFAULT_PROGRESS_TIMEOUT_S,
+                        help="a job whose copy moves no byte for this long rolls back, not waiting for "
+                             f"--job-deadline-s (default {DEFAULT_PROGRESS_TIMEOUT_S:.0f})")
     parser.add_argument("--etcd-check-timeout-s", type=float, default=1.0,
                         help="etcd must answer a check this fast right before a guest pauses for stop-and-copy "
                              "and right before COMMIT; otherwise the guest is not paused, or resumes on the source")
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         args.etcd_config = etcd_config.config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s"):
+    for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s",
+                 "progress_timeout_s"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be greater than 0, got {getattr(args, flag)}")
     if args.node_grace_s is not None and args.node_grace_s < 0:

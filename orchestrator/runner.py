@@ -30,6 +30,7 @@ from orchestrator import convergence, recovery, scheduler
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch, Stub
 from orchestrator.jobs import BEFORE_COMMIT, Job, Phase
 from orchestrator.observer import JobObserver
+from orchestrator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S, ProgressWatch
 from orchestrator.recovery import Action, Failure, FailureKind
 from proto.v1 import agent_pb2
 
@@ -38,6 +39,7 @@ T = TypeVar("T")
 
 STATE_FORMAT_VERSION = 1
 PROGRESS_INTERVAL_S = 0.5
+NO_PROGRESS = "no progress"  # how the reason of a job rolled back by the progress timeout begins
 PROBE_BUDGET_S = 3.0
 # After the source resumed for want of etcd, the rolled-back job is written once etcd answers
 # again (within this long; past it a later pass finds the source aborted and rolls back anyway).
@@ -63,6 +65,8 @@ class RunnerSettings:
     # How long etcd may take to answer the checks right before the guest pauses and right before
     # COMMIT is sent: the guest's blackout must not wait on an etcd that is out.
     etcd_check_timeout_s: float = 1.0
+    # A transfer step whose bytes stop moving this long rolls the job back (orchestrator/progress_watch.py).
+    progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
 
 
 class Superseded(Exception):
@@ -96,6 +100,7 @@ class JobRunner:
         self._loaded_at = monotonic()
         self._opened_phase: tuple[int, float] | None = None  # (index, monotonic start) of a phase we entered
         self.observer = JobObserver(job_id, epoch)  # trace, metrics and log context of the job
+        self.progress = ProgressWatch(self.settings.progress_timeout_s)
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class JobRunner:
             raise StepFailed(await self._failure(role, exc, silent_for_s=budget_s)) from exc
 
     async def _long_call(self, role: str, what: str, fn: Callable[[Stub, float], Awaitable[T]]) -> T:
+        self.progress.step_started(self.monotonic())
         try:
             return await self.agents.long_call(self._node(role), what, fn,
                                                silence_budget_s=self.settings.agent_call_budget_s,
@@ -221,6 +227,11 @@ class JobRunner:
                                             lambda s: s.GetSession(self._ref(), timeout=2.0), budget_s=2.0)
         except (AgentUnreachable, AgentRefused, StaleEpoch):
             return  # progress is best effort; the transfer call itself reports a lost source
+        stalled_s = self.progress.observe(int(status.bytes_sent), self.monotonic())
+        if stalled_s is not None and self.j.phase in BEFORE_COMMIT:
+            raise StepFailed(Failure(FailureKind.STEP_FAILED, f"{NO_PROGRESS}: no byte moved for {stalled_s:.0f} s "
+                                     f"(--progress-timeout-s {self.settings.progress_timeout_s:g}) at "
+                                     f"{int(status.bytes_sent)} bytes sent"))
         job = self.j.progressed(int(status.bytes_sent), self._now())
         if job is not self.j:
             await self._save(job)

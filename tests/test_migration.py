@@ -141,6 +141,16 @@ def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: 
     ({"controller_id": "c5", "policy": {"max_rounds": -3}}, grpc.StatusCode.INVALID_ARGUMENT, "got -3"),
     ({"controller_id": "c5", "policy": {"bandwidth_bytes_per_s": -1}}, grpc.StatusCode.INVALID_ARGUMENT,
      "bandwidth_bytes_per_s"),
+    # absurd values: bounded, and a huge name is echoed as a prefix (not RESOURCE_EXHAUSTED)
+    ({"controller_id": "c5", "policy": {"max_downtime_ms": 2_000_001}}, grpc.StatusCode.INVALID_ARGUMENT,
+     "max_downtime_ms 2000001 is out of range: give 1 to 2000000 ms"),
+    ({"controller_id": "c5", "policy": {"max_rounds": 2**62}}, grpc.StatusCode.INVALID_ARGUMENT,
+     "give 1 to 10000 rounds"),
+    ({"controller_id": "c5", "policy": {"bandwidth_bytes_per_s": 1}}, grpc.StatusCode.INVALID_ARGUMENT,
+     "below the floor of 65536 bytes/s"),
+    ({"controller_id": "x" * 20_000}, grpc.StatusCode.INVALID_ARGUMENT, "... (20000 characters) is malformed"),
+    ({"controller_id": "c5", "destination_node": "n" * 20_000}, grpc.StatusCode.INVALID_ARGUMENT,
+     "(20000 characters)"),
 ])
 def test_bad_migration_requests_are_refused_and_write_nothing(
         bad_input_cluster: LocalCluster, request_fields: dict[str, object], code: grpc.StatusCode,
