@@ -69,7 +69,8 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     data_host, data_port = args.data_listen or (listen_host, 0)
     host = Host(args.name, store, Path(args.data_dir), hosting, f"{advertise}:{port}",
                 data_host, data_port, args.lease_ttl_s)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentApi(host), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentApi(host, allow_fault_injection=args.allow_fault_injection), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
                         help="nvme-passthru, repeated: a VF the agent may use for a controller, by its controller "
                              "id, its namespace id and that namespace's block device on the PF, e.g. "
                              "3:3:/dev/nvme0n3; a controller takes a free slot of exactly its size")
+    parser.add_argument("--allow-fault-injection", action="store_true",
+                        help="tests only: take InjectFault calls (corrupt a data-plane frame, stall the agent, set "
+                             "the emulated drive's health); without it they are refused")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")

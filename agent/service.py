@@ -66,8 +66,9 @@ def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, *, allow_fault_injection: bool = False) -> None:
         self.host = host
+        self.allow_fault_injection = allow_fault_injection  # InjectFault: tests only
 
     async def _guard(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         try:
@@ -306,6 +307,10 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
 
     async def InjectFault(self, request: agent_pb2.InjectFaultRequest,
                           context: grpc.aio.ServicerContext) -> agent_pb2.InjectFaultResponse:
+        if not self.allow_fault_injection:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "fault injection is off on this agent: it corrupts data-plane frames and stalls the "
+                                "agent, so only an agent started with --allow-fault-injection (tests) takes it")
         if request.corrupt_frame < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"corrupt_frame {request.corrupt_frame} must be >= 0")

@@ -138,6 +138,7 @@ class LocalCluster:
     etcd_members: list[Proc] = field(default_factory=list)  # every etcd process this cluster started
     _owns_workdir: bool = True
     env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
+    allow_fault_injection: bool = False  # agents take InjectFault (tests that inject faults)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
@@ -322,7 +323,8 @@ class LocalCluster:
                 *command_prefix, sys.executable, "-m", module, "--name", name, "--etcd", self.etcd_endpoint,
                 "--etcd-prefix", self.etcd_prefix, "--listen", f"{listen_host or self.host}:0",
                 "--data-dir", str(self.agent_data_dir(name)), "--lease-ttl-s", str(self.lease_ttl_s),
-                *(["--capacity", capacity] if capacity is not None else []), *extra_args,
+                *(["--capacity", capacity] if capacity is not None else []),
+                *(["--allow-fault-injection"] if self.allow_fault_injection else []), *extra_args,
             ]
             if listen_host:
                 argv += ["--advertise-host", listen_host]

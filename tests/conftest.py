@@ -107,7 +107,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 def cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
     """One orchestrator + agents n1, n2, n3 on the shared etcd under this test's prefix; every
     process stopped by pid afterwards."""
-    with LocalCluster() as c:
+    with LocalCluster(allow_fault_injection=True) as c:
         c.use_etcd(shared_etcd, etcd_prefix)
         c.start_with_agents(["n1", "n2", "n3"])
         yield c

@@ -17,7 +17,7 @@ import pytest
 from orchctl.localcluster import LocalCluster
 from orchestrator.progress_watch import ProgressWatch
 from orchestrator.runner import NO_PROGRESS
-from proto.v1 import migration_pb2
+from proto.v1 import agent_pb2, migration_pb2
 from tests.clusterprobe import TERMINAL, create_controller, migrate, owners, running_on, verify, wait_phase
 from tests.conftest import etcdctl
 
@@ -109,3 +109,21 @@ def test_a_copy_that_stops_moving_rolls_back_after_the_progress_timeout(stalling
     assert running_on(cluster, "s1", ["n1", "n2"]) == ["n1"]
     result = verify(cluster, "n1", "s1")
     assert result.ok, result.first_mismatch
+
+
+def test_fault_injection_is_refused_without_the_test_flag(bad_input_cluster: LocalCluster) -> None:
+    channel, n1 = bad_input_cluster.agent_stub("n1")
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        n1.InjectFault(agent_pb2.InjectFaultRequest(corrupt_frame=1), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert "--allow-fault-injection" in caught.value.details()  # type: ignore[attr-defined]
+
+
+def test_orchctl_pointed_at_the_http_port_leaves_no_traceback(bad_input_cluster: LocalCluster) -> None:
+    orchestrator = bad_input_cluster.orchestrators[0]
+    done = subprocess.run([sys.executable, "-m", "orchctl.cli", "--server", orchestrator.http_address, "list"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "cannot reach the orchestrator" in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" not in orchestrator.log_path.read_text(errors="replace")

@@ -23,7 +23,7 @@ DEADLINE_S = 300.0
 
 @pytest.fixture
 def health_cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
-    with LocalCluster() as c:
+    with LocalCluster(allow_fault_injection=True) as c:
         c.use_etcd(shared_etcd, etcd_prefix)
         c.start_orchestrator("orch-1", extra_args=[*LIMIT_ARGS, "--auto-evacuate-max", "1"])
         c.start_agents(["n1", *OTHERS])
@@ -91,7 +91,7 @@ def check_emptied_within_the_limits(c: LocalCluster, ev: dict[str, Any]) -> None
 
 
 def test_the_automatic_evacuation_survives_the_leader_being_killed(shared_etcd: str, etcd_prefix: str) -> None:
-    with LocalCluster() as c:
+    with LocalCluster(allow_fault_injection=True) as c:
         c.use_etcd(shared_etcd, etcd_prefix)
         for name in ("orch-1", "orch-2"):
             c.start_orchestrator(name, extra_args=[*LIMIT_ARGS, "--auto-evacuate-max", "1"])
