@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -33,6 +34,7 @@ from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
+from cluster.grpc_tls import TlsFiles
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from proto.v1 import agent_pb2, agent_pb2_grpc
@@ -65,8 +67,10 @@ def _worth_publishing(published: NodeRecord, current: NodeRecord) -> bool:
 
 class Host:
     def __init__(self, name: str, store: EtcdStore, data_dir: Path, hosting: ControllerHosting,
-                 address: str, data_host: str, data_port: int, lease_ttl_s: int) -> None:
+                 address: str, data_host: str, data_port: int, lease_ttl_s: int, *,
+                 tls: TlsFiles | None = None) -> None:
         self.name = name
+        self.tls = tls  # mutual TLS: how this agent reaches its peers' gRPC (and proves it is `name`)
         self.store = store
         self.data_dir = data_dir
         self.hosting = hosting
@@ -96,7 +100,8 @@ class Host:
     async def await_name_free(self) -> None:
         """Waits until no other agent holds this node's name (one that crashed: its lease runs
         out); raises NodeNameHeld if one that answers does. Called before this agent serves."""
-        await await_name_free(self.store, self.name, _node_answering_at)
+        await await_name_free(self.store, self.name, functools.partial(_node_answering_at, tls=self.tls,
+                                                                       node=self.name))
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -640,11 +645,14 @@ class Host:
 NAME_PING_TIMEOUT_S = 1.0
 
 
-async def _node_answering_at(address: str) -> str | None:
-    """The node name the agent at `address` gives, None when nothing answers there."""
+async def _node_answering_at(address: str, *, tls: TlsFiles | None = None, node: str = "") -> str | None:
+    """The node name the agent at `address` gives, None when nothing answers there. With TLS, only
+    an agent holding `node`'s certificate can answer."""
     if not address:
         return None
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = grpc.aio.insecure_channel(address) if tls is None else grpc.aio.secure_channel(
+        address, tls.channel_credentials(), options=[("grpc.ssl_target_name_override", node)])
+    async with channel:
         try:
             info = await agent_pb2_grpc.AgentServiceStub(channel).GetInfo(agent_pb2.GetInfoRequest(),
                                                                          timeout=NAME_PING_TIMEOUT_S)

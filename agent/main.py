@@ -28,7 +28,8 @@ from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.host import Host
 from agent.node_lease import NodeNameHeld
 from agent.service import AgentApi
-from cluster import etcd_config, logs, names, telemetry
+from cluster import etcd_config, grpc_tls, logs, names, telemetry
+from cluster.identity import Identity, Role
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, prefix_problem
@@ -58,17 +59,19 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     store = EtcdStore(args.etcd_config, prefix=args.etcd_prefix)
     await store.connect()
     # Undecodable requests answered INVALID_ARGUMENT first; with tracing on, a span per call.
-    server = grpc.aio.server(interceptors=[MalformedRequests(), *telemetry.server_interceptors()])
+    # With TLS, calls are authorized first (only the orchestrator commands an agent).
+    server = grpc.aio.server(interceptors=[*grpc_tls.server_interceptors(args.tls), MalformedRequests(),
+                                           *telemetry.server_interceptors()])
     listen_host, _ = args.listen
     try:
-        port = server.add_insecure_port(f"{listen_host}:{args.listen[1]}")
+        port = grpc_tls.add_port(server, f"{listen_host}:{args.listen[1]}", args.tls)
     except RuntimeError as exc:
         print(f"error: cannot listen on {listen_host}:{args.listen[1]}: {exc}", file=sys.stderr)
         return 2
     advertise = args.advertise_host or listen_host
     data_host, data_port = args.data_listen or (listen_host, 0)
     host = Host(args.name, store, Path(args.data_dir), hosting, f"{advertise}:{port}",
-                data_host, data_port, args.lease_ttl_s)
+                data_host, data_port, args.lease_ttl_s, tls=args.tls)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(
         AgentApi(host, allow_fault_injection=args.allow_fault_injection), server)
     health_servicer = health.aio.HealthServicer()
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
     parser = argparse.ArgumentParser(prog="nvmigrate-agent", description="NVMe live-migration agent (one per host)")
     parser.add_argument("--name", required=True, help="node name, e.g. n1")
     etcd_config.add_etcd_arguments(parser)
+    grpc_tls.add_tls_arguments(parser)
     parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
                         help="every etcd key of this cluster lives under it, so clusters can share an etcd "
                              f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
@@ -151,8 +155,13 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
     try:
         args.etcd_config = etcd_config.config_from_args(args)
+        args.tls = grpc_tls.tls_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.tls is not None and args.tls.identity != Identity(Role.AGENT, args.name):
+        # an agent registers only under the node its certificate names
+        parser.error(f"--tls-cert names {args.tls.identity}, but this agent is --name {args.name}: an agent runs "
+                     f"only as the node its certificate names; give agent/{args.name}'s certificate")
     if telemetry.config_problem():  # the OTEL_* environment variables
         parser.error(str(telemetry.config_problem()))
     problem = backends.device_problem(args.backend, args.device, access)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,13 +38,15 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from cluster.identity import Identity, Role
 from cluster.policy_limits import MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
-from orchctl import render
+from orchctl import certs, render
 from orchctl.client import (
     DEFAULT_TIMEOUT_S,
     ENV_SERVER,
     ClientConfig,
     OrchestratorClient,
+    TLSConfig,
     default_server,
 )
 from proto.v1 import migration_pb2
@@ -238,6 +241,15 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top_level: bool, wit
         default=default("table"),
         help="output format (default: table)",
     )
+    for flag, what in (("ca", "the cluster's CA certificate"), ("cert", "your certificate (`orchctl certs`)"),
+                       ("key", "its private key")):
+        variable = f"ORCHCTL_TLS_{flag.upper()}"
+        group.add_argument(f"--tls-{flag}", metavar="FILE", default=default(os.environ.get(variable, "")),
+                           help=f"mutual TLS to the orchestrator: {what} ($ORCHCTL_TLS_{flag.upper()})")
+    group.add_argument("--tls-server-name", metavar="NAME",
+                       default=default(os.environ.get("ORCHCTL_TLS_SERVER_NAME", "")),
+                       help="the name to check the orchestrator's certificate against, when not the --server host "
+                            "(a port-forward)")
     if not with_timeout:
         return
     group.add_argument(
@@ -343,6 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(handler=cmd_controllers_delete)
     # ---- end controllers ----
 
+    p = command("certs", "make a cluster's CA and the certificates of its identities (mutual TLS)")
+    certs_actions = p.add_subparsers(dest="certs_action", metavar="ACTION", required=True)
+    a = certs_actions.add_parser("init", help="a new CA in DIR, and certificates for the orchestrator, the agents, "
+                                              "operators and viewers")
+    a.add_argument("dir", metavar="DIR", type=Path, help="where the files go (made if missing)")
+    a.add_argument("--node", action="append", default=[], metavar="NAME", help="an agent's node name (repeat)")
+    a.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                   help="a name or IP clients reach the orchestrator at (repeat; localhost and 127.0.0.1 always)")
+    a.add_argument("--operator", action="append", default=None, metavar="NAME",
+                   help="an operator identity (repeat; default: one named admin)")
+    a.add_argument("--viewer", action="append", default=None, metavar="NAME",
+                   help="a read-only identity (repeat; default: one named viewer)")
+    a.set_defaults(handler=cmd_certs_init)
+    a = certs_actions.add_parser("issue", help="one more certificate from DIR's CA")
+    a.add_argument("dir", metavar="DIR", type=Path, help="the directory `certs init` made")
+    a.add_argument("--role", required=True, choices=[r.value for r in Role], help="what the identity may do")
+    a.add_argument("--name", required=True, help="its name: for an agent, its node name")
+    a.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                   help="a name or IP it serves at (orchestrator; repeat)")
+    a.set_defaults(handler=cmd_certs_issue)
+
     for verb, what in (("cordon", "take no new controllers (never chosen as a destination)"),
                        ("uncordon", "take controllers again")):
         p = command(verb, f"mark a node so it will {what}")
@@ -435,8 +468,23 @@ class Context:
 
     def client(self) -> OrchestratorClient:
         if self._client is None:
-            self._client = OrchestratorClient(ClientConfig(server=self.server, timeout_s=self.args.timeout))
+            self._client = OrchestratorClient(ClientConfig(server=self.server, timeout_s=self.args.timeout,
+                                                           tls=self.tls()))
         return self._client
+
+    def tls(self) -> TLSConfig | None:
+        given = {flag: getattr(self.args, f"tls_{flag}", "") for flag in ("ca", "cert", "key")}
+        if not any(given.values()):
+            return None
+        missing = [f"--tls-{flag}" for flag, value in given.items() if not value]
+        if missing:
+            raise CliError(f"--tls-ca, --tls-cert and --tls-key go together (the orchestrator wants a client "
+                           f"certificate); {' and '.join(missing)} missing", EXIT_USAGE)
+        for flag, value in given.items():
+            if not os.access(value, os.R_OK):
+                raise CliError(f"--tls-{flag} {value}: cannot read it; give a readable file", EXIT_USAGE)
+        return TLSConfig(ca_file=Path(given["ca"]), cert_file=Path(given["cert"]), key_file=Path(given["key"]),
+                         server_name=self.args.tls_server_name or None)
 
     def close(self) -> None:
         if self._client is not None:
@@ -657,6 +705,34 @@ def _version() -> str:
         return metadata.version("nvmigrate")
     except metadata.PackageNotFoundError:
         return "0+unknown"  # running from a source tree that was never installed
+
+
+def _print_issued(ctx: Context, issued: list[certs.Issued]) -> None:
+    if ctx.json:
+        ctx.print_json([{"identity": str(i.identity), "cert": str(i.cert), "key": str(i.key)} for i in issued])
+        return
+    for i in issued:
+        ctx.out.print(f"{i.identity}: {i.cert} {i.key}", markup=False, highlight=False)
+
+
+def cmd_certs_init(ctx: Context) -> int:
+    try:
+        issued = certs.init_cluster(ctx.args.dir, ctx.args.node, ctx.args.host,
+                                    ctx.args.operator if ctx.args.operator is not None else ["admin"],
+                                    ctx.args.viewer if ctx.args.viewer is not None else ["viewer"])
+    except (certs.CertsError, OSError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    _print_issued(ctx, issued)
+    return EXIT_OK
+
+
+def cmd_certs_issue(ctx: Context) -> int:
+    try:
+        issued = certs.issue(ctx.args.dir, Identity(Role(ctx.args.role), ctx.args.name), tuple(ctx.args.host))
+    except (certs.CertsError, OSError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    _print_issued(ctx, [issued])
+    return EXIT_OK
 
 
 def cmd_version(ctx: Context) -> int:

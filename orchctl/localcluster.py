@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.identity import Identity, Role
 from cluster.store import DEFAULT_PREFIX, prefix_problem
+from orchctl import certs
 from proto.v1 import agent_pb2_grpc, migration_pb2, migration_pb2_grpc
 
 T = TypeVar("T")
@@ -139,6 +141,10 @@ class LocalCluster:
     _owns_workdir: bool = True
     env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
     allow_fault_injection: bool = False  # agents take InjectFault (tests that inject faults)
+    # Mutual TLS on every gRPC port: a directory `orchctl certs init` made (agents' certificates
+    # are issued on demand). This cluster's own calls act as operator/admin to the orchestrator
+    # and as the orchestrator to agents.
+    tls_dir: Path | None = None
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
@@ -257,7 +263,8 @@ class LocalCluster:
         proc = self._spawn(name, [
             sys.executable, "-m", "orchestrator.main", "--etcd", self.etcd_endpoint, "--etcd-prefix", self.etcd_prefix,
             "--listen", f"{self.host}:{port}", "--name", name, "--lease-ttl-s", str(self.lease_ttl_s),
-            "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http, *(extra_args or []),
+            "--agent-call-budget-s", str(self.agent_call_budget_s), "--http", http,
+            *self.tls_args(Identity(Role.ORCHESTRATOR, "orchestrator")), *(extra_args or []),
         ], env)
         proc.http_address = http
         proc.address = f"{self.host}:{port}"  # type: ignore[attr-defined]
@@ -278,9 +285,8 @@ class LocalCluster:
         self._await_orchestrator(orchestrator, timeout_s)
         self._await_agents(started, timeout_s)
 
-    @staticmethod
-    def _healthy(address: str) -> bool:
-        with grpc.insecure_channel(address) as channel:
+    def _healthy(self, address: str) -> bool:
+        with self.channel(address, Identity(Role.VIEWER, "viewer")) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             except grpc.RpcError:
@@ -288,8 +294,33 @@ class LocalCluster:
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def migration_stub(self) -> tuple[grpc.Channel, migration_pb2_grpc.MigrationServiceStub]:
-        channel = grpc.insecure_channel(self.orchestrator_address)
+        channel = self.channel(self.orchestrator_address, Identity(Role.OPERATOR, "admin"))
         return channel, migration_pb2_grpc.MigrationServiceStub(channel)
+
+    # ---- TLS --------------------------------------------------------------------------------
+
+    def tls_files(self, identity: Identity) -> tuple[Path, Path, Path]:
+        """(CA, certificate, key) of `identity` in tls_dir, issued now if it has none yet."""
+        assert self.tls_dir is not None
+        stem = certs.file_stem(identity)
+        if not (self.tls_dir / f"{stem}.pem").exists():
+            certs.issue(self.tls_dir, identity)
+        return self.tls_dir / "ca.pem", self.tls_dir / f"{stem}.pem", self.tls_dir / f"{stem}.key"
+
+    def tls_args(self, identity: Identity) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        ca, cert, key = self.tls_files(identity)
+        return ["--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+
+    def channel(self, address: str, identity: Identity, server_name: str = "") -> grpc.Channel:
+        """A channel to `address`, as `identity` when TLS is on; `server_name`: the name the
+        server's certificate must carry (an agent's node name), if not the address's host."""
+        if self.tls_dir is None:
+            return grpc.insecure_channel(address)
+        ca, cert, key = (path.read_bytes() for path in self.tls_files(identity))
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert), options=options)
 
     # ---- agents -----------------------------------------------------------------------------
 
@@ -324,7 +355,8 @@ class LocalCluster:
                 "--etcd-prefix", self.etcd_prefix, "--listen", f"{listen_host or self.host}:0",
                 "--data-dir", str(self.agent_data_dir(name)), "--lease-ttl-s", str(self.lease_ttl_s),
                 *(["--capacity", capacity] if capacity is not None else []),
-                *(["--allow-fault-injection"] if self.allow_fault_injection else []), *extra_args,
+                *(["--allow-fault-injection"] if self.allow_fault_injection else []),
+                *self.tls_args(Identity(Role.AGENT, name)), *extra_args,
             ]
             if listen_host:
                 argv += ["--advertise-host", listen_host]
@@ -361,7 +393,7 @@ class LocalCluster:
         node = self.node(name)
         if node is None:
             raise ClusterError(f"agent {name!r} is not registered")
-        channel = grpc.insecure_channel(node.address)
+        channel = self.channel(node.address, Identity(Role.ORCHESTRATOR, "orchestrator"), server_name=name)
         return channel, agent_pb2_grpc.AgentServiceStub(channel)
 
     # ---- teardown ---------------------------------------------------------------------------

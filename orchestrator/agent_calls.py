@@ -31,6 +31,7 @@ import grpc.aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cluster import agent_errors, telemetry
+from cluster.grpc_tls import TlsFiles
 from cluster.store import EtcdError, EtcdStore
 from orchestrator import tracing
 from orchestrator.liveness import Liveness, default_grace_s, judge_node
@@ -97,24 +98,32 @@ class AgentCalls:
     """Channels, addresses and calls to agents. Close it with `close()`."""
 
     def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic, *,
-                 node_grace_s: float = DEFAULT_NODE_GRACE_S) -> None:
+                 node_grace_s: float = DEFAULT_NODE_GRACE_S, tls: TlsFiles | None = None) -> None:
         self.store = store
+        self.tls = tls  # mutual TLS to agents: each must present its node's certificate
         self._clock = clock
         self.node_grace_s = node_grace_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}  # (address, node) -> channel
         self._addresses: dict[str, tuple[str, float]] = {}  # node -> (address, when read): the short cache
         self._last_address: dict[str, str] = {}  # node -> the address it last had, kept while it is missing
         self._missing_since: dict[str, float] = {}  # node -> when its record was first seen missing
 
     # ---- addresses and channels -----------------------------------------------------------
 
-    def stub_at(self, address: str) -> Stub:
-        channel = self._channels.get(address)
+    def stub_at(self, address: str, node: str) -> Stub:
+        """A stub for the agent of `node` at `address`. With TLS the agent there must prove it is
+        `node` (its certificate carries the DNS name `node`): an agent that registered under a
+        name not its own is not believed."""
+        channel = self._channels.get((address, node))
         if channel is None:
             # Tracing on: each call is a span of its job's trace, carried to the agent as traceparent.
-            channel = grpc.aio.insecure_channel(
-                address, interceptors=telemetry.client_interceptors(address, tracing.call_parent))
-            self._channels[address] = channel
+            interceptors = telemetry.client_interceptors(address, tracing.call_parent)
+            if self.tls is None:
+                channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
+            else:
+                channel = grpc.aio.secure_channel(address, self.tls.channel_credentials(), interceptors=interceptors,
+                                                  options=[("grpc.ssl_target_name_override", node)])
+            self._channels[(address, node)] = channel
         return Stub(channel)
 
     async def address(self, node: str) -> str:
@@ -180,7 +189,8 @@ class AgentCalls:
     async def _is_node_at(self, node: str, address: str) -> bool:
         """A direct ping: does `node`'s agent (and not some other process) answer at `address`?"""
         try:
-            info = await self.stub_at(address).GetInfo(agent_pb2.GetInfoRequest(), timeout=LIVENESS_PING_TIMEOUT_S)
+            info = await self.stub_at(address, node).GetInfo(agent_pb2.GetInfoRequest(),
+                                                             timeout=LIVENESS_PING_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
         return bool(info.node == node)
@@ -205,7 +215,7 @@ class AgentCalls:
         `etcd_down`: the caller knows etcd is not answering; the node's last known address is used
         without asking etcd (which would spend the budget waiting)."""
         known = self._last_address.get(node) if etcd_down else None
-        stub = self.stub_at(known or await self.address(node))
+        stub = self.stub_at(known or await self.address(node), node)
         deadline = self._clock() + budget_s
 
         async def attempt_once() -> T:
@@ -242,7 +252,7 @@ class AgentCalls:
         silent_since: float | None = None
         while True:
             try:
-                stub = self.stub_at(await self.address(node))
+                stub = self.stub_at(await self.address(node), node)
             except AgentUnreachable:
                 if silent_since is not None and self._clock() - silent_since > silence_budget_s:
                     raise

@@ -21,7 +21,9 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster import etcd_config, logs, telemetry
+from cluster import etcd_config, grpc_tls, logs, telemetry
+from cluster.grpc_tls import TlsFiles
+from cluster.identity import Role
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
@@ -52,7 +54,8 @@ class Orchestrator:
     def __init__(self, store: EtcdStore, name: str, lease_ttl_s: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, node_grace_s: float | None = None,
                  evacuation_limits: Limits | None = None, health_policy: HealthPolicy | None = None,
-                 kube_nodes: KubeNodes | None = None, retention: Retention | None = None) -> None:
+                 kube_nodes: KubeNodes | None = None, retention: Retention | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.kube_nodes = kube_nodes  # None: Kubernetes Nodes are not watched
         self.settings = settings or RunnerSettings()
         self.health_policy = health_policy  # None: drives predicting a failure start no evacuation
@@ -62,7 +65,7 @@ class Orchestrator:
         self.lease_ttl_s = lease_ttl_s
         self.max_concurrent = max_concurrent
         self.agents = AgentCalls(store, node_grace_s=default_grace_s(lease_ttl_s) if node_grace_s is None
-                                 else node_grace_s)
+                                 else node_grace_s, tls=tls)
         # The leader lease is refreshed from a thread of its own: a loop busy with many jobs must
         # not let it expire (a needless step-down and takeover).
         self.lease_thread = StoreThread(store.config, store.prefix, f"leader-lease-{name}")
@@ -181,8 +184,10 @@ async def serve(args: argparse.Namespace) -> int:
                                 health_policy=None if args.auto_evacuate_max == 0
                                 else HealthPolicy(max_automatic=args.auto_evacuate_max),
                                 kube_nodes=kube_nodes,
-                                retention=Retention(args.job_retention_s, args.job_retention_count))
-    server = grpc.aio.server(interceptors=[MalformedRequests()])  # undecodable requests: INVALID_ARGUMENT
+                                retention=Retention(args.job_retention_s, args.job_retention_count),
+                                tls=args.tls)
+    # With TLS, calls are authorized first; undecodable requests get INVALID_ARGUMENT
+    server = grpc.aio.server(interceptors=[*grpc_tls.server_interceptors(args.tls), MalformedRequests()])
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(orchestrator.api, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -190,7 +195,7 @@ async def serve(args: argparse.Namespace) -> int:
                      reflection.SERVICE_NAME, health.SERVICE_NAME)
     reflection.enable_server_reflection(service_names, server)
     try:
-        port = server.add_insecure_port(args.listen)
+        port = grpc_tls.add_port(server, args.listen, args.tls)
     except RuntimeError as exc:
         print(f"error: cannot listen on {args.listen!r}: {exc}", file=sys.stderr)
         return 2
@@ -230,6 +235,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nvmigrate-orchestrator", description="NVMe live-migration orchestrator")
     etcd_config.add_etcd_arguments(parser)
+    grpc_tls.add_tls_arguments(parser)
     parser.add_argument("--etcd-prefix", default=os.environ.get("NVMIGRATE_ETCD_PREFIX", DEFAULT_PREFIX),
                         help="every etcd key of this cluster lives under it, so clusters can share an etcd "
                              f"(default: $NVMIGRATE_ETCD_PREFIX, else {DEFAULT_PREFIX})")
@@ -290,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--etcd-prefix (or NVMIGRATE_ETCD_PREFIX): {problem}")
     try:
         args.etcd_config = etcd_config.config_from_args(args)
+        args.tls = grpc_tls.tls_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.tls is not None and args.tls.identity.role is not Role.ORCHESTRATOR:
+        parser.error(f"--tls-cert names {args.tls.identity}, not an orchestrator; give the orchestrator's "
+                     "certificate (`orchctl certs` makes it)")
     for flag in ("agent_call_budget_s", "job_deadline_s", "etcd_check_timeout_s", "job_retention_s",
                  "progress_timeout_s"):
         if getattr(args, flag) <= 0:

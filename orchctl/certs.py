@@ -1,0 +1,139 @@
+"""`orchctl certs`: a cluster's certificate authority and the certificates of its identities.
+
+  orchctl certs init DIR --node n1 --node n2 [--host orch.example.com] [--operator alice] [--viewer bob]
+  orchctl certs issue DIR --role agent --name n3
+
+`init` makes DIR/ca.pem (and ca.key), then one certificate and key per identity:
+orchestrator.pem (its DNS names and IPs from --host, plus localhost and 127.0.0.1), agent-NODE.pem
+per --node (carrying the DNS name NODE, which peers check), operator-NAME.pem and viewer-NAME.pem.
+Each names its identity as the URI nvmigrate://ROLE/NAME (cluster/identity.py). Keys are ECDSA
+P-256, written 0600; an existing file is never overwritten. `issue` adds one more with the same CA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import names
+from cluster.identity import Identity, Role
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+
+
+class CertsError(Exception):
+    """A request `orchctl certs` cannot carry out; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    identity: Identity
+    cert: Path
+    key: Path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise CertsError(f"{path} exists already; certificates are never overwritten: remove it first, "
+                         "or use another directory") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _key_pem(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
+                             serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def file_stem(identity: Identity) -> str:
+    return "orchestrator" if identity.role is Role.ORCHESTRATOR else f"{identity.role}-{identity.name}"
+
+
+def init_ca(directory: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nvmigrate cluster CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .sign(key, hashes.SHA256()))
+    _write_new(directory / "ca.key", _key_pem(key), 0o600)
+    _write_new(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> Issued:
+    """A certificate for `identity`, signed by DIR's CA, with `hosts` (DNS names or IPs) as
+    names a client may check; an agent's always carries its node name."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    problem = names.node_name_problem(identity.name)
+    if problem:
+        raise CertsError(problem.replace("node name", f"{identity.role} name"))
+    try:
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertsError(f"no usable CA in {directory} ({exc}); run `orchctl certs init {directory}` first") from None
+    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    dns = list(hosts)
+    if identity.role is Role.AGENT:
+        dns.insert(0, identity.name)
+    for host in dict.fromkeys(dns):
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity))]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    stem = file_stem(identity)
+    issued = Issued(identity, directory / f"{stem}.pem", directory / f"{stem}.key")
+    _write_new(issued.key, _key_pem(key), 0o600)
+    _write_new(issued.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return issued
+
+
+def init_cluster(directory: Path, nodes: list[str], hosts: list[str], operators: list[str],
+                 viewers: list[str]) -> list[Issued]:
+    if (directory / "ca.pem").exists():
+        raise CertsError(f"{directory} already holds a CA; add identities with `orchctl certs issue {directory}`")
+    if not nodes:
+        raise CertsError("give the agents' node names, e.g. --node n1 --node n2 (more later with `orchctl certs "
+                         "issue`)")
+    init_ca(directory)
+    issued = [issue(directory, Identity(Role.ORCHESTRATOR, "orchestrator"),
+                    tuple(dict.fromkeys([*hosts, "localhost", "127.0.0.1"])))]
+    issued += [issue(directory, Identity(Role.AGENT, node)) for node in nodes]
+    issued += [issue(directory, Identity(Role.OPERATOR, name)) for name in operators]
+    issued += [issue(directory, Identity(Role.VIEWER, name)) for name in viewers]
+    return issued
