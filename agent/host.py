@@ -31,7 +31,7 @@ from agent.nbd.server import NbdServer
 from agent.node_lease import NodeLease, await_name_free
 from agent.nvme.smart import SmartLogError, parse_smart_log
 from agent.nvme.state_format import STATE_FORMAT_VERSION
-from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage
+from agent.session_states import ENDED_STAGES, DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
 from cluster.grpc_tls import TlsFiles
@@ -75,6 +75,7 @@ class Host:
         self.data_dir = data_dir
         self.hosting = hosting
         self.address = address
+        self.http_address = ""  # /metrics and the probes, HOST:PORT, when agent.web serves them
         self.lease_ttl_s = lease_ttl_s
         self.receiver = DataReceiver(data_host, data_port)
         self.controllers: dict[str, HostedController] = {}
@@ -260,7 +261,7 @@ class Host:
                           controllers=tuple(sorted(self.controllers)),
                           state_format_version=STATE_FORMAT_VERSION, started_at=self.started_at,
                           data_dir_free_bytes=self.data_dir_free_bytes(), health=self.health,
-                          backend=self.hosting.kind)
+                          backend=self.hosting.kind, http_address=self.http_address)
 
     async def publish(self) -> None:
         """The node record changed: the lease thread writes it (and registers again with it if
@@ -395,8 +396,7 @@ class Host:
     def _moving_job(self, controller_id: str) -> str | None:
         """The job of a migration session here that still holds the controller, if any."""
         for job_id, session in self.sessions.items():
-            if session.controller_id == controller_id and session.current not in (
-                    SourceStage.ABORTED, SourceStage.RELEASED, DestinationStage.ABORTED, DestinationStage.RUNNING):
+            if session.controller_id == controller_id and session.current not in ENDED_STAGES:
                 return job_id
         return None
 

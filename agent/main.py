@@ -24,11 +24,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import backends
+from agent import web as agent_web
 from agent.backends.hosting import ControllerHosting, DeviceAccess, HostingError
 from agent.host import Host
 from agent.node_lease import NodeNameHeld
 from agent.service import AgentApi
 from cluster import etcd_config, grpc_tls, logs, names, telemetry
+from cluster.http_server import parse_http_address
 from cluster.identity import Identity, Role
 from cluster.malformed_grpc import MalformedRequests
 from cluster.ratelimited_log import malformed_input
@@ -77,8 +79,18 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
+        http = await agent_web.start(host, args.http, advertise)  # /metrics, /healthz, /readyz
+    except OSError as exc:
+        print(f"error: cannot serve HTTP on {args.http[0]}:{args.http[1]}: {exc}; pass another --http",
+              file=sys.stderr)
+        await server.stop(grace=None)
+        with contextlib.suppress(Exception):
+            await store.close()
+        return 2
+    try:
         await host.await_name_free()  # before serving: the old holder's address may be ours
     except (EtcdError, NodeNameHeld):
+        await agent_web.stop(http)
         await server.stop(grace=None)
         with contextlib.suppress(Exception):
             await store.close()
@@ -89,6 +101,7 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     except (EtcdError, NodeNameHeld):
         # Tear down what started before main() reports etcd; a server left running would
         # outlive the event loop.
+        await agent_web.stop(http)
         await server.stop(grace=None)
         with contextlib.suppress(Exception):
             await host.stop()
@@ -96,6 +109,7 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
             await store.close()
         raise
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    agent_web.serving(http, True)
     print(f"agent {args.name} serving on {advertise}:{port} data {host.receiver.address}", flush=True)
 
     stop = asyncio.Event()
@@ -103,8 +117,10 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    agent_web.serving(http, False)
     await server.stop(grace=1.0)
     await host.stop()
+    await agent_web.stop(http)
     with contextlib.suppress(Exception):
         await store.close()
     malformed_input.flush()
@@ -144,7 +160,14 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")
+    parser.add_argument("--http", default=os.environ.get(agent_web.HTTP_ENV, agent_web.DEFAULT_HTTP),
+                        metavar="HOST:PORT", help="serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9465 "
+                        f"(port 0: any free port; default: ${agent_web.HTTP_ENV}, else {agent_web.DEFAULT_HTTP})")
     args = parser.parse_args(argv)
+    try:
+        args.http = parse_http_address(args.http)
+    except ValueError as exc:
+        parser.error(f"{exc} (or {agent_web.HTTP_ENV})")
     problem = names.node_name_problem(args.name)
     if problem:
         parser.error(problem)

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cluster.etcd_config import EtcdConfig
@@ -84,6 +85,18 @@ async def await_name_free(store: EtcdStore, name: str, ping: Callable[[str], Awa
         await asyncio.sleep(NAME_POLL_S)
 
 
+@dataclass(frozen=True)
+class LeaseStatus:
+    """What the lease thread last learnt of this node's registration (agent.readiness reads it)."""
+
+    ttl_s: int
+    # time.monotonic() at the start of the last call that found the lease alive and the record
+    # ours (a grant, or a refresh and a look at the key); None while not registered, or once etcd
+    # said the lease or the record is gone.
+    confirmed_at: float | None
+    problem: str  # why the last attempt failed ("" when it did not)
+
+
 class NodeLease:
     def __init__(self, etcd: EtcdConfig, prefix: str, node: str, ttl_s: int) -> None:
         self.ttl_s = ttl_s
@@ -95,6 +108,12 @@ class NodeLease:
         self._held_logged = False
         self._write_lock: asyncio.Lock | None = None  # the lease thread's: one registration at a time
         self.expiries = 0  # how often etcd expired the lease under us
+        # Written on the lease thread, read on the main loop (one attribute each: no torn reads).
+        self._confirmed_at: float | None = None
+        self._problem = ""
+
+    def status(self) -> LeaseStatus:
+        return LeaseStatus(self.ttl_s, self._confirmed_at, self._problem)
 
     async def start(self, record: NodeRecord) -> None:
         """Registers (lease and record) and starts keeping the lease alive; raises EtcdError when
@@ -139,6 +158,8 @@ class NodeLease:
         if self._lease_id:
             with contextlib.suppress(EtcdError):  # expired already, or its key went: let it go
                 await store.revoke_lease(self._lease_id)
+        self._confirmed_at = None
+        started = time.monotonic()
         self._lease_id = await store.grant_lease(self.ttl_s)
         record = self._latest()
         revision = await store.claim_node(record, self._lease_id)
@@ -147,8 +168,11 @@ class NodeLease:
             with contextlib.suppress(EtcdError):
                 await store.revoke_lease(self._lease_id)
             self._lease_id = 0
-            raise held_by_live_agent(holder.record if holder is not None else record)
+            refusal = held_by_live_agent(holder.record if holder is not None else record)
+            self._problem = str(refusal)
+            raise refusal
         self._create_revision = revision
+        self._confirmed_at, self._problem = started, ""
         if self._held_logged:
             log.warning("node name %r registered again", record.name)
         self._held_logged = False
@@ -166,6 +190,7 @@ class NodeLease:
     def _expired(self) -> None:
         log.warning("node lease expired; registering again")
         self.expiries += 1
+        self._confirmed_at, self._problem = None, "etcd expired the node lease"
 
     async def _put_latest(self, store: EtcdStore) -> None:
         async with self._lock():
@@ -188,6 +213,7 @@ class NodeLease:
             await asyncio.sleep(interval_s)
             try:
                 async with self._lock():
+                    started = time.monotonic()
                     if not self._lease_id or not await store.refresh_lease(self._lease_id):
                         if self._lease_id:
                             self._expired()
@@ -195,8 +221,12 @@ class NodeLease:
                     elif await self._record_lost(store):
                         # the lease lives but the record went (deleted by hand): claim it again
                         log.warning("node record missing under a live lease; writing it again")
+                        self._confirmed_at, self._problem = None, "node record missing from etcd"
                         await self._register_again(store)
+                    else:
+                        self._confirmed_at, self._problem = started, ""
             except EtcdError as exc:
+                self._problem = f"etcd did not answer: {exc}"
                 log.warning("etcd unavailable for the node lease, retrying: %s", exc)
 
     async def _record_lost(self, store: EtcdStore) -> bool:
@@ -211,6 +241,7 @@ class NodeLease:
 
     async def stop(self) -> None:
         """Deregisters (revokes the lease: the record goes at once) and stops the thread."""
+        self._confirmed_at, self._problem = None, "the agent is stopping"
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._thread.call(self._revoke), STOP_TIMEOUT_S)
         await asyncio.to_thread(self._thread.stop, STOP_TIMEOUT_S)

@@ -100,6 +100,10 @@ DESTINATION_MOVES: dict[DestinationStage, frozenset[DestinationStage]] = {
 
 Stage = SourceStage | DestinationStage
 
+# A session here has no more work: its controller runs (here again, or there) or its copy is gone.
+ENDED_STAGES: frozenset[Stage] = frozenset({SourceStage.RELEASED, SourceStage.ABORTED, DestinationStage.RUNNING,
+                                            DestinationStage.ABORTED})
+
 
 def move_problem(job_id: str, role: str, current: Stage, target: Stage) -> str | None:
     """Why the session may not go from `current` to `target`, or None when it may."""

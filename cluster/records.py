@@ -43,6 +43,9 @@ class NodeRecord:
     # The backend kind that hosts its controllers (emulated, nvme-passthru, vfio): a controller
     # moves only between nodes of one kind. Empty from agents older than this field (unknown).
     backend: str = ""
+    # Where the agent serves /metrics, /healthz and /readyz (--http), HOST:PORT as peers reach it;
+    # empty when it serves no HTTP, and from agents older than this field.
+    http_address: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -73,7 +73,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
-    http_address: str = ""  # an orchestrator's /metrics and web page, HOST:PORT
+    http_address: str = ""  # an orchestrator's /metrics and web page, an agent's /metrics and probes: HOST:PORT
 
     def exited(self) -> str | None:
         code = self.popen.poll()
@@ -326,28 +326,29 @@ class LocalCluster:
 
     def start_agent(self, name: str, capacity: str | None = "4G", timeout_s: float = 30.0, *,
                     listen_host: str = "", command_prefix: Sequence[str] = (), module: str = "agent.main",
-                    extra_args: Sequence[str] = ()) -> Proc:
+                    extra_args: Sequence[str] = (), http: bool = False) -> Proc:
         """`listen_host` gives the agent its own address (it listens and advertises there);
         `command_prefix` wraps the command, e.g. `ip netns exec NS` to run it in a namespace;
         `module` starts it through another module that takes the agent's flags (a test launcher
-        over a fake device), with `extra_args` added; `capacity` None leaves --capacity out."""
+        over a fake device), with `extra_args` added; `capacity` None leaves --capacity out;
+        `http` serves its /metrics and probes on a free port, at the returned Proc's http_address."""
         (proc,) = self.start_agents([name], capacity, timeout_s, listen_host=listen_host,
-                                    command_prefix=command_prefix, module=module, extra_args=extra_args)
+                                    command_prefix=command_prefix, module=module, extra_args=extra_args, http=http)
         return proc
 
     def start_agents(self, names: Sequence[str], capacity: str | None = "4G", timeout_s: float = 30.0, *,
                      listen_host: str = "", command_prefix: Sequence[str] = (), module: str = "agent.main",
-                     extra_args: Sequence[str] = ()) -> list[Proc]:
+                     extra_args: Sequence[str] = (), http: bool = False) -> list[Proc]:
         """Several agents (flags as `start_agent`): all spawned first, then each awaited, so their
         start-ups overlap."""
         started = self._spawn_agents(names, capacity, listen_host=listen_host, command_prefix=command_prefix,
-                                     module=module, extra_args=extra_args)
+                                     module=module, extra_args=extra_args, http=http)
         self._await_agents(started, timeout_s)
         return [proc for _, proc, _ in started]
 
     def _spawn_agents(self, names: Sequence[str], capacity: str | None = "4G", *, listen_host: str = "",
                       command_prefix: Sequence[str] = (), module: str = "agent.main",
-                      extra_args: Sequence[str] = ()) -> list[tuple[str, Proc, str | None]]:
+                      extra_args: Sequence[str] = (), http: bool = False) -> list[tuple[str, Proc, str | None]]:
         started: list[tuple[str, Proc, str | None]] = []
         for name in names:
             argv = [
@@ -356,7 +357,9 @@ class LocalCluster:
                 "--data-dir", str(self.agent_data_dir(name)), "--lease-ttl-s", str(self.lease_ttl_s),
                 *(["--capacity", capacity] if capacity is not None else []),
                 *(["--allow-fault-injection"] if self.allow_fault_injection else []),
-                *self.tls_args(Identity(Role.AGENT, name)), *extra_args,
+                *self.tls_args(Identity(Role.AGENT, name)),
+                # port 0: the agent says where in its node record, read once it registered
+                *(["--http", f"{listen_host or self.host}:0"] if http else []), *extra_args,
             ]
             if listen_host:
                 argv += ["--advertise-host", listen_host]
@@ -373,10 +376,12 @@ class LocalCluster:
 
     def _await_agents(self, started: list[tuple[str, Proc, str | None]], timeout_s: float) -> None:
         for name, proc, stale in started:
-            wait_for(f"agent {name} to register", self._registered(name, stale), timeout_s, alive=proc.exited)
+            node = wait_for(f"agent {name} to register", self._registered(name, stale), timeout_s,
+                            alive=proc.exited)
+            proc.http_address = node.http_address
 
-    def _registered(self, name: str, stale: str | None) -> Callable[[], bool]:
-        return lambda: (n := self.node(name)) is not None and n.address != stale
+    def _registered(self, name: str, stale: str | None) -> Callable[[], migration_pb2.Node | None]:
+        return lambda: n if (n := self.node(name)) is not None and n.address != stale else None
 
     def nodes(self) -> list[migration_pb2.Node]:
         channel, stub = self.migration_stub()

@@ -492,7 +492,7 @@ def _controller_message(c: ControllerRecord) -> migration_pb2.Controller:
 def _node_message(n: NodeRecord, cordoned: bool) -> migration_pb2.Node:
     return migration_pb2.Node(name=n.name, address=n.address, data_address=n.data_address, live=True,
                               cordoned=cordoned, capacity_bytes=n.capacity_bytes, allocated_bytes=n.allocated_bytes,
-                              controllers=list(n.controllers))
+                              controllers=list(n.controllers), http_address=n.http_address)
 
 
 def phase_of(message: migration_pb2.Migration) -> Phase:

@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from cluster import names
-from cluster.ratelimited_log import malformed_input
+from cluster.http_server import HttpServer, healthz, parse_http_address, prometheus_response
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.jobs import Job
 from orchestrator.metrics import ClusterState
 
+__all__ = ["DEFAULT_HTTP", "WebServer", "job_json", "node_json", "parse_http_address", "start"]  # --http: main
+
 log = logging.getLogger(__name__)
-HTTP_KIND = "http"  # malformed input of this kind is logged at most once per window
 
 UI_DIR = Path(__file__).with_name("webui")
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -61,33 +61,19 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
-class ServerErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's server log: a request that is not HTTP (garbage, a TLS or HTTP/2 hello on this
-    port) goes to the rate-limited log of malformed input as one line; anything else (a handler
-    that raised) is logged as aiohttp would, with its traceback."""
-
-    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError):
-            said = (exc_info.message or type(exc_info).__name__).splitlines()[0][:120]
-            remote = args[0] if args else "?"
-            malformed_input.malformed(HTTP_KIND, "malformed HTTP request from %s: %d %s", remote, exc_info.code, said)
-            return
-        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
-
-
 class WebServer:
     def __init__(self, store: EtcdStore, name: str) -> None:
         self.store = store
         self.name = name
         self.cluster_state = ClusterState(name)
-        self._runner: web.AppRunner | None = None
+        self._server = HttpServer(self.app(), log)
         self._page = (UI_DIR / "index.html").read_text().replace("{{ORCHESTRATOR}}", html.escape(name))
 
     def app(self) -> web.Application:
         app = web.Application()
         app.add_routes([
             web.get("/", self.page), web.get("/jobs/{job_id}", self.page),
-            web.get("/static/{name}", self.static), web.get("/healthz", self.healthz),
+            web.get("/static/{name}", self.static), web.get("/healthz", healthz),
             web.get("/metrics", self.metrics),
             web.get("/api/nodes", self.nodes), web.get("/api/jobs", self.jobs), web.get("/api/jobs/{job_id}", self.job),
         ])
@@ -95,17 +81,10 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> str:
         """Listens; returns the bound HOST:PORT (port 0 picks a free one)."""
-        self._runner = web.AppRunner(self.app(), access_log=None, logger=ServerErrorLog(log))
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound = self._runner.addresses[0]
-        return f"{host}:{bound[1]}"
+        return f"{host}:{await self._server.start(host, port)}"
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._server.stop()
 
     # ---- handlers -------------------------------------------------------------------------
 
@@ -118,13 +97,9 @@ class WebServer:
             return _error(404, f"no static file {name!r}")
         return web.Response(body=(UI_DIR / name).read_bytes(), content_type=STATIC_FILES[name])
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
     async def metrics(self, request: web.Request) -> web.Response:
         await self.cluster_state.refresh(self.store)
-        return web.Response(body=self.cluster_state.exposition(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return prometheus_response(self.cluster_state.exposition())
 
     async def nodes(self, request: web.Request) -> web.Response:
         try:
@@ -157,17 +132,6 @@ class WebServer:
 
 
 DEFAULT_HTTP = "127.0.0.1:9464"
-_OFF = ("", "off", "none")
-
-
-def parse_http_address(text: str) -> tuple[str, int] | None:
-    """`--http`: HOST:PORT to serve on (port 0 picks a free one), or '' / 'off' for no HTTP."""
-    if text.strip().lower() in _OFF:
-        return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--http {text!r} is not HOST:PORT (port 0 picks a free one; 'off' serves no HTTP)")
-    return host.strip("[]"), int(port)
 
 
 async def start(store: EtcdStore, name: str, address: tuple[str, int] | None) -> WebServer | None:

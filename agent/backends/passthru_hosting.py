@@ -36,7 +36,7 @@ from agent.backends.nvme_passthru import NvmeAdminChannel, NvmePassthruControlle
 from agent.controller_errors import ControllerError
 from agent.datadir import write_atomically
 from agent.nvme import commands
-from agent.nvme.migration_driver import MigrationDriver
+from agent.nvme.migration_driver import MigrationDriver, timed_submit
 from agent.nvme.spec import ID_CTRL_OACS, IDENTIFY_BYTES, OACS_HMLMS, SMART_BYTES, LogPageId
 from agent.vfio_states import VfioState
 
@@ -351,8 +351,8 @@ class PassthruHosting:
     def health_log(self) -> bytes | None:
         """The PF's SMART / Health log: the drive's, whichever VF a controller runs on."""
         try:
-            got = self._admin.submit(commands.get_log_page(LogPageId.SMART_HEALTH, SMART_BYTES),
-                                     "Get Log Page (SMART / Health)", read_bytes=SMART_BYTES)
+            got = timed_submit(self._admin, commands.get_log_page(LogPageId.SMART_HEALTH, SMART_BYTES),
+                               "Get Log Page (SMART / Health)", read_bytes=SMART_BYTES)
         except ControllerError as exc:
             log.debug("SMART / Health log of %s not read: %s", self.device, exc)
             return None

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.datadir import no_space
+from agent.dataplane import traffic
 from agent.dataplane.framing import (
     Frame,
     FrameError,
@@ -457,6 +458,7 @@ class DataReceiver:
             session.frames += 1
 
             if frame.type == FrameType.EXTENT:
+                traffic.RECEIVED.add(len(frame.payload))  # arrived whole, whatever the sink makes of it
                 try:
                     await session.sink.apply_extent(frame.offset, frame.payload)
                 except Exception as exc:
@@ -490,6 +492,7 @@ class DataReceiver:
                 except ValueError as exc:
                     await fail(f"malformed FINAL frame: {exc}")
                     return
+                traffic.RECEIVED.add(len(state_blob) + len(guest_blob))
                 try:
                     await session.sink.apply_final(state_blob, guest_blob)
                 except Exception as exc:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+from agent.dataplane import traffic
 from agent.dataplane.framing import (
     HEADER_SIZE,
     Frame,
@@ -213,6 +214,7 @@ class DataSender:
             payload = bytes(flipped)
         await self._send(header, payload)
         self._bytes_sent += len(data)
+        traffic.SENT.add(len(data))
 
     async def end_round(self, round: int, timeout_s: float = 60) -> dict[str, Any]:
         """End round ``round``; returns the receiver's ACK body once everything before it is applied."""
@@ -231,7 +233,8 @@ class DataSender:
                 f"state ({len(state_blob)} bytes) + guest ({len(guest_blob)} bytes) blobs exceed the "
                 f"{FINAL_MAX_PAYLOAD}-byte FINAL limit; send bulk data as extents instead"
             )
-        body = await self._request(Frame(FrameType.FINAL, payload=payload), what="FINAL", timeout_s=timeout_s)
+        body = await self._request(Frame(FrameType.FINAL, payload=payload), what="FINAL", timeout_s=timeout_s,
+                                   payload_bytes=len(state_blob) + len(guest_blob))
         if body.get("kind") != "final":
             self._fail(f"protocol error: ACK for FINAL has kind {body.get('kind')!r}")
             self._raise_if_failed()
@@ -346,13 +349,17 @@ class DataSender:
             self._fail(f"connection to receiver lost: {exc!r}")
         self._raise_if_failed()
 
-    async def _request(self, frame: Frame, *, what: str, timeout_s: float, seq: int | None = None) -> dict[str, Any]:
+    async def _request(self, frame: Frame, *, what: str, timeout_s: float, seq: int | None = None,
+                       payload_bytes: int = 0) -> dict[str, Any]:
+        """Sends `frame` and waits for its ACK; `payload_bytes` of it are migration data (the
+        rest is framing), counted as sent once the connection took the frame."""
         self._raise_if_failed()
         fut: asyncio.Future[tuple[Frame, dict[str, Any]]] = asyncio.get_running_loop().create_future()
         # Registered before writing: the ACK can arrive while we are still in drain().
         self._waiters.append(fut)
         try:
             await self._send(encode_header(frame), frame.payload)
+            traffic.SENT.add(payload_bytes)
             try:
                 async with asyncio.timeout(timeout_s):
                     ack, body = await fut

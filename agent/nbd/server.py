@@ -26,6 +26,7 @@ cannot crowd the migration's own `asyncio.to_thread` calls out of the default ex
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -94,6 +95,13 @@ class NbdServer:
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="nbd-io")
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        # Requests received in the transmission phase, by command name (p.COMMAND_NAMES, or
+        # "OTHER"): a bounded set, for the agent's /metrics.
+        self.requests: collections.Counter[str] = collections.Counter()
+
+    def clients(self) -> int:
+        """Connections in the transmission phase: clients using an export."""
+        return sum(len(export.connections) for export in self._exports.values())
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -341,6 +349,7 @@ class _Connection:
             magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
             if magic != p.REQUEST_MAGIC:
                 raise p.ProtocolError(f"request magic {magic:#x} is not {p.REQUEST_MAGIC:#x}")
+            self.server.requests[p.COMMAND_NAMES.get(command, "OTHER")] += 1
             payload = b""
             if command == p.CMD_WRITE:
                 if length > MAX_REQUEST_BYTES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
+from enum import IntEnum
 
 from agent.nvme.spec import (
     BROADCAST_NSID,
@@ -215,6 +216,33 @@ def cqe_status(raw: bytes) -> int:
 def _sel_mos(sel: int, mos: int) -> int:
     """CDW10 of the TP4159 commands: SEL in bits 7:0, MOS in bits 31:16."""
     return sel | mos << 16
+
+
+# Admin commands whose select (CDW10 bits 7:0) says what they do, by the select's enum.
+_SELECTS: dict[int, type[IntEnum]] = {
+    AdminOpcode.MIGRATION_SEND: MigrationSendSelect,
+    AdminOpcode.MIGRATION_RECEIVE: MigrationReceiveSelect,
+    AdminOpcode.CONTROLLER_DATA_QUEUE: CdqSelect,
+}
+OTHER_COMMAND = "other"
+
+
+def admin_command_name(sqe: Sqe) -> str:
+    """An admin command as a metric label, from a bounded set: the opcode's name, with the
+    select's for the commands that do several things ("migration_send.suspend",
+    "controller_data_queue.create"); "other" for an opcode or select not in spec.py."""
+    try:
+        opcode = AdminOpcode(sqe.opcode)
+    except ValueError:
+        return OTHER_COMMAND
+    name = opcode.name.lower()
+    selects = _SELECTS.get(opcode)
+    if selects is None:
+        return name
+    try:
+        return f"{name}.{selects(sqe.cdw10 & _U8).name.lower()}"
+    except ValueError:
+        return OTHER_COMMAND
 
 
 # ----- admin commands ---------------------------------------------------------------------------

@@ -33,14 +33,16 @@ subclass ``ControllerStateRejectedError``, which is also a ``StateFormatError``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.controller_errors import DeviceCommandError, StateFormatError, WrongStateError
+from agent.metrics import BACKEND_COMMAND_SECONDS
 from agent.nvme import cdq, commands
 from agent.nvme.cdq import EntrySequence, LbaChange
-from agent.nvme.commands import Sqe
+from agent.nvme.commands import Sqe, admin_command_name
 from agent.nvme.error_log import ERROR_DETAIL_BYTES, parse_error_detail, parse_error_entry
 from agent.nvme.spec import (
     CDQ_ENTRY_BYTES,
@@ -145,6 +147,16 @@ class AdminTransport(Protocol):
     def close(self) -> None: ...
 
 
+def timed_submit(transport: AdminTransport, sqe: Sqe, what: str, **kwargs: Any) -> AdminResult:
+    """`transport.submit`, its latency observed by command (agent.metrics), failed or not: every
+    command this driver sends goes through here, whichever backend carries it."""
+    started = time.perf_counter()
+    try:
+        return transport.submit(sqe, what, **kwargs)
+    finally:
+        BACKEND_COMMAND_SECONDS.labels(admin_command_name(sqe)).observe(time.perf_counter() - started)
+
+
 def read_explanation(read_log: Callable[[int, int], bytes], status: int) -> str:
     """The controller's explanation of the error it just reported, or "" when it gives none.
 
@@ -203,16 +215,16 @@ class MigrationDriver:
 
     def suspend(self) -> None:
         """Suspend: the controller stops fetching commands and its state stands still."""
-        self.transport.submit(commands.migration_suspend(self.cntlid), self.what("Suspend"))
+        timed_submit(self.transport, commands.migration_suspend(self.cntlid), self.what("Suspend"))
 
     def resume(self) -> None:
-        self.transport.submit(commands.migration_resume(self.cntlid), self.what("Resume"))
+        timed_submit(self.transport, commands.migration_resume(self.cntlid), self.what("Resume"))
 
     # ----- Migration Receive: Get Controller State -------------------------------------------
 
     def _state_piece(self, offset: int, length: int) -> AdminResult:
-        return self.transport.submit(commands.get_controller_state(self.cntlid, offset, length),
-                                     self.what("Get Controller State"), read_bytes=length)
+        return timed_submit(self.transport, commands.get_controller_state(self.cntlid, offset, length),
+                            self.what("Get Controller State"), read_bytes=length)
 
     def suspended(self) -> bool:
         """Whether the controller is suspended: CSUP of a Get Controller State of the header."""
@@ -248,8 +260,8 @@ class MigrationDriver:
             piece = padded[offset:offset + self._piece_bytes]
             what = self.what(f"Set Controller State ({sequence.name.lower()} piece)")
             try:
-                self.transport.submit(commands.set_controller_state(self.cntlid, offset, len(piece), sequence),
-                                      what, data=piece)
+                timed_submit(self.transport, commands.set_controller_state(self.cntlid, offset, len(piece), sequence),
+                             what, data=piece)
             except NvmeStatusError as exc:
                 raise ControllerStateRejectedError(exc.what, exc.where, exc.status, exc.dnr,
                                                    exc.explanation) from None
@@ -325,7 +337,8 @@ class CdqChangedLbaLog:
         queue = self._transport.allocate_queue(self._queue_entries * CDQ_ENTRY_BYTES)
         entries = queue.size_bytes // CDQ_ENTRY_BYTES
         try:
-            created = self._transport.submit(
+            created = timed_submit(
+                self._transport,
                 commands.cdq_create(self._cntlid, entries * CDQ_ENTRY_BYTES // 4, queue.address,
                                     contiguous=queue.contiguous),
                 f"Controller Data Queue create for CNTLID {self._cntlid}{self._label}", queue=queue)
@@ -346,8 +359,8 @@ class CdqChangedLbaLog:
         """Track Send start.  A suspended controller refuses it, and may: it runs no guest I/O, and
         the Resume that ends its suspension ends this log too (nothing is migrating any more)."""
         try:
-            self._transport.submit(commands.track_send(self._cdqid, LoggingAction.START),
-                                   self._what("Track Send start"))
+            timed_submit(self._transport, commands.track_send(self._cdqid, LoggingAction.START),
+                         self._what("Track Send start"))
         except NvmeStatusError as exc:
             if exc.status != Status.CONTROLLER_SUSPENDED:
                 raise
@@ -366,8 +379,8 @@ class CdqChangedLbaLog:
         if reader is None:
             raise WrongStateError(f"controller {self._cntlid}: no changed-LBA log; start it first")
         if refresh:
-            got = self._transport.submit(commands.get_cdq_pointers(self._cdqid), self._what("Get Features (CDQ)"),
-                                         read_bytes=CDQ_FEATURE_DATA_BYTES)
+            got = timed_submit(self._transport, commands.get_cdq_pointers(self._cdqid),
+                               self._what("Get Features (CDQ)"), read_bytes=CDQ_FEATURE_DATA_BYTES)
             head, _ = cdq.decode_pointers(got.data)
             if head != reader.head:
                 raise DeviceCommandError(f"{self._what('Get Features (CDQ)')}: the controller reports head pointer "
@@ -384,8 +397,8 @@ class CdqChangedLbaLog:
             if cdq.sequence_of(attributes) == EntrySequence.LAST_QUEUE_FULL:
                 restart = True
         if consumed:
-            self._transport.submit(commands.set_cdq_head(self._cdqid, reader.head),
-                                   self._what("Set Features (CDQ head)"))
+            timed_submit(self._transport, commands.set_cdq_head(self._cdqid, reader.head),
+                         self._what("Set Features (CDQ head)"))
         if restart:
             # Logging stopped when the queue filled up; the "all LBAs changed" it reported covers
             # everything until now, so turning it back on loses nothing.
@@ -409,7 +422,8 @@ class CdqChangedLbaLog:
         if self._queue is None:
             return
         try:
-            self._transport.submit(commands.track_send(self._cdqid, LoggingAction.STOP), self._what("Track Send stop"))
+            timed_submit(self._transport, commands.track_send(self._cdqid, LoggingAction.STOP),
+                         self._what("Track Send stop"))
         finally:
             self._delete_queue()
 
@@ -428,7 +442,7 @@ class CdqChangedLbaLog:
     def _delete_queue(self) -> None:
         cdqid, queue = self._cdqid, self._queue
         try:
-            self._transport.submit(commands.cdq_delete(cdqid), self._what("Controller Data Queue delete"))
+            timed_submit(self._transport, commands.cdq_delete(cdqid), self._what("Controller Data Queue delete"))
         finally:
             # The controller may write the queue until Delete completes: free the memory only after.
             self._queue, self._reader = None, None

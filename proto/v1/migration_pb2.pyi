@@ -211,7 +211,7 @@ class CancelMigrationRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "address", "data_address", "live", "cordoned", "capacity_bytes", "allocated_bytes", "controllers", "predicted_failure")
+    __slots__ = ("name", "address", "data_address", "live", "cordoned", "capacity_bytes", "allocated_bytes", "controllers", "predicted_failure", "http_address")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,7 @@ class Node(_message.Message):
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     data_address: str
@@ -230,7 +231,8 @@ class Node(_message.Message):
     allocated_bytes: int
     controllers: _containers.RepeatedScalarFieldContainer[str]
     predicted_failure: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., live: _Optional[bool] = ..., cordoned: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ..., predicted_failure: _Optional[str] = ...) -> None: ...
+    http_address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., live: _Optional[bool] = ..., cordoned: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ..., predicted_failure: _Optional[str] = ..., http_address: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
