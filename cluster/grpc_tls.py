@@ -15,6 +15,7 @@ import argparse
 import functools
 import inspect
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ class TlsFiles:
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes = field(repr=False)
+    # where they came from: Python's ssl module loads a certificate chain from files only
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @functools.cached_property
     def identity(self) -> Identity:
@@ -43,6 +47,20 @@ class TlsFiles:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
                                             certificate_chain=self.cert_pem)
+
+    def ssl_context(self, *, server: bool) -> ssl.SSLContext:
+        """A context for plain TCP protocols (the data plane, NBD): TLS 1.3 only, this process's
+        certificate, peers verified against the cluster's CA, both ways. A client checks the
+        server's name itself (`server_hostname`: the peer's node name)."""
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("TLS for TCP needs the certificate and key as files (--tls-cert, --tls-key)")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH,
+                                             cadata=self.ca_pem.decode())
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if server:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser, env_prefix: str = "NVMIGRATE_TLS") -> None:
@@ -69,12 +87,21 @@ def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
             pems[flag] = Path(path).read_bytes()
         except OSError as exc:
             raise ValueError(f"--tls-{flag} {path}: cannot read it ({exc.strerror}); give a readable file") from None
-    files = TlsFiles(pems["ca"], pems["cert"], pems["key"])
+    files = TlsFiles(pems["ca"], pems["cert"], pems["key"], cert_file=Path(given["cert"]),
+                     key_file=Path(given["key"]))
     try:
         files.identity  # noqa: B018  (parsed now, so a wrong certificate stops the start)
     except IdentityError as exc:
         raise ValueError(f"--tls-cert {given['cert']}: {exc}") from None
     return files
+
+
+def identity_of_der(der: bytes | None) -> Identity | None:
+    """The identity a peer's certificate (DER, as ssl's getpeercert(binary_form=True) gives it)
+    names; None when there is none or it names none."""
+    if not der:
+        return None
+    return _identity_of(ssl.DER_cert_to_PEM_cert(der).encode())
 
 
 @functools.lru_cache(maxsize=256)
