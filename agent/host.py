@@ -77,7 +77,9 @@ class Host:
         self.address = address
         self.http_address = ""  # /metrics and the probes, HOST:PORT, when agent.web serves them
         self.lease_ttl_s = lease_ttl_s
-        self.receiver = DataReceiver(data_host, data_port)
+        # With TLS the data plane is TLS 1.3 both ways: each end proves its node name
+        self.receiver = DataReceiver(data_host, data_port, ssl=tls.ssl_context(server=True) if tls else None)
+        self.data_client_ssl = tls.ssl_context(server=False) if tls else None
         self.controllers: dict[str, HostedController] = {}
         # NBD listens beside the data plane (the data-path network) on a port picked at start;
         # its URIs name the host peers use to reach this agent.
@@ -484,14 +486,14 @@ class Host:
                                                            f"{hosted.migrating_job}")
         session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                 controller=hosted.controller, workload=hosted.workload,
-                                corrupt_frame=self.pending_corrupt_frame, token=token)
+                                corrupt_frame=self.pending_corrupt_frame, token=token, data_ssl=self.data_client_ssl)
         self.pending_corrupt_frame = 0
         hosted.migrating_job = job_id
         self.sessions[job_id] = session
         return session
 
     async def prepare_destination(self, job_id: str, epoch: int, controller_id: str, namespace_bytes: int,
-                                  state_format_version: int) -> DestinationSession:
+                                  state_format_version: int, *, source_node: str = "") -> DestinationSession:
         found = self._session(job_id, epoch, DestinationSession)
         if found is not None:
             assert isinstance(found, DestinationSession)
@@ -518,7 +520,7 @@ class Host:
                                          controller=controller, token=secrets.token_hex(16), node=self.name,
                                          state_path=self._state_path(controller_id, job_id),
                                          guest=self.hosting.guest(controller), backend=self.hosting.kind)
-            self.receiver.register(job_id, session.token, session)
+            self.receiver.register(job_id, session.token, session, source_node=source_node)
             self.sessions[job_id] = session
         await self.publish()
         return session

@@ -205,7 +205,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             self._check_ref(request.ref)
             session = await self.host.prepare_destination(
                 request.ref.job_id, request.ref.epoch, request.ref.controller_id, request.namespace_bytes,
-                request.state_format_version)
+                request.state_format_version, source_node=request.source_node)
             return agent_pb2.PrepareDestinationResponse(data_address=self.host.receiver.address,
                                                         token=session.token)
         return await self._guard(context, prepare())
@@ -231,7 +231,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             session = await self.host.source_session(request.ref.job_id, request.ref.epoch,
                                                      request.ref.controller_id, request.token)
             facts = await session.start_precopy(request.destination_data_address, request.token,
-                                                request.bandwidth_bytes_per_s)
+                                                request.bandwidth_bytes_per_s, request.destination_node)
             return transfer_result(facts)
         return await self._guard(context, precopy())
 

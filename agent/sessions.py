@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class SourceSession(Session):
     token: str = ""  # names the destination attempt this session streams to
     workload: GuestWorkload | None = None
     corrupt_frame: int = 0
+    data_ssl: ssl.SSLContext | None = None  # TLS to the destination's data plane
     sender: DataSender | None = None
     precopy_task: asyncio.Task[TransferFacts] | None = None
     round_tasks: dict[int, asyncio.Task[TransferFacts]] = field(default_factory=dict)
@@ -186,20 +188,25 @@ class SourceSession(Session):
                 raise SessionError(ErrorKind.ABORTED, f"job {self.job_id} was aborted on the source") from None
             raise
 
-    async def start_precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
+    async def start_precopy(self, address: str, token: str, bandwidth: int,
+                            destination_node: str = "") -> TransferFacts:
         self._refuse_if_ended()
         if self.precopy_task is None:
             self._require(SourceStage.PRECOPY)
-            self.precopy_task = asyncio.create_task(self._precopy(address, token, bandwidth),
+            self.precopy_task = asyncio.create_task(self._precopy(address, token, bandwidth, destination_node),
                                                     name=f"precopy-{self.job_id}")
         return await self._attach(self.precopy_task)
 
-    async def _precopy(self, address: str, token: str, bandwidth: int) -> TransferFacts:
+    async def _precopy(self, address: str, token: str, bandwidth: int, destination_node: str) -> TransferFacts:
         self._move(SourceStage.PRECOPY)
         started = time.monotonic()
+        if self.data_ssl is not None and not destination_node:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: the data plane is TLS here, and "
+                                                       "StartPrecopy named no destination node to check")
         self.sender = await DataSender.connect(address, self.job_id, token,
                                                bandwidth_bytes_per_s=bandwidth or None,
-                                               stall_timeout_s=DATA_STALL_TIMEOUT_S)
+                                               stall_timeout_s=DATA_STALL_TIMEOUT_S,
+                                               ssl=self.data_ssl, server_hostname=destination_node or None)
         self.sender.corrupt_frame = self.corrupt_frame
         # Tracking starts before the first read, so every later guest write is sent again.
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)

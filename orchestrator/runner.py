@@ -340,7 +340,7 @@ class JobRunner:
         job = self.j
         request = agent_pb2.StartPrecopyRequest(
             ref=self._ref(), destination_data_address=job.destination_data_address, token=job.destination_token,
-            bandwidth_bytes_per_s=job.policy.bandwidth_bytes_per_s)
+            bandwidth_bytes_per_s=job.policy.bandwidth_bytes_per_s, destination_node=job.destination_node)
         result = await self._long_call("source", "StartPrecopy", lambda s, t: s.StartPrecopy(request, timeout=t))
         self.history = [convergence.RoundFacts(0, result.bytes_sent, result.duration_s,
                                                result.dirty_bytes_remaining, result.dirty_rate_bytes_per_s)]

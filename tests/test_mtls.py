@@ -16,11 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent.dataplane.sender import DataPlaneError, DataSender
+from cluster.grpc_tls import TlsFiles
 from cluster.identity import METHOD_ROLES, Identity, Role, refusal
 from orchctl import certs
 from orchctl.localcluster import LocalCluster
 from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2, migration_pb2_grpc
-from tests.clusterprobe import TERMINAL, create_controller, migrate, verify, wait_phase
+from tests.clusterprobe import TERMINAL, create_controller, migrate, running_on, verify, wait_phase
 from tests.conftest import etcdctl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def tls_cluster(pki: Path, shared_etcd: str, request: pytest.FixtureRequest) -> 
     from tests.conftest import unique_prefix
     prefix = unique_prefix(f"{request.module.__name__}-mtls")
     try:
-        with LocalCluster(tls_dir=pki) as c:
+        with LocalCluster(tls_dir=pki, allow_fault_injection=True) as c:
             c.use_etcd(shared_etcd, prefix)
             c.start_with_agents(["n1", "n2"])
             yield c
@@ -177,3 +179,63 @@ def test_orchctl_wants_all_three_tls_files(tls_cluster: LocalCluster, pki: Path)
     done = orchctl(tls_cluster, pki, "list", "--tls-key", "")
     assert done.returncode == 2 and "--tls-key missing" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---- the data plane ------------------------------------------------------------------------------
+
+
+def tls_of(pki: Path, stem: str) -> TlsFiles:
+    return TlsFiles((pki / "ca.pem").read_bytes(), (pki / f"{stem}.pem").read_bytes(),
+                    (pki / f"{stem}.key").read_bytes(), cert_file=pki / f"{stem}.pem", key_file=pki / f"{stem}.key")
+
+
+@pytest.mark.parametrize(("who", "refused_with"), [
+    ("plaintext", "without answering HELLO"), ("agent-n2", "may not stream job"),
+    ("operator-admin", "may not stream job"), ("agent-n1", ""),
+])
+async def test_the_data_plane_takes_a_job_only_from_its_source_agent(tls_cluster: LocalCluster, pki: Path, who: str,
+                                                                   refused_with: str) -> None:
+    """A destination prepared for a job from n1 takes its stream only over TLS from n1's agent."""
+    job_id = f"mig-{abs(hash(who)) % 16**12:012x}"
+    channel, n2 = tls_cluster.agent_stub("n2")
+    with channel:
+        prepared = n2.PrepareDestination(agent_pb2.PrepareDestinationRequest(
+            ref=agent_pb2.MigrationRef(job_id=job_id, epoch=1, controller_id=f"dp-{who}"), namespace_bytes=MiB,
+            state_format_version=n2.GetInfo(agent_pb2.GetInfoRequest(), timeout=10).state_format_version,
+            source_node="n1"), timeout=30)
+        try:
+            tls = None if who == "plaintext" else tls_of(pki, who)
+            connect = DataSender.connect(prepared.data_address, job_id, prepared.token, connect_timeout_s=10,
+                                         ssl=tls.ssl_context(server=False) if tls else None, server_hostname="n2")
+            if refused_with:
+                with pytest.raises(DataPlaneError, match=refused_with):
+                    await connect
+            else:
+                sender = await connect
+                await sender.close()
+        finally:
+            n2.AbortMigration(agent_pb2.MigrationRef(job_id=job_id, epoch=1, controller_id=f"dp-{who}"), timeout=30)
+    assert "Traceback" not in tls_cluster.agents["n2"].log_path.read_text(errors="replace")
+
+
+async def test_the_source_refuses_a_destination_with_another_nodes_certificate(tls_cluster: LocalCluster,
+                                                                                pki: Path) -> None:
+    node = tls_cluster.node("n2")
+    assert node is not None
+    tls = tls_of(pki, "agent-n1")
+    with pytest.raises(DataPlaneError, match="not node 'n3'"):
+        await DataSender.connect(node.data_address, "mig-000000000001", "t", connect_timeout_s=10,
+                                 ssl=tls.ssl_context(server=False), server_hostname="n3")
+
+
+def test_a_tampered_frame_under_tls_is_detected_and_the_job_rolls_back(tls_cluster: LocalCluster) -> None:
+    create_controller(tls_cluster, "n1", "t3", 8 * MiB, write_iops=200)
+    channel, n1 = tls_cluster.agent_stub("n1")
+    with channel:
+        n1.InjectFault(agent_pb2.InjectFaultRequest(corrupt_frame=3), timeout=5)
+    job = migrate(tls_cluster, "t3", to="n2")
+    ended = wait_phase(tls_cluster, job.id, TERMINAL)
+    assert migration_pb2.Phase.Name(ended.phase) == "ROLLED_BACK", ended.reason
+    assert "checksum" in ended.reason or "corrupt" in ended.reason, ended.reason
+    assert running_on(tls_cluster, "t3", ["n1", "n2"]) == ["n1"]
+    assert verify(tls_cluster, "n1", "t3").ok

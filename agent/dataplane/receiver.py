@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import json
 import logging
+import ssl as ssl_module
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +40,8 @@ from agent.dataplane.framing import (
     encode_frame,
     read_frame,
 )
+from cluster.grpc_tls import identity_of_der
+from cluster.identity import Identity, Role
 from cluster.ratelimited_log import malformed_input
 
 __all__ = [
@@ -133,6 +136,7 @@ class _Session:
     job_id: str
     token: str
     sink: DestinationSink
+    source_node: str = ""  # with TLS, the only agent that may stream this job
     bytes_received: int = 0
     frames: int = 0
     rounds: int = 0
@@ -172,8 +176,10 @@ class DataReceiver:
         *,
         idle_timeout_s: float | None = 300.0,
         hello_timeout_s: float = 10.0,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._host = host
+        self._ssl = ssl  # TLS: every peer shows an agent's certificate, and a job's only its source's
         self._port = port
         # A cut link leaves a TCP read blocked forever; the idle timeout bounds how long a
         # session waits for the next frame (dirty rounds send continuously, so 5 min is ample).
@@ -190,7 +196,9 @@ class DataReceiver:
         if self._server is not None:
             raise RuntimeError(f"DataReceiver already started on {self._address}")
         try:
-            self._server = await asyncio.start_server(self._on_connect, self._host, self._port, limit=STREAM_LIMIT)
+            handshake_s = self._hello_timeout_s if self._ssl else None
+            self._server = await asyncio.start_server(self._on_connect, self._host, self._port, limit=STREAM_LIMIT,
+                                                      ssl=self._ssl, ssl_handshake_timeout=handshake_s)
         except OSError as exc:
             raise OSError(
                 exc.errno,
@@ -209,8 +217,9 @@ class DataReceiver:
             raise RuntimeError("DataReceiver.address is unknown until start() has been awaited")
         return self._address
 
-    def register(self, job_id: str, token: str, sink: DestinationSink) -> None:
-        """Accept one session for ``job_id`` authenticated by ``token`` (one-time)."""
+    def register(self, job_id: str, token: str, sink: DestinationSink, *, source_node: str = "") -> None:
+        """Accept one session for ``job_id`` authenticated by ``token`` (one-time); with TLS,
+        only from the agent of ``source_node``."""
         if not job_id:
             raise ValueError("job_id must be a non-empty string")
         if not token:
@@ -220,7 +229,7 @@ class DataReceiver:
                 f"job {job_id!r} is already registered on data-plane receiver {self._address}; "
                 "call unregister(job_id) first to replace it"
             )
-        self._sessions[job_id] = _Session(job_id=job_id, token=token, sink=sink)
+        self._sessions[job_id] = _Session(job_id=job_id, token=token, sink=sink, source_node=source_node)
 
     def unregister(self, job_id: str) -> None:
         """Forget ``job_id`` and cut its connection if one is open. Unknown ids are ignored."""
@@ -403,6 +412,8 @@ class DataReceiver:
                 f"wrong data-plane token for job {job_id!r}; "
                 "use the token the destination returned when it registered the job"
             )
+        elif (peer_problem := self._peer_problem(writer, session)) is not None:
+            error = peer_problem
         elif session.used_by is not None:
             error = (
                 f"data-plane token for job {job_id!r} was already used by {session.used_by}; tokens are "
@@ -421,6 +432,18 @@ class DataReceiver:
         await writer.drain()
         logger.info("data-plane session for job %s from %s started", job_id, conn.peer)
         return session
+
+    def _peer_problem(self, writer: asyncio.StreamWriter, session: _Session) -> str | None:
+        """With TLS: why the peer may not stream this job (its certificate is not the source's)."""
+        if self._ssl is None:
+            return None
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer = identity_of_der(ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None)
+        wanted = Identity(Role.AGENT, session.source_node) if session.source_node else None
+        if peer is None or peer.role is not Role.AGENT or (wanted is not None and peer != wanted):
+            return (f"data-plane peer {peer or 'without an identity'} may not stream job {session.job_id!r}: "
+                    f"only {wanted or 'an agent'} may")
+        return None
 
     async def _read_next(self, reader: asyncio.StreamReader) -> Frame | None:
         if self._idle_timeout_s is None:

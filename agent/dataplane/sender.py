@@ -18,6 +18,7 @@ import collections
 import contextlib
 import json
 import logging
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -121,6 +122,8 @@ class DataSender:
         bandwidth_bytes_per_s: int | None = None,
         connect_timeout_s: float = 5.0,
         stall_timeout_s: float = 60.0,
+        ssl: ssl_module.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> DataSender:
         """Connect to ``address`` ("host:port"), authenticate and return a ready sender.
 
@@ -131,7 +134,9 @@ class DataSender:
         bucket = TokenBucket(bandwidth_bytes_per_s)
         try:
             async with asyncio.timeout(connect_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+                # With TLS the destination must present `server_hostname`'s certificate (its node).
+                reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT, ssl=ssl,
+                                                               server_hostname=server_hostname if ssl else None)
         except TimeoutError:
             raise DataPlaneError(
                 f"timed out after {connect_timeout_s}s connecting; check the destination agent is up and "
@@ -139,6 +144,13 @@ class DataSender:
                 address=address,
                 job_id=job_id,
             ) from None
+        except ssl_module.SSLCertVerificationError as exc:
+            raise DataPlaneError(
+                f"the data plane at that address is not node {server_hostname!r}'s: {exc.verify_message}; "
+                "nothing was sent",
+                address=address,
+                job_id=job_id,
+            ) from exc
         except OSError as exc:
             raise DataPlaneError(
                 f"cannot connect: {exc}; check the destination agent is up and listening on that address",

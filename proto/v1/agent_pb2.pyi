@@ -183,16 +183,18 @@ class PrepareDestinationResponse(_message.Message):
     def __init__(self, data_address: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
 
 class StartPrecopyRequest(_message.Message):
-    __slots__ = ("ref", "destination_data_address", "token", "bandwidth_bytes_per_s")
+    __slots__ = ("ref", "destination_data_address", "token", "bandwidth_bytes_per_s", "destination_node")
     REF_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_NODE_FIELD_NUMBER: _ClassVar[int]
     ref: MigrationRef
     destination_data_address: str
     token: str
     bandwidth_bytes_per_s: int
-    def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., destination_data_address: _Optional[str] = ..., token: _Optional[str] = ..., bandwidth_bytes_per_s: _Optional[int] = ...) -> None: ...
+    destination_node: str
+    def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., destination_data_address: _Optional[str] = ..., token: _Optional[str] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., destination_node: _Optional[str] = ...) -> None: ...
 
 class DirtyRoundRequest(_message.Message):
     __slots__ = ("ref", "round", "bandwidth_bytes_per_s", "throttle_percent")
