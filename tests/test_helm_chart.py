@@ -62,10 +62,6 @@ START_TIMEOUT_S = 30
 # Flags the chart passes that the processes are being given on other branches right now (the etcd
 # endpoints, TLS and auth; the agent's HTTP port). Until they land, a render passing them is an
 # expected failure, not a pass; any other unknown flag fails.
-PENDING_FLAGS = {
-    "nvmigrate-orchestrator": {"--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user"},
-    "nvmigrate-agent": {"--etcd-ca", "--etcd-cert", "--etcd-key", "--etcd-user", "--http"},
-}
 PROCESS_MODULES = {"nvmigrate-orchestrator": "orchestrator.main", "nvmigrate-agent": "agent.main"}
 
 Obj = dict[str, Any]
@@ -715,15 +711,11 @@ def help_flags(command: str) -> frozenset[str]:
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
 def test_chart_passes_only_flags_the_processes_take(render: Any, values: Path) -> None:
     rendered = render(values.name)
-    pending: set[str] = set()
     for kind in ("Deployment", "DaemonSet"):
         c = container(rendered, kind)
         command = c["command"][0]
         unknown = set(flags(c)) - help_flags(command)
-        assert unknown <= PENDING_FLAGS[command], f"{kind} passes {command} flags it does not take: {sorted(unknown)}"
-        pending |= unknown
-    if pending:
-        pytest.xfail(f"flags being added on other branches, not in this tree yet: {sorted(pending)}")
+        assert not unknown, f"{kind} passes {command} flags it does not take: {sorted(unknown)}"
 
 
 def loopback_ips(count: int) -> list[str]:
@@ -856,14 +848,6 @@ def test_rendered_agent_serves_its_probes(render: Any, tmp_path: Path, procs: li
     agent = spawn("agent", [sys.executable, "-m", PROCESS_MODULES[c["command"][0]], *args], tmp_path, procs)
     http_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "http")
     ready_path = c["readinessProbe"]["httpGet"]["path"]
-    try:
-        wait_for(f"the agent's readiness probe {ready_path}", lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"),
-                 START_TIMEOUT_S, alive=agent.exited)
-    except Exception:
-        refused = re.search(r"unrecognized arguments: (.*)", agent.tail(40))
-        if refused:
-            unknown = {a.split("=", 1)[0] for a in refused.group(1).split()}
-            if unknown <= PENDING_FLAGS["nvmigrate-agent"]:
-                pytest.xfail(f"the agent does not take {sorted(unknown)} yet (being added on another branch)")
-        raise
+    wait_for(f"the agent's readiness probe {ready_path}", lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"),
+             START_TIMEOUT_S, alive=agent.exited)
     assert http_ok(f"http://{ip}:{http_port}{c['livenessProbe']['httpGet']['path']}")
