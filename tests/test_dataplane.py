@@ -623,3 +623,26 @@ async def test_stream_extents_cancels_its_read_ahead(
         await sender.send_extent(0, b"b" * 10)
         await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
     assert sink.extents == [(0, 10)]
+
+
+async def test_a_peer_holding_too_many_connections_is_cut_before_it_sends_a_byte(receiver: DataReceiver) -> None:
+    from agent.dataplane.receiver import MAX_CONNECTIONS_PER_PEER
+    host, port = receiver.address.rsplit(":", 1)
+    held = [await asyncio.open_connection(host, int(port)) for _ in range(MAX_CONNECTIONS_PER_PEER)]
+    try:
+        # every held connection is served: a bad HELLO gets the receiver's refusal
+        reader, writer = held[-1]
+        writer.write(encode_frame(Frame(FrameType.ROUND_END, seq=1)))
+        await writer.drain()
+        assert b"expected HELLO" in await asyncio.wait_for(reader.read(4096), 10)
+        # one more is cut at once (not after the 10 s a silent peer gets to send its HELLO)
+        extra_reader, extra_writer = await asyncio.open_connection(host, int(port))
+        try:
+            got = await asyncio.wait_for(extra_reader.read(4096), 5)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
+        extra_writer.close()
+    finally:
+        for _, writer in held:
+            writer.close()

@@ -63,6 +63,10 @@ DATA_PLANE_KIND = "data-plane"  # malformed input of this kind is logged at most
 STREAM_LIMIT = 4 * 1024 * 1024
 # The cause of a refusal, in its ACK, when the destination's disk is full.
 CAUSE_NO_SPACE = "no_space"
+# Connections held at once: from one peer address, and in all. A migration uses one per job;
+# an agent is source of at most a few dozen jobs at once.
+MAX_CONNECTIONS_PER_PEER = 64
+MAX_CONNECTIONS = 1024
 # Before authentication a peer may only send a small HELLO.
 HELLO_MAX_PAYLOAD = 64 * 1024
 # FINAL carries controller state plus guest state, which can be much larger than an extent.
@@ -128,6 +132,7 @@ class ReceiverStats:
 class _Connection:
     writer: asyncio.StreamWriter
     peer: str
+    peer_host: str = ""
     task: asyncio.Task[None] = field(init=False)
 
 
@@ -299,7 +304,17 @@ class DataReceiver:
         if self._closing:
             writer.transport.abort()
             return
-        conn = _Connection(writer=writer, peer=str(writer.get_extra_info("peername")))
+        peername = writer.get_extra_info("peername")
+        conn = _Connection(writer=writer, peer=str(peername), peer_host=str(peername[0]) if peername else "")
+        held = sum(1 for c in self._connections if c.peer_host == conn.peer_host)
+        if held >= MAX_CONNECTIONS_PER_PEER or len(self._connections) >= MAX_CONNECTIONS:
+            # A session needs one connection; a peer holding dozens is broken or hostile, and each
+            # costs a task and buffers. Cut before reading a byte.
+            malformed_input.malformed(DATA_PLANE_KIND, "data-plane peer %s refused: it holds %d connections "
+                                      "(at most %d per peer, %d in all)", conn.peer, held, MAX_CONNECTIONS_PER_PEER,
+                                      MAX_CONNECTIONS)
+            writer.transport.abort()
+            return
         conn.task = asyncio.get_running_loop().create_task(
             self._handle_connection(conn, reader, writer), name=f"dataplane-recv-{conn.peer}"
         )
