@@ -83,7 +83,7 @@ class Host:
         self.controllers: dict[str, HostedController] = {}
         # NBD listens beside the data plane (the data-path network) on a port picked at start;
         # its URIs name the host peers use to reach this agent.
-        self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller)
+        self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller, tls=tls)
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0

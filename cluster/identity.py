@@ -5,13 +5,14 @@ alternative name, `nvmigrate://ROLE/NAME`:
 
   viewer        reads: get, list, watch, trace
   operator      a viewer who may also act: migrate, cancel, evacuate, cordon, create and delete
-                controllers, mark predicted failures
+                controllers, mark predicted failures; and use NBD exports (read and write guest data)
   agent         an agent; NAME is its node, and its certificate also carries the DNS name NAME, which
                 the orchestrator and peers check when they connect to that node
-  orchestrator  the only identity agents take commands from
+  orchestrator  the only identity agents take commands from (it may use NBD exports too)
 
 `METHOD_ROLES` lists, per gRPC method, who may call it: a method not listed is refused to all
-(a new RPC must be placed here before anyone can use it). Pure, apart from parsing a PEM.
+(a new RPC must be placed here before anyone can use it); `NBD_ROLES` who may use an agent's NBD
+exports over TLS. Pure, apart from parsing a PEM.
 """
 
 from __future__ import annotations
@@ -111,4 +112,19 @@ def refusal(identity: Identity | None, method: str) -> str | None:
         return f"{short} needs a client certificate naming one of: {', '.join(sorted(allowed))}"
     if identity.role not in allowed:
         return f"{identity} may not call {short}: it needs the role {' or '.join(sorted(allowed))}"
+    return None
+
+
+# The guest's data, read and written: those who may act, not those who only look, and not agents
+# (a peer agent has no business with another node's guest I/O).
+NBD_ROLES = frozenset({Role.OPERATOR, Role.ORCHESTRATOR})
+
+
+def nbd_refusal(identity: Identity | None) -> str | None:
+    """Why `identity` may not use an NBD export, or None when it may."""
+    needed = " or ".join(sorted(NBD_ROLES))
+    if identity is None:
+        return f"NBD exports need a client certificate whose identity has the role {needed}"
+    if identity.role not in NBD_ROLES:
+        return f"{identity} may not use NBD exports: it needs the role {needed}"
     return None

@@ -1,11 +1,13 @@
 """`orchctl certs`: a cluster's certificate authority and the certificates of its identities.
 
-  orchctl certs init DIR --node n1 --node n2 [--host orch.example.com] [--operator alice] [--viewer bob]
-  orchctl certs issue DIR --role agent --name n3
+  orchctl certs init DIR --node n1=10.0.0.1 --node n2 [--host orch.example.com] [--operator alice] [--viewer bob]
+  orchctl certs issue DIR --role agent --name n3 [--host 10.0.0.3]
 
 `init` makes DIR/ca.pem (and ca.key), then one certificate and key per identity:
 orchestrator.pem (its DNS names and IPs from --host, plus localhost and 127.0.0.1), agent-NODE.pem
-per --node (carrying the DNS name NODE, which peers check), operator-NAME.pem and viewer-NAME.pem.
+per --node (carrying the DNS name NODE, which peers check, and the hosts after `=`: the agent's
+--advertise-host, which NBD clients check against its nbds:// URIs), operator-NAME.pem and
+viewer-NAME.pem.
 Each names its identity as the URI nvmigrate://ROLE/NAME (cluster/identity.py). Keys are ECDSA
 P-256, written 0600; an existing file is never overwritten. `issue` adds one more with the same CA.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from cluster.identity import Identity, Role
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 class CertsError(Exception):
@@ -90,6 +95,10 @@ def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> I
     problem = names.node_name_problem(identity.name)
     if problem:
         raise CertsError(problem.replace("node name", f"{identity.role} name"))
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise CertsError(f"--host: {problem}")
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
@@ -123,17 +132,53 @@ def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> I
     return issued
 
 
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be a name a certificate is checked against, or None."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(host):
+        return (f"host {host!r} is neither an IP address nor a DNS name (letters, digits, '-' and '.'); "
+                "give the name or IP clients connect to")
+    return None
+
+
+def parse_node(spec: str) -> tuple[str, tuple[str, ...]]:
+    """`NAME` or `NAME=HOST[,HOST...]` (--node of `certs init`): the node and the hosts its
+    agent serves at besides its name."""
+    name, sep, rest = spec.partition("=")
+    problem = names.node_name_problem(name)
+    if problem:
+        raise CertsError(f"--node {spec!r}: {problem}")
+    hosts = tuple(h.strip() for h in rest.split(",")) if sep else ()
+    if sep and not all(hosts):
+        raise CertsError(f"--node {spec!r}: give NAME=HOST[,HOST...] with no empty host, e.g. n1=10.0.0.1")
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise CertsError(f"--node {spec!r}: {problem}")
+    return name, hosts
+
+
 def init_cluster(directory: Path, nodes: list[str], hosts: list[str], operators: list[str],
                  viewers: list[str]) -> list[Issued]:
+    """`nodes`: as `parse_node` reads them (NAME or NAME=HOST,...)."""
     if (directory / "ca.pem").exists():
         raise CertsError(f"{directory} already holds a CA; add identities with `orchctl certs issue {directory}`")
     if not nodes:
         raise CertsError("give the agents' node names, e.g. --node n1 --node n2 (more later with `orchctl certs "
                          "issue`)")
+    agents = [parse_node(spec) for spec in nodes]
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise CertsError(f"--host: {problem}")
     init_ca(directory)
     issued = [issue(directory, Identity(Role.ORCHESTRATOR, "orchestrator"),
                     tuple(dict.fromkeys([*hosts, "localhost", "127.0.0.1"])))]
-    issued += [issue(directory, Identity(Role.AGENT, node)) for node in nodes]
+    issued += [issue(directory, Identity(Role.AGENT, node), node_hosts) for node, node_hosts in agents]
     issued += [issue(directory, Identity(Role.OPERATOR, name)) for name in operators]
     issued += [issue(directory, Identity(Role.VIEWER, name)) for name in viewers]
     return issued

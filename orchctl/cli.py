@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = certs_actions.add_parser("init", help="a new CA in DIR, and certificates for the orchestrator, the agents, "
                                               "operators and viewers")
     a.add_argument("dir", metavar="DIR", type=Path, help="where the files go (made if missing)")
-    a.add_argument("--node", action="append", default=[], metavar="NAME", help="an agent's node name (repeat)")
+    a.add_argument("--node", action="append", default=[], metavar="NAME[=HOST,...]",
+                   help="an agent's node name (repeat); after '=', the names or IPs it is reached at (its "
+                        "--advertise-host), which NBD clients check against its nbds:// URIs")
     a.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                    help="a name or IP clients reach the orchestrator at (repeat; localhost and 127.0.0.1 always)")
     a.add_argument("--operator", action="append", default=None, metavar="NAME",
@@ -373,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--role", required=True, choices=[r.value for r in Role], help="what the identity may do")
     a.add_argument("--name", required=True, help="its name: for an agent, its node name")
     a.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
-                   help="a name or IP it serves at (orchestrator; repeat)")
+                   help="a name or IP it serves at (orchestrator; agent: its --advertise-host, for NBD "
+                        "over TLS; repeat)")
     a.set_defaults(handler=cmd_certs_issue)
 
     for verb, what in (("cordon", "take no new controllers (never chosen as a destination)"),

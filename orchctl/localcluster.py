@@ -142,8 +142,9 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)  # added to every process's environment (OTEL_*, ...)
     allow_fault_injection: bool = False  # agents take InjectFault (tests that inject faults)
     # Mutual TLS on every gRPC port: a directory `orchctl certs init` made (agents' certificates
-    # are issued on demand). This cluster's own calls act as operator/admin to the orchestrator
-    # and as the orchestrator to agents.
+    # are issued on demand, naming the host the agent advertises, so NBD clients accept them).
+    # This cluster's own calls act as operator/admin to the orchestrator and as the orchestrator
+    # to agents.
     tls_dir: Path | None = None
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -299,18 +300,19 @@ class LocalCluster:
 
     # ---- TLS --------------------------------------------------------------------------------
 
-    def tls_files(self, identity: Identity) -> tuple[Path, Path, Path]:
-        """(CA, certificate, key) of `identity` in tls_dir, issued now if it has none yet."""
+    def tls_files(self, identity: Identity, hosts: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+        """(CA, certificate, key) of `identity` in tls_dir, issued now (naming `hosts`) if it has
+        none yet."""
         assert self.tls_dir is not None
         stem = certs.file_stem(identity)
         if not (self.tls_dir / f"{stem}.pem").exists():
-            certs.issue(self.tls_dir, identity)
+            certs.issue(self.tls_dir, identity, hosts)
         return self.tls_dir / "ca.pem", self.tls_dir / f"{stem}.pem", self.tls_dir / f"{stem}.key"
 
-    def tls_args(self, identity: Identity) -> list[str]:
+    def tls_args(self, identity: Identity, hosts: tuple[str, ...] = ()) -> list[str]:
         if self.tls_dir is None:
             return []
-        ca, cert, key = self.tls_files(identity)
+        ca, cert, key = self.tls_files(identity, hosts)
         return ["--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
 
     def channel(self, address: str, identity: Identity, server_name: str = "") -> grpc.Channel:
@@ -357,7 +359,7 @@ class LocalCluster:
                 "--data-dir", str(self.agent_data_dir(name)), "--lease-ttl-s", str(self.lease_ttl_s),
                 *(["--capacity", capacity] if capacity is not None else []),
                 *(["--allow-fault-injection"] if self.allow_fault_injection else []),
-                *self.tls_args(Identity(Role.AGENT, name)),
+                *self.tls_args(Identity(Role.AGENT, name), (listen_host or self.host,)),
                 # port 0: the agent says where in its node record, read once it registered
                 *(["--http", f"{listen_host or self.host}:0"] if http else []), *extra_args,
             ]

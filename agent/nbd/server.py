@@ -8,16 +8,23 @@ address per node, and the NBD handshake already selects an export by name). A co
 visible only after `export()` (AgentService.ExportController) and only while it runs here.
 
 Protocol: fixed newstyle handshake with NBD_OPT_GO / INFO / EXPORT_NAME / LIST / ABORT; simple
-replies only (structured replies, metadata contexts and TLS are refused with NBD_REP_ERR_UNSUP
-or _POLICY, which every client handles). Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA,
-SEND_TRIM, SEND_WRITE_ZEROES and CAN_MULTI_CONN (all connections share one controller and a
-flush is an fsync of its one file). Offsets and lengths must be multiples of the 4096-byte block
+replies only (structured replies and metadata contexts are refused with NBD_REP_ERR_UNSUP, which
+every client handles). Transmission flags HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM,
+SEND_WRITE_ZEROES and CAN_MULTI_CONN (all connections share one controller and a flush is an
+fsync of its one file). Offsets and lengths must be multiples of the 4096-byte block
 (advertised with NBD_INFO_BLOCK_SIZE); anything else gets EINVAL.
 
 Migration semantics: while the controller is suspended (stop-and-copy) a request is not failed,
 it waits and is retried once the controller runs again (a rollback resumes it). When the
 controller leaves this node (released after COMMIT) or is unexported, its connections are
 closed: stalled requests never complete there, and the client reconnects to the new owner.
+
+TLS: when the agent has the cluster's certificates (--tls-*), the server is in the protocol's
+TLS-required mode: a client must send NBD_OPT_STARTTLS before anything else, and after the
+handshake its certificate must name an operator or the orchestrator (agent/nbd/tls_policy.py has
+the rules); the URIs it hands out are then nbds://. Without them, plaintext as before and
+NBD_OPT_STARTTLS is answered NBD_REP_ERR_POLICY.
+
 Every namespace access runs in a small thread pool of its own, so the event loop (which also
 serves gRPC and the migration data plane) never blocks on file I/O, and a deep client queue
 cannot crowd the migration's own `asyncio.to_thread` calls out of the default executor.
@@ -30,6 +37,7 @@ import collections
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +46,10 @@ from typing import TypeVar
 from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError
 from agent.nbd import protocol as p
+from agent.nbd.tls_policy import Action, TlsStage, certificate_names_host, option_verdict
 from agent.vfio_states import VfioState
+from cluster.grpc_tls import TlsFiles, identity_of_der
+from cluster.identity import nbd_refusal
 from cluster.ratelimited_log import malformed_input
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,7 @@ MAX_REQUEST_BYTES = 4 << 20  # largest READ/WRITE; advertised as the maximum blo
 CHUNK_BYTES = 1 << 20  # one controller call per MiB: a big request never holds its lock long
 MAX_INFLIGHT = 32  # requests per connection being served at once (bounds memory to 128 MiB)
 MAX_OPTION_BYTES = 64 << 10
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 IO_THREADS = 4
 # A stalled request waits for a wake-up from the host (resume, release); this re-check is the
 # backstop for a state change that reaches the controller by a path that does not notify.
@@ -86,10 +98,19 @@ class NbdServer:
     """Owns the listener, the exports and their connections; `close()` ends all of them."""
 
     def __init__(self, listen_host: str, port: int, advertise_host: str,
-                 lookup: Callable[[str], GuestDrivenController | None], io_threads: int = IO_THREADS) -> None:
+                 lookup: Callable[[str], GuestDrivenController | None], io_threads: int = IO_THREADS, *,
+                 tls: TlsFiles | None = None) -> None:
+        """`tls`: the agent's certificates; with them every client must negotiate TLS."""
         self.listen_host = listen_host
         self.port = port
         self.advertise_host = advertise_host
+        self._ssl = tls.ssl_context(server=True) if tls is not None else None
+        if tls is not None and not certificate_names_host(tls.cert_pem, advertise_host):
+            # qemu and libnbd check the server's certificate against the host of the URI.
+            log.warning("the agent's certificate does not name %s, the host its nbds:// URIs name: NBD clients "
+                        "will refuse it unless told which name to check (qemu: tls-hostname=%s); reissue it "
+                        "with `orchctl certs issue DIR --role agent --name %s --host %s`", advertise_host,
+                        tls.identity.name, tls.identity.name, advertise_host)
         self._lookup = lookup
         self._exports: dict[str, _Export] = {}
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="nbd-io")
@@ -129,7 +150,10 @@ class NbdServer:
     # ---- exports ----------------------------------------------------------------------------
 
     def uri(self, controller_id: str) -> str:
-        return f"nbd://{self.advertise_host}:{self.port}/{controller_id}"
+        """nbd://, or with TLS nbds:// (libnbd's scheme for TLS required; qemu takes the host,
+        port and name as options beside tls-creds, see README.md)."""
+        scheme = "nbds" if self._ssl is not None else "nbd"
+        return f"{scheme}://{self.advertise_host}:{self.port}/{controller_id}"
 
     def export(self, controller_id: str) -> str:
         """Makes the controller reachable by name; idempotent. The caller checks it runs here."""
@@ -174,6 +198,10 @@ class NbdServer:
             pass  # the client went away (or we hung up on it)
         except p.ProtocolError as exc:
             malformed_input.malformed("nbd", "NBD client %s broke the protocol: %s; hanging up", peer, exc)
+        except ssl.SSLError as exc:
+            # no certificate, one from another CA, or not TLS at all after NBD_OPT_STARTTLS
+            malformed_input.malformed("nbd", "NBD client %s failed the TLS handshake: %s; hanging up", peer,
+                                      exc.reason or exc)
         finally:
             if conn is not None:
                 conn.export.connections.discard(conn)
@@ -206,6 +234,8 @@ class NbdServer:
         def reply(option: int, kind: int, data: bytes = b"") -> None:
             writer.write(p.option_reply(option, kind, data))
 
+        stage = TlsStage.OFF if self._ssl is None else TlsStage.REQUIRED
+        refusal: str | None = None  # after STARTTLS: why the client's identity may not use exports
         while True:
             magic, option, length = p.OPTION_HEADER.unpack(await reader.readexactly(p.OPTION_HEADER.size))
             if magic != p.IHAVEOPT:
@@ -213,6 +243,20 @@ class NbdServer:
             if length > MAX_OPTION_BYTES:
                 raise p.ProtocolError(f"option {option} carries {length} bytes (at most {MAX_OPTION_BYTES})")
             data = await reader.readexactly(length)
+            verdict = option_verdict(stage, option, length, refusal)
+            if verdict.action is Action.HANG_UP:
+                return None
+            if verdict.action is Action.START_TLS:
+                reply(option, p.REP_ACK)
+                refusal = await self._start_tls(reader, writer)
+                stage = TlsStage.ON
+                continue
+            if verdict.action is not Action.HANDLE:
+                reply(option, verdict.reply, verdict.message.encode())
+                await writer.drain()
+                if verdict.action is Action.REPLY_AND_CLOSE:
+                    return None
+                continue
             if option == p.OPT_EXPORT_NAME:
                 found = self._resolve(data.decode("utf-8", errors="replace"))
                 if isinstance(found, str):
@@ -259,11 +303,27 @@ class NbdServer:
                 await writer.drain()
                 if option == p.OPT_GO:
                     return found
-            elif option == p.OPT_STARTTLS:
-                reply(option, p.REP_ERR_POLICY, b"this server does not offer TLS")
             else:
                 reply(option, p.REP_ERR_UNSUP, f"option {option} is not supported".encode())
             await writer.drain()
+
+    async def _start_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """The TLS handshake after NBD_OPT_STARTTLS was acknowledged (the ACK written; start_tls
+        flushes it first); returns why the client's certificate may not use exports, None when it may."""
+        assert self._ssl is not None
+        # Bytes the client sent after STARTTLS, before the handshake, would be read as if they had
+        # come over TLS (the STARTTLS injection of SMTP fame): the protocol forbids them.
+        # StreamReader has no public way to ask what it holds.
+        if getattr(reader, "_buffer", b""):
+            raise p.ProtocolError("data after NBD_OPT_STARTTLS, before the TLS handshake")
+        await writer.start_tls(self._ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+        tls_object = writer.get_extra_info("ssl_object")
+        der = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
+        refusal = nbd_refusal(identity_of_der(der))
+        if refusal is not None:
+            malformed_input.malformed("nbd", "NBD client %s: %s; refusing its options",
+                                      writer.get_extra_info("peername"), refusal)
+        return refusal
 
 
 def _check_guest_io(controller: GuestDrivenController) -> None:
