@@ -49,8 +49,11 @@ def tls_cluster(pki: Path, shared_etcd: str, request: pytest.FixtureRequest) -> 
         etcdctl(shared_etcd, "del", "--prefix", prefix)
 
 
-def etcd_state(cluster: LocalCluster) -> str:
-    return etcdctl(cluster.etcd_endpoint, "get", "--prefix", cluster.etcd_prefix)
+def etcd_state(cluster: LocalCluster) -> dict[str, str]:
+    """What a refused call must not change: jobs, controllers, cordons, evacuations, predictions
+    (node records are left out: agents rewrite theirs as their free space changes)."""
+    return {what: etcdctl(cluster.etcd_endpoint, "get", "--prefix", f"{cluster.etcd_prefix}{what}/")
+            for what in ("jobs", "active", "controllers", "cordon", "evacuations", "predictions")}
 
 
 def orchctl(cluster: LocalCluster, pki: Path, *args: str, identity: str = "operator-admin",
