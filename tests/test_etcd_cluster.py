@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,8 +92,9 @@ def raft_leader_first(endpoints: str) -> str | None:
         status = etcdctl_json(endpoint, "endpoint", "status")
         if not status:
             return None
-        header = status[0]["Status"]["header"]  # type: ignore[index]
-        if status[0]["Status"]["leader"] == header["member_id"]:  # type: ignore[index]
+        member: dict[str, Any] = status[0]["Status"]  # type: ignore[assignment]
+        leader = member.get("leader", 0)  # protobuf's JSON leaves a zero out: no leader yet
+        if leader and leader == member["header"]["member_id"]:
             return ",".join([endpoint, *(m for m in members if m != endpoint)])
     return None
 
