@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="orchctl",
         description="Operate the NVMe live-migration orchestrator.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad request, 3 orchestrator unreachable, 130 interrupted.",
+        # no prefixes of long options: `orchctl demo --tls` must reach the demo, not be taken for an
+        # ambiguous --tls-ca/--tls-cert/--tls-key of orchctl's own
+        allow_abbrev=False,
     )
     _add_global_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

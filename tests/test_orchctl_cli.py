@@ -250,6 +250,9 @@ def test_demo_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "orchctl.demo", module)
     assert cli.main(["demo", "--help", "--nodes", "3"]) == 7
     assert seen == [["--help", "--nodes", "3"]]
+    # a demo option that begins like orchctl's own --tls-* options is the demo's, not an abbreviation
+    assert cli.main(["demo", "--tls", "--no-tls"]) == 7
+    assert seen[-1] == ["--tls", "--no-tls"]
 
 
 def test_unknown_arguments_are_rejected() -> None:
