@@ -338,15 +338,9 @@ class _Connection:
         size = self.controller.namespace_bytes
         while not self.closing:
             header = await self.reader.readexactly(p.REQUEST.size)
-            magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
-            if magic != p.REQUEST_MAGIC:
-                raise p.ProtocolError(f"request magic {magic:#x} is not {p.REQUEST_MAGIC:#x}")
+            flags, command, cookie, offset, length = p.parse_request(header, MAX_REQUEST_BYTES)
             payload = b""
             if command == p.CMD_WRITE:
-                if length > MAX_REQUEST_BYTES:
-                    # The payload follows the header; skipping it unread is not worth the risk.
-                    raise p.ProtocolError(f"WRITE of {length} bytes exceeds the advertised maximum "
-                                          f"{MAX_REQUEST_BYTES}")
                 payload = await self.reader.readexactly(length)
             if command == p.CMD_DISC:
                 # Soft disconnect: finish what was asked before it, then close.
