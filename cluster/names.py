@@ -25,25 +25,26 @@ def bounded(message: str) -> str:
     return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "... (cut)"
 
 
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_JOB_ID = re.compile(r"^mig-[0-9a-f]{12}$")
+# Matched with fullmatch: a pattern ending in `$` also takes the value followed by a newline.
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_JOB_ID = re.compile(r"mig-[0-9a-f]{12}")
 
 
 def controller_id_problem(value: str) -> str | None:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         return (f"controller id {shown(value)} is malformed: use 1-63 lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit")
     return None
 
 
 def node_name_problem(value: str) -> str | None:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         return (f"node name {shown(value)} is malformed: use 1-63 lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit")
     return None
 
 
 def job_id_problem(value: str) -> str | None:
-    if not _JOB_ID.match(value):
+    if not _JOB_ID.fullmatch(value):
         return f"job id {shown(value)} is malformed: job ids look like 'mig-' and 12 hex digits, e.g. mig-0123456789ab"
     return None

@@ -39,7 +39,7 @@ from rich.live import Live
 from rich.text import Text
 
 from cluster.identity import Identity, Role
-from cluster.policy_limits import MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
+from cluster.policy_limits import MAX_BANDWIDTH_BYTES_PER_S, MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
 from orchctl import certs, render
 from orchctl.client import (
     DEFAULT_TIMEOUT_S,
@@ -132,7 +132,11 @@ def parse_bandwidth(value: str) -> int:
             f"invalid bandwidth {value!r}: expected bytes per second as a number with an optional "
             "suffix K, M, G, T (powers of 1024; KB, MB, GB, TB are powers of 1000), e.g. 100M or 1.5G"
         )
-    result = math.floor(float(match.group("num")) * units)
+    scaled = float(match.group("num")) * units
+    if not math.isfinite(scaled):  # more digits than a float holds
+        raise argparse.ArgumentTypeError(f"invalid bandwidth {value[:24]!r}: the number is too large; give at "
+                                         f"most {MAX_BANDWIDTH_BYTES_PER_S} bytes/s, or no --bandwidth for no limit")
+    result = math.floor(scaled)
     problem = policy_value_problem("bandwidth_bytes_per_s", result) if result >= 1 else "must be above 0"
     if problem:
         raise argparse.ArgumentTypeError(f"invalid bandwidth {value!r}: {problem}")
@@ -147,7 +151,8 @@ def parse_size(value: str) -> int:
         raise argparse.ArgumentTypeError(
             f"invalid size {value!r}: expected bytes as a number with an optional suffix K, M, G, T "
             "(powers of 1024; KB, MB, GB, TB are powers of 1000), e.g. 64M or 1G")
-    result = math.floor(float(match.group("num")) * units)
+    scaled = float(match.group("num")) * units
+    result = math.floor(scaled) if math.isfinite(scaled) else 2**63  # inf: more digits than a float holds
     if result < 1 or result >= 2**63:
         raise argparse.ArgumentTypeError(f"invalid size {value!r}: must be at least 1 byte and below 8 EiB")
     return result

@@ -53,6 +53,7 @@ __all__ = [
     "ReceiverStats",
     "decode_final_payload",
     "encode_final_payload",
+    "parse_hello",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,30 @@ def decode_final_payload(payload: bytes) -> tuple[bytes, bytes]:
         )
     end = _FINAL_LEN.size + state_len
     return payload[_FINAL_LEN.size : end], payload[end:]
+
+
+def parse_hello(payload: bytes) -> tuple[str, str]:
+    """(job_id, token) from a HELLO payload; ValueError says what is wrong with it.
+
+    It comes before authentication, from anyone who can reach the port: JSON nested deeper than
+    the parser recurses, or strings that are not text (a lone surrogate escaped as \\ud800), are
+    refused like any other malformed HELLO.
+    """
+    try:
+        hello = json.loads(payload)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply") from None
+    if not isinstance(hello, dict):
+        raise ValueError(f"the JSON is {type(hello).__name__}, not an object")
+    job_id, token = hello.get("job_id"), hello.get("token")
+    if not isinstance(job_id, str) or not isinstance(token, str):
+        raise ValueError("job_id and token must be strings")
+    for name, value in (("job_id", job_id), ("token", token)):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} holds a lone surrogate, not text") from None
+    return job_id, token
 
 
 class DestinationSink(Protocol):
@@ -406,12 +431,8 @@ class DataReceiver:
             await self._refuse(reader, writer, f"expected HELLO as the first frame, got {frame.type.name}")
             return None
         try:
-            hello = json.loads(frame.payload)
-            job_id = hello["job_id"]
-            token = hello["token"]
-            if not isinstance(job_id, str) or not isinstance(token, str):
-                raise TypeError("job_id and token must be strings")
-        except (ValueError, KeyError, TypeError) as exc:
+            job_id, token = parse_hello(frame.payload)
+        except ValueError as exc:
             await self._refuse(reader, writer, f"HELLO payload must be JSON {{'job_id': str, 'token': str}}: {exc}")
             return None
 

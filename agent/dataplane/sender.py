@@ -395,7 +395,7 @@ def _ack_body(frame: Frame | None) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(frame.payload) if frame.payload else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser recurses
         return {"ok": False, "error": f"undecodable ACK payload {frame.payload[:100]!r}"}
     return body if isinstance(body, dict) else {"ok": False, "error": f"ACK payload is not an object: {body!r}"}
 

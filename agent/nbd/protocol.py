@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # ---- handshake --------------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -141,3 +142,29 @@ def parse_go(data: bytes) -> GoRequest:
     if len(rest) != 2 * count:
         raise ValueError(f"{count} info requests need {2 * count} bytes, the option has {len(rest)}")
     return GoRequest(name, tuple(U16.unpack_from(rest, 2 * i)[0] for i in range(count)))
+
+
+class Request(NamedTuple):
+    """A transmission-phase request header (the payload of a WRITE follows it on the wire)."""
+
+    flags: int
+    command: int
+    cookie: int
+    offset: int
+    length: int
+
+
+def parse_request(header: bytes, max_write_bytes: int) -> Request:
+    """The request in a 28-byte header; ProtocolError when the stream cannot go on after it.
+
+    That is a wrong magic, or a WRITE longer than ``max_write_bytes`` (the advertised maximum
+    block size): its payload follows the header, and skipping that many bytes unread is not worth
+    the risk.  Everything else about a request (command, flags, range) is answered with an errno
+    by the server, which keeps the stream.
+    """
+    magic, flags, command, cookie, offset, length = REQUEST.unpack(header)
+    if magic != REQUEST_MAGIC:
+        raise ProtocolError(f"request magic {magic:#x} is not {REQUEST_MAGIC:#x}")
+    if command == CMD_WRITE and length > max_write_bytes:
+        raise ProtocolError(f"WRITE of {length} bytes exceeds the advertised maximum {max_write_bytes}")
+    return Request(flags, command, cookie, offset, length)

@@ -48,6 +48,7 @@ from agent.controller_errors import ControllerError, ControllerGoneError, NotRun
 from agent.nbd import protocol as p
 from agent.nbd.tls_policy import Action, TlsStage, certificate_names_host, option_verdict
 from agent.vfio_states import VfioState
+from cluster import names
 from cluster.grpc_tls import TlsFiles, identity_of_der
 from cluster.identity import nbd_refusal
 from cluster.ratelimited_log import malformed_input
@@ -217,7 +218,7 @@ class NbdServer:
         controller = self._lookup(name)
         if export is None or controller is None:
             shown = sorted(cid for cid in self._exports if self._lookup(cid) is not None)
-            return (f"export {name!r} does not exist on this node (exported here: "
+            return (f"export {names.shown(name)} does not exist on this node (exported here: "
                     f"{', '.join(shown) or 'none'}); ask the orchestrator for the URI with "
                     f"`orchctl export CONTROLLER`")
         return export, controller
@@ -406,16 +407,10 @@ class _Connection:
         size = self.controller.namespace_bytes
         while not self.closing:
             header = await self.reader.readexactly(p.REQUEST.size)
-            magic, flags, command, cookie, offset, length = p.REQUEST.unpack(header)
-            if magic != p.REQUEST_MAGIC:
-                raise p.ProtocolError(f"request magic {magic:#x} is not {p.REQUEST_MAGIC:#x}")
+            flags, command, cookie, offset, length = p.parse_request(header, MAX_REQUEST_BYTES)
             self.server.requests[p.COMMAND_NAMES.get(command, "OTHER")] += 1
             payload = b""
             if command == p.CMD_WRITE:
-                if length > MAX_REQUEST_BYTES:
-                    # The payload follows the header; skipping it unread is not worth the risk.
-                    raise p.ProtocolError(f"WRITE of {length} bytes exceeds the advertised maximum "
-                                          f"{MAX_REQUEST_BYTES}")
                 payload = await self.reader.readexactly(length)
             if command == p.CMD_DISC:
                 # Soft disconnect: finish what was asked before it, then close.

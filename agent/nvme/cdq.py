@@ -140,6 +140,16 @@ def decode_pointers(data: bytes) -> tuple[int, int]:
     return int(head), int(trigger)
 
 
+def entry_lbas(slba: int, nlb: int, namespace_blocks: int) -> range:
+    """The LBAs a range-valid entry names (NLB zero-based); ValueError names the fields when the range
+    leaves the namespace.  The host expands a range into LBAs, so an entry from a broken or hostile
+    device claiming four billion blocks must be refused before it is expanded."""
+    if not 0 <= slba <= slba + nlb < namespace_blocks:
+        raise ValueError(f"entry range slba={slba} nlb={nlb} (zero-based) is outside the "
+                         f"{namespace_blocks}-block namespace")
+    return range(slba, slba + nlb + 1)
+
+
 def entries_for(size_dwords: int) -> int:
     """Entries in a queue of ``size_dwords`` (the CDQ create command's size field)."""
     per_entry = CDQ_ENTRY_BYTES // 4

@@ -393,7 +393,11 @@ class CdqChangedLbaLog:
             if change == LbaChange.ALL_CHANGED:
                 self._all_changed = True
             elif change == LbaChange.RANGE_VALID and nsid == self._nsid:
-                changed.update(range(slba, slba + nlb + 1))
+                try:
+                    changed.update(cdq.entry_lbas(slba, nlb, self._blocks))
+                except ValueError as exc:
+                    raise DeviceCommandError(f"{self._what('User Data Migration Queue')}: the controller posted "
+                                             f"an entry the host cannot use: {exc}") from None
             if cdq.sequence_of(attributes) == EntrySequence.LAST_QUEUE_FULL:
                 restart = True
         if consumed:

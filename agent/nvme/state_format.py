@@ -73,6 +73,10 @@ _U64 = struct.Struct("<Q")
 HEADER_BYTES = _HEADER.size
 QUEUE_ENTRY_BYTES = _QUEUE.size
 MAX_CONTROLLER_ID_BYTES = 255
+# The largest payload the layout can hold (the longest id, 65535 queues of each kind): a header
+# that claims more is corrupt, and a host reading the container in pieces must not ask for it.
+MAX_PAYLOAD_BYTES = (_U16.size + MAX_CONTROLLER_ID_BYTES + _U64.size + _REGISTERS.size + _COUNTS.size
+                     + 2 * 0xFFFF * QUEUE_ENTRY_BYTES)
 
 assert QUEUE_ENTRY_BYTES == 24
 
@@ -209,6 +213,9 @@ def container_length(blob: bytes) -> int:
         )
     if flags != 0:
         raise StateFormatError(f"controller state has unknown flags {flags:#06x}; version 1 defines none")
+    if length > MAX_PAYLOAD_BYTES:
+        raise StateFormatError(f"controller state header claims a payload length of {length} bytes; version 1 "
+                               f"holds at most {MAX_PAYLOAD_BYTES}: the header is corrupt")
     return int(HEADER_BYTES + length)
 
 
