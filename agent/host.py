@@ -284,7 +284,7 @@ class Host:
                             f"{self.hosting.kind} has no {what}; {hint}")
 
     def export_controller(self, controller_id: str) -> str:
-        """Serves the controller over NBD; returns its nbd:// URI (idempotent)."""
+        """Serves the controller over NBD; returns its nbd:// URI, nbds:// with TLS (idempotent)."""
         self.hosted(controller_id)
         if not self.hosting.capabilities.nbd_export:
             raise self._lacks("NBD export", controller_id, "its guest is the VM the VF is passed to; migrate it to "

@@ -165,7 +165,7 @@ class MigrationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportController(self, request, context):
-        """Serves a controller's namespace over NBD from the node that runs it; returns the nbd:// URI.
+        """Serves a controller's namespace over NBD from the node that runs it; returns the nbd:// URI (nbds:// with TLS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
