@@ -364,3 +364,40 @@ def test_the_option_phase_with_a_raw_client(tls_cluster: LocalCluster, pki: Path
         anonymous.start_tls(client_context(pki, None))
         anonymous.option(p.OPT_LIST)
     anonymous.sock.close()
+
+
+async def test_a_peer_holding_too_many_nbd_connections_is_cut_without_a_greeting() -> None:
+    from agent.nbd.server import MAX_CONNECTIONS_PER_PEER
+    server = NbdServer("127.0.0.1", 0, "127.0.0.1", lambda _: None)
+    await server.start()
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(MAX_CONNECTIONS_PER_PEER):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            assert (await asyncio.wait_for(reader.readexactly(8), 10)) == b"NBDMAGIC"  # served: greeted
+            held.append((reader, writer))
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            got = await asyncio.wait_for(reader.read(64), 10)
+        except ConnectionResetError:
+            got = b""
+        assert got == b"", "one connection too many was greeted"
+        writer.close()
+        # a connection let go makes room again
+        held.pop()[1].close()
+        async def greeted() -> bool:
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                return await asyncio.wait_for(r.read(8), 10) == b"NBDMAGIC"
+            except ConnectionResetError:
+                return False
+            finally:
+                w.close()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await greeted():
+            assert asyncio.get_running_loop().time() < deadline, "no room after a connection closed"
+            await asyncio.sleep(0.05)
+    finally:
+        for _, w in held:
+            w.close()
+        await server.close()

@@ -60,6 +60,10 @@ T = TypeVar("T")
 MAX_REQUEST_BYTES = 4 << 20  # largest READ/WRITE; advertised as the maximum block size
 CHUNK_BYTES = 1 << 20  # one controller call per MiB: a big request never holds its lock long
 MAX_INFLIGHT = 32  # requests per connection being served at once (bounds memory to 128 MiB)
+# Connections at once: from one peer address, and in all. Each may hold MAX_INFLIGHT requests'
+# buffers; a client needs one (a few with multi-conn).
+MAX_CONNECTIONS_PER_PEER = 16
+MAX_CONNECTIONS = 256
 MAX_OPTION_BYTES = 64 << 10
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 IO_THREADS = 4
@@ -117,6 +121,7 @@ class NbdServer:
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="nbd-io")
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._peers: collections.Counter[str] = collections.Counter()  # connections held, by peer address
         # Requests received in the transmission phase, by command name (p.COMMAND_NAMES, or
         # "OTHER"): a bounded set, for the agent's /metrics.
         self.requests: collections.Counter[str] = collections.Counter()
@@ -185,8 +190,16 @@ class NbdServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handlers.add(task)
         peer = writer.get_extra_info("peername")
+        peer_host = str(peer[0]) if peer else ""
+        if self._peers[peer_host] >= MAX_CONNECTIONS_PER_PEER or len(self._handlers) >= MAX_CONNECTIONS:
+            malformed_input.malformed("nbd", "NBD client %s refused: it holds %d connections (at most %d per peer, "
+                                      "%d in all)", peer, self._peers[peer_host], MAX_CONNECTIONS_PER_PEER,
+                                      MAX_CONNECTIONS)
+            writer.transport.abort()
+            return
+        self._handlers.add(task)
+        self._peers[peer_host] += 1
         conn: _Connection | None = None
         try:
             chosen = await self._negotiate(reader, writer)
@@ -204,6 +217,7 @@ class NbdServer:
             malformed_input.malformed("nbd", "NBD client %s failed the TLS handshake: %s; hanging up", peer,
                                       exc.reason or exc)
         finally:
+            self._peers[peer_host] -= 1
             if conn is not None:
                 conn.export.connections.discard(conn)
                 await conn.finish()
