@@ -40,6 +40,7 @@ from cluster.store import EtcdError, EtcdStore
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_SESSIONS = 64  # migrations a node takes part in at once, as source or destination
 
 
 @dataclass
@@ -468,12 +469,22 @@ class Host:
             raise SessionError(ErrorKind.NOT_FOUND, f"job {job_id} has no session on node {self.name!r}")
         return session
 
+    def _refuse_if_too_many_sessions(self) -> None:
+        """A node takes part in at most MAX_SESSIONS migrations at once: each holds a connection,
+        buffers and, as a destination, a namespace being written."""
+        active = sum(1 for s in self.sessions.values() if s.current not in ENDED_STAGES)
+        if active >= MAX_SESSIONS:
+            raise SessionError(ErrorKind.PRECONDITION,
+                               f"node {self.name!r} already takes part in {active} migrations (at most {MAX_SESSIONS} "
+                               "at once); choose another node or wait for one to end")
+
     async def source_session(self, job_id: str, epoch: int, controller_id: str, token: str) -> SourceSession:
         found = self._session(job_id, epoch, SourceSession)
         assert found is None or isinstance(found, SourceSession)
         # A new token means a new destination for the same job (the old one was lost): start over.
         if found is not None and not (found.stage is SourceStage.ABORTED and found.token != token):
             return found
+        self._refuse_if_too_many_sessions()
         hosted = self.hosted(controller_id)
         if hosted.controller.vfio_state != VfioState.RUNNING:
             raise SessionError(ErrorKind.PRECONDITION,
@@ -507,6 +518,7 @@ class Host:
         if controller_id in self.controllers:
             raise SessionError(ErrorKind.PRECONDITION,
                                f"controller {controller_id!r} already runs on node {self.name!r}")
+        self._refuse_if_too_many_sessions()
         async with self._lock:
             problem = self.hosting.capacity_problem(controller_id, namespace_bytes)
             if problem:
@@ -642,6 +654,7 @@ class Host:
                 log.warning("node record not updated, etcd did not answer (%s); retrying in %.1f s", exc, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
+
 
 
 NAME_PING_TIMEOUT_S = 1.0

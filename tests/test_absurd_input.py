@@ -4,6 +4,7 @@ the progress timeout instead of holding its controller until the job deadline.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -127,3 +128,32 @@ def test_orchctl_pointed_at_the_http_port_leaves_no_traceback(bad_input_cluster:
     assert done.returncode == 3, done.stderr
     assert "cannot reach the orchestrator" in done.stderr and "Traceback" not in done.stderr
     assert "Traceback" not in orchestrator.log_path.read_text(errors="replace")
+
+
+def test_a_node_takes_part_in_a_bounded_number_of_migrations(bad_input_cluster: LocalCluster) -> None:
+    """The 65th destination prepared at once on a node is refused with the reason; ending one
+    makes room again."""
+    from agent.host import MAX_SESSIONS
+    channel, n2 = bad_input_cluster.agent_stub("n2")
+    version = n2.GetInfo(agent_pb2.GetInfoRequest(), timeout=10).state_format_version
+
+    def ref(i: int) -> agent_pb2.MigrationRef:
+        return agent_pb2.MigrationRef(job_id=f"mig-{i:012x}", epoch=1, controller_id=f"many-{i}")
+
+    def prepare(i: int) -> None:
+        n2.PrepareDestination(agent_pb2.PrepareDestinationRequest(
+            ref=ref(i), namespace_bytes=1 << 20, state_format_version=version, source_node="n1"), timeout=30)
+    with channel:
+        try:
+            for i in range(MAX_SESSIONS):
+                prepare(i)
+            with pytest.raises(grpc.RpcError) as caught:
+                prepare(MAX_SESSIONS)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+            assert f"already takes part in {MAX_SESSIONS} migrations" in caught.value.details()  # type: ignore[attr-defined]
+            n2.AbortMigration(ref(0), timeout=30)
+            prepare(MAX_SESSIONS)
+        finally:
+            for i in range(MAX_SESSIONS + 1):
+                with contextlib.suppress(grpc.RpcError):
+                    n2.AbortMigration(ref(i), timeout=30)
