@@ -4,7 +4,9 @@ aetcd talks to one HOST:PORT over a plaintext channel. A cluster of three surviv
 member only if its clients stop asking the lost one: here a call that fails as etcd unreachable
 (UNAVAILABLE: refused, reset, "no leader"; DEADLINE_EXCEEDED: frozen, partitioned) moves the
 client to the next endpoint, and the caller's own retry (reads) or re-read (writes) goes there.
-The failed call still raises: whether it landed is the caller's question, as before.
+The failed call still raises: whether it landed is the caller's question, as before. A call
+its caller cancels after SLOW_CALL_S without an answer counts too: callers whose own deadline is
+shorter than the client's would otherwise never see a member fail, and ask it forever.
 
 With TLS the channel is a secure one; with a user, the auth token is fetched at every connect,
 and an UNAUTHENTICATED answer (the token expired) reconnects, which fetches a new one.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -36,21 +39,30 @@ T = TypeVar("T")
 MEMBER_FAILED = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 TOKEN_REJECTED = aetcd.exceptions.UnauthenticatedError
 RETIRED_CHANNELS_KEPT = 2
+SLOW_CALL_S = 2.0  # a call unanswered this long, then cancelled by its caller, counts as a failed member
 
 
 def _failing_over(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def call(self: FailoverClient, *args: Any, **kwargs: Any) -> T:
-        generation = self.generation
+        generation, started = self.generation, time.monotonic()
         try:
             return await method(self, *args, **kwargs)
         except MEMBER_FAILED as exc:
-            await self.fail_over(generation, exc)
+            self.fail_over(generation, exc)
             raise
         except TOKEN_REJECTED as exc:
             if self.config.user is None:
                 raise
-            await self.fail_over(generation, exc, reauthenticate=True)
+            self.fail_over(generation, exc, reauthenticate=True)
+            raise
+        except asyncio.CancelledError:
+            # The caller gave up first (its own deadline, shorter than ours): a member that has
+            # not answered for this long is as good as frozen, and a caller that always gives up
+            # first would otherwise keep asking it forever.
+            waited_s = time.monotonic() - started
+            if waited_s >= SLOW_CALL_S:
+                self.fail_over(generation, TimeoutError(f"no answer in {waited_s:.1f} s"))
             raise
     return call
 
@@ -78,6 +90,8 @@ class FailoverClient(aetcd.Client):
         """aetcd's connect, to the current endpoint, over TLS when configured."""
         if self._connected.is_set():
             return
+        while len(self._retired) > RETIRED_CHANNELS_KEPT:
+            await self._retired.pop(0).close()
         if self._is_connecting:
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return
@@ -97,7 +111,7 @@ class FailoverClient(aetcd.Client):
                         rpc.AuthenticateRequest(name=self.config.user, password=self.config.password),
                         timeout=self._timeout)
                 except rpc.AioRpcError as exc:
-                    await self._retire_current()
+                    self._retire_current()
                     if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
                                       grpc.StatusCode.FAILED_PRECONDITION):
                         # a wrong password (INVALID_ARGUMENT), or auth not enabled on the cluster
@@ -114,15 +128,15 @@ class FailoverClient(aetcd.Client):
         finally:
             self._is_connecting = False
 
-    async def _retire_current(self) -> None:
+    def _retire_current(self) -> None:
+        """Drops the current channel (closed a few moves later, in `connect`: calls of other
+        tasks may still be in flight on it)."""
         if self.channel is not None:
             self._retired.append(self.channel)
         self._init_channel_attrs()
         self._connected.clear()
-        while len(self._retired) > RETIRED_CHANNELS_KEPT:
-            await self._retired.pop(0).close()
 
-    async def fail_over(self, generation: int, cause: Exception, *, reauthenticate: bool = False) -> None:
+    def fail_over(self, generation: int, cause: Exception, *, reauthenticate: bool = False) -> None:
         """The endpoint of `generation` failed with `cause`: the next call goes to the next
         member (or, for a rejected token, reconnects and authenticates again). A single member
         is kept: gRPC reconnects to it by itself."""
@@ -131,7 +145,7 @@ class FailoverClient(aetcd.Client):
         if len(self.config.endpoints) == 1 and not reauthenticate:
             return
         failed = self.endpoint
-        await self._retire_current()
+        self._retire_current()
         self.generation += 1
         if not reauthenticate:
             self._index = (self._index + 1) % len(self.config.endpoints)

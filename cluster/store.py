@@ -458,7 +458,7 @@ class EtcdStore:
             got = await asyncio.wait_for(self._client.get(self.keys.leader), timeout_s)
         except TimeoutError:
             slow = EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {timeout_s:g} s")
-            await self._client.fail_over(generation, slow)
+            self._client.fail_over(generation, slow)
             raise slow from None
         return int(got.create_revision) if got is not None else None
 

@@ -1,8 +1,8 @@
 """etcd as the cluster it is: several endpoints with failover, TLS and user auth.
 
 A real three-member etcd runs locally; the member every process talks to, which is also the
-raft leader, is SIGKILLed in the middle of a migration, and the job still completes with every
-acknowledged write on the destination. A single TLS member with client certificates and user
+raft leader, is SIGKILLed (or frozen with SIGSTOP) in the middle of a migration, and the job
+still completes with every acknowledged write on the destination. A single TLS member with client certificates and user
 auth carries a whole migration; a wrong password or a missing CA is a clear start-up error."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,7 +109,10 @@ def three_member_etcd() -> Iterator[LocalCluster]:
         yield c
 
 
-def test_a_killed_etcd_member_does_not_stop_a_migration(three_member_etcd: LocalCluster) -> None:
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_a_lost_etcd_member_does_not_stop_a_migration(three_member_etcd: LocalCluster, fault: str) -> None:
+    """SIGKILL: the member's connections are refused at once. SIGSTOP: it keeps them open and
+    answers nothing, so each process finds out only when a call times out."""
     cluster = three_member_etcd
     cluster.start_with_agents(NODES)
     create_controller(cluster, "n1", "m1", 8 * MiB, write_iops=150)
@@ -118,7 +122,10 @@ def test_a_killed_etcd_member_does_not_stop_a_migration(three_member_etcd: Local
 
     killed_endpoint = cluster.etcd_endpoint.split(",")[0]
     killed = next(m for m in cluster.etcd_members if killed_endpoint in " ".join(m.popen.args))  # type: ignore[arg-type]
-    killed.kill()
+    if fault == "kill":
+        killed.kill()
+    else:
+        os.kill(killed.popen.pid, signal.SIGSTOP)  # continued by its stop() at the end
     remaining = ",".join(cluster.etcd_endpoint.split(",")[1:])
     wait_for("the two remaining members to elect a leader", lambda: raft_leader_first(remaining), 60)
 
