@@ -34,7 +34,7 @@ from agent.nvme.state_format import STATE_FORMAT_VERSION
 from agent.session_states import ENDED_STAGES, DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
-from cluster.grpc_tls import TlsFiles
+from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from proto.v1 import agent_pb2, agent_pb2_grpc
@@ -665,9 +665,7 @@ async def _node_answering_at(address: str, *, tls: TlsFiles | None = None, node:
     an agent holding `node`'s certificate can answer."""
     if not address:
         return None
-    channel = grpc.aio.insecure_channel(address) if tls is None else grpc.aio.secure_channel(
-        address, tls.channel_credentials(), options=[("grpc.ssl_target_name_override", node)])
-    async with channel:
+    async with agent_channel(address, node, tls) as channel:
         try:
             info = await agent_pb2_grpc.AgentServiceStub(channel).GetInfo(agent_pb2.GetInfoRequest(),
                                                                          timeout=NAME_PING_TIMEOUT_S)

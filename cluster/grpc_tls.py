@@ -160,6 +160,17 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(guarded(handler.stream_stream), *args)
 
 
+def agent_channel(address: str, node: str, tls: TlsFiles | None,
+                  interceptors: list[grpc.aio.ClientInterceptor] | None = None) -> grpc.aio.Channel:
+    """A channel to the agent of `node` at `address`: with TLS that agent must prove it is `node`
+    (its certificate carries the DNS name `node`), so an agent registered under a name not its
+    own is not believed."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), interceptors=interceptors,
+                                   options=[("grpc.ssl_target_name_override", node)])
+
+
 def server_interceptors(tls: TlsFiles | None) -> list[grpc.aio.ServerInterceptor]:
     return [Authorizer()] if tls is not None else []
 

@@ -38,6 +38,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from cluster import grpc_tls
 from cluster.identity import Identity, Role
 from cluster.policy_limits import MAX_BANDWIDTH_BYTES_PER_S, MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
 from orchctl import certs, render
@@ -484,17 +485,14 @@ class Context:
         return self._client
 
     def tls(self) -> TLSConfig | None:
-        given = {flag: getattr(self.args, f"tls_{flag}", "") for flag in ("ca", "cert", "key")}
-        if not any(given.values()):
+        # the servers' own check of --tls-*: all three or none, readable, naming an identity
+        try:
+            files = grpc_tls.tls_from_args(self.args)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        if files is None:
             return None
-        missing = [f"--tls-{flag}" for flag, value in given.items() if not value]
-        if missing:
-            raise CliError(f"--tls-ca, --tls-cert and --tls-key go together (the orchestrator wants a client "
-                           f"certificate); {' and '.join(missing)} missing", EXIT_USAGE)
-        for flag, value in given.items():
-            if not os.access(value, os.R_OK):
-                raise CliError(f"--tls-{flag} {value}: cannot read it; give a readable file", EXIT_USAGE)
-        return TLSConfig(ca_file=Path(given["ca"]), cert_file=Path(given["cert"]), key_file=Path(given["key"]),
+        return TLSConfig(ca_file=Path(self.args.tls_ca), cert_file=files.cert_file, key_file=files.key_file,
                          server_name=self.args.tls_server_name or None)
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ import grpc.aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cluster import agent_errors, telemetry
-from cluster.grpc_tls import TlsFiles
+from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.store import EtcdError, EtcdStore
 from orchestrator import tracing
 from orchestrator.liveness import Liveness, default_grace_s, judge_node
@@ -111,18 +111,12 @@ class AgentCalls:
     # ---- addresses and channels -----------------------------------------------------------
 
     def stub_at(self, address: str, node: str) -> Stub:
-        """A stub for the agent of `node` at `address`. With TLS the agent there must prove it is
-        `node` (its certificate carries the DNS name `node`): an agent that registered under a
-        name not its own is not believed."""
+        """A stub for the agent of `node` at `address` (with TLS, only that node's agent answers)."""
         channel = self._channels.get((address, node))
         if channel is None:
             # Tracing on: each call is a span of its job's trace, carried to the agent as traceparent.
-            interceptors = telemetry.client_interceptors(address, tracing.call_parent)
-            if self.tls is None:
-                channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
-            else:
-                channel = grpc.aio.secure_channel(address, self.tls.channel_credentials(), interceptors=interceptors,
-                                                  options=[("grpc.ssl_target_name_override", node)])
+            channel = agent_channel(address, node, self.tls,
+                                    telemetry.client_interceptors(address, tracing.call_parent))
             self._channels[(address, node)] = channel
         return Stub(channel)
 

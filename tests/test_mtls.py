@@ -22,7 +22,14 @@ from cluster.identity import METHOD_ROLES, Identity, Role, refusal
 from orchctl import certs
 from orchctl.localcluster import LocalCluster
 from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2, migration_pb2_grpc
-from tests.clusterprobe import TERMINAL, create_controller, migrate, running_on, verify, wait_phase
+from tests.clusterprobe import (
+    TERMINAL,
+    create_controller,
+    migrate,
+    migrate_through_a_corrupted_frame,
+    verify,
+    wait_phase,
+)
 from tests.conftest import etcdctl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,13 +239,4 @@ async def test_the_source_refuses_a_destination_with_another_nodes_certificate(t
 
 
 def test_a_tampered_frame_under_tls_is_detected_and_the_job_rolls_back(tls_cluster: LocalCluster) -> None:
-    create_controller(tls_cluster, "n1", "t3", 8 * MiB, write_iops=200)
-    channel, n1 = tls_cluster.agent_stub("n1")
-    with channel:
-        n1.InjectFault(agent_pb2.InjectFaultRequest(corrupt_frame=3), timeout=5)
-    job = migrate(tls_cluster, "t3", to="n2")
-    ended = wait_phase(tls_cluster, job.id, TERMINAL)
-    assert migration_pb2.Phase.Name(ended.phase) == "ROLLED_BACK", ended.reason
-    assert "checksum" in ended.reason or "corrupt" in ended.reason, ended.reason
-    assert running_on(tls_cluster, "t3", ["n1", "n2"]) == ["n1"]
-    assert verify(tls_cluster, "n1", "t3").ok
+    migrate_through_a_corrupted_frame(tls_cluster, "t3", 8 * MiB, 200, ["n1", "n2"])
