@@ -549,6 +549,9 @@ def cmd_get(ctx: Context) -> int:
         ctx.print_json(render.message_to_dict(job))
     else:
         ctx.show(render.migration_detail(job, time.time()))
+    warning = render.budget_warning(job)
+    if warning is not None:
+        ctx.err.print(warning)
     return EXIT_OK
 
 
@@ -930,6 +933,9 @@ def watch_job(ctx: Context, job_id: str) -> int:
 
     if not ctx.json:
         ctx.out.print(render.final_line(last))
+    warning = render.budget_warning(last)
+    if warning is not None:
+        ctx.err.print(warning)
     return EXIT_OK if last.phase == migration_pb2.COMPLETED else EXIT_FAILURE
 
 

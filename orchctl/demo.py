@@ -266,6 +266,9 @@ def _summary(job: migration_pb2.Migration, verify: agent_pb2.VerifyResponse, own
         "verified": verify.ok, "blocks_checked": verify.blocks_checked, "mismatches": verify.mismatches,
         "first_mismatch": verify.first_mismatch,
         "blackout_ms": round(workload.blackout_ms, 3), "switchover_ms": round(job.downtime_ms, 3),
+        "predicted_switchover_ms": round(job.predicted_downtime_ms, 3),
+        "downtime_budget_ms": job.policy.max_downtime_ms,
+        "over_budget": job.downtime_budget_exceeded or workload.blackout_ms > job.policy.max_downtime_ms,
         "acked_writes": workload.acked_writes,
         "bytes_transferred": job.bytes_transferred, "rounds": job.rounds,
         "precopy_throughput_bytes_per_s": round(throughput),
@@ -292,6 +295,10 @@ def _print_result(console: Console, result: dict[str, Any]) -> None:
     console.print(f"precopy throughput: {result['precopy_throughput_bytes_per_s'] / 1e6:.1f} MB/s; "
                   f"guest-observed blackout: {result['blackout_ms']:.1f} ms "
                   f"(orchestrator switchover {result['switchover_ms']:.1f} ms)")
+    predicted = (f"predicted {result['predicted_switchover_ms']:.1f} ms"
+                 if result["predicted_switchover_ms"] > 0 else "not predicted")
+    verdict = "[red]over[/red]" if result["over_budget"] else "[green]within[/green]"
+    console.print(f"downtime budget {result['downtime_budget_ms']} ms: {predicted}; measured {verdict} it")
     console.print(f"{result['blocks_checked']} acknowledged blocks on {result['controller_now_on']}: {ok}; "
                   f"namespace verification: {result['verification']}"
                   f"{' (' + result['verification_note'] + ')' if result['verification_note'] else ''}")

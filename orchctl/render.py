@@ -293,7 +293,7 @@ def migration_fields(m: migration_pb2.Migration, now: float) -> Table:
         ("rounds", Text(str(m.rounds))),
         ("throttle", Text(f"{m.throttle_percent}%")),
         ("dirty rate", Text(human_rate(m.dirty_rate_bytes_per_s))),
-        ("downtime", Text(human_duration_ms(m.downtime_ms) if m.downtime_ms > 0 else "-")),
+        ("downtime", downtime_text(m)),
         ("policy", Text(policy_text(m.policy))),
         ("epoch", Text(str(m.epoch))),
         ("verification", verification_text(m)),
@@ -405,6 +405,36 @@ def phase_change_line(m: migration_pb2.Migration) -> Text:
     return line
 
 
+def budget_ms(m: migration_pb2.Migration) -> int:
+    return m.policy.max_downtime_ms if m.policy.HasField("max_downtime_ms") else 50
+
+
+def downtime_text(m: migration_pb2.Migration) -> Text:
+    """The measured switchover beside its budget and prediction; red when over the budget."""
+    if m.downtime_ms <= 0:
+        return Text("-")
+    text = Text(human_duration_ms(m.downtime_ms), style="red" if m.downtime_budget_exceeded else "")
+    detail = [f"budget {budget_ms(m)} ms"]
+    if m.predicted_downtime_ms > 0:
+        detail.append(f"predicted {human_duration_ms(m.predicted_downtime_ms)}")
+    text.append(f"  ({', '.join(detail)})", style="dim")
+    if m.downtime_budget_exceeded:
+        text.append("  over budget", style="bold red")
+    return text
+
+
+def budget_warning(m: migration_pb2.Migration) -> Text | None:
+    """What `orchctl` says on stderr when a completed job's switchover broke its budget."""
+    if not m.downtime_budget_exceeded:
+        return None
+    measured = f"switchover {human_duration_ms(m.downtime_ms)}"
+    if m.guest_blackout_ms > 0:
+        measured += f", guest blackout {human_duration_ms(m.guest_blackout_ms)}"
+    predicted = f" (predicted {human_duration_ms(m.predicted_downtime_ms)})" if m.predicted_downtime_ms > 0 else ""
+    return Text(f"warning: migration {m.id}: {measured}: over its downtime budget of {budget_ms(m)} ms{predicted}",
+                style="yellow")
+
+
 def final_line(m: migration_pb2.Migration) -> Text:
     """The last thing `watch` prints: outcome, how long it took, downtime and the reason."""
     line = Text.assemble("migration ", (m.id, "bold"), " ", phase_text(m.phase))
@@ -413,6 +443,8 @@ def final_line(m: migration_pb2.Migration) -> Text:
         line.append(f" after {human_duration_s(took)}")
     if m.downtime_ms > 0:
         line.append(f", downtime {human_duration_ms(m.downtime_ms)}")
+        if m.downtime_budget_exceeded:
+            line.append(f" (over its {budget_ms(m)} ms budget)", style="red")
     if m.reason:
         line.append(f": {' '.join(m.reason.split())}")
     return line

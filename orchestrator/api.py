@@ -113,7 +113,8 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
         cancel_requested=job.cancel_requested, policy=policy, source_digest=job.source_digest,
         destination_digest=job.destination_digest, downtime_ms=job.downtime_ms,
         trace_id=job.trace_context.get("trace_id", ""), guest_blackout_ms=job.guest_blackout_ms,
-        verification=_VERIFICATION[job.verification], verification_note=job.verification_note)
+        verification=_VERIFICATION[job.verification], verification_note=job.verification_note,
+        predicted_downtime_ms=job.predicted_downtime_ms, downtime_budget_exceeded=job.downtime_budget_exceeded)
 
 
 class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):

@@ -15,6 +15,7 @@ from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.jobs import Job, Phase
 from orchestrator.runner import JobRunner, RunnerSettings, run_job
+from orchestrator.switchover_model import SwitchoverModel
 from orchestrator.verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ RESCAN_INTERVAL_S = 2.0
 
 class JobDispatcher:
     def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None, verifier: Verifier | None = None) -> None:
+                 settings: RunnerSettings | None = None, verifier: Verifier | None = None,
+                 switchover_model: SwitchoverModel | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        self.switchover_model = switchover_model or SwitchoverModel()
         self.verifier = verifier
         self.store = store
         self.agents = agents
@@ -71,7 +74,8 @@ class JobDispatcher:
     async def _run(self, job_id: str) -> None:
         try:
             async with self._slots:
-                ended = await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings))
+                ended = await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings,
+                                                 switchover_model=self.switchover_model))
             if ended is not None and ended.phase is Phase.COMPLETED and self.verifier is not None:
                 self.verifier.poke(job_id)
         finally:

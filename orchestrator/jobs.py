@@ -129,6 +129,10 @@ class Job:
     destination_digest: str = ""
     downtime_ms: float = 0.0
     guest_blackout_ms: float = 0.0
+    # The switchover the convergence policy predicted when it chose stop-and-copy, and whether
+    # what was measured (switchover or guest blackout) broke the policy's downtime budget.
+    predicted_downtime_ms: float = 0.0
+    downtime_budget_exceeded: bool = False
     trace_context: dict[str, str] = field(default_factory=dict)
     # Bytes sent to destinations that were replaced; the current attempt's come on top of these.
     attempt_base_bytes: int = 0
@@ -243,8 +247,15 @@ class Job:
         return replace(self.record(now, note=reason), throttle_percent=throttle_percent)
 
     def switched_over(self, downtime_ms: float, guest_blackout_ms: float, now: float) -> Job:
-        """The destination runs the controller: what the switchover cost, as measured."""
-        return replace(self, downtime_ms=round(downtime_ms, 3), guest_blackout_ms=guest_blackout_ms, updated_at=now)
+        """The destination runs the controller: what the switchover cost, as measured, and
+        whether that broke the downtime budget."""
+        exceeded = max(downtime_ms, guest_blackout_ms) > self.policy.max_downtime_ms
+        return replace(self, downtime_ms=round(downtime_ms, 3), guest_blackout_ms=guest_blackout_ms,
+                       downtime_budget_exceeded=exceeded, updated_at=now)
+
+    def predicted(self, downtime_ms: float) -> Job:
+        """The switchover the policy expects as it stops the guest (inf, when it cannot tell: 0)."""
+        return replace(self, predicted_downtime_ms=round(downtime_ms, 3) if downtime_ms < float("inf") else 0.0)
 
     def verified(self, source_digest: str, destination_digest: str, now: float) -> Job:
         """Verification passed: the destination's namespace is the source's at switchover."""

@@ -42,6 +42,7 @@ from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
 from orchestrator.reconciler import Reconciler
 from orchestrator.runner import RunnerSettings
+from orchestrator.switchover_model import SwitchoverModel
 from orchestrator.verifier import Verifier
 from proto.v1 import migration_pb2, migration_pb2_grpc
 
@@ -70,6 +71,8 @@ class Orchestrator:
         # not let it expire (a needless step-down and takeover).
         self.lease_thread = StoreThread(store.config, store.prefix, f"leader-lease-{name}")
         self.dispatcher: JobDispatcher | None = None
+        # What switchovers cost here, kept across leadership terms of this process.
+        self.switchover_model = SwitchoverModel()
         self.evacuation_limits = evacuation_limits or Limits()
         self.evacuator: Evacuator | None = None
         self.api = MigrationApi(store, self.agents, on_job_created=self._poke, evacuation_limits=self.evacuation_limits,
@@ -109,7 +112,7 @@ class Orchestrator:
                 on_lost=functools.partial(_set_from_thread, asyncio.get_running_loop(), lost)))
             verifier = Verifier(self.store, self.agents, term)
             self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings,
-                                            verifier)
+                                            verifier, self.switchover_model)
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")

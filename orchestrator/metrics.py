@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -41,6 +41,14 @@ SWITCHOVER_DOWNTIME = Histogram("nvmigrate_switchover_downtime_seconds",
                                 "Orchestrator-side switchover time: source suspended to destination running",
                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                 registry=REGISTRY)
+SWITCHOVER_OVER_BUDGET = Counter("nvmigrate_switchover_over_budget", "Completed jobs whose measured switchover or "
+                                 "guest blackout exceeded their downtime budget", registry=REGISTRY)
+SWITCHOVER_FIXED_COST = Gauge("nvmigrate_switchover_fixed_cost_seconds", "The fixed part of a switchover as fitted "
+                              "to measured switchovers (what the convergence policy predicts with)", registry=REGISTRY)
+SWITCHOVER_OVER_PREDICTION = Histogram("nvmigrate_switchover_over_prediction_seconds",
+                                       "How much longer a switchover took than the policy predicted (0 when it "
+                                       "took no longer)", buckets=(0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+                                       registry=REGISTRY)
 BYTES_MOVED = Counter("nvmigrate_bytes_moved", "Migration bytes sent between agents (data and controller state)",
                       registry=REGISTRY)
 DIRTY_ROUNDS = Counter("nvmigrate_dirty_rounds", "Dirty-iteration rounds completed", registry=REGISTRY)
@@ -116,6 +124,10 @@ def job_written(old: Job, new: Job) -> None:
                 GUEST_BLACKOUT.observe(new.guest_blackout_ms / 1000.0)
             if new.downtime_ms > 0:
                 SWITCHOVER_DOWNTIME.observe(new.downtime_ms / 1000.0)
+                if new.predicted_downtime_ms > 0:
+                    SWITCHOVER_OVER_PREDICTION.observe(max(0.0, new.downtime_ms - new.predicted_downtime_ms) / 1000.0)
+            if new.downtime_budget_exceeded:
+                SWITCHOVER_OVER_BUDGET.inc()
 
 
 def automatic_evacuation_triggered(node: str) -> None:

@@ -57,6 +57,10 @@ class JobObserver:
             why = f": {new.reason}" if new.terminal and new.reason else ""
             log.info("job %s: %s -> %s after %.0f ms%s", new.id, closed.phase, new.phase, closed.duration_ms, why)
 
+    def over_budget(self, message: str) -> None:
+        """A completed switchover broke its downtime budget (the job record says so too)."""
+        self.trace.over_budget(message)
+
     def round(self, job: Job, number: int) -> contextlib.AbstractContextManager[RoundSpan]:
         """Around dirty round `number`: agent calls made in it go under its span, whose id any
         leader running this round derives alike; the span goes out with the write recording it."""

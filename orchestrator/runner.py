@@ -26,12 +26,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from cluster.records import LOST, RUNNING
 from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
-from orchestrator import convergence, recovery, scheduler
+from orchestrator import convergence, metrics, recovery, scheduler, switchover_model
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch, Stub
 from orchestrator.jobs import BEFORE_COMMIT, Job, Phase
 from orchestrator.observer import JobObserver
 from orchestrator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S, ProgressWatch
 from orchestrator.recovery import Action, Failure, FailureKind
+from orchestrator.switchover_model import SwitchoverModel
 from proto.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ class StepFailed(Exception):
 class JobRunner:
     def __init__(self, store: EtcdStore, agents: AgentCalls, job_id: str, epoch: int, *,
                  wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 settings: RunnerSettings | None = None) -> None:
+                 settings: RunnerSettings | None = None, switchover_model: SwitchoverModel | None = None) -> None:
         self.settings = settings or RunnerSettings()
+        # Shared by the runners of one orchestrator: each completed switchover refits it.
+        self.switchover_model = switchover_model or SwitchoverModel()
         self.store = store
         self.agents = agents
         self.job_id = job_id
@@ -359,9 +362,11 @@ class JobRunner:
 
     async def _dirty_round(self) -> None:
         if self.history:
-            decision = convergence.decide(self.j.policy, self.history, self.j.throttle_percent)
+            decision = convergence.decide(self.j.policy, self.history, self.j.throttle_percent,
+                                          self.switchover_model.fixed_ms)
             if decision.action is convergence.Action.STOP_AND_COPY:
-                await self._save(self.j.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason))
+                await self._save(self.j.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason)
+                                 .predicted(decision.estimated_downtime_ms))
                 return
             if decision.action is convergence.Action.ABORT:
                 raise StepFailed(Failure(FailureKind.STEP_FAILED, decision.reason))
@@ -461,7 +466,25 @@ class JobRunner:
         except (AgentUnreachable, AgentRefused, StaleEpoch) as exc:
             log.warning("job %s: guest blackout not read from %s: %s", self.j.id, dest, exc)
         job = self.j.switched_over(downtime_ms, blackout_ms, self._now())
-        await self._save(job.end(Phase.COMPLETED, self._now(), ""), release=True)
+        self._refit_switchover(job)
+        note = ""
+        if job.downtime_budget_exceeded:
+            note = switchover_model.Budget(job.policy.max_downtime_ms, job.predicted_downtime_ms, job.downtime_ms,
+                                           job.guest_blackout_ms).message()
+            log.warning("job %s: %s", job.id, note)
+            self.observer.over_budget(note)
+        # The job succeeded: the budget note goes on its COMPLETED entry, not in its reason.
+        ended = job.end(Phase.COMPLETED, self._now(), "")
+        await self._save(ended.record(ended.updated_at, note=note) if note else ended, release=True)
+
+    def _refit_switchover(self, job: Job) -> None:
+        """Feeds a measured switchover back into the model the next predictions use."""
+        if self.suspended_at is None or not self.history:
+            return  # the suspend time was lost with an earlier leader: nothing measured here
+        final = next((p.bytes for p in reversed(job.phases) if p.phase is Phase.STOP_AND_COPY), 0)
+        rate = convergence.transfer_rate_bytes_per_s(self.history, job.policy)
+        self.switchover_model.observe(job.downtime_ms, final, rate)
+        metrics.SWITCHOVER_FIXED_COST.set(self.switchover_model.fixed_ms / 1000.0)
 
     async def _claimed_by(self, node: str) -> bool:
         owned = await self.store.get_controller(self.j.controller_id)

@@ -220,6 +220,11 @@ class JobTrace:
             self._events.append(("leader takeover", {"nvmigrate.previous_epoch": previous_epoch,
                                                      "nvmigrate.epoch": self.epoch}, time.time()))
 
+    def over_budget(self, message: str) -> None:
+        """The switchover broke its downtime budget: an event on the open (RESUMING) phase's span."""
+        if self.on:
+            self._events.append(("downtime budget exceeded", {"nvmigrate.message": message}, time.time()))
+
     # ---- live spans ---------------------------------------------------------------------
 
     def call_parent(self) -> otel_context.Context | None:
@@ -307,7 +312,9 @@ class JobTrace:
             attributes["nvmigrate.destination_node"] = job.destination_node
         if entry.phase is Phase.RESUMING:
             attributes.update({"nvmigrate.downtime_ms": job.downtime_ms,
-                               "nvmigrate.guest_blackout_ms": job.guest_blackout_ms})
+                               "nvmigrate.guest_blackout_ms": job.guest_blackout_ms,
+                               "nvmigrate.predicted_downtime_ms": job.predicted_downtime_ms,
+                               "nvmigrate.downtime_budget_exceeded": job.downtime_budget_exceeded})
         failed = following.phase in _ERROR_ENDINGS
         status = Status(StatusCode.ERROR, job.reason) if failed else Status(StatusCode.UNSET)
         events, self._events = self._events, []
@@ -324,7 +331,7 @@ class JobTrace:
             "nvmigrate.throttle_percent": job.throttle_percent,
             "nvmigrate.dirty_rate_bytes_per_s": job.dirty_rate_bytes_per_s,
             "nvmigrate.downtime_ms": job.downtime_ms, "nvmigrate.guest_blackout_ms": job.guest_blackout_ms,
-            "nvmigrate.epoch": self.epoch}
+            "nvmigrate.downtime_budget_exceeded": job.downtime_budget_exceeded, "nvmigrate.epoch": self.epoch}
         if job.reason:
             attributes["nvmigrate.reason"] = job.reason
         status = Status(StatusCode.ERROR, job.reason) if job.phase in _ERROR_ENDINGS else Status(StatusCode.UNSET)

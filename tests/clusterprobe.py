@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +15,13 @@ from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2, migration_pb2
 
 TERMINAL = {migration_pb2.COMPLETED, migration_pb2.ROLLED_BACK, migration_pb2.FAILED, migration_pb2.CANCELLED}
+
+
+def orchctl(cluster: LocalCluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """The operator CLI as a process against the cluster's orchestrator (wide, so no line wraps)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "orchctl.cli", "--server", cluster.orchestrator_address, *args],
+                          capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
 
 
 def create_controller(cluster: LocalCluster, node: str, cid: str, namespace_bytes: int,

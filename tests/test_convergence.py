@@ -97,3 +97,30 @@ def test_decisions_are_consistent(remaining: int, sent: int, duration: float, ma
         assert d.throttle_percent == throttle
     if rounds >= max_rounds:
         assert d.action in (Action.STOP_AND_COPY, Action.ABORT)
+
+
+def test_the_fixed_cost_measured_on_the_cluster_sets_the_estimate() -> None:
+    history = [facts(0, 40 * MB), facts(1, 1 * MB)]  # 10 ms of copying at 100 MB/s
+    assert decide(Policy(max_downtime_ms=50), history, 0).estimated_downtime_ms == 25.0  # 15 ms until measured
+    d = decide(Policy(max_downtime_ms=50), history, 0, fixed_ms=30.0)
+    assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms == 40.0
+
+
+def test_a_fixed_cost_over_half_the_budget_stops_at_half_and_says_it_will_run_over() -> None:
+    near = [facts(0, 40 * MB), facts(1, 2 * MB, dirty_rate=1 * MB)]  # 20 ms of blocks
+    far = [facts(0, 40 * MB), facts(1, 3 * MB, dirty_rate=1 * MB)]  # 30 ms of blocks
+    # 80 ms fixed against 50: rounds cannot help; the last blocks get half the budget, 25 ms.
+    d = decide(Policy(max_downtime_ms=50), near, 0, fixed_ms=80.0)
+    assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms == 100.0
+    assert "is over 50 ms" in d.reason and "80.0 ms, is more than rounds can take away" in d.reason
+    assert decide(Policy(max_downtime_ms=50), far, 0, fixed_ms=80.0).action is Action.NEXT_ROUND
+    # Below half the budget the fixed cost comes off the allowance in full.
+    assert decide(Policy(max_downtime_ms=50), far, 0, fixed_ms=24.0).action is Action.NEXT_ROUND
+    assert decide(Policy(max_downtime_ms=50), far, 0, fixed_ms=20.0).action is Action.STOP_AND_COPY
+
+
+def test_rounds_that_shrink_too_slowly_for_the_rounds_left_throttle() -> None:
+    # 20% less per round is progress, but 2 rounds leave ~26 MB: 256 ms, far over 50 ms.
+    history = [facts(0, 50 * MB), facts(1, 40 * MB, dirty_rate=1 * MB)]
+    assert decide(Policy(max_rounds=3), history, 0).action is Action.THROTTLE
+    assert decide(Policy(max_rounds=100), history, 0).action is Action.NEXT_ROUND  # 0.8^99 gets there

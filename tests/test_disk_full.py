@@ -121,10 +121,11 @@ def test_a_destination_disk_full_at_stop_and_copy_rolls_back_and_leaves_no_temp_
         shared_etcd: str, etcd_prefix: str, tmp_path: Path, tmpfs: Tmpfs) -> None:
     names = ["n1", "n2"]
     with cluster_on_disks(shared_etcd, etcd_prefix, tmp_path, tmpfs, names, {"n2": {"size": "64m"}}) as cluster:
-        create_controller(cluster, "n1", "d3", 8 * MiB, write_iops=200)
         # Enough rounds, each slowed by the bandwidth cap, that the disk fills between the end of
-        # precopy and the stop-and-copy.
-        job = migrate(cluster, "d3", max_rounds=6, max_downtime_ms=1, on_no_convergence=migration_pb2.FORCE,
+        # precopy and the stop-and-copy: the guest dirties faster than the cap, so no round leaves
+        # the none that 1 ms allows, and the job stops the guest only when forced after 3.
+        create_controller(cluster, "n1", "d3", 8 * MiB, write_iops=2000)
+        job = migrate(cluster, "d3", max_rounds=3, max_downtime_ms=1, on_no_convergence=migration_pb2.FORCE,
                       bandwidth_bytes_per_s=2 * MiB)
         wait_phase(cluster, job.id, {migration_pb2.DIRTY_ITERATION})
         # Every block arrived in precopy (the namespace was prefilled), so later rounds only

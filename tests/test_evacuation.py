@@ -5,9 +5,7 @@ against the limits from its creation to its terminal phase, as the planner count
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +14,7 @@ import pytest
 
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import migration_pb2
-from tests.clusterprobe import create_controller, etcd_json, owners, verify
+from tests.clusterprobe import create_controller, etcd_json, orchctl, owners, verify
 
 MiB = 1 << 20
 CONTROLLERS = ("e1", "e2", "e3", "e4", "e5")
@@ -32,12 +30,6 @@ def evac_cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
         c.start_orchestrator("orch-1", extra_args=LIMIT_ARGS)
         c.start_agents(["n1", "n2", "n3"])
         yield c
-
-
-def orchctl(cluster: LocalCluster, *args: str, timeout_s: float = DEADLINE_S) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "orchctl.cli", "--server", cluster.orchestrator_address, *args],
-                          capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
 def evacuation(cluster: LocalCluster, node: str) -> dict[str, Any]:
@@ -113,7 +105,8 @@ def test_evacuating_a_node_moves_every_controller_within_the_limits(evac_cluster
     assert not node_cordoned(c, "n1")
     assert etcd_json(c, f"{c.etcd_prefix}evacuations/n1") is None
 
-    run = orchctl(c, "evacuate", "node", "n1", "--wait", "--timeout", str(DEADLINE_S), "--reason", "firmware")
+    run = orchctl(c, "evacuate", "node", "n1", "--wait", "--timeout", str(DEADLINE_S), "--reason", "firmware",
+                  timeout_s=DEADLINE_S + 60)
     assert run.returncode == 0, run.stdout + run.stderr
     # progress, one line per status change of each controller, then the outcome
     phases = ("PENDING", "PREPARING", "PRECOPY", "DIRTY_ITERATION", "STOP_AND_COPY", "COMMIT", "RESUMING")

@@ -17,6 +17,7 @@ from tests.clusterprobe import (
     get_job,
     migrate,
     migrate_through_a_corrupted_frame,
+    orchctl,
     owners,
     replace_orchestrator,
     running_on,
@@ -189,14 +190,15 @@ def test_second_migration_of_a_moving_controller_is_refused(cluster: LocalCluste
 
 
 def test_unconvergeable_job_throttles_the_guest_then_rolls_back_and_unthrottles(cluster: LocalCluster) -> None:
-    # 1 ms is below the fixed switchover cost, so no round can ever promise it.
-    create_controller(cluster, "n1", "c7", 8 * MiB, write_iops=2000)
-    job = migrate(cluster, "c7", to="n3", max_downtime_ms=1, max_rounds=6)
+    # The guest dirties 8 MB/s against a 1 MiB/s cap: even throttled by 40% (the second step) it
+    # leaves far more than 50 ms of blocks after every round.
+    create_controller(cluster, "n1", "c7", 4 * MiB, write_iops=2000)
+    job = migrate(cluster, "c7", to="n3", max_rounds=3, bandwidth_bytes_per_s=1 * MiB)
     throttled = wait_phase(cluster, job.id, {migration_pb2.DIRTY_ITERATION, *TERMINAL},
                            also=lambda j: j.throttle_percent > 0 or j.phase in TERMINAL)
     job = wait_phase(cluster, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "ROLLED_BACK", job.reason
-    assert "did not converge in 6 rounds" in job.reason
+    assert "did not converge in 3 rounds" in job.reason
     assert throttled.throttle_percent > 0 or job.throttle_percent > 0
     status = controller(cluster, "n1", "c7")
     assert status.vfio_state == "RUNNING" and status.workload.throttle_percent == 0
@@ -205,8 +207,9 @@ def test_unconvergeable_job_throttles_the_guest_then_rolls_back_and_unthrottles(
 
 
 def test_force_policy_stops_and_copies_after_max_rounds(cluster: LocalCluster) -> None:
-    create_controller(cluster, "n1", "c8", 8 * MiB, write_iops=2000)
-    job = migrate(cluster, "c8", to="n3", max_downtime_ms=1, max_rounds=2,
+    # 1 ms leaves half a millisecond of blocks at 1 MiB/s (none), and the guest always dirties some.
+    create_controller(cluster, "n1", "c8", 2 * MiB, write_iops=2000)
+    job = migrate(cluster, "c8", to="n3", max_downtime_ms=1, max_rounds=2, bandwidth_bytes_per_s=1 * MiB,
                   on_no_convergence=migration_pb2.FORCE)
     job = wait_phase(cluster, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
@@ -215,6 +218,25 @@ def test_force_policy_stops_and_copies_after_max_rounds(cluster: LocalCluster) -
     assert "forced stop-and-copy after 2 rounds" in stop.note
     result = verify(cluster, "n3", "c8")
     assert result.ok, result.first_mismatch
+    # No switchover takes 1 ms: the job completed, and says it broke its budget, everywhere.
+    assert job.downtime_budget_exceeded and job.predicted_downtime_ms > 1, job
+    assert not job.reason
+    assert "over the downtime budget of 1 ms" in job.phases[-1].note
+    shown = orchctl(cluster, "get", job.id)
+    assert shown.returncode == 0, shown.stderr
+    assert f"warning: migration {job.id}: switchover" in shown.stderr
+    assert "over its downtime budget of 1 ms (predicted" in shown.stderr
+    assert "over budget" in shown.stdout
+
+
+def test_a_switchover_within_its_budget_says_nothing(cluster: LocalCluster) -> None:
+    create_controller(cluster, "n1", "c10", 4 * MiB, write_iops=200)
+    job = wait_phase(cluster, migrate(cluster, "c10", to="n2", max_downtime_ms=60_000).id, TERMINAL)
+    assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
+    assert 0 < job.downtime_ms <= 60_000 and not job.downtime_budget_exceeded
+    assert 0 < job.predicted_downtime_ms <= 60_000
+    shown = orchctl(cluster, "get", job.id)
+    assert shown.returncode == 0 and "warning" not in shown.stderr, shown.stderr
 
 
 def test_orchctl_drives_a_migration_against_the_real_orchestrator(cluster: LocalCluster) -> None:

@@ -352,6 +352,11 @@ def test_metrics_show_the_run_while_and_after_it_happens(traced_run: TracedRun) 
     assert after[("nvmigrate_guest_blackout_seconds_count", ())] == 1
     assert after[("nvmigrate_guest_blackout_seconds_sum", ())] * 1000 == pytest.approx(job.guest_blackout_ms)
     assert after[("nvmigrate_switchover_downtime_seconds_count", ())] == 1
+    assert after[("nvmigrate_switchover_over_budget_total", ())] == (1 if job.downtime_budget_exceeded else 0)
+    assert after[("nvmigrate_switchover_over_prediction_seconds_count", ())] == 1
+    assert after[("nvmigrate_switchover_over_prediction_seconds_sum", ())] * 1000 == pytest.approx(
+        max(0.0, job.downtime_ms - job.predicted_downtime_ms), abs=1e-3)
+    assert after[("nvmigrate_switchover_fixed_cost_seconds", ())] > 0
     assert after[("nvmigrate_switchover_downtime_seconds_sum", ())] * 1000 == pytest.approx(job.downtime_ms,
                                                                                           abs=1e-3)
     for record in job.phases[:-1]:

@@ -121,7 +121,7 @@ class PhaseRecord(_message.Message):
     def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., started_at: _Optional[float] = ..., duration_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Migration(_message.Message):
-    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms", "trace_id", "guest_blackout_ms", "verification", "verification_note")
+    __slots__ = ("id", "controller_id", "source_node", "destination_node", "phase", "reason", "phases", "bytes_transferred", "namespace_bytes", "rounds", "throttle_percent", "dirty_rate_bytes_per_s", "created_at", "updated_at", "epoch", "cancel_requested", "policy", "source_digest", "destination_digest", "downtime_ms", "trace_id", "guest_blackout_ms", "verification", "verification_note", "predicted_downtime_ms", "downtime_budget_exceeded")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class Migration(_message.Message):
     GUEST_BLACKOUT_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_BUDGET_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     id: str
     controller_id: str
     source_node: str
@@ -170,7 +172,9 @@ class Migration(_message.Message):
     guest_blackout_ms: float
     verification: Verification
     verification_note: str
-    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ..., trace_id: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., verification: _Optional[_Union[Verification, str]] = ..., verification_note: _Optional[str] = ...) -> None: ...
+    predicted_downtime_ms: float
+    downtime_budget_exceeded: bool
+    def __init__(self, id: _Optional[str] = ..., controller_id: _Optional[str] = ..., source_node: _Optional[str] = ..., destination_node: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseRecord, _Mapping]]] = ..., bytes_transferred: _Optional[int] = ..., namespace_bytes: _Optional[int] = ..., rounds: _Optional[int] = ..., throttle_percent: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., epoch: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., policy: _Optional[_Union[ConvergencePolicy, _Mapping]] = ..., source_digest: _Optional[str] = ..., destination_digest: _Optional[str] = ..., downtime_ms: _Optional[float] = ..., trace_id: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., verification: _Optional[_Union[Verification, str]] = ..., verification_note: _Optional[str] = ..., predicted_downtime_ms: _Optional[float] = ..., downtime_budget_exceeded: _Optional[bool] = ...) -> None: ...
 
 class GetMigrationRequest(_message.Message):
     __slots__ = ("id",)
