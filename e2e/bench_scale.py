@@ -273,11 +273,13 @@ class Bench:
                     self.stub().CreateController(request, timeout=60)
                     return
                 except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS and attempt:
-                        return  # an earlier attempt that timed out landed
-                    if exc.code() not in RETRIED or attempt == RETRIES - 1:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS and f"on node '{source}'" in (exc.details() or ""):
+                        return  # an attempt that timed out (ours, or the API's own retry) landed
+                    # NOT_FOUND: the node's lease expired under load; it registers again within a TTL
+                    if exc.code() not in {*RETRIED, grpc.StatusCode.NOT_FOUND} or attempt == RETRIES - 1:
                         raise
-                    self.retries["CreateController"] += 1
+                    self.retries[f"CreateController {exc.code().name}"] += 1
+                    time.sleep(1.0)  # back off: the node's next keepalive registers it again
         with ThreadPoolExecutor(min(self.args.submit_threads, CREATE_THREADS)) as pool:
             list(pool.map(create, range(count)))
 
@@ -301,7 +303,7 @@ class Bench:
                                              time.monotonic())
                     if exc.code() not in RETRIED or attempt == RETRIES - 1:
                         raise
-                    self.retries["CreateMigration"] += 1
+                    self.retries[f"CreateMigration {exc.code().name}"] += 1
             raise AssertionError("unreachable")
         with ThreadPoolExecutor(self.args.submit_threads) as pool:
             return list(pool.map(one, indices))
