@@ -17,6 +17,7 @@ does not (this agent, crashed a moment ago: its lease lives up to its TTL) is wa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -98,9 +99,15 @@ class LeaseStatus:
 
 
 class NodeLease:
-    def __init__(self, etcd: EtcdConfig, prefix: str, node: str, ttl_s: int) -> None:
+    def __init__(self, etcd: EtcdConfig, prefix: str, node: str, ttl_s: int, *,
+                 thread: StoreThread | None = None) -> None:
+        """`thread`: a lease thread shared with other leases of this process (simulated agents, many
+        to a process: e2e/sim_agents.py), which the owner starts and stops; by default this lease
+        has a thread, and an etcd connection, of its own."""
         self.ttl_s = ttl_s
-        self._thread = StoreThread(etcd, prefix, f"node-lease-{node}")
+        self._owns_thread = thread is None
+        self._thread = thread or StoreThread(etcd, prefix, f"node-lease-{node}")
+        self._keeper: concurrent.futures.Future[None] | None = None
         self._record_lock = threading.Lock()
         self._record: NodeRecord | None = None  # the latest record handed over by the main side
         self._lease_id = 0  # touched on the lease thread only
@@ -123,9 +130,10 @@ class NodeLease:
         try:
             await self._thread.call(self._register)
         except BaseException:
-            await asyncio.to_thread(self._thread.stop, STOP_TIMEOUT_S)
+            if self._owns_thread:
+                await asyncio.to_thread(self._thread.stop, STOP_TIMEOUT_S)
             raise
-        self._thread.submit(self._keep_alive)
+        self._keeper = self._thread.submit(self._keep_alive)
 
     def _hand_over(self, record: NodeRecord) -> None:
         with self._record_lock:
@@ -242,6 +250,9 @@ class NodeLease:
     async def stop(self) -> None:
         """Deregisters (revokes the lease: the record goes at once) and stops the thread."""
         self._confirmed_at, self._problem = None, "the agent is stopping"
+        if self._keeper is not None:
+            self._keeper.cancel()  # a shared thread goes on: this lease's refresh must not
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._thread.call(self._revoke), STOP_TIMEOUT_S)
-        await asyncio.to_thread(self._thread.stop, STOP_TIMEOUT_S)
+        if self._owns_thread:
+            await asyncio.to_thread(self._thread.stop, STOP_TIMEOUT_S)
