@@ -6,12 +6,16 @@ emulated controller's export in a real agent (LocalCluster: etcd, orchestrator, 
 against `qemu-nbd -f raw` on a file of the same size in the same directory tree. Both files are
 filled first, so reads hit data, and both live in the page cache: this compares the two servers'
 I/O paths, not a disk. Figures on a shared machine are noisy; the ratio per cell (ours / qemu-nbd)
-is the figure to read, since both sides of a cell ran seconds apart under the same load.
+is the figure to read, since both sides of a cell ran seconds apart under the same load. With
+--repeat N each cell alternates the two servers N times and keeps, for each, the run with the median
+IOPS. CPU per I/O (the server process's user + system CPU time over the I/Os fio completed) is the
+figure least bent by other load.
 
 Prints a table, writes the numbers as JSON and a PNG chart to --out DIR. Every process it starts
 (the cluster's, qemu-nbd) is stopped by pid before it returns.
 
-Usage: python -m e2e.bench_nbd [--quick] [--out /tmp/nvmigrate-bench/nbd] [--runtime-s S] [--cells rw:jobs:qd,...]
+Usage: python -m e2e.bench_nbd [--quick] [--out /tmp/nvmigrate-bench/nbd] [--runtime-s S] [--repeat N]
+                              [--cells rw:jobs:qd,...]
 """
 
 from __future__ import annotations
@@ -49,6 +53,17 @@ class Cell:
     @property
     def ratio(self) -> float:
         return self.ours.iops / self.qemu.iops if self.qemu.iops else 0.0
+
+
+def cpu_us_per_io(point: Point, runtime_s: float, ramp_s: float) -> float:
+    """The server's CPU time per I/O; perf_matrix averages it over the whole fio run, ramp included."""
+    ios = point.iops * runtime_s
+    cpu_s = (point.agent_usr_percent + point.agent_sys_percent) / 100.0 * (runtime_s + ramp_s)
+    return 1e6 * cpu_s / ios if ios else 0.0
+
+
+def median_run(points: list[Point]) -> Point:
+    return sorted(points, key=lambda p: p.iops)[len(points) // 2]
 
 
 def free_port() -> int:
@@ -150,8 +165,13 @@ def run(args: argparse.Namespace, cells: list[tuple[str, int, int]]) -> list[Cel
             fill(ours_uri, size)
             fill(qemu.uri, size)
             for rw, numjobs, iodepth in cells:
-                ours = measure(ours_uri, size, rw, numjobs, iodepth, args.runtime_s, args.ramp_s, agent.popen.pid)
-                theirs = measure(qemu.uri, size, rw, numjobs, iodepth, args.runtime_s, args.ramp_s, qemu.proc.pid)
+                ours_runs, qemu_runs = [], []
+                for _ in range(args.repeat):
+                    ours_runs.append(measure(ours_uri, size, rw, numjobs, iodepth, args.runtime_s, args.ramp_s,
+                                             agent.popen.pid))
+                    qemu_runs.append(measure(qemu.uri, size, rw, numjobs, iodepth, args.runtime_s, args.ramp_s,
+                                             qemu.proc.pid))
+                ours, theirs = median_run(ours_runs), median_run(qemu_runs)
                 cell = Cell(ours, theirs)
                 print(f"  {rw:9} jobs {numjobs} qd {iodepth:2}: ours {ours.iops:8.0f} qemu-nbd {theirs.iops:8.0f} "
                       f"IOPS  ratio {cell.ratio:5.2f}", file=sys.stderr)
@@ -161,16 +181,18 @@ def run(args: argparse.Namespace, cells: list[tuple[str, int, int]]) -> list[Cel
     return results
 
 
-def table(cells: list[Cell]) -> str:
+def table(cells: list[Cell], runtime_s: float, ramp_s: float) -> str:
     header = (f"{'pattern':9} {'jobs':>4} {'qd':>3} {'ours IOPS':>10} {'qemu IOPS':>10} {'ratio':>6} "
-              f"{'ours p99 us':>11} {'qemu p99 us':>11} {'ours cpu%':>9} {'qemu cpu%':>9}")
+              f"{'ours p99 us':>11} {'qemu p99 us':>11} {'ours cpu%':>9} {'qemu cpu%':>9} "
+              f"{'ours us/IO':>10} {'qemu us/IO':>10}")
     lines = [header, "-" * len(header)]
     for c in cells:
         o, q = c.ours, c.qemu
         lines.append(f"{o.rw:9} {o.numjobs:>4} {o.iodepth:>3} {o.iops:>10.0f} {q.iops:>10.0f} {c.ratio:>6.2f} "
                      f"{o.clat_p99_us:>11.0f} {q.clat_p99_us:>11.0f} "
                      f"{o.agent_usr_percent + o.agent_sys_percent:>9.0f} "
-                     f"{q.agent_usr_percent + q.agent_sys_percent:>9.0f}")
+                     f"{q.agent_usr_percent + q.agent_sys_percent:>9.0f} "
+                     f"{cpu_us_per_io(o, runtime_s, ramp_s):>10.1f} {cpu_us_per_io(q, runtime_s, ramp_s):>10.1f}")
     return "\n".join(lines)
 
 
@@ -216,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-s", type=float, default=None, help="seconds per point (default 10, quick 2)")
     parser.add_argument("--ramp-s", type=float, default=None, help="warm-up seconds per point (default 2, quick 0.5)")
     parser.add_argument("--namespace-mib", type=int, default=None, help="namespace size (default 1024, quick 256)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per server and cell, the median kept")
     parser.add_argument("--cells", default="", help="only these cells, e.g. randread:4:16,randwrite:1:1")
     args = parser.parse_args(argv)
     args.runtime_s = args.runtime_s or (2.0 if args.quick else 10.0)
     args.ramp_s = args.ramp_s if args.ramp_s is not None else (0.5 if args.quick else 2.0)
     args.namespace_mib = args.namespace_mib or (256 if args.quick else 1024)
-    if args.runtime_s <= 0 or args.ramp_s < 0 or args.namespace_mib <= 0:
-        parser.error(f"--runtime-s ({args.runtime_s}) and --namespace-mib ({args.namespace_mib}) must be > 0, "
-                     f"--ramp-s ({args.ramp_s}) >= 0")
+    if args.runtime_s <= 0 or args.ramp_s < 0 or args.namespace_mib <= 0 or args.repeat <= 0:
+        parser.error(f"--runtime-s ({args.runtime_s}), --namespace-mib ({args.namespace_mib}) and --repeat "
+                     f"({args.repeat}) must be > 0, --ramp-s ({args.ramp_s}) >= 0")
     if args.cells:
         try:
             cells = parse_cells(args.cells)
@@ -237,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ClusterError, fio.FioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(table(results))
+    print(table(results, args.runtime_s, args.ramp_s))
     args.out.mkdir(parents=True, exist_ok=True)
     png, js = args.out / "bench_nbd.png", args.out / "bench_nbd.json"
     title = (f"fio over NBD: agent (emulated NVMe) vs qemu-nbd raw file; 4 KiB, {args.runtime_s:g} s per point, "
              f"{os.cpu_count()} CPUs{' (quick)' if args.quick else ''}")
     chart(results, png, title)
-    js.write_text(json.dumps([{"ours": asdict(c.ours), "qemu_nbd": asdict(c.qemu), "ratio": c.ratio}
+    js.write_text(json.dumps([{"ours": asdict(c.ours), "qemu_nbd": asdict(c.qemu), "ratio": c.ratio,
+                               "ours_cpu_us_per_io": cpu_us_per_io(c.ours, args.runtime_s, args.ramp_s),
+                               "qemu_nbd_cpu_us_per_io": cpu_us_per_io(c.qemu, args.runtime_s, args.ramp_s)}
                               for c in results], indent=2))
     print(f"chart: {png}; numbers: {js}")
     return 0
