@@ -79,6 +79,7 @@ _OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+SIMPLE_REPLY_BYTES = _SIMPLE_REPLY.size
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 

@@ -86,6 +86,7 @@ _ALLOWED_FLAGS = {
     p.CMD_TRIM: p.CMD_FLAG_FUA,
     p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
 }
+_IOV_MAX = 1024  # buffers one sendmsg may take (Linux's IOV_MAX)
 _OTHER_COMMAND = max(p.COMMAND_NAMES) + 1  # where a connection counts commands without a name
 _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
 
@@ -559,55 +560,66 @@ class _SocketConnection(_Connection):
         sock.setblocking(True)
         size = self.controller.namespace_bytes
         header_size = p.REQUEST.size
-        buf = bytearray(self._buffered)
-        start = 0  # where the first request not yet answered begins in buf
-        out: list[bytes] = []  # replies not yet sent
+        # Requests arrive into one buffer, reused: buf[start:end] is what is not answered yet.
+        buf = bytearray(max(RECV_BYTES, len(self._buffered)))
+        end = len(self._buffered)
+        buf[:end] = self._buffered
+        start = 0
+        need = header_size  # bytes the first request not answered takes, once its header is in
+        out: list[bytes] = []  # replies (headers and read data) not yet sent
         try:
             while not self.closing:
                 out_bytes = 0
                 while out_bytes < MAX_PENDING_REPLY_BYTES:
-                    avail = len(buf) - start
+                    avail = end - start
+                    need = header_size
                     if avail < header_size:
                         break
                     flags, command, cookie, offset, length = p.parse_request(buf, MAX_REQUEST_BYTES, start)
-                    need = header_size + length if command == p.CMD_WRITE else header_size
-                    if avail < need:
-                        break
-                    payload = b""
                     if command == p.CMD_WRITE:
-                        with memoryview(buf) as view:
-                            payload = bytes(view[start + header_size:start + need])
+                        need += length
+                        if avail < need:
+                            break
+                        payload = bytes(memoryview(buf)[start + header_size:start + need])
+                    else:
+                        payload = b""
                     start += need
                     self.count(command)
                     if command == p.CMD_DISC:
                         return  # soft disconnect: what came before it is answered (sent below)
-                    reply = self._answer(command, flags, cookie, offset, length, payload, size, out)
-                    if reply is None:
+                    answered = self._answer(command, flags, cookie, offset, length, payload, size, out)
+                    if answered < 0:
                         return  # the controller left: no reply, the client sees the connection close
-                    out.append(reply)
-                    out_bytes += len(reply)
+                    out_bytes += answered
                 if out:
-                    sock.sendall(b"".join(out) if len(out) > 1 else out[0])
-                    out.clear()
-                if start:
-                    del buf[:start]
-                    start = 0
+                    _send_all(sock, out)
                 if out_bytes >= MAX_PENDING_REPLY_BYTES:
                     continue  # stopped to bound the replies held, not for want of requests
-                chunk = sock.recv(RECV_BYTES)
-                if not chunk:
+                # Keep what is not answered at the front, with room for the whole of the next request.
+                if start:
+                    buf[:end - start] = buf[start:end]
+                    end -= start
+                    start = 0
+                if need > len(buf):
+                    buf.extend(bytes(need - len(buf)))  # a long WRITE
+                elif len(buf) > RECV_BYTES >= end and need <= RECV_BYTES:
+                    del buf[RECV_BYTES:]  # after one: back to the usual size
+                received = sock.recv_into(memoryview(buf)[end:])
+                if not received:
                     return  # the client closed
-                buf += chunk
+                end += received
         finally:
             if out and not self.closing:
-                sock.sendall(b"".join(out))
+                _send_all(sock, out)
 
     def _answer(self, command: int, flags: int, cookie: int, offset: int, length: int, payload: bytes, size: int,
-                out: list[bytes]) -> bytes | None:
-        """The reply (header and any data) to one request; None when the controller left."""
+                out: list[bytes]) -> int:
+        """Runs one request and appends its reply (header and any data) to `out`: the bytes appended,
+        or -1 when the controller left (no reply)."""
         error = _refusal(command, flags, offset, length, size)
         if error:
-            return p.simple_reply(cookie, error)
+            out.append(p.simple_reply(cookie, error))
+            return p.SIMPLE_REPLY_BYTES
         controller = self.controller
         while not self.closing:
             seen = self.export.generation
@@ -616,17 +628,31 @@ class _SocketConnection(_Connection):
             except NotRunningError:
                 # Suspended: what is answered already goes out now, then wait for a wake-up.
                 if out:
-                    self.sock.sendall(b"".join(out))
-                    out.clear()
+                    _send_all(self.sock, out)
                 self.export.wait_changed(seen, STALL_RECHECK_S)
                 continue
             except (ControllerGoneError, FileNotFoundError):
-                return None
+                return -1
             except (OSError, ControllerError) as exc:
                 _failed(controller, command, offset, length, exc)
-                return p.simple_reply(cookie, p.EIO)
-            return p.simple_reply(cookie) + data if data else p.simple_reply(cookie)
-        return None
+                out.append(p.simple_reply(cookie, p.EIO))
+                return p.SIMPLE_REPLY_BYTES
+            out.append(p.simple_reply(cookie))
+            if data:
+                out.append(data)
+            return p.SIMPLE_REPLY_BYTES + len(data)
+        return -1
+
+
+def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
+    """Sends `parts` in order, as few system calls as the kernel allows, and empties the list."""
+    for first in range(0, len(parts), _IOV_MAX):
+        batch = parts[first:first + _IOV_MAX]
+        sent = sock.sendmsg(batch)
+        total = sum(map(len, batch))
+        if sent < total:  # the socket buffer filled: the rest the slow way
+            sock.sendall(b"".join(batch)[sent:])
+    parts.clear()
 
 
 class _StreamConnection(_Connection):
