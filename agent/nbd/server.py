@@ -68,7 +68,8 @@ MAX_INFLIGHT = 32  # TLS: requests per connection being served at once (bounds m
 RECV_BYTES = 256 << 10  # plaintext: what one recv may take (a client's whole queue of 4 KiB writes)
 MAX_PENDING_REPLY_BYTES = 4 << 20  # plaintext: replies held before they are sent, at most (plus one)
 # Connections at once: from one peer address, and in all. Each may hold MAX_INFLIGHT requests'
-# buffers; a client needs one (a few with multi-conn).
+# buffers (TLS), or its receive buffer, one largest WRITE and MAX_PENDING_REPLY_BYTES of replies
+# (plaintext); a client needs one (a few with multi-conn).
 MAX_CONNECTIONS_PER_PEER = 16
 MAX_CONNECTIONS = 256
 MAX_OPTION_BYTES = 64 << 10
@@ -502,8 +503,8 @@ class _SocketConnection(_Connection):
     """A plaintext client, served by a thread of its own with blocking socket calls.
 
     The thread reads what the client sent, answers every whole request in it in order, and sends
-    the replies of the lot with one call before it waits for more: no task, executor hop or lock
-    per request, and the event loop never sees the traffic. A client's deep queue is served one
+    the replies of the lot with one call before it waits for more: no task, executor hop or send
+    lock per request, and the event loop never sees the traffic. A client's deep queue is served one
     request after another; that costs nothing here, since every guest command of a controller
     holds the controller's lock anyway (a client wanting more uses multi-conn).
     """
