@@ -79,6 +79,7 @@ _OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 _EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+SIMPLE_REPLY_BYTES = _SIMPLE_REPLY.size
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 
@@ -154,15 +155,15 @@ class Request(NamedTuple):
     length: int
 
 
-def parse_request(header: bytes, max_write_bytes: int) -> Request:
-    """The request in a 28-byte header; ProtocolError when the stream cannot go on after it.
+def parse_request(header: bytes | bytearray, max_write_bytes: int, at: int = 0) -> Request:
+    """The request in the 28-byte header at ``at``; ProtocolError when the stream cannot go on after it.
 
     That is a wrong magic, or a WRITE longer than ``max_write_bytes`` (the advertised maximum
     block size): its payload follows the header, and skipping that many bytes unread is not worth
     the risk.  Everything else about a request (command, flags, range) is answered with an errno
     by the server, which keeps the stream.
     """
-    magic, flags, command, cookie, offset, length = REQUEST.unpack(header)
+    magic, flags, command, cookie, offset, length = REQUEST.unpack_from(header, at)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"request magic {magic:#x} is not {REQUEST_MAGIC:#x}")
     if command == CMD_WRITE and length > max_write_bytes:

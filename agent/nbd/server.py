@@ -25,9 +25,12 @@ handshake its certificate must name an operator or the orchestrator (agent/nbd/t
 the rules); the URIs it hands out are then nbds://. Without them, plaintext as before and
 NBD_OPT_STARTTLS is answered NBD_REP_ERR_POLICY.
 
-Every namespace access runs in a small thread pool of its own, so the event loop (which also
-serves gRPC and the migration data plane) never blocks on file I/O, and a deep client queue
-cannot crowd the migration's own `asyncio.to_thread` calls out of the default executor.
+Transmission never blocks the event loop (which also serves gRPC and the migration data plane)
+on file I/O. A plaintext connection, once negotiated, is handed to a thread of its own that reads
+requests, runs them on the controller and sends the replies with blocking calls, many requests
+per system call: this is the fast path (`_SocketConnection`). A TLS connection stays on asyncio's
+TLS transport; each of its requests runs in a small thread pool of the server's own, so a deep
+client queue cannot crowd the migration's `asyncio.to_thread` calls out of the default executor.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,9 +64,12 @@ T = TypeVar("T")
 
 MAX_REQUEST_BYTES = 4 << 20  # largest READ/WRITE; advertised as the maximum block size
 CHUNK_BYTES = 1 << 20  # one controller call per MiB: a big request never holds its lock long
-MAX_INFLIGHT = 32  # requests per connection being served at once (bounds memory to 128 MiB)
+MAX_INFLIGHT = 32  # TLS: requests per connection being served at once (bounds memory to 128 MiB)
+RECV_BYTES = 256 << 10  # plaintext: what one recv may take (a client's whole queue of 4 KiB writes)
+MAX_PENDING_REPLY_BYTES = 4 << 20  # plaintext: replies held before they are sent, at most (plus one)
 # Connections at once: from one peer address, and in all. Each may hold MAX_INFLIGHT requests'
-# buffers; a client needs one (a few with multi-conn).
+# buffers (TLS), or its receive buffer, one largest WRITE and MAX_PENDING_REPLY_BYTES of replies
+# (plaintext); a client needs one (a few with multi-conn).
 MAX_CONNECTIONS_PER_PEER = 16
 MAX_CONNECTIONS = 256
 MAX_OPTION_BYTES = 64 << 10
@@ -79,6 +87,8 @@ _ALLOWED_FLAGS = {
     p.CMD_TRIM: p.CMD_FLAG_FUA,
     p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
 }
+_IOV_MAX = 1024  # buffers one sendmsg may take (Linux's IOV_MAX)
+_OTHER_COMMAND = max(p.COMMAND_NAMES) + 1  # where a connection counts commands without a name
 _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
 
 
@@ -91,12 +101,23 @@ class _Export:
     controller_id: str
     connections: set[_Connection] = field(default_factory=set)
     # Replaced on every notification: a request takes the current one *before* it tries the
-    # controller, so a wake-up that comes while it tries is not missed.
+    # controller, so a wake-up that comes while it tries is not missed (TLS connections, on the loop).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The same for connections served by threads: a request reads `generation` before it tries.
+    generation: int = 0
+    _generation_changed: threading.Condition = field(default_factory=threading.Condition)
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+        with self._generation_changed:
+            self.generation += 1
+            self._generation_changed.notify_all()
+
+    def wait_changed(self, seen: int, timeout_s: float) -> None:
+        """From a connection's thread: until a notification after `seen` was read, or the timeout."""
+        with self._generation_changed:
+            self._generation_changed.wait_for(lambda: self.generation != seen, timeout_s)
 
 
 class NbdServer:
@@ -122,9 +143,20 @@ class NbdServer:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._peers: collections.Counter[str] = collections.Counter()  # connections held, by peer address
-        # Requests received in the transmission phase, by command name (p.COMMAND_NAMES, or
-        # "OTHER"): a bounded set, for the agent's /metrics.
-        self.requests: collections.Counter[str] = collections.Counter()
+        # Requests of connections that ended, by command (as _Connection.counts).
+        self._ended_counts = [0] * (_OTHER_COMMAND + 1)
+
+    @property
+    def requests(self) -> collections.Counter[str]:
+        """Requests received in the transmission phase, by command name (p.COMMAND_NAMES, or
+        "OTHER"): a bounded set, for the agent's /metrics."""
+        totals = list(self._ended_counts)
+        for export in self._exports.values():
+            for conn in list(export.connections):
+                for command, n in enumerate(conn.counts):
+                    totals[command] += n
+        return collections.Counter({p.COMMAND_NAMES.get(command, "OTHER"): n
+                                    for command, n in enumerate(totals) if n})
 
     def clients(self) -> int:
         """Connections in the transmission phase: clients using an export."""
@@ -205,7 +237,10 @@ class NbdServer:
             chosen = await self._negotiate(reader, writer)
             if chosen is not None:
                 export, controller = chosen
-                conn = _Connection(self, export, controller, reader, writer)
+                if self._ssl is not None:
+                    conn = _StreamConnection(self, export, controller, reader, writer)
+                else:
+                    conn = _SocketConnection(self, export, controller, *await _detach(reader, writer))
                 export.connections.add(conn)
                 await conn.serve()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -221,6 +256,8 @@ class NbdServer:
             if conn is not None:
                 conn.export.connections.discard(conn)
                 await conn.finish()
+                for command, n in enumerate(conn.counts):
+                    self._ended_counts[command] += n
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -341,6 +378,23 @@ class NbdServer:
         return refusal
 
 
+async def _detach(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[socket.socket, bytes]:
+    """The connection's socket (a duplicate), for a thread to use with blocking calls, and the
+    bytes the negotiation's reader already took from it (requests the client sent right after its
+    last option). The transport neither reads nor writes it after this; closing it later closes
+    only its own descriptor."""
+    transport = writer.transport
+    assert isinstance(transport, asyncio.Transport)  # a socket's: it reads too
+    transport.pause_reading()
+    transport.set_write_buffer_limits(high=0)
+    await writer.drain()  # every negotiation reply is out before the thread's first
+    raw = writer.get_extra_info("socket")
+    sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+    # StreamReader has no public way to hand over what it holds.
+    buffered = bytes(getattr(reader, "_buffer", b""))
+    return sock, buffered
+
+
 def _check_guest_io(controller: GuestDrivenController) -> None:
     """Flush and trim touch no block, but like every guest command they wait out a suspend."""
     state = controller.vfio_state
@@ -358,6 +412,8 @@ def _fsync(controller: GuestDrivenController) -> None:
 
 
 def _read(controller: GuestDrivenController, offset: int, length: int) -> bytes:
+    if length <= CHUNK_BYTES:
+        return controller.read_blocks(offset // BLOCK_BYTES, length // BLOCK_BYTES)
     parts = []
     for at in range(offset, offset + length, CHUNK_BYTES):
         n = min(CHUNK_BYTES, offset + length - at)
@@ -365,10 +421,13 @@ def _read(controller: GuestDrivenController, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _write(controller: GuestDrivenController, offset: int, data: bytes | memoryview, fua: bool) -> None:
-    view = memoryview(data)
-    for at in range(0, len(view), CHUNK_BYTES):
-        controller.write_blocks((offset + at) // BLOCK_BYTES, bytes(view[at:at + CHUNK_BYTES]))
+def _write(controller: GuestDrivenController, offset: int, data: bytes, fua: bool) -> None:
+    if len(data) <= CHUNK_BYTES:
+        controller.write_blocks(offset // BLOCK_BYTES, data)
+    else:
+        view = memoryview(data)
+        for at in range(0, len(view), CHUNK_BYTES):
+            controller.write_blocks((offset + at) // BLOCK_BYTES, bytes(view[at:at + CHUNK_BYTES]))
     if fua:
         _fsync(controller)
 
@@ -389,17 +448,223 @@ def _trim(controller: GuestDrivenController, fua: bool) -> None:
         _fsync(controller)
 
 
-class _Connection:
-    """One client in the transmission phase: reads requests, serves up to MAX_INFLIGHT at once."""
+def _execute(controller: GuestDrivenController, command: int, flags: int, offset: int, length: int,
+             payload: bytes) -> bytes:
+    """One request that passed `_refusal`, on the calling thread: the data a READ returns, else b"".
 
-    def __init__(self, server: NbdServer, export: _Export, controller: GuestDrivenController,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    Raises NotRunningError while the controller is suspended (the caller waits and retries),
+    ControllerGoneError or FileNotFoundError once it left, OSError or ControllerError on failure.
+    """
+    fua = bool(flags & p.CMD_FLAG_FUA)
+    if command == p.CMD_READ:
+        return _read(controller, offset, length)
+    if command == p.CMD_WRITE:
+        _write(controller, offset, payload, fua)
+    elif command == p.CMD_WRITE_ZEROES:
+        _write_zeroes(controller, offset, length, fua)
+    elif command == p.CMD_FLUSH:
+        _fsync(controller)
+    elif command == p.CMD_TRIM:
+        _trim(controller, fua)
+    return b""
+
+
+def _failed(controller: GuestDrivenController, command: int, offset: int, length: int, exc: Exception) -> None:
+    log.warning("NBD %s at offset %d length %d on %s failed: %s", p.COMMAND_NAMES[command], offset, length,
+                controller.controller_id, exc)
+
+
+class _Connection:
+    """One client in the transmission phase; `serve()` returns when it is done."""
+
+    def __init__(self, server: NbdServer, export: _Export, controller: GuestDrivenController) -> None:
         self.server = server
         self.export = export
         self.controller = controller
+        self.closing = False
+        # Requests received, indexed by command (p.COMMAND_NAMES; the last slot for any other):
+        # written by the one thread serving the connection, summed by NbdServer.requests.
+        self.counts = [0] * (_OTHER_COMMAND + 1)
+
+    def count(self, command: int) -> None:
+        self.counts[command if command < _OTHER_COMMAND else _OTHER_COMMAND] += 1
+
+    def hang_up(self) -> None:
+        raise NotImplementedError
+
+    async def serve(self) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        self.closing = True
+
+
+class _SocketConnection(_Connection):
+    """A plaintext client, served by a thread of its own with blocking socket calls.
+
+    The thread reads what the client sent, answers every whole request in it in order, and sends
+    the replies of the lot with one call before it waits for more: no task, executor hop or send
+    lock per request, and the event loop never sees the traffic. A client's deep queue is served one
+    request after another; that costs nothing here, since every guest command of a controller
+    holds the controller's lock anyway (a client wanting more uses multi-conn).
+    """
+
+    def __init__(self, server: NbdServer, export: _Export, controller: GuestDrivenController,
+                 sock: socket.socket, buffered: bytes) -> None:
+        super().__init__(server, export, controller)
+        self.sock = sock
+        self._buffered = buffered  # read by the negotiation's StreamReader past NBD_OPT_GO
+
+    def hang_up(self) -> None:
+        """Ends the thread: a blocked recv or send returns, a stalled request sees `closing`."""
+        self.closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def run() -> None:
+            outcome: BaseException | None = None
+            try:
+                self._transmit()
+            except OSError:
+                pass  # the client went away, or hang_up() cut the socket under a recv or send
+            except Exception as exc:  # ProtocolError: _accept logs it
+                outcome = exc
+            finally:
+                with contextlib.suppress(OSError):
+                    self.sock.close()
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(settle, outcome)
+
+        threading.Thread(target=run, name=f"nbd {self.export.controller_id}", daemon=True).start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The server is closing: the thread must be out before the host closes the controller.
+            self.hang_up()
+            await asyncio.wait([done])
+            raise
+
+    def _transmit(self) -> None:
+        sock = self.sock
+        sock.setblocking(True)
+        size = self.controller.namespace_bytes
+        header_size = p.REQUEST.size
+        # Requests arrive into one buffer, reused: buf[start:end] is what is not answered yet.
+        buf = bytearray(max(RECV_BYTES, len(self._buffered)))
+        end = len(self._buffered)
+        buf[:end] = self._buffered
+        start = 0
+        need = header_size  # bytes the first request not answered takes, once its header is in
+        out: list[bytes] = []  # replies (headers and read data) not yet sent
+        try:
+            while not self.closing:
+                out_bytes = 0
+                while out_bytes < MAX_PENDING_REPLY_BYTES:
+                    avail = end - start
+                    need = header_size
+                    if avail < header_size:
+                        break
+                    flags, command, cookie, offset, length = p.parse_request(buf, MAX_REQUEST_BYTES, start)
+                    if command == p.CMD_WRITE:
+                        need += length
+                        if avail < need:
+                            break
+                        payload = bytes(memoryview(buf)[start + header_size:start + need])
+                    else:
+                        payload = b""
+                    start += need
+                    self.count(command)
+                    if command == p.CMD_DISC:
+                        return  # soft disconnect: what came before it is answered (sent below)
+                    answered = self._answer(command, flags, cookie, offset, length, payload, size, out)
+                    if answered < 0:
+                        return  # the controller left: no reply, the client sees the connection close
+                    out_bytes += answered
+                if out:
+                    _send_all(sock, out)
+                if out_bytes >= MAX_PENDING_REPLY_BYTES:
+                    continue  # stopped to bound the replies held, not for want of requests
+                # Keep what is not answered at the front, with room for the whole of the next request.
+                if start:
+                    buf[:end - start] = buf[start:end]
+                    end -= start
+                    start = 0
+                if need > len(buf):
+                    buf.extend(bytes(need - len(buf)))  # a long WRITE
+                elif len(buf) > RECV_BYTES >= end and need <= RECV_BYTES:
+                    del buf[RECV_BYTES:]  # after one: back to the usual size
+                received = sock.recv_into(memoryview(buf)[end:])
+                if not received:
+                    return  # the client closed
+                end += received
+        finally:
+            if out and not self.closing:
+                _send_all(sock, out)
+
+    def _answer(self, command: int, flags: int, cookie: int, offset: int, length: int, payload: bytes, size: int,
+                out: list[bytes]) -> int:
+        """Runs one request and appends its reply (header and any data) to `out`: the bytes appended,
+        or -1 when the controller left (no reply)."""
+        error = _refusal(command, flags, offset, length, size)
+        if error:
+            out.append(p.simple_reply(cookie, error))
+            return p.SIMPLE_REPLY_BYTES
+        controller = self.controller
+        while not self.closing:
+            seen = self.export.generation
+            try:
+                data = _execute(controller, command, flags, offset, length, payload)
+            except NotRunningError:
+                # Suspended: what is answered already goes out now, then wait for a wake-up.
+                if out:
+                    _send_all(self.sock, out)
+                self.export.wait_changed(seen, STALL_RECHECK_S)
+                continue
+            except (ControllerGoneError, FileNotFoundError):
+                return -1
+            except (OSError, ControllerError) as exc:
+                _failed(controller, command, offset, length, exc)
+                out.append(p.simple_reply(cookie, p.EIO))
+                return p.SIMPLE_REPLY_BYTES
+            out.append(p.simple_reply(cookie))
+            if data:
+                out.append(data)
+            return p.SIMPLE_REPLY_BYTES + len(data)
+        return -1
+
+
+def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
+    """Sends `parts` in order, as few system calls as the kernel allows, and empties the list."""
+    for first in range(0, len(parts), _IOV_MAX):
+        batch = parts[first:first + _IOV_MAX]
+        sent = sock.sendmsg(batch)
+        total = sum(map(len, batch))
+        if sent < total:  # the socket buffer filled: the rest the slow way
+            sock.sendall(b"".join(batch)[sent:])
+    parts.clear()
+
+
+class _StreamConnection(_Connection):
+    """A TLS client: asyncio's TLS transport, up to MAX_INFLIGHT requests served at once, each
+    in the server's I/O pool."""
+
+    def __init__(self, server: NbdServer, export: _Export, controller: GuestDrivenController,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(server, export, controller)
         self.reader = reader
         self.writer = writer
-        self.closing = False
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
         self._inflight: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
@@ -422,7 +687,7 @@ class _Connection:
         while not self.closing:
             header = await self.reader.readexactly(p.REQUEST.size)
             flags, command, cookie, offset, length = p.parse_request(header, MAX_REQUEST_BYTES)
-            self.server.requests[p.COMMAND_NAMES.get(command, "OTHER")] += 1
+            self.count(command)
             payload = b""
             if command == p.CMD_WRITE:
                 payload = await self.reader.readexactly(length)
@@ -461,27 +726,16 @@ class _Connection:
     async def _serve_one(self, command: int, flags: int, cookie: int, offset: int, length: int,
                          payload: bytes) -> None:
         ctrl = self.controller
-        fua = bool(flags & p.CMD_FLAG_FUA)
         data = b""
         error = 0
         try:
-            if command == p.CMD_READ:
-                data = await self.run_io(lambda: _read(ctrl, offset, length))
-            elif command == p.CMD_WRITE:
-                await self.run_io(lambda: _write(ctrl, offset, payload, fua))
-            elif command == p.CMD_WRITE_ZEROES:
-                await self.run_io(lambda: _write_zeroes(ctrl, offset, length, fua))
-            elif command == p.CMD_FLUSH:
-                await self.run_io(lambda: _fsync(ctrl))
-            elif command == p.CMD_TRIM:
-                await self.run_io(lambda: _trim(ctrl, fua))
+            data = await self.run_io(lambda: _execute(ctrl, command, flags, offset, length, payload))
         except ExportGone:
             # No reply: the request did not complete here. The client sees the connection close.
             self.hang_up()
             return
         except (OSError, ControllerError) as exc:
-            log.warning("NBD %s at offset %d length %d on %s failed: %s", p.COMMAND_NAMES[command], offset,
-                        length, ctrl.controller_id, exc)
+            _failed(ctrl, command, offset, length, exc)
             error, data = p.EIO, b""
         await self._send(p.simple_reply(cookie, error) + data)
 
