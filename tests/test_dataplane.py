@@ -154,7 +154,7 @@ def test_payload_bit_flip_is_a_checksum_error_naming_the_frame() -> None:
         decode(bytes(encoded))
     msg = str(info.value)
     assert "EXTENT" in msg and "offset 4096" in msg and "seq 7" in msg
-    assert "expected crc32 0x" in msg and "computed 0x" in msg
+    assert "expected xxh3 0x" in msg and "computed 0x" in msg
 
 
 def test_clean_eof_truncation_oversize_and_garbage() -> None:
