@@ -45,12 +45,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.dataplane.receiver import DataReceiver  # noqa: E402
-from agent.emulated.controller import EmulatedController  # noqa: E402
-from agent.sessions import DestinationSession, SourceSession  # noqa: E402
-from cluster.grpc_tls import TlsFiles  # noqa: E402
-from cluster.identity import Identity, Role  # noqa: E402
+from agent.dataplane.receiver import DataReceiver
+from agent.emulated.controller import EmulatedController
+from agent.sessions import DestinationSession, SourceSession
+from cluster.grpc_tls import TlsFiles
+from cluster.identity import Identity, Role
 
+REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
 VARIANTS = ("iperf3", "plain", "tls")
@@ -135,7 +136,7 @@ async def run_ours(source_path: Path, nbytes: int, workdir: Path, *, certs: dict
     if certs is not None:
         cmd += ["--ca", str(certs["ca"]), "--cert", str(certs[f"{DESTINATION_NODE}.cert"]),
                 "--key", str(certs[f"{DESTINATION_NODE}.key"])]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     stderr_path = workdir / f"dest-{label}.stderr"
     with stderr_path.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env)
@@ -208,8 +209,8 @@ def run_iperf3(source_path: Path, nbytes: int, workdir: Path) -> tuple[float, fl
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # retry the connect until the server listens (slow on a busy host)
             client = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-F", str(source_path),
-                                     "-n", str(nbytes), "--json"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                                    check=False)
+                                     "-n", str(nbytes), "--json"], capture_output=True, text=True,
+                                    timeout=RUN_TIMEOUT_S, check=False)
             # (with --json iperf3 exits 0 even when it could not connect: the reason is in the JSON)
             if "Connection refused" not in client.stdout + client.stderr:
                 break
@@ -278,7 +279,7 @@ def plot(runs: list[Run], summary: dict[str, dict[str, float]], path: Path, titl
     plt.close(fig)
 
 
-async def bench(args: argparse.Namespace) -> int:
+async def bench(args: argparse.Namespace, base: Path | None, out: Path) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -291,10 +292,7 @@ async def bench(args: argparse.Namespace) -> int:
         print("iperf3 is not installed; install it or leave it out of --variants", file=sys.stderr)
         return 2
     nbytes = args.mib * MiB
-    base = Path(args.dir) if args.dir else (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     workdir = Path(tempfile.mkdtemp(prefix="nvmigrate-bench-dp-", dir=base))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     try:
         source_path = workdir / "source.ns"
@@ -358,7 +356,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.destination:
         return asyncio.run(destination_main(args))
-    return asyncio.run(bench(args))
+    base = Path(args.dir) if args.dir else (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(bench(args, base, out))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ speed on each side, where XXH3 runs at many GB/s. Agents of the two versions ref
 frames by the version byte.
 
 This module is pure: no sockets, no tasks. The only I/O is ``read_frame``, which consumes an
-``asyncio.StreamReader`` that somebody else owns.
+``asyncio.StreamReader`` (or the receiver's reader) that somebody else owns.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 import xxhash
 
@@ -86,6 +87,13 @@ class Frame:
     payload: bytes = b""
 
 
+class ByteReader(Protocol):
+    """What ``read_frame`` reads from: an ``asyncio.StreamReader``, or the receiver's
+    ``agent.dataplane.stream.FrameStreamReader``."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+
 class FrameError(Exception):
     """The byte stream does not hold a valid frame (bad magic, version, type, length, truncation)."""
 
@@ -130,7 +138,7 @@ def encode_frame(frame: Frame) -> bytes:
     return encode_header(frame) + frame.payload
 
 
-async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_PAYLOAD_DEFAULT) -> Frame | None:
+async def read_frame(reader: ByteReader, max_payload: int = MAX_PAYLOAD_DEFAULT) -> Frame | None:
     """Read one frame from ``reader``.
 
     Returns None on a clean EOF exactly at a frame boundary. Raises ``FrameError`` for a
