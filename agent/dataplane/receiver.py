@@ -188,6 +188,14 @@ def _ack(seq: int = 0, **body: Any) -> bytes:
     return encode_frame(Frame(FrameType.ACK, seq=seq, payload=json.dumps(body).encode()))
 
 
+def _abort(transport: asyncio.BaseTransport) -> None:
+    # Python 3.11's TLS transport drops its protocol when close() is called a second time (the
+    # session's own close and a shutdown can both close it), and abort() then raises
+    # AttributeError; such a transport is already on its way down.
+    with contextlib.suppress(AttributeError):
+        transport.abort()  # type: ignore[attr-defined]
+
+
 def _exc_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -314,7 +322,7 @@ class DataReceiver:
             # Best effort: the source learns why instead of seeing a bare reset.
             with contextlib.suppress(Exception):
                 conn.writer.write(_ack(ok=False, error=f"data-plane receiver {self._address} is shutting down"))
-            conn.writer.transport.abort()
+            _abort(conn.writer.transport)
         for session in self._sessions.values():
             if not session.done:
                 session.fail("data-plane receiver closed")
@@ -368,7 +376,7 @@ class DataReceiver:
                             else "session cancelled on the destination",
                         )
                     )
-                writer.transport.abort()
+                _abort(writer.transport)
             raise
         except OSError as exc:
             if session is not None:
@@ -392,7 +400,7 @@ class DataReceiver:
         try:
             await asyncio.wait_for(writer.wait_closed(), _CLOSE_GRACE_S)
         except (TimeoutError, OSError):
-            writer.transport.abort()
+            _abort(writer.transport)
 
     async def _refuse(self, reader: FrameStreamReader, writer: asyncio.StreamWriter, error: str,
                       cause: str = "") -> None:
