@@ -14,7 +14,10 @@ The baseline is ``iperf3 -s -F DEST`` and ``iperf3 -c -F SRC -n SIZE`` (one TCP 
 read on the client, file written on the server): its receiver throughput from ``--json``.
 Variants: plaintext (checksums on, the normal path) and TLS 1.3 (certificates made the way
 ``orchctl certs`` does). Runs are interleaved so a noisy neighbour hurts every variant alike;
-the ratio is ours / iperf3 per run, the table shows medians.
+the ratio is ours / iperf3 per run, the table shows medians. "CPU s/GiB" is the user + system
+time both ends spent per GiB moved (for iperf3 its client and server; for ours the source
+process during the precopy and what the destination process reports for its session): on a
+shared, busy machine it says more about the data plane's cost than the wall-clock rate does.
 
 The namespace files live in ``--dir`` (default: a fresh directory under /dev/shm, so the
 page cache and not this machine's disk is measured; pass a directory on a disk to include it).

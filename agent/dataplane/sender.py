@@ -78,7 +78,7 @@ class DataSender:
     """One authenticated data-plane connection for one job. Create with ``await DataSender.connect``."""
 
     # Fault hook for tests: 1-based index among EXTENT frames of this sender whose payload gets
-    # one byte flipped *after* its CRC was computed, so the receiver must detect it. 0 = off.
+    # one byte flipped *after* its checksum was computed, so the receiver must detect it. 0 = off.
     corrupt_frame: int = 0
 
     def __init__(
