@@ -2,8 +2,8 @@
 
 Sends N MiB (default 256) in 1 MiB extents from a DataSender to a DataReceiver whose sink only
 counts bytes, with no bandwidth limit, and times it up to the ACK of the final round (so every
-byte was received, CRC-checked and applied). The baseline in the same run pushes the same bytes
-through a bare asyncio stream (no framing, no CRC, no sink) and times it until the server has
+byte was received, checksummed and applied). The baseline in the same run pushes the same bytes
+through a bare asyncio stream (no framing, no checksum, no sink) and times it until the server has
 read them all. Prints MB/s for both and the ratio ours/raw.
 
 Usage: python e2e/bench_dataplane.py [--mib 256] [--repeat 3] [--chunk-kib 1024]

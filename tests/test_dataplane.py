@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import os
 import random
 import time
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from agent.dataplane.framing import (
     HEADER_SIZE,
     MAGIC,
+    VERSION,
     ChecksumError,
     Frame,
     FrameError,
@@ -154,7 +156,7 @@ def test_payload_bit_flip_is_a_checksum_error_naming_the_frame() -> None:
         decode(bytes(encoded))
     msg = str(info.value)
     assert "EXTENT" in msg and "offset 4096" in msg and "seq 7" in msg
-    assert "expected crc32 0x" in msg and "computed 0x" in msg
+    assert "expected xxh3 0x" in msg and "computed 0x" in msg
 
 
 def test_clean_eof_truncation_oversize_and_garbage() -> None:
@@ -646,3 +648,77 @@ async def test_a_peer_holding_too_many_connections_is_cut_before_it_sends_a_byte
     finally:
         for _, writer in held:
             writer.close()
+
+
+# -- the receiver's zero-copy reader over real sockets ---------------------------------------
+
+
+async def hello_and_ack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, job: str, token: str) -> None:
+    writer.write(encode_frame(Frame(FrameType.HELLO, payload=json.dumps({"job_id": job, "token": token}).encode())))
+    await writer.drain()
+    ack = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+    assert ack is not None and json.loads(ack.payload)["ok"], ack
+
+
+async def test_frames_cut_at_every_size_arrive_whole(receiver: DataReceiver, tmp_path: Path,
+                                                     sinks: list[FileSink]) -> None:
+    """A session sent in pieces of random sizes (1 byte to 300 KiB, so a header lands split, with
+    the next payload, or alone): the receiver's reader stages some and receives others straight into
+    the payload, and every byte lands where it belongs."""
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-cut", "tok", sink)
+    rng = random.Random(11)
+    data = os.urandom(3 * MiB + 123)
+    extents = [(0, 100), (100, 5), (105, MiB), (105 + MiB, 2 * MiB + 18)]
+    wire = b"".join(encode_frame(Frame(FrameType.EXTENT, offset=o, seq=i + 1, payload=data[o:o + n]))
+                    for i, (o, n) in enumerate(extents))
+    wire += encode_frame(Frame(FrameType.ROUND_END, seq=0))
+    host, port = receiver.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await hello_and_ack(reader, writer, "job-cut", "tok")
+        at = 0
+        while at < len(wire):
+            n = rng.choice([1, 7, HEADER_SIZE - 1, HEADER_SIZE + 3, 4096, 65_537, 300_000])
+            writer.write(wire[at:at + n])
+            await writer.drain()
+            at += n
+            if rng.random() < 0.1:
+                await asyncio.sleep(0.001)  # let the receiver catch up: the next piece finds it waiting
+        ack = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+    finally:
+        writer.close()
+    assert ack is not None and json.loads(ack.payload)["bytes_received"] == len(data)
+    assert sink.path.read_bytes() == data
+
+
+async def test_a_version_1_frame_is_refused_naming_both_versions(receiver: DataReceiver) -> None:
+    host, port = receiver.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        v2 = bytearray(encode_frame(Frame(FrameType.HELLO, payload=b"{}")))
+        v2[4] = 1  # what an agent of the CRC-32 frame version sends
+        writer.write(bytes(v2))
+        await writer.drain()
+        ack = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+    finally:
+        writer.close()
+    assert ack is not None
+    error = json.loads(ack.payload)["error"]
+    assert f"unsupported frame version 1 (this agent speaks {VERSION})" in error
+
+
+async def test_a_connection_closed_inside_a_payload_fails_the_session(receiver: DataReceiver, tmp_path: Path,
+                                                                      sinks: list[FileSink]) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-eof", "tok", sink)
+    host, port = receiver.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await hello_and_ack(reader, writer, "job-eof", "tok")
+    frame = encode_frame(Frame(FrameType.EXTENT, offset=0, seq=1, payload=os.urandom(MiB)))
+    writer.write(frame[: len(frame) // 2])
+    await writer.drain()
+    writer.close()
+    stats = await asyncio.wait_for(receiver.wait_session_end("job-eof"), DEADLINE_S)
+    assert stats.last_error is not None and "inside the payload" in stats.last_error, stats
+    assert stats.bytes_received == 0 and sink.written == 0

@@ -40,6 +40,7 @@ from agent.dataplane.framing import (
     encode_frame,
     read_frame,
 )
+from agent.dataplane.stream import FrameStreamProtocol, FrameStreamReader
 from cluster.grpc_tls import identity_of_der
 from cluster.identity import Identity, Role
 from cluster.ratelimited_log import malformed_input
@@ -59,8 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 DATA_PLANE_KIND = "data-plane"  # malformed input of this kind is logged at most once per window
 
-# StreamReader buffer limit. The default (64 KiB) makes the transport pause/resume reading many
-# times per 1 MiB frame; a few MiB lets the kernel->buffer copy overlap with sink writes.
+# Read size of the sender's StreamReader (it reads only ACKs) and of the receiver's discard loop.
 STREAM_LIMIT = 4 * 1024 * 1024
 # The cause of a refusal, in its ACK, when the destination's disk is full.
 CAUSE_NO_SPACE = "no_space"
@@ -188,6 +188,14 @@ def _ack(seq: int = 0, **body: Any) -> bytes:
     return encode_frame(Frame(FrameType.ACK, seq=seq, payload=json.dumps(body).encode()))
 
 
+def _abort(transport: asyncio.BaseTransport) -> None:
+    # Python 3.11's TLS transport drops its protocol when close() is called a second time (the
+    # session's own close and a shutdown can both close it), and abort() then raises
+    # AttributeError; such a transport is already on its way down.
+    with contextlib.suppress(AttributeError):
+        transport.abort()  # type: ignore[attr-defined]
+
+
 def _exc_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -227,8 +235,10 @@ class DataReceiver:
             raise RuntimeError(f"DataReceiver already started on {self._address}")
         try:
             handshake_s = self._hello_timeout_s if self._ssl else None
-            self._server = await asyncio.start_server(self._on_connect, self._host, self._port, limit=STREAM_LIMIT,
-                                                      ssl=self._ssl, ssl_handshake_timeout=handshake_s)
+            # Payloads are received straight into their own buffers (agent.dataplane.stream).
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: FrameStreamProtocol(self._on_connect), self._host, self._port, ssl=self._ssl,
+                ssl_handshake_timeout=handshake_s)
         except OSError as exc:
             raise OSError(
                 exc.errno,
@@ -312,7 +322,7 @@ class DataReceiver:
             # Best effort: the source learns why instead of seeing a bare reset.
             with contextlib.suppress(Exception):
                 conn.writer.write(_ack(ok=False, error=f"data-plane receiver {self._address} is shutting down"))
-            conn.writer.transport.abort()
+            _abort(conn.writer.transport)
         for session in self._sessions.values():
             if not session.done:
                 session.fail("data-plane receiver closed")
@@ -322,7 +332,7 @@ class DataReceiver:
 
     # -- connection handling -------------------------------------------------------------
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, reader: FrameStreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback that spawns a task we own, rather than a coroutine callback: asyncio
         # 3.11 logs a spurious error when the task it creates for a coroutine is cancelled, and
         # close()/unregister() cancel session tasks by design.
@@ -346,7 +356,7 @@ class DataReceiver:
         self._connections.add(conn)
 
     async def _handle_connection(
-        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: _Connection, reader: FrameStreamReader, writer: asyncio.StreamWriter
     ) -> None:
         session: _Session | None = None
         try:
@@ -366,7 +376,7 @@ class DataReceiver:
                             else "session cancelled on the destination",
                         )
                     )
-                writer.transport.abort()
+                _abort(writer.transport)
             raise
         except OSError as exc:
             if session is not None:
@@ -390,9 +400,9 @@ class DataReceiver:
         try:
             await asyncio.wait_for(writer.wait_closed(), _CLOSE_GRACE_S)
         except (TimeoutError, OSError):
-            writer.transport.abort()
+            _abort(writer.transport)
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: str,
+    async def _refuse(self, reader: FrameStreamReader, writer: asyncio.StreamWriter, error: str,
                       cause: str = "") -> None:
         """Send a not-ok ACK, half-close and discard in-flight data for a while (see _LINGER_S)."""
         try:
@@ -410,7 +420,7 @@ class DataReceiver:
             pass
 
     async def _handshake(
-        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, conn: _Connection, reader: FrameStreamReader, writer: asyncio.StreamWriter
     ) -> _Session | None:
         try:
             async with asyncio.timeout(self._hello_timeout_s):
@@ -481,13 +491,13 @@ class DataReceiver:
                     f"only {wanted or 'an agent'} may")
         return None
 
-    async def _read_next(self, reader: asyncio.StreamReader) -> Frame | None:
+    async def _read_next(self, reader: FrameStreamReader) -> Frame | None:
         if self._idle_timeout_s is None:
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
         async with asyncio.timeout(self._idle_timeout_s):
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
 
-    async def _serve(self, session: _Session, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, session: _Session, reader: FrameStreamReader, writer: asyncio.StreamWriter) -> None:
         job = session.job_id
 
         async def fail(reason: str, cause: str = "") -> None:

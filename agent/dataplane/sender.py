@@ -39,12 +39,12 @@ __all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSende
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 # ACKs are small JSON documents.
 _ACK_MAX_PAYLOAD = 1024 * 1024
 # Let a few chunks queue in the transport so the next write does not wait for the kernel to
 # drain the previous one completely (keeps the socket busy between our writes).
-_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_WRITE_HIGH_WATER = 8 * 1024 * 1024
 # After a connection error on write, how long to wait for the read task to deliver the
 # receiver's own reason (an error ACK that raced the reset), which is more useful than ECONNRESET.
 _REASON_GRACE_S = 2.0
@@ -78,7 +78,7 @@ class DataSender:
     """One authenticated data-plane connection for one job. Create with ``await DataSender.connect``."""
 
     # Fault hook for tests: 1-based index among EXTENT frames of this sender whose payload gets
-    # one byte flipped *after* its CRC was computed, so the receiver must detect it. 0 = off.
+    # one byte flipped *after* its checksum was computed, so the receiver must detect it. 0 = off.
     corrupt_frame: int = 0
 
     def __init__(
