@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError
 from agent.nbd import protocol as p
 from agent.nbd.tls_policy import Action, TlsStage, certificate_names_host, option_verdict
+from agent.qos import GuestIoPolicy
 from agent.vfio_states import VfioState
 from cluster import names
 from cluster.grpc_tls import TlsFiles, identity_of_der
@@ -80,6 +82,8 @@ _ALLOWED_FLAGS = {
     p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
 }
 _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
+# The controller's limit each command counts against (agent/qos.py); a flush counts against none.
+_LIMITED_AS = {p.CMD_READ: "read", p.CMD_WRITE: "write", p.CMD_WRITE_ZEROES: "write", p.CMD_TRIM: "trim"}
 
 
 class ExportGone(Exception):
@@ -104,8 +108,11 @@ class NbdServer:
 
     def __init__(self, listen_host: str, port: int, advertise_host: str,
                  lookup: Callable[[str], GuestDrivenController | None], io_threads: int = IO_THREADS, *,
-                 tls: TlsFiles | None = None) -> None:
-        """`tls`: the agent's certificates; with them every client must negotiate TLS."""
+                 tls: TlsFiles | None = None, guest_io: GuestIoPolicy | None = None) -> None:
+        """`tls`: the agent's certificates; with them every client must negotiate TLS. `guest_io`:
+        the node's I/O limits (a request waits as long as they say) and where served requests'
+        latencies go (migration reads yield to them)."""
+        self.guest_io = guest_io
         self.listen_host = listen_host
         self.port = port
         self.advertise_host = advertise_host
@@ -439,15 +446,21 @@ class _Connection:
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
-    async def run_io(self, work: Callable[[], T]) -> T:
-        """Runs `work` in the I/O pool; while the controller is suspended, waits and retries."""
+    async def run_io(self, work: Callable[[], T], observed_bytes: int = -1) -> T:
+        """Runs `work` in the I/O pool; while the controller is suspended, waits and retries.
+        With `observed_bytes` >= 0 the attempt that succeeds is reported to the node's guest I/O
+        policy (a stall while suspended is not guest latency)."""
         loop = asyncio.get_running_loop()
         while True:
             if self.closing:
                 raise ExportGone()
             changed = self.export.changed
             try:
-                return await loop.run_in_executor(self.server.io_pool, work)
+                started = time.monotonic()
+                result = await loop.run_in_executor(self.server.io_pool, work)
+                if observed_bytes >= 0 and self.server.guest_io is not None:
+                    self.server.guest_io.completed(observed_bytes, time.monotonic() - started)
+                return result
             except NotRunningError:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), STALL_RECHECK_S)
@@ -464,11 +477,16 @@ class _Connection:
         fua = bool(flags & p.CMD_FLAG_FUA)
         data = b""
         error = 0
+        limited_as = _LIMITED_AS.get(command)
+        if limited_as is not None and self.server.guest_io is not None:
+            held_s = self.server.guest_io.admit(ctrl.controller_id, limited_as, length)
+            if held_s > 0:
+                await asyncio.sleep(held_s)  # the controller's I/O limit (its own queue, not a pool thread)
         try:
             if command == p.CMD_READ:
-                data = await self.run_io(lambda: _read(ctrl, offset, length))
+                data = await self.run_io(lambda: _read(ctrl, offset, length), length)
             elif command == p.CMD_WRITE:
-                await self.run_io(lambda: _write(ctrl, offset, payload, fua))
+                await self.run_io(lambda: _write(ctrl, offset, payload, fua), length)
             elif command == p.CMD_WRITE_ZEROES:
                 await self.run_io(lambda: _write_zeroes(ctrl, offset, length, fua))
             elif command == p.CMD_FLUSH:
