@@ -194,13 +194,13 @@ def _add_limit_options(a: argparse.ArgumentParser, changing: bool) -> None:
     for name, flag in LIMIT_FLAGS.items():
         op, _, unit = name.partition("_")
         what = "I/Os a second" if unit == "iops" else "bytes a second, e.g. 10M"
-        a.add_argument(flag, metavar="N" if unit == "iops" else "BYTES", type=_limit_value(name), dest=name,
+        a.add_argument(flag, metavar="N" if unit == "iops" else "BYTES", type=_limit_value(name), dest=f"limit_{name}",
                        help=f"limit the guest's {op}s to {what}" + (" (0 removes the limit)" if changing else ""))
 
 
 def _requested_limits(args: argparse.Namespace, message: Any) -> None:
     for name in LIMIT_FLAGS:
-        value = getattr(args, name, None)
+        value = getattr(args, f"limit_{name}", None)  # not args.write_iops: that is the guest's rate
         if value is not None:
             setattr(message, name, value)
 
