@@ -31,10 +31,12 @@ from agent.nbd.server import NbdServer
 from agent.node_lease import NodeLease, await_name_free
 from agent.nvme.smart import SmartLogError, parse_smart_log
 from agent.nvme.state_format import STATE_FORMAT_VERSION
+from agent.qos import GuestIoPolicy, IoLimiter, MigrationPacer
 from agent.session_states import ENDED_STAGES, DestinationStage, ErrorKind, SessionError, SourceStage
 from agent.sessions import DestinationSession, Session, SourceSession
 from agent.vfio_states import VfioState
 from cluster.grpc_tls import TlsFiles, agent_channel
+from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from proto.v1 import agent_pb2, agent_pb2_grpc
@@ -69,7 +71,7 @@ def _worth_publishing(published: NodeRecord, current: NodeRecord) -> bool:
 class Host:
     def __init__(self, name: str, store: EtcdStore, data_dir: Path, hosting: ControllerHosting,
                  address: str, data_host: str, data_port: int, lease_ttl_s: int, *,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, migration_yield: bool = True) -> None:
         self.name = name
         self.tls = tls  # mutual TLS: how this agent reaches its peers' gRPC (and proves it is `name`)
         self.store = store
@@ -82,9 +84,15 @@ class Host:
         self.receiver = DataReceiver(data_host, data_port, ssl=tls.ssl_context(server=True) if tls else None)
         self.data_client_ssl = tls.ssl_context(server=False) if tls else None
         self.controllers: dict[str, HostedController] = {}
+        # Each controller's guest I/O limits, by id: made before its guest runs (a destination's
+        # before resume), dropped when it leaves or is deleted.
+        self.io_limiters: dict[str, IoLimiter] = {}
+        # Migration reads from this node's namespaces yield to its guests' I/O (agent/qos.py).
+        self.migration_pacer = MigrationPacer(enabled=migration_yield)
         # NBD listens beside the data plane (the data-path network) on a port picked at start;
         # its URIs name the host peers use to reach this agent.
-        self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller, tls=tls)
+        self.nbd = NbdServer(data_host, 0, address.rpartition(":")[0], self._running_controller, tls=tls,
+                             guest_io=GuestIoPolicy(self.io_limiters.get, self.migration_pacer))
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0
@@ -158,6 +166,7 @@ class Host:
                 # state across our restart): it runs again, as a rebuilt emulated controller does.
                 await asyncio.to_thread(controller.set_state, VfioState.RUNNING)
             self.controllers[cid] = self._hosted(controller)
+            self.limiter(cid).set_limits(owner[0].limits if owner is not None else IoLimits())
             log.info("recovered controller %s (%s)", cid, controller.vfio_state.name)
         pending = set(await asyncio.to_thread(self.hosting.pending_destinations))
         for cid, job_id in sorted(pending):
@@ -279,6 +288,44 @@ class Host:
         hosted = self.controllers.get(controller_id)
         return hosted.guest if hosted is not None else None
 
+    def limiter(self, controller_id: str) -> IoLimiter:
+        """The controller's I/O limiter (made, unlimited, on first use)."""
+        limiter = self.io_limiters.get(controller_id)
+        if limiter is None:
+            limiter = self.io_limiters[controller_id] = IoLimiter()
+        return limiter
+
+    def write_admission(self, controller_id: str) -> functools.partial[float]:
+        """What the built-in guest asks before each write: its controller's write limits."""
+        return functools.partial(self.limiter(controller_id).reserve, "write")
+
+    def limits(self, controller_id: str) -> IoLimits:
+        limiter = self.io_limiters.get(controller_id)
+        return limiter.limits if limiter is not None else IoLimits()
+
+    async def set_limits(self, controller_id: str, changes: dict[str, int], clear: bool) -> HostedController:
+        """Applies `changes` (field -> value, 0 removes) to the controller's limits, after `clear`
+        removed them all: first in its etcd record (so they move with it), then here."""
+        async with self._lock:
+            hosted = self.hosted(controller_id)
+            moving = self._moving_job(controller_id)
+            if moving:
+                raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} is being moved by job "
+                                                           f"{moving}; change its limits once the job ended")
+            try:
+                limits = (IoLimits() if clear else self.limits(controller_id)).merged(changes)
+            except ValueError as exc:
+                raise SessionError(ErrorKind.INVALID, str(exc)) from None
+            problem = limits.problem()
+            if problem:
+                raise SessionError(ErrorKind.INVALID, problem)
+            problem = await self.store.set_controller_limits(controller_id, self.name, limits)
+            if problem:
+                raise SessionError(ErrorKind.PRECONDITION, problem)
+            self.limiter(controller_id).set_limits(limits)
+            log.info("controller %s: I/O limits now %s", controller_id, limits.shown())
+        return hosted
+
     def _lacks(self, what: str, controller_id: str, hint: str) -> SessionError:
         return SessionError(ErrorKind.PRECONDITION,
                             f"controller {controller_id!r} runs on node {self.name!r}, whose backend "
@@ -307,7 +354,8 @@ class Host:
         return hosted, hosted.guest
 
     async def create_controller(self, controller_id: str, namespace_bytes: int, prefill: bool,
-                                spec: WorkloadSpec | None) -> HostedController:
+                                spec: WorkloadSpec | None, limits: IoLimits | None = None) -> HostedController:
+        limits = limits or IoLimits()
         async with self._lock:
             if controller_id in self.controllers:
                 raise SessionError(ErrorKind.EXISTS, f"controller {controller_id!r} already runs on node {self.name!r}")
@@ -328,8 +376,12 @@ class Host:
                     spec.validate(namespace_bytes)
                 except ValueError as exc:
                     raise SessionError(ErrorKind.INVALID, str(exc)) from None
+            problem = limits.problem()
+            if problem:
+                raise SessionError(ErrorKind.INVALID, problem)
             claimed = await self.store.claim_controller(
-                ControllerRecord(controller_id=controller_id, node=self.name, namespace_bytes=namespace_bytes))
+                ControllerRecord(controller_id=controller_id, node=self.name, namespace_bytes=namespace_bytes,
+                                 limits=limits))
             if not claimed:
                 owner = await self.store.get_controller(controller_id)
                 where = owner[0].node if owner else "another node"
@@ -362,8 +414,10 @@ class Host:
                                                f"node {self.name!r}: prefilling controller {controller_id!r} failed"
                                                f"{on_disk}: {exc}; free space there or choose another node"
                                                ) from None
-                    if spec is not None:
-                        hosted.workload.start()
+                    hosted.workload.set_admission(self.write_admission(controller_id))
+                self.limiter(controller_id).set_limits(limits)  # after the prefill: that is not the guest
+                if hosted.workload is not None and spec is not None:
+                    hosted.workload.start()
                 self.controllers[controller_id] = hosted
             except BaseException:
                 # Nothing half-created: what was made here goes, and so does the claim in etcd
@@ -376,6 +430,7 @@ class Host:
         return hosted
 
     async def _undo_create(self, controller_id: str, hosted: HostedController | None) -> None:
+        self.io_limiters.pop(controller_id, None)
         try:
             if hosted is not None:
                 await asyncio.to_thread(self._destroy, controller_id, hosted)
@@ -429,6 +484,7 @@ class Host:
                 self.nbd.unexport(controller_id)  # its NBD clients' connections end here
                 await asyncio.to_thread(self._destroy, controller_id, hosted)
                 del self.controllers[controller_id]
+                self.io_limiters.pop(controller_id, None)
             problem = await self.store.delete_controller(controller_id, self.name)
             if problem:
                 raise SessionError(ErrorKind.PRECONDITION, f"controller {controller_id!r} was deleted on node "
@@ -448,6 +504,7 @@ class Host:
             hosted.workload = GuestWorkload.from_state(guest, hosted.workload.export_state(), spec=spec)
         else:
             hosted.workload = GuestWorkload(guest, spec)
+        hosted.workload.set_admission(self.write_admission(controller_id))
         hosted.workload.start()
         return hosted
 
@@ -497,7 +554,8 @@ class Host:
                                                            f"{hosted.migrating_job}")
         session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                 controller=hosted.controller, workload=hosted.workload,
-                                corrupt_frame=self.pending_corrupt_frame, token=token, data_ssl=self.data_client_ssl)
+                                corrupt_frame=self.pending_corrupt_frame, token=token, data_ssl=self.data_client_ssl,
+                                pacer=self.migration_pacer)
         self.pending_corrupt_frame = 0
         hosted.migrating_job = job_id
         self.sessions[job_id] = session
@@ -559,12 +617,27 @@ class Host:
             if problem:
                 await self._unadopt(session)
                 raise SessionError(ErrorKind.PRECONDITION, problem)
+            await self._adopt_limits(session)
 
             async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
                 self.controllers[session.controller_id] = self._hosted(controller, workload)
                 self.receiver.unregister(session.job_id)
                 await self.publish()
             await session.resume(on_running)
+
+    async def _adopt_limits(self, session: DestinationSession) -> None:
+        """The limits the controller's etcd record carries (set on the source) apply here before
+        its guest runs again."""
+        cid = session.controller_id
+        try:
+            owned = await self.store.get_controller(cid)
+        except EtcdError as exc:
+            # It was claimed a moment ago; running it unlimited beats not running it.
+            log.warning("controller %s: its I/O limits could not be read (etcd: %s); it runs without them until "
+                        "`orchctl controllers limit` sets them again", cid, exc)
+            owned = None
+        self.limiter(cid).set_limits(owned[0].limits if owned is not None else IoLimits())
+        session.guest_admission = self.write_admission(cid)
 
     async def _unadopt(self, session: DestinationSession) -> None:
         try:
@@ -585,6 +658,7 @@ class Host:
     async def source_released(self, session: SourceSession) -> str:
         async def on_released() -> None:
             self.controllers.pop(session.controller_id, None)
+            self.io_limiters.pop(session.controller_id, None)
             # The destination runs it now: NBD clients must go there, so their connections end.
             self.nbd.unexport(session.controller_id)
             await asyncio.to_thread(self.hosting.release, session.controller_id)

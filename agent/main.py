@@ -73,7 +73,8 @@ async def serve(args: argparse.Namespace, hosting: ControllerHosting) -> int:
     advertise = args.advertise_host or listen_host
     data_host, data_port = args.data_listen or (listen_host, 0)
     host = Host(args.name, store, Path(args.data_dir), hosting, f"{advertise}:{port}",
-                data_host, data_port, args.lease_ttl_s, tls=args.tls)
+                data_host, data_port, args.lease_ttl_s, tls=args.tls,
+                migration_yield=args.migration_yield == "on")
     agent_pb2_grpc.add_AgentServiceServicer_to_server(
         AgentApi(host, allow_fault_injection=args.allow_fault_injection), server)
     health_servicer = health.aio.HealthServicer()
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
                         help="nvme-passthru, repeated: a VF the agent may use for a controller, by its controller "
                              "id, its namespace id and that namespace's block device on the PF, e.g. "
                              "3:3:/dev/nvme0n3; a controller takes a free slot of exactly its size")
+    parser.add_argument("--migration-yield", choices=("on", "off"), default="on",
+                        help="migration reads from this node back off while its guests' NBD latency rises "
+                             "(default on; off: they go as fast as the bandwidth cap allows)")
     parser.add_argument("--allow-fault-injection", action="store_true",
                         help="tests only: take InjectFault calls (corrupt a data-plane frame, stall the agent, set "
                              "the emulated drive's health); without it they are refused")

@@ -18,7 +18,7 @@ from agent.guest.workload import WorkloadSpec
 from agent.host import Host, HostedController
 from agent.session_states import ErrorKind, SessionError
 from agent.sessions import DestinationSession, SourceSession, TransferFacts
-from cluster import agent_errors, names
+from cluster import agent_errors, io_limits, names
 from cluster.store import EtcdError
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -42,10 +42,13 @@ def receipt_from_message(msg: agent_pb2.Receipt) -> Receipt:
 MAX_STALL_MS = 600_000
 
 
-def controller_status(node: str, hosted: HostedController) -> agent_pb2.ControllerStatus:
+def controller_status(node: str, hosted: HostedController, limits: io_limits.IoLimits | None = None
+                      ) -> agent_pb2.ControllerStatus:
     status = agent_pb2.ControllerStatus(controller_id=hosted.controller.controller_id, node=node,
                                         vfio_state=hosted.controller.vfio_state.name,
                                         namespace_bytes=hosted.controller.namespace_bytes)
+    if limits is not None and limits.any:
+        io_limits.fill(status.limits, limits)
     if hosted.workload is not None:
         w = hosted.workload.status()
         status.workload.CopyFrom(agent_pb2.WorkloadStatus(
@@ -122,7 +125,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         h = self.host
         return agent_pb2.AgentInfo(node=h.name, data_address=h.receiver.address, capacity_bytes=h.capacity_bytes,
                                    allocated_bytes=h.allocated_bytes,
-                                   controllers=[*(controller_status(h.name, c) for c in h.controllers.values()),
+                                   controllers=[*(controller_status(h.name, c, h.limits(cid))
+                                                  for cid, c in h.controllers.items()),
                                                 *(agent_pb2.ControllerStatus(controller_id=cid, node=h.name,
                                                                              vfio_state=CREATING, namespace_bytes=size)
                                                   for cid, size in h.creating.items())],
@@ -135,9 +139,13 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         async def create() -> agent_pb2.ControllerStatus:
             self._check_controller_id(request.controller_id)
             spec = spec_from_message(request.workload) if request.HasField("workload") else None
+            changes = io_limits.changes_in(request.limits)
+            problem = io_limits.changes_problem(changes)
+            if problem:
+                raise SessionError(ErrorKind.INVALID, problem)
             hosted = await self.host.create_controller(request.controller_id, request.namespace_bytes,
-                                                       request.prefill, spec)
-            return controller_status(self.host.name, hosted)
+                                                       request.prefill, spec, io_limits.IoLimits().merged(changes))
+            return controller_status(self.host.name, hosted, self.host.limits(request.controller_id))
         return await self._guard(context, create())
 
     async def DeleteController(self, request: agent_pb2.GetControllerRequest,
@@ -153,7 +161,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                             context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
         async def get() -> agent_pb2.ControllerStatus:
             hosted = self.host.hosted(request.controller_id)
-            status = controller_status(self.host.name, hosted)
+            status = controller_status(self.host.name, hosted, self.host.limits(request.controller_id))
             if request.with_stored_bytes:
                 extents = await asyncio.to_thread(hosted.controller.data_extents)
                 status.stored_bytes = sum(length for _, length in extents)
@@ -166,6 +174,18 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             hosted = await self.host.start_workload(request.controller_id, spec_from_message(request.workload))
             return controller_status(self.host.name, hosted)
         return await self._guard(context, start())
+
+    async def SetControllerLimits(self, request: agent_pb2.SetControllerLimitsRequest,
+                                  context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
+        async def set_limits() -> agent_pb2.ControllerStatus:
+            self._check_controller_id(request.controller_id)
+            changes = io_limits.changes_in(request.limits)
+            problem = io_limits.changes_problem(changes)
+            if problem:
+                raise SessionError(ErrorKind.INVALID, problem)
+            hosted = await self.host.set_limits(request.controller_id, changes, request.clear)
+            return controller_status(self.host.name, hosted, self.host.limits(request.controller_id))
+        return await self._guard(context, set_limits())
 
     async def StopWorkload(self, request: agent_pb2.GetControllerRequest,
                            context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:

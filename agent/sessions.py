@@ -30,6 +30,7 @@ from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, stream_extents
 from agent.guest.workload import GuestWorkload
+from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
@@ -138,6 +139,7 @@ class SourceSession(Session):
     workload: GuestWorkload | None = None
     corrupt_frame: int = 0
     data_ssl: ssl.SSLContext | None = None  # TLS to the destination's data plane
+    pacer: MigrationPacer | None = None  # the node's: reads before stop-and-copy yield to guest I/O
     sender: DataSender | None = None
     precopy_task: asyncio.Task[TransferFacts] | None = None
     round_tasks: dict[int, asyncio.Task[TransferFacts]] = field(default_factory=dict)
@@ -216,14 +218,17 @@ class SourceSession(Session):
         return await self._facts(0, sent, started)
 
     async def _read(self, offset: int, length: int) -> bytes:
+        if self.pacer is not None:
+            await self.pacer.acquire(length)
         return await asyncio.to_thread(self.ctrl.read_raw, offset, length)
 
     def _read_many(self, extents: list[tuple[int, int]]) -> list[bytes]:
         return [self.ctrl.read_raw(offset, length) for offset, length in extents]
 
-    async def _send_changed(self, lbas: list[int]) -> int:
+    async def _send_changed(self, lbas: list[int], *, yielding: bool = True) -> int:
         """Sends changed blocks. They are scattered, so reads are batched into one thread hop
-        per few MiB: a hop per 4 KiB block would cost more than the copy itself."""
+        per few MiB: a hop per 4 KiB block would cost more than the copy itself. `yielding`:
+        each piece waits for the node's migration pacer first (not in stop-and-copy)."""
         assert self.sender is not None
         pieces: list[tuple[int, int]] = []
         for offset, length in lbas_to_extents(lbas):
@@ -236,6 +241,8 @@ class SourceSession(Session):
             batch = pieces[start:start + BATCH_PIECES]
             datas = await asyncio.to_thread(self._read_many, batch)
             for (offset, _), data in zip(batch, datas, strict=True):
+                if yielding and self.pacer is not None:
+                    await self.pacer.acquire(len(data))  # paced per piece: a batch may be many MiB
                 await self.sender.send_extent(offset, data)
                 sent += len(data)
         return sent
@@ -306,7 +313,7 @@ class SourceSession(Session):
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
         step("suspend")
         self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
-        sent = await self._send_changed(lbas)
+        sent = await self._send_changed(lbas, yielding=False)  # the guest waits: no yielding now
         step(f"last {len(lbas)} blocks")
         state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
         guest = encode_guest(self.workload)
@@ -402,6 +409,8 @@ class DestinationSession(Session):
     bytes_received: int = 0
     guest_blob: bytes = b""
     node: str = ""  # the node it runs on, for messages
+    # What the guest asks before each write once it runs here (its controller's I/O limits).
+    guest_admission: Callable[[int], float] | None = None
     # One resume at a time: a retried ResumeDestination waits for the one in flight.
     resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
@@ -514,6 +523,7 @@ class DestinationSession(Session):
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.guest_blob and self.guest is not None:
             self.workload, was_running = decode_guest(self.guest, self.guest_blob)
+            self.workload.set_admission(self.guest_admission)
             if was_running:
                 self.workload.start()
         self._move(DestinationStage.RUNNING)

@@ -9,6 +9,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from cluster.io_limits import IoLimits
+
 
 @dataclass(frozen=True)
 class DriveHealth:
@@ -90,14 +92,19 @@ class ControllerRecord:
     job_id: str = ""  # the job that last moved it
     state: str = "RUNNING"
     history: tuple[str, ...] = field(default=())
+    # Its guest's I/O limits: kept here, they move with ownership (moved_to) to a destination.
+    limits: IoLimits = field(default_factory=IoLimits)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        data = asdict(self)
+        data["limits"] = self.limits.to_dict()
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ControllerRecord:
         data: dict[str, Any] = json.loads(raw)
         data["history"] = tuple(data.get("history", ()))
+        data["limits"] = IoLimits.from_dict(data.get("limits"))
         return cls(**data)
 
     def moved_to(self, node: str, job_id: str) -> ControllerRecord:

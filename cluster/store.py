@@ -33,6 +33,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from cluster.etcd_client import FailoverClient
 from cluster.etcd_config import EtcdConfig, plain
+from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,29 @@ class EtcdStore:
             active = await self.active_job_for(controller_id)
             if active:
                 return f"controller {controller_id!r} is being moved by job {active}"
+        return f"controller {controller_id!r} kept changing; retry"
+
+    async def set_controller_limits(self, controller_id: str, node: str, limits: IoLimits) -> str | None:
+        """Records a controller's I/O limits, by CAS, only while `node` owns it and no migration
+        job is active for it (a job's COMMIT moves the record it read). None when recorded, else
+        why not."""
+        key, active_key = self.keys.controller(controller_id), self.keys.active_job(controller_id)
+        for _ in range(10):
+            got = await self.get_controller(controller_id)
+            if got is None:
+                return f"controller {controller_id!r} is not known to etcd"
+            record, revision = got
+            if record.node != node:
+                return f"controller {controller_id!r} belongs to node {record.node!r}, not {node!r}"
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == revision, self._tx.version(active_key) == 0],
+                success=[self._tx.put(key, replace(record, limits=limits).to_bytes())], failure=[])
+            if ok:
+                return None
+            active = await self.active_job_for(controller_id)
+            if active:
+                return (f"controller {controller_id!r} is being moved by job {active}; change its limits once "
+                        "the job ended")
         return f"controller {controller_id!r} kept changing; retry"
 
     async def set_controller_state(self, controller_id: str, state: str, *, only_if_node: str | None = None) -> bool:

@@ -5,6 +5,7 @@
     orchctl nodes | controllers | export CONTROLLER | demo ... | version
     orchctl controllers create ID --size 1G [--on NODE] [--prefill] [--write-iops N] [--pattern P] [--seed N]
     orchctl controllers delete ID
+    orchctl controllers limit ID [--read-iops-limit N] [--write-bps-limit 10M] ... | --clear
     orchctl evacuate node NAME [--dry-run] [--wait] [--timeout S] [--reason TEXT] | evacuations [NODE]
     orchctl predict-failure NAME --reason TEXT | --clear
 
@@ -38,7 +39,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from cluster import grpc_tls
+from cluster import grpc_tls, io_limits
 from cluster.identity import Identity, Role
 from cluster.policy_limits import MAX_BANDWIDTH_BYTES_PER_S, MAX_DOWNTIME_MS, MAX_ROUNDS, policy_value_problem
 from orchctl import certs, render
@@ -167,6 +168,41 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"invalid value {value!r}: must be 0 or more")
     return number
+
+
+# `--read-iops-limit` ... `--trim-bps-limit`: the flag of each I/O limit (cluster/io_limits.py)
+LIMIT_FLAGS = {name: "--" + name.replace("_bytes_per_s", "_bps").replace("_", "-") + "-limit"
+               for name in io_limits.IoLimits.names()}
+
+
+def _limit_value(field: str) -> Callable[[str], int]:
+    """An argparse type for an I/O limit: IOPS a whole number, bytes/s a size like 10M; 0: none."""
+    def parse(value: str) -> int:
+        text = value.strip()
+        if field.endswith("_iops") or text == "0":
+            number = _non_negative_int(text)
+        else:
+            number = parse_size(text)
+        problem = io_limits.value_problem(field, number)
+        if problem:
+            raise argparse.ArgumentTypeError(f"invalid value {value[:24]!r}: {problem}")
+        return number
+    return parse
+
+
+def _add_limit_options(a: argparse.ArgumentParser, changing: bool) -> None:
+    for name, flag in LIMIT_FLAGS.items():
+        op, _, unit = name.partition("_")
+        what = "I/Os a second" if unit == "iops" else "bytes a second, e.g. 10M"
+        a.add_argument(flag, metavar="N" if unit == "iops" else "BYTES", type=_limit_value(name), dest=f"limit_{name}",
+                       help=f"limit the guest's {op}s to {what}" + (" (0 removes the limit)" if changing else ""))
+
+
+def _requested_limits(args: argparse.Namespace, message: Any) -> None:
+    for name in LIMIT_FLAGS:
+        value = getattr(args, f"limit_{name}", None)  # not args.write_iops: that is the guest's rate
+        if value is not None:
+            setattr(message, name, value)
 
 
 def _policy_int(field: str) -> Callable[[str], int]:
@@ -357,7 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the guest writing N 4 KiB blocks per second (0: as fast as it goes)")
     a.add_argument("--pattern", choices=GUEST_PATTERNS, help="where the guest writes (default random; starts it)")
     a.add_argument("--seed", metavar="N", type=_non_negative_int, help="the guest's random seed (starts it)")
+    _add_limit_options(a, changing=False)
     a.set_defaults(handler=cmd_controllers_create)
+
+    a = action("limit", "change a controller's guest I/O limits (NBD requests and its built-in guest), at once; "
+                        "they move with it in a migration")
+    a.add_argument("controller", metavar="ID", help="controller id")
+    _add_limit_options(a, changing=True)
+    a.add_argument("--clear", action="store_true", help="remove every limit (then apply those given)")
+    a.set_defaults(handler=cmd_controllers_limit)
 
     a = action("delete", "stop a controller's guest and delete it (refused while a migration moves it)")
     a.add_argument("controller", metavar="ID", help="controller id")
@@ -661,9 +705,27 @@ def cmd_controllers_create(ctx: Context) -> int:
     if args.write_iops is not None or args.pattern is not None or args.seed is not None:
         request.guest.CopyFrom(migration_pb2.GuestOptions(write_iops=args.write_iops or 0,
                                                           pattern=args.pattern or "", seed=args.seed or 0))
+    _requested_limits(args, request.limits)
     client = ctx.client()
     budget_s = CREATE_BUDGET_S + (args.size / CREATE_PREFILL_BYTES_PER_S if args.prefill else 0.0)
     controller = client.stub.CreateController(request, timeout=max(client.timeout, budget_s + CREATE_MARGIN_S))
+    if ctx.json:
+        ctx.print_json(render.message_to_dict(controller))
+    else:
+        ctx.show(render.controllers_table([controller]))
+    return EXIT_OK
+
+
+def cmd_controllers_limit(ctx: Context) -> int:
+    args = ctx.args
+    request = migration_pb2.ControllerLimitsRequest(controller_id=args.controller.strip(), clear=args.clear)
+    _requested_limits(args, request.limits)
+    if not args.clear and not io_limits.changes_in(request.limits):
+        ctx.err.print(f"error: give at least one of {', '.join(LIMIT_FLAGS.values())} (0 removes that limit), "
+                      "or --clear")
+        return EXIT_USAGE
+    client = ctx.client()
+    controller = client.stub.SetControllerLimits(request, timeout=client.timeout)
     if ctx.json:
         ctx.print_json(render.message_to_dict(controller))
     else:

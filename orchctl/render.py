@@ -22,6 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from cluster import io_limits
 from proto.v1 import migration_pb2
 
 Phase = migration_pb2.Phase
@@ -495,12 +496,15 @@ def controllers_table(controllers: Iterable[migration_pb2.Controller]) -> Table:
     table.add_column("NODE", no_wrap=True)
     table.add_column("NAMESPACE", justify="right", no_wrap=True)
     table.add_column("STATE")
+    table.add_column("I/O LIMITS")
     for ctrl in sorted(controllers, key=lambda c: c.id):
+        limits = io_limits.IoLimits().merged(io_limits.changes_in(ctrl.limits))
         table.add_row(
             Text(ctrl.id),
             Text(ctrl.node or "-"),
             Text(human_bytes(ctrl.namespace_bytes)),
             Text(ctrl.state or "-"),
+            Text(limits.shown()),
         )
     return table
 

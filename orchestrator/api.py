@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import grpc.aio
 
-from cluster import names
+from cluster import io_limits, names
 from cluster.policy_limits import policy_value_problem
 from cluster.records import RUNNING, ControllerRecord, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
@@ -330,6 +330,10 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                           f"guest write_iops {guest.write_iops} must be >= 0 (0: as fast as it goes)")
         if guest is not None and guest.seed < 0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"guest seed {guest.seed} must be >= 0")
+        limits = io_limits.changes_in(request.limits)
+        problem = io_limits.changes_problem(limits)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"limits.{problem}")
         existing = await self.store.get_controller(cid)
         if existing is not None:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS,
@@ -352,6 +356,8 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             node = placement.node.name
         agent_request = agent_pb2.CreateControllerRequest(controller_id=cid, namespace_bytes=size,
                                                           prefill=request.prefill)
+        for name, value in limits.items():
+            setattr(agent_request.limits, name, value)
         if guest is not None:
             agent_request.workload.CopyFrom(agent_pb2.WorkloadSpec(write_iops=guest.write_iops,
                                                                    pattern=guest.pattern, seed=guest.seed))
@@ -369,8 +375,52 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(exc.code, f"node {node!r} refused to create controller {cid!r}: {exc.details}") from None
         created = await self.store.get_controller(cid)
         if created is None:
-            return migration_pb2.Controller(id=cid, node=node, namespace_bytes=size, state=RUNNING)
+            made = migration_pb2.Controller(id=cid, node=node, namespace_bytes=size, state=RUNNING)
+            io_limits.fill(made.limits, io_limits.IoLimits().merged(limits))
+            return made
         return _controller_message(created[0])
+
+    async def SetControllerLimits(self, request: migration_pb2.ControllerLimitsRequest,
+                                  context: grpc.aio.ServicerContext) -> migration_pb2.Controller:
+        return await self._guard(context, self._set_limits(request))  # type: ignore[no-any-return]
+
+    async def _set_limits(self, request: migration_pb2.ControllerLimitsRequest) -> migration_pb2.Controller:
+        cid = request.controller_id
+        self._check_controller_id(cid)
+        changes = io_limits.changes_in(request.limits)
+        problem = io_limits.changes_problem(changes)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"limits.{problem}")
+        if not changes and not request.clear:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"no limit given for controller {cid!r}: set at least one (0 removes it), or clear")
+        owned = await self.store.get_controller(cid)
+        if owned is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"controller {cid!r} is not known; `orchctl controllers` lists them")
+        record = owned[0]
+        active = await self.store.active_job_for(cid)
+        if active:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is being moved by job {active}; change its limits once the job "
+                          f"ended (orchctl watch {active})")
+        if await self.agents.is_lost(record.node):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is on node {record.node!r}, whose agent is not live; its limits "
+                          "cannot change until that node is back")
+        agent_request = agent_pb2.SetControllerLimitsRequest(controller_id=cid, clear=request.clear)
+        for name, value in changes.items():
+            setattr(agent_request.limits, name, value)
+        try:
+            await self.agents.call(record.node, f"limit {cid}",
+                                   lambda s: s.SetControllerLimits(agent_request, timeout=5.0), budget_s=10.0)
+        except AgentUnreachable as exc:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"{exc.message}; retry shortly") from None
+        except AgentRefused as exc:
+            raise Refused(exc.code, f"node {record.node!r} refused to change the limits of {cid!r}: "
+                                    f"{exc.details}") from None
+        updated = await self.store.get_controller(cid)
+        return _controller_message(updated[0] if updated is not None else record)
 
     async def DeleteController(self, request: migration_pb2.DeleteControllerRequest,
                                context: grpc.aio.ServicerContext) -> migration_pb2.Controller:
@@ -487,7 +537,10 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
 
 
 def _controller_message(c: ControllerRecord) -> migration_pb2.Controller:
-    return migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes, state=c.state)
+    message = migration_pb2.Controller(id=c.controller_id, node=c.node, namespace_bytes=c.namespace_bytes,
+                                       state=c.state)
+    io_limits.fill(message.limits, c.limits)
+    return message
 
 
 def _node_message(n: NodeRecord, cordoned: bool) -> migration_pb2.Node:

@@ -263,6 +263,7 @@ class GuestWorkload:
         self._recent: deque[float] = deque()
         self._started_at = 0.0
         self._next_due = 0.0
+        self._admission: Callable[[int], float] | None = None
 
     @classmethod
     def from_state(
@@ -331,6 +332,12 @@ class GuestWorkload:
         with self._cond:
             self._throttle = percent
             self._cond.notify_all()
+
+    def set_admission(self, admission: Callable[[int], float] | None) -> None:
+        """`admission(nbytes)`: how long a write must wait before it goes (the controller's I/O
+        limits, agent/qos.py); None: writes go at once. Prefill does not ask."""
+        with self._cond:
+            self._admission = admission
 
     def prefill(self) -> None:
         """Before start: write seq 0 to every block, so every block is acknowledged and checkable."""
@@ -475,12 +482,27 @@ class GuestWorkload:
             started = time.monotonic()
             lba = self._lba_for(seq)
             data = b"".join(make_block(lba + i, seq, run_id) for i in range(self._per_write))
-            if not self._write(lba, data):
+            if not self._admitted(len(data)) or not self._write(lba, data):
                 continue
             completed = time.time()
             with self._cond:
                 self._ack(lba, seq, completed)
                 self._pace_locked(started)
+
+    def _admitted(self, nbytes: int) -> bool:
+        """Waits as long as the admission says; False when paused or stopped meanwhile."""
+        with self._cond:
+            admission = self._admission
+        if admission is None:
+            return True
+        due = time.monotonic() + admission(nbytes)
+        with self._cond:
+            while not (self._pause_requested or self._stop_requested):
+                remaining = due - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(remaining)
+        return False
 
     def _write(self, lba: int, data: bytes) -> bool:
         """Issue one write, retrying while the controller refuses I/O; False if abandoned."""

@@ -43,6 +43,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerError, ControllerGoneError, NotRunningError
 from agent.nbd import protocol as p
 from agent.nbd.tls_policy import Action, TlsStage, certificate_names_host, option_verdict
+from agent.qos import GuestIoPolicy
 from agent.vfio_states import VfioState
 from cluster import names
 from cluster.grpc_tls import TlsFiles, identity_of_der
@@ -90,6 +92,10 @@ _ALLOWED_FLAGS = {
 _IOV_MAX = 1024  # buffers one sendmsg may take (Linux's IOV_MAX)
 _OTHER_COMMAND = max(p.COMMAND_NAMES) + 1  # where a connection counts commands without a name
 _GUEST_IO_STATES = frozenset({VfioState.RUNNING, VfioState.PRE_COPY})
+# The controller's limit each command counts against (agent/qos.py); a flush counts against none.
+_LIMITED_AS = {p.CMD_READ: "read", p.CMD_WRITE: "write", p.CMD_WRITE_ZEROES: "write", p.CMD_TRIM: "trim"}
+# Commands whose latency the migration pacer watches: what a guest waits on when it reads or writes.
+_TIMED = frozenset({p.CMD_READ, p.CMD_WRITE})
 
 
 class ExportGone(Exception):
@@ -125,8 +131,11 @@ class NbdServer:
 
     def __init__(self, listen_host: str, port: int, advertise_host: str,
                  lookup: Callable[[str], GuestDrivenController | None], io_threads: int = IO_THREADS, *,
-                 tls: TlsFiles | None = None) -> None:
-        """`tls`: the agent's certificates; with them every client must negotiate TLS."""
+                 tls: TlsFiles | None = None, guest_io: GuestIoPolicy | None = None) -> None:
+        """`tls`: the agent's certificates; with them every client must negotiate TLS. `guest_io`:
+        the node's I/O limits (a request waits as long as they say) and where served requests'
+        latencies go (migration reads yield to them)."""
+        self.guest_io = guest_io
         self.listen_host = listen_host
         self.port = port
         self.advertise_host = advertise_host
@@ -514,6 +523,10 @@ class _SocketConnection(_Connection):
         super().__init__(server, export, controller)
         self.sock = sock
         self._buffered = buffered  # read by the negotiation's StreamReader past NBD_OPT_GO
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (bytes, seconds) of requests served since the last send, for the pacer, which lives on
+        # the event loop: handed over once per batch of replies, not per request.
+        self._timings: list[tuple[int, float]] = []
 
     def hang_up(self) -> None:
         """Ends the thread: a blocked recv or send returns, a stalled request sees `closing`."""
@@ -522,7 +535,7 @@ class _SocketConnection(_Connection):
             self.sock.shutdown(socket.SHUT_RDWR)
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
         def settle(exc: BaseException | None) -> None:
@@ -594,6 +607,7 @@ class _SocketConnection(_Connection):
                     out_bytes += answered
                 if out:
                     _send_all(sock, out)
+                self._report_timings()
                 if out_bytes >= MAX_PENDING_REPLY_BYTES:
                     continue  # stopped to bound the replies held, not for want of requests
                 # Keep what is not answered at the front, with room for the whole of the next request.
@@ -622,10 +636,22 @@ class _SocketConnection(_Connection):
             out.append(p.simple_reply(cookie, error))
             return p.SIMPLE_REPLY_BYTES
         controller = self.controller
+        guest_io = self.server.guest_io
+        limited_as = _LIMITED_AS.get(command)
+        if limited_as is not None and guest_io is not None:
+            held_s = guest_io.admit(controller.controller_id, limited_as, length)
+            if held_s > 0:
+                # The controller's I/O limit: what is answered goes out first, then this request waits.
+                if out:
+                    _send_all(self.sock, out)
+                time.sleep(held_s)
         while not self.closing:
             seen = self.export.generation
             try:
+                started = time.monotonic()
                 data = _execute(controller, command, flags, offset, length, payload)
+                if command in _TIMED and guest_io is not None:
+                    self._timings.append((length, time.monotonic() - started))
             except NotRunningError:
                 # Suspended: what is answered already goes out now, then wait for a wake-up.
                 if out:
@@ -643,6 +669,20 @@ class _SocketConnection(_Connection):
                 out.append(data)
             return p.SIMPLE_REPLY_BYTES + len(data)
         return -1
+
+
+    def _report_timings(self) -> None:
+        guest_io, timings = self.server.guest_io, self._timings
+        if not timings or guest_io is None or self._loop is None:
+            return
+        self._timings = []
+
+        def report() -> None:
+            for nbytes, seconds in timings:
+                guest_io.completed(nbytes, seconds)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody paces any more
+            self._loop.call_soon_threadsafe(report)
 
 
 def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
@@ -704,15 +744,21 @@ class _StreamConnection(_Connection):
             self._inflight.add(task)
             task.add_done_callback(self._done)
 
-    async def run_io(self, work: Callable[[], T]) -> T:
-        """Runs `work` in the I/O pool; while the controller is suspended, waits and retries."""
+    async def run_io(self, work: Callable[[], T], observed_bytes: int = -1) -> T:
+        """Runs `work` in the I/O pool; while the controller is suspended, waits and retries.
+        With `observed_bytes` >= 0 the attempt that succeeds is reported to the node's guest I/O
+        policy (a stall while suspended is not guest latency)."""
         loop = asyncio.get_running_loop()
         while True:
             if self.closing:
                 raise ExportGone()
             changed = self.export.changed
             try:
-                return await loop.run_in_executor(self.server.io_pool, work)
+                started = time.monotonic()
+                result = await loop.run_in_executor(self.server.io_pool, work)
+                if observed_bytes >= 0 and self.server.guest_io is not None:
+                    self.server.guest_io.completed(observed_bytes, time.monotonic() - started)
+                return result
             except NotRunningError:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), STALL_RECHECK_S)
@@ -728,8 +774,14 @@ class _StreamConnection(_Connection):
         ctrl = self.controller
         data = b""
         error = 0
+        limited_as = _LIMITED_AS.get(command)
+        if limited_as is not None and self.server.guest_io is not None:
+            held_s = self.server.guest_io.admit(ctrl.controller_id, limited_as, length)
+            if held_s > 0:
+                await asyncio.sleep(held_s)  # the controller's I/O limit (its own queue, not a pool thread)
         try:
-            data = await self.run_io(lambda: _execute(ctrl, command, flags, offset, length, payload))
+            data = await self.run_io(lambda: _execute(ctrl, command, flags, offset, length, payload),
+                                     length if command in _TIMED else -1)
         except ExportGone:
             # No reply: the request did not complete here. The client sees the connection close.
             self.hang_up()

@@ -43,16 +43,44 @@ class WorkloadSpec(_message.Message):
     def __init__(self, write_iops: _Optional[int] = ..., block_bytes: _Optional[int] = ..., pattern: _Optional[str] = ..., hot_fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CreateControllerRequest(_message.Message):
-    __slots__ = ("controller_id", "namespace_bytes", "prefill", "workload")
+    __slots__ = ("controller_id", "namespace_bytes", "prefill", "workload", "limits")
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
     namespace_bytes: int
     prefill: bool
     workload: WorkloadSpec
-    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., prefill: _Optional[bool] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ...) -> None: ...
+    limits: IoLimits
+    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., prefill: _Optional[bool] = ..., workload: _Optional[_Union[WorkloadSpec, _Mapping]] = ..., limits: _Optional[_Union[IoLimits, _Mapping]] = ...) -> None: ...
+
+class IoLimits(_message.Message):
+    __slots__ = ("read_iops", "read_bytes_per_s", "write_iops", "write_bytes_per_s", "trim_iops", "trim_bytes_per_s")
+    READ_IOPS_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TRIM_IOPS_FIELD_NUMBER: _ClassVar[int]
+    TRIM_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    read_iops: int
+    read_bytes_per_s: int
+    write_iops: int
+    write_bytes_per_s: int
+    trim_iops: int
+    trim_bytes_per_s: int
+    def __init__(self, read_iops: _Optional[int] = ..., read_bytes_per_s: _Optional[int] = ..., write_iops: _Optional[int] = ..., write_bytes_per_s: _Optional[int] = ..., trim_iops: _Optional[int] = ..., trim_bytes_per_s: _Optional[int] = ...) -> None: ...
+
+class SetControllerLimitsRequest(_message.Message):
+    __slots__ = ("controller_id", "limits", "clear")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    limits: IoLimits
+    clear: bool
+    def __init__(self, controller_id: _Optional[str] = ..., limits: _Optional[_Union[IoLimits, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
 
 class GetControllerRequest(_message.Message):
     __slots__ = ("controller_id", "with_stored_bytes")
@@ -107,20 +135,22 @@ class Receipt(_message.Message):
     def __init__(self, run_id: _Optional[int] = ..., seq: _Optional[int] = ..., run_first_seq: _Optional[int] = ...) -> None: ...
 
 class ControllerStatus(_message.Message):
-    __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload", "stored_bytes")
+    __slots__ = ("controller_id", "node", "vfio_state", "namespace_bytes", "workload", "stored_bytes", "limits")
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     VFIO_STATE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
     node: str
     vfio_state: str
     namespace_bytes: int
     workload: WorkloadStatus
     stored_bytes: int
-    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+    limits: IoLimits
+    def __init__(self, controller_id: _Optional[str] = ..., node: _Optional[str] = ..., vfio_state: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., workload: _Optional[_Union[WorkloadStatus, _Mapping]] = ..., stored_bytes: _Optional[int] = ..., limits: _Optional[_Union[IoLimits, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("controller_id", "receipts")

@@ -59,6 +59,11 @@ class AgentServiceStub:
                 request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
                 _registered_method=True)
+        self.SetControllerLimits = channel.unary_unary(
+                '/nvmigrate.v1.AgentService/SetControllerLimits',
+                request_serializer=proto_dot_v1_dot_agent__pb2.SetControllerLimitsRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
+                _registered_method=True)
         self.DeleteController = channel.unary_unary(
                 '/nvmigrate.v1.AgentService/DeleteController',
                 request_serializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
@@ -156,6 +161,14 @@ class AgentServiceServicer:
 
     def StopWorkload(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetControllerLimits(self, request, context):
+        """Changes the controller's guest I/O limits at once and in its etcd record (so they move with
+        it); refused while a migration moves it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -274,6 +287,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'StopWorkload': grpc.unary_unary_rpc_method_handler(
                     servicer.StopWorkload,
                     request_deserializer=proto_dot_v1_dot_agent__pb2.GetControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.SerializeToString,
+            ),
+            'SetControllerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetControllerLimits,
+                    request_deserializer=proto_dot_v1_dot_agent__pb2.SetControllerLimitsRequest.FromString,
                     response_serializer=proto_dot_v1_dot_agent__pb2.ControllerStatus.SerializeToString,
             ),
             'DeleteController': grpc.unary_unary_rpc_method_handler(
@@ -476,6 +494,33 @@ class AgentService:
             target,
             '/nvmigrate.v1.AgentService/StopWorkload',
             proto_dot_v1_dot_agent__pb2.GetControllerRequest.SerializeToString,
+            proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetControllerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.AgentService/SetControllerLimits',
+            proto_dot_v1_dot_agent__pb2.SetControllerLimitsRequest.SerializeToString,
             proto_dot_v1_dot_agent__pb2.ControllerStatus.FromString,
             options,
             channel_credentials,

@@ -249,16 +249,18 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class Controller(_message.Message):
-    __slots__ = ("id", "node", "namespace_bytes", "state")
+    __slots__ = ("id", "node", "namespace_bytes", "state", "limits")
     ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     node: str
     namespace_bytes: int
     state: str
-    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    limits: ControllerIoLimits
+    def __init__(self, id: _Optional[str] = ..., node: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., state: _Optional[str] = ..., limits: _Optional[_Union[ControllerIoLimits, _Mapping]] = ...) -> None: ...
 
 class ListControllersRequest(_message.Message):
     __slots__ = ()
@@ -313,18 +315,46 @@ class GuestOptions(_message.Message):
     def __init__(self, write_iops: _Optional[int] = ..., pattern: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class NewControllerRequest(_message.Message):
-    __slots__ = ("controller_id", "namespace_bytes", "node", "prefill", "guest")
+    __slots__ = ("controller_id", "namespace_bytes", "node", "prefill", "guest", "limits")
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_BYTES_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     GUEST_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     controller_id: str
     namespace_bytes: int
     node: str
     prefill: bool
     guest: GuestOptions
-    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., node: _Optional[str] = ..., prefill: _Optional[bool] = ..., guest: _Optional[_Union[GuestOptions, _Mapping]] = ...) -> None: ...
+    limits: ControllerIoLimits
+    def __init__(self, controller_id: _Optional[str] = ..., namespace_bytes: _Optional[int] = ..., node: _Optional[str] = ..., prefill: _Optional[bool] = ..., guest: _Optional[_Union[GuestOptions, _Mapping]] = ..., limits: _Optional[_Union[ControllerIoLimits, _Mapping]] = ...) -> None: ...
+
+class ControllerIoLimits(_message.Message):
+    __slots__ = ("read_iops", "read_bytes_per_s", "write_iops", "write_bytes_per_s", "trim_iops", "trim_bytes_per_s")
+    READ_IOPS_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    TRIM_IOPS_FIELD_NUMBER: _ClassVar[int]
+    TRIM_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    read_iops: int
+    read_bytes_per_s: int
+    write_iops: int
+    write_bytes_per_s: int
+    trim_iops: int
+    trim_bytes_per_s: int
+    def __init__(self, read_iops: _Optional[int] = ..., read_bytes_per_s: _Optional[int] = ..., write_iops: _Optional[int] = ..., write_bytes_per_s: _Optional[int] = ..., trim_iops: _Optional[int] = ..., trim_bytes_per_s: _Optional[int] = ...) -> None: ...
+
+class ControllerLimitsRequest(_message.Message):
+    __slots__ = ("controller_id", "limits", "clear")
+    CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    controller_id: str
+    limits: ControllerIoLimits
+    clear: bool
+    def __init__(self, controller_id: _Optional[str] = ..., limits: _Optional[_Union[ControllerIoLimits, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
 
 class DeleteControllerRequest(_message.Message):
     __slots__ = ("controller_id",)

@@ -99,6 +99,11 @@ class MigrationServiceStub:
                 request_serializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
                 response_deserializer=proto_dot_v1_dot_migration__pb2.Controller.FromString,
                 _registered_method=True)
+        self.SetControllerLimits = channel.unary_unary(
+                '/nvmigrate.v1.MigrationService/SetControllerLimits',
+                request_serializer=proto_dot_v1_dot_migration__pb2.ControllerLimitsRequest.SerializeToString,
+                response_deserializer=proto_dot_v1_dot_migration__pb2.Controller.FromString,
+                _registered_method=True)
         self.EvacuateNode = channel.unary_unary(
                 '/nvmigrate.v1.MigrationService/EvacuateNode',
                 request_serializer=proto_dot_v1_dot_migration__pb2.EvacuateNodeRequest.SerializeToString,
@@ -210,6 +215,14 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetControllerLimits(self, request, context):
+        """Changes a controller's guest I/O limits on its owner, at once, and in its etcd record;
+        refused (FAILED_PRECONDITION) while a migration job is active for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EvacuateNode(self, request, context):
         """---- end controllers ----
         ---- node evacuation ----
@@ -298,6 +311,11 @@ def add_MigrationServiceServicer_to_server(servicer, server):
             'DeleteController': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteController,
                     request_deserializer=proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.FromString,
+                    response_serializer=proto_dot_v1_dot_migration__pb2.Controller.SerializeToString,
+            ),
+            'SetControllerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetControllerLimits,
+                    request_deserializer=proto_dot_v1_dot_migration__pb2.ControllerLimitsRequest.FromString,
                     response_serializer=proto_dot_v1_dot_migration__pb2.Controller.SerializeToString,
             ),
             'EvacuateNode': grpc.unary_unary_rpc_method_handler(
@@ -666,6 +684,33 @@ class MigrationService:
             target,
             '/nvmigrate.v1.MigrationService/DeleteController',
             proto_dot_v1_dot_migration__pb2.DeleteControllerRequest.SerializeToString,
+            proto_dot_v1_dot_migration__pb2.Controller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetControllerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvmigrate.v1.MigrationService/SetControllerLimits',
+            proto_dot_v1_dot_migration__pb2.ControllerLimitsRequest.SerializeToString,
             proto_dot_v1_dot_migration__pb2.Controller.FromString,
             options,
             channel_credentials,
