@@ -268,12 +268,22 @@ class PhaseColumn:
     key: str
     title: str
     reached: Callable[[dict[str, Any]], bool]
+    # once the record shows the phase, waits for what the record does not show (None: nothing)
+    then: Callable[[MultiHostCluster, dict[str, Any]], None] | None = None
+
+
+def _precopy_data_flowing(bed: MultiHostCluster, job: dict[str, Any]) -> None:
+    """The runner writes a job's progress to etcd every few seconds only (a precopy may be over
+    before the first), so the source is asked whether precopy data flows."""
+    ref = agent_pb2.MigrationRef(job_id=str(job["id"]), controller_id=str(job["controller_id"]))
+    wait_for(f"precopy data of job {job['id']} to flow",
+             lambda: bed.agent(str(job["source_node"]), lambda s: s.GetSession(ref, timeout=2.0)).bytes_sent > 0,
+             30, interval_s=0.02)
 
 
 PHASES: dict[str, PhaseColumn] = {p.key: p for p in (
-    # mid-transfer: precopy bytes have flowed (the runner publishes progress every 0.5 s)
-    PhaseColumn("PRECOPY", "PREPARING/PRECOPY",
-                lambda j: j["phase"] == "PRECOPY" and int(j.get("bytes_transferred", 0)) > 0),
+    # mid-transfer: precopy bytes have flowed (as the source counts them)
+    PhaseColumn("PRECOPY", "PREPARING/PRECOPY", lambda j: j["phase"] == "PRECOPY", then=_precopy_data_flowing),
     PhaseColumn("DIRTY_ITERATION", "DIRTY_ITERATION", lambda j: j["phase"] == "DIRTY_ITERATION"),
     PhaseColumn("STOP_AND_COPY", "STOP_AND_COPY", lambda j: j["phase"] == "STOP_AND_COPY"),
     PhaseColumn("COMMIT", "COMMIT/RESUMING", lambda j: j["phase"] in ("COMMIT", "RESUMING")),
@@ -453,6 +463,8 @@ class Trigger(threading.Thread):
                     if self.column.reached(job):
                         self.job_at_fault = job
                         try:
+                            if self.column.then is not None:
+                                self.column.then(self.bed, job)
                             self.record = self.fault.inject(self.bed, job)
                         except Exception as exc:
                             self.error = f"injecting {self.fault.title} failed: {exc}"
