@@ -111,6 +111,7 @@ class JobRunner:
         self.revision = 0  # of the job's record in etcd, as this runner last wrote or read it
         self._written: Job | None = None  # the job as last written or read (`self.job` is it: nothing unwritten)
         self._written_at = monotonic()
+        self._cancel_checked_at = monotonic()
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None  # monotonic, when stop-and-copy began
         self._age_at_load_s = 0.0
@@ -252,7 +253,10 @@ class JobRunner:
         except (AgentUnreachable, AgentRefused) as exc:
             raise StepFailed(await self._failure(role, exc, silent_for_s=self.settings.agent_call_budget_s)) from exc
 
-    async def _poll_progress_and_cancel(self) -> None:
+    async def _check_cancel(self) -> None:
+        """Reads the job's record (a read, no write): an operator's cancel stops the step; a newer
+        epoch stops this runner."""
+        self._cancel_checked_at = self.monotonic()
         got = await self.store.get_job(self.job_id)
         if got is not None:
             fresh = Job.from_bytes(got.value)
@@ -263,6 +267,9 @@ class JobRunner:
                 self.job, self.revision = self.j.cancel_asked(fresh.updated_at), got.mod_revision
                 self._written = fresh
                 raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator"))
+
+    async def _poll_progress_and_cancel(self) -> None:
+        await self._check_cancel()
         try:
             status = await self.agents.call(self.j.source_node, "GetSession",
                                             lambda s: s.GetSession(self._ref(), timeout=2.0), budget_s=2.0)
@@ -425,6 +432,9 @@ class JobRunner:
             if decision.action is convergence.Action.THROTTLE:
                 # A runner that takes over unwritten throttling starts from the last written one.
                 self._advance(self.j.throttled(decision.throttle_percent, decision.reason, self._now()))
+        if self.monotonic() - self._cancel_checked_at >= PROGRESS_INTERVAL_S:
+            # Rounds shorter than a poll, back to back, write nothing that a cancel would conflict with.
+            await self._check_cancel()
         round_no = self.j.rounds + 1
         request = agent_pb2.DirtyRoundRequest(ref=self._ref(), round=round_no,
                                               bandwidth_bytes_per_s=self.j.policy.bandwidth_bytes_per_s,

@@ -100,7 +100,9 @@ def test_progress_shows_live_on_the_leader_and_within_seconds_on_a_standby(clust
     samples: list[tuple[float, tuple[int, int], tuple[int, int]]] = []  # (time, leader's, standby's)
 
     def sample() -> bool:
-        samples.append((time.monotonic(), _bytes_seen(leader_address, job.id), _bytes_seen(standby_address, job.id)))
+        # the standby first: what it shows was written before the leader's view is read
+        standby_seen = _bytes_seen(standby_address, job.id)
+        samples.append((time.monotonic(), _bytes_seen(leader_address, job.id), standby_seen))
         return samples[-1][1][0] not in (migration_pb2.PENDING, migration_pb2.PREPARING, migration_pb2.PRECOPY)
 
     wait_for(f"job {job.id} to leave PRECOPY while sampling its progress", sample, 120, interval_s=0.1)
@@ -118,7 +120,7 @@ def test_progress_shows_live_on_the_leader_and_within_seconds_on_a_standby(clust
     assert len(moves) >= 2, f"the standby never saw progress move during precopy: {in_precopy}"
     gaps = [round(b - a, 2) for a, b in itertools.pairwise(moves)]
     assert max(gaps) <= PROGRESS_PERSIST_INTERVAL_S + 3.0, f"standby's progress went stale for too long: {gaps}"
-    # Never ahead of the leader's own view.
+    # Never ahead of the leader's own view, read after it.
     assert all(s <= le for _, le, s in in_precopy), in_precopy
     # `orchctl get` on the standby shows the job as etcd has it (the last progress with its phase).
     shown = json.loads(subprocess.run(
