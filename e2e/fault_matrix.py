@@ -276,9 +276,13 @@ def _precopy_data_flowing(bed: MultiHostCluster, job: dict[str, Any]) -> None:
     """The runner writes a job's progress to etcd every few seconds only (a precopy may be over
     before the first), so the source is asked whether precopy data flows."""
     ref = agent_pb2.MigrationRef(job_id=str(job["id"]), controller_id=str(job["controller_id"]))
-    wait_for(f"precopy data of job {job['id']} to flow",
-             lambda: bed.agent(str(job["source_node"]), lambda s: s.GetSession(ref, timeout=2.0)).bytes_sent > 0,
-             30, interval_s=0.02)
+
+    def flowing() -> bool:
+        try:  # the source's session begins with StartPrecopy, right after the phase is written
+            return bed.agent(str(job["source_node"]), lambda s: s.GetSession(ref, timeout=2.0)).bytes_sent > 0
+        except grpc.RpcError:
+            return False
+    wait_for(f"precopy data of job {job['id']} to flow", flowing, 30, interval_s=0.02)
 
 
 PHASES: dict[str, PhaseColumn] = {p.key: p for p in (
@@ -428,7 +432,9 @@ class Trigger(threading.Thread):
         super().__init__(name="fault-trigger", daemon=True)
         self.bed, self.fault, self.column = bed, fault, column
         self.job_id = ""
-        self.watch = bed.watch_prefix("/nvmigrate/jobs/")
+        # From the revision before the job exists: etcdctl may take a moment to start watching, and a
+        # phase is written once (its progress every few seconds only), so a late watch would miss it.
+        self.watch = bed.watch_prefix("/nvmigrate/jobs/", since_revision=bed.etcd_revision() + 1)
         self.fired = threading.Event()
         self.record: FaultRecord | None = None
         self.job_at_fault: dict[str, Any] = {}
