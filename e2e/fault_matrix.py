@@ -268,12 +268,26 @@ class PhaseColumn:
     key: str
     title: str
     reached: Callable[[dict[str, Any]], bool]
+    # once the record shows the phase, waits for what the record does not show (None: nothing)
+    then: Callable[[MultiHostCluster, dict[str, Any]], None] | None = None
+
+
+def _precopy_data_flowing(bed: MultiHostCluster, job: dict[str, Any]) -> None:
+    """The runner writes a job's progress to etcd every few seconds only (a precopy may be over
+    before the first), so the source is asked whether precopy data flows."""
+    ref = agent_pb2.MigrationRef(job_id=str(job["id"]), controller_id=str(job["controller_id"]))
+
+    def flowing() -> bool:
+        try:  # the source's session begins with StartPrecopy, right after the phase is written
+            return bed.agent(str(job["source_node"]), lambda s: s.GetSession(ref, timeout=2.0)).bytes_sent > 0
+        except grpc.RpcError:
+            return False
+    wait_for(f"precopy data of job {job['id']} to flow", flowing, 30, interval_s=0.02)
 
 
 PHASES: dict[str, PhaseColumn] = {p.key: p for p in (
-    # mid-transfer: precopy bytes have flowed (the runner publishes progress every 0.5 s)
-    PhaseColumn("PRECOPY", "PREPARING/PRECOPY",
-                lambda j: j["phase"] == "PRECOPY" and int(j.get("bytes_transferred", 0)) > 0),
+    # mid-transfer: precopy bytes have flowed (as the source counts them)
+    PhaseColumn("PRECOPY", "PREPARING/PRECOPY", lambda j: j["phase"] == "PRECOPY", then=_precopy_data_flowing),
     PhaseColumn("DIRTY_ITERATION", "DIRTY_ITERATION", lambda j: j["phase"] == "DIRTY_ITERATION"),
     PhaseColumn("STOP_AND_COPY", "STOP_AND_COPY", lambda j: j["phase"] == "STOP_AND_COPY"),
     PhaseColumn("COMMIT", "COMMIT/RESUMING", lambda j: j["phase"] in ("COMMIT", "RESUMING")),
@@ -418,7 +432,9 @@ class Trigger(threading.Thread):
         super().__init__(name="fault-trigger", daemon=True)
         self.bed, self.fault, self.column = bed, fault, column
         self.job_id = ""
-        self.watch = bed.watch_prefix("/nvmigrate/jobs/")
+        # From the revision before the job exists: etcdctl may take a moment to start watching, and a
+        # phase is written once (its progress every few seconds only), so a late watch would miss it.
+        self.watch = bed.watch_prefix("/nvmigrate/jobs/", since_revision=bed.etcd_revision() + 1)
         self.fired = threading.Event()
         self.record: FaultRecord | None = None
         self.job_at_fault: dict[str, Any] = {}
@@ -453,6 +469,8 @@ class Trigger(threading.Thread):
                     if self.column.reached(job):
                         self.job_at_fault = job
                         try:
+                            if self.column.then is not None:
+                                self.column.then(self.bed, job)
                             self.record = self.fault.inject(self.bed, job)
                         except Exception as exc:
                             self.error = f"injecting {self.fault.title} failed: {exc}"

@@ -383,11 +383,20 @@ class MultiHostCluster:
         return wait_for("an orchestrator to hold the leader key" + (f" (not {other_than})" if other_than else ""),
                         probe, timeout_s)
 
-    def watch_prefix(self, prefix: str) -> subprocess.Popen[str]:
+    def etcd_revision(self) -> int:
+        """etcd's revision now (`etcdctl get -w json`'s header)."""
+        done = subprocess.run(["etcdctl", f"--endpoints={self.c.etcd_endpoint}", "get", "/nvmigrate/", "--prefix",
+                               "--keys-only", "--limit", "1", "-w", "json"], capture_output=True, text=True,
+                              timeout=30, check=True, env={**os.environ, "ETCDCTL_API": "3"})
+        return int(json.loads(done.stdout)["header"]["revision"])
+
+    def watch_prefix(self, prefix: str, since_revision: int | None = None) -> subprocess.Popen[str]:
         """`etcdctl watch --prefix KEY -w json`: one JSON line per write, as it happens (a fault
-        trigger reacts within milliseconds of a phase change instead of a polling interval)."""
+        trigger reacts within milliseconds of a phase change instead of a polling interval); with
+        `since_revision`, every write from that revision on, made before the watch started or not."""
+        since = ["--rev", str(since_revision)] if since_revision is not None else []
         return subprocess.Popen(["etcdctl", f"--endpoints={self.c.etcd_endpoint}", "watch", "--prefix", prefix,
-                                 "-w", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 *since, "-w", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 env={**os.environ, "ETCDCTL_API": "3"})
 
     # ---- faults -----------------------------------------------------------------------------

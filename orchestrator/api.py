@@ -23,7 +23,17 @@ from orchestrator import scheduler, tracing
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable
 from orchestrator.evacuation import Limits
 from orchestrator.evacuation_api import EvacuationRpcs
-from orchestrator.jobs import BEFORE_COMMIT, Job, OnNoConvergence, Phase, Policy, Verification, pending_job
+from orchestrator.jobs import (
+    BEFORE_COMMIT,
+    Job,
+    LiveJob,
+    OnNoConvergence,
+    Phase,
+    Policy,
+    Verification,
+    pending_job,
+    shown,
+)
 from proto.v1 import agent_pb2, migration_pb2, migration_pb2_grpc
 
 WATCH_POLL_S = 0.2
@@ -120,13 +130,17 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
 class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[], None],
                  clock: Callable[[], float] = time.time, evacuation_limits: Limits | None = None,
-                 on_evacuation_created: Callable[[], None] | None = None) -> None:
+                 on_evacuation_created: Callable[[], None] | None = None,
+                 live_job: LiveJob | None = None) -> None:
+        """`live_job(id, revision)`: on the leader, the running job with its progress not yet in
+        etcd (its runner writes it every few seconds), if etcd's record is still at `revision`."""
         self.store = store
         self.agents = agents
         self.on_job_created = on_job_created
         self.clock = clock
         self.evacuation_limits = evacuation_limits or Limits()
         self.on_evacuation_created = on_evacuation_created or (lambda: None)
+        self.live_job = live_job
 
     async def _guard(self, context: grpc.aio.ServicerContext, coro):  # type: ignore[no-untyped-def]
         try:
@@ -217,10 +231,13 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"job {job_id!r} does not exist; `orchctl list` shows jobs")
         return Job.from_bytes(got.value), got.mod_revision
 
+    def _shown(self, record: Job, revision: int) -> Job:
+        return shown(record, revision, self.live_job)
+
     async def GetMigration(self, request: migration_pb2.GetMigrationRequest,
                            context: grpc.aio.ServicerContext) -> migration_pb2.Migration:
         async def get() -> migration_pb2.Migration:
-            return job_to_message((await self._job(request.id))[0])
+            return job_to_message(self._shown(*await self._job(request.id)))
         return await self._guard(context, get())
 
     async def ListMigrations(self, request: migration_pb2.ListMigrationsRequest,
@@ -230,7 +247,7 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                 problem = names.controller_id_problem(request.controller_id)
                 if problem:
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            jobs = [Job.from_bytes(v.value) for v in await self.store.list_jobs()]
+            jobs = [self._shown(Job.from_bytes(v.value), v.mod_revision) for v in await self.store.list_jobs()]
             jobs = [j for j in jobs if (not request.active_only or not j.terminal)
                     and (not request.controller_id or j.controller_id == request.controller_id)]
             jobs.sort(key=lambda j: j.created_at)
@@ -244,7 +261,8 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
         except Refused as exc:
             await context.abort(exc.code, names.bounded(exc.message))
             return
-        yield migration_pb2.MigrationEvent(migration=job_to_message(job))
+        shown = job_to_message(self._shown(job, revision))
+        yield migration_pb2.MigrationEvent(migration=shown)
         while not job.terminal:
             await asyncio.sleep(WATCH_POLL_S)  # poll interval of the stream, not a synchronisation
             try:
@@ -253,9 +271,11 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                 continue
             if got is None:
                 return
-            if got.mod_revision != revision:
-                job, revision = Job.from_bytes(got.value), got.mod_revision
-                yield migration_pb2.MigrationEvent(migration=job_to_message(job))
+            job = Job.from_bytes(got.value)
+            message = job_to_message(self._shown(job, got.mod_revision))
+            if message != shown:
+                shown = message
+                yield migration_pb2.MigrationEvent(migration=shown)
 
     async def CancelMigration(self, request: migration_pb2.CancelMigrationRequest,
                               context: grpc.aio.ServicerContext) -> migration_pb2.Migration:

@@ -35,11 +35,18 @@ class JobDispatcher:
         self.epoch = epoch
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._runners: dict[str, JobRunner] = {}
         self._wake = asyncio.Event()
         self._scanner: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._scanner = asyncio.create_task(self._scan_loop(), name="job-scan")
+
+    def live_job(self, job_id: str, revision: int) -> Job | None:
+        """The job as its runner here knows it (with progress not written yet), if etcd's record is
+        still the one at `revision` that the runner last wrote or read; None otherwise."""
+        runner = self._runners.get(job_id)
+        return runner.live(revision) if runner is not None else None
 
     def poke(self) -> None:
         """A job was created: scan now instead of at the next interval."""
@@ -74,9 +81,12 @@ class JobDispatcher:
     async def _run(self, job_id: str) -> None:
         try:
             async with self._slots:
-                ended = await run_job(JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings,
-                                                 switchover_model=self.switchover_model))
+                runner = JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings,
+                                   switchover_model=self.switchover_model)
+                self._runners[job_id] = runner
+                ended = await run_job(runner)
             if ended is not None and ended.phase is Phase.COMPLETED and self.verifier is not None:
                 self.verifier.poke(job_id)
         finally:
             self._tasks.pop(job_id, None)
+            self._runners.pop(job_id, None)

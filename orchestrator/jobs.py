@@ -7,6 +7,7 @@ compare-and-swap before it acts on it, so what etcd holds is always the phase be
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -292,6 +293,17 @@ class Job:
         data["excluded_destinations"] = tuple(data.get("excluded_destinations", ()))
         data["verification"] = Verification(data.get("verification", ""))
         return cls(**data)
+
+
+# The leader's view of a job it drives, with progress its runner has not written yet (it writes it
+# every few seconds), if etcd's record is still at the revision given; None anywhere else.
+LiveJob = Callable[[str, int], "Job | None"]
+
+
+def shown(record: Job, revision: int, live: LiveJob | None) -> Job:
+    """What to show of a job read from etcd at `revision`: the leader's live view where it has one."""
+    newer = live(record.id, revision) if live is not None else None
+    return newer if newer is not None and newer.id == record.id else record
 
 
 def pending_job(job_id: str, *, controller_id: str, source_node: str, namespace_bytes: int, policy: Policy,

@@ -37,6 +37,7 @@ from orchestrator.evacuator import Evacuator
 from orchestrator.health_policy import HealthPolicy
 from orchestrator.job_collector import JobCollector
 from orchestrator.job_retention import DEFAULT_KEEP_COUNT, DEFAULT_RETENTION_S, Retention
+from orchestrator.jobs import Job
 from orchestrator.kube import EvacuationRequest, KubeEvacuations, KubeNodes
 from orchestrator.liveness import GRACE_OVER_LEASE_TTL_S, default_grace_s
 from orchestrator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
@@ -76,11 +77,15 @@ class Orchestrator:
         self.evacuation_limits = evacuation_limits or Limits()
         self.evacuator: Evacuator | None = None
         self.api = MigrationApi(store, self.agents, on_job_created=self._poke, evacuation_limits=self.evacuation_limits,
-                                on_evacuation_created=self._poke_evacuator)
+                                on_evacuation_created=self._poke_evacuator, live_job=self.live_job)
 
     def _poke(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.poke()
+
+    def live_job(self, job_id: str, revision: int) -> Job | None:
+        """A running job's progress not yet written to etcd, while this orchestrator leads and drives it."""
+        return self.dispatcher.live_job(job_id, revision) if self.dispatcher is not None else None
 
     def _poke_evacuator(self) -> None:
         if self.evacuator is not None:
@@ -203,7 +208,7 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.listen!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        http = await web.start(store, args.name, args.http)  # /metrics and the web page
+        http = await web.start(store, args.name, args.http, orchestrator.live_job)  # /metrics and the web page
     except OSError as exc:
         print(f"error: cannot serve HTTP on {args.http[0]}:{args.http[1]}: {exc}; pass --http", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.evacuation import MOVED, Evacuation, EvacuationState
-from orchestrator.jobs import TERMINAL, Job, Phase, Verification
+from orchestrator.jobs import TERMINAL, Job, LiveJob, Phase, Verification, shown
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,19 @@ ProcessCollector(registry=REGISTRY)
 _ALL_PHASES = tuple(Phase)
 
 
-def job_written(old: Job, new: Job) -> None:
-    """Counts what changed between two consecutive records of a job this process wrote."""
+def job_progressed(old: Job, new: Job) -> None:
+    """Counts the bytes and rounds between two states of a job this process drives (written or not)."""
     moved = new.bytes_transferred - old.bytes_transferred
     if moved > 0:
         BYTES_MOVED.inc(moved)
     if new.rounds > old.rounds:
         DIRTY_ROUNDS.inc(new.rounds - old.rounds)
+
+
+def job_written(old: Job, new: Job) -> None:
+    """Counts what changed between two consecutive states of a job this process wrote: `old` the
+    one it held before the write (with any progress not written yet, already counted)."""
+    job_progressed(old, new)
     for index in range(max(len(old.phases) - 1, 0), len(new.phases) - 1):
         entry = new.phases[index]
         PHASE_DURATION.labels(entry.phase.value).observe(entry.duration_ms / 1000.0)
@@ -159,8 +165,9 @@ class ClusterState(Collector):
     """The etcd-derived gauges: `refresh()` (async, before a scrape) reads etcd, `collect()`
     (sync, called by the exposition code) reports the last snapshot."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, live_job: LiveJob | None = None) -> None:
         self.name = name
+        self.live_job = live_job  # the leader's jobs with progress not yet written to etcd
         self.snapshot = ClusterSnapshot()
         # Its own registry, so several (in tests, one per server) never clash in REGISTRY.
         self.registry = CollectorRegistry()
@@ -172,7 +179,7 @@ class ClusterState(Collector):
 
     async def refresh(self, store: EtcdStore) -> None:
         try:
-            jobs = [Job.from_bytes(v.value) for v in await store.list_jobs()]
+            jobs = [shown(Job.from_bytes(v.value), v.mod_revision, self.live_job) for v in await store.list_jobs()]
             nodes = await store.list_nodes()
             leader = await store.leader()
         except EtcdError as exc:

@@ -45,17 +45,22 @@ class JobObserver:
         """Before a write: the record gets its trace ids."""
         return self.trace.prepare(new)
 
+    def progressed(self, old: Job, new: Job) -> None:
+        """The job moved on in memory (bytes, rounds), not written yet: its metrics move now."""
+        metrics.job_progressed(old, new)
+
     def written(self, old: Job, new: Job) -> None:
         """After a write: the spans it settled (finished phases and rounds, the root), exported
         at once so that a leader killed next does not take them along; metrics of what changed."""
         self.trace_id = new.trace_context.get("trace_id", "")
         self.trace.written(old, new)
         metrics.job_written(old, new)
-        if len(new.phases) > len(old.phases) and old.phases:
+        for index in range(len(old.phases) - 1 if old.phases else len(new.phases) - 1, len(new.phases) - 1):
             # One line per phase change: with the log context, grep or a log store follows a job.
-            closed = new.phases[len(old.phases) - 1]
-            why = f": {new.reason}" if new.terminal and new.reason else ""
-            log.info("job %s: %s -> %s after %.0f ms%s", new.id, closed.phase, new.phase, closed.duration_ms, why)
+            closed, following = new.phases[index], new.phases[index + 1]
+            why = f": {new.reason}" if following.phase is new.phase and new.terminal and new.reason else ""
+            log.info("job %s: %s -> %s after %.0f ms%s", new.id, closed.phase, following.phase, closed.duration_ms,
+                     why)
 
     def over_budget(self, message: str) -> None:
         """A completed switchover broke its downtime budget (the job record says so too)."""

@@ -6,6 +6,15 @@ run, and every agent command carries the job id and this leader's epoch, so a ru
 after an orchestrator restart picks the job up where etcd says it is and repeats the phase's
 commands; the agents attach a repeated command to the work already running or return its result.
 
+What happens inside a phase (bytes moved, a dirty round's result, a throttle step) is kept in
+the runner's job (`self.job`, served by the API on this leader) and written at most every
+PROGRESS_PERSIST_INTERVAL_S, or with the next phase change, whichever comes first: etcd's load
+per job does not grow with every poll or round. Nothing is lost by it: a runner that takes the
+job over repeats the phase's commands, and the source answers a repeated round with its result.
+Phase changes made in one step go out in one write (PENDING -> PREPARING with the destination
+chosen; a precopy that left nothing dirty goes on to STOP_AND_COPY; a round's result goes with
+the STOP_AND_COPY it leads to).
+
 Durations (phase timings, the switchover, the job's deadline) are measured on the monotonic
 clock; the wall clock only stamps the record (and gives the age of a job another leader started).
 The job completes as soon as the destination runs the controller; checking the namespace against
@@ -39,7 +48,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATE_FORMAT_VERSION = 1
+# How often a transfer step's progress (and an operator's cancel) is read: from the source and
+# from etcd. Reads only: the progress is written at most every PROGRESS_PERSIST_INTERVAL_S.
 PROGRESS_INTERVAL_S = 0.5
+# At most this long between two writes of a job's progress to etcd. What another orchestrator
+# shows of a running job is as old as this at most; and a leader that takes the job over reads
+# its age from the last write (plus the wall-clock gap, clamped to jobs.MAX_UNWATCHED_GAP_S).
+PROGRESS_PERSIST_INTERVAL_S = 5.0
 NO_PROGRESS = "no progress"  # how the reason of a job rolled back by the progress timeout begins
 PROBE_BUDGET_S = 3.0
 # After the source resumed for want of etcd, the rolled-back job is written once etcd answers
@@ -95,8 +110,11 @@ class JobRunner:
         self.epoch = epoch
         self.wall = wall
         self.monotonic = monotonic
-        self.job: Job | None = None
-        self.revision = 0
+        self.job: Job | None = None  # the job as this runner knows it: etcd's record plus unwritten progress
+        self.revision = 0  # of the job's record in etcd, as this runner last wrote or read it
+        self._written: Job | None = None  # the job as last written or read (`self.job` is it: nothing unwritten)
+        self._written_at = monotonic()
+        self._cancel_checked_at = monotonic()
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None  # monotonic, when stop-and-copy began
         self._age_at_load_s = 0.0
@@ -115,7 +133,26 @@ class JobRunner:
         if job.epoch > self.epoch:
             raise Superseded(f"job {self.job_id} is driven by epoch {job.epoch} > ours {self.epoch}")
         self.job, self.revision = job, got.mod_revision
+        self._written, self._written_at = job, self.monotonic()
         return job
+
+    def live(self, revision: int) -> Job | None:
+        """The job with its unwritten progress, if etcd's record is still at `revision` (the one this
+        runner last wrote or read): what the API shows of it on the leader."""
+        return self.job if self.job is not None and revision == self.revision else None
+
+    def _advance(self, new: Job) -> None:
+        """The job changed in memory only (never its phase): written with the next phase change,
+        or by `_persist_if_due`."""
+        if len(new.phases) != len(self.j.phases):
+            raise AssertionError(f"job {new.id}: a phase change must be written, not kept in memory")
+        self.observer.progressed(self.j, new)
+        self.job = new
+
+    async def _persist_if_due(self) -> None:
+        """Writes what changed in memory once PROGRESS_PERSIST_INTERVAL_S passed since the last write."""
+        if self.job is not self._written and self.monotonic() - self._written_at >= PROGRESS_PERSIST_INTERVAL_S:
+            await self._save(self.j)
 
     async def _save(self, new: Job, *, release: bool = False) -> Job:
         """CAS the job. A lost CAS re-reads: a newer epoch stops us; an operator's cancel (the
@@ -138,17 +175,20 @@ class JobRunner:
                 if fresh.cancel_requested and not new.cancel_requested:
                     new = new.cancel_asked(new.updated_at)
         self.observer.written(before, new)
-        self.job = new
+        self.job = self._written = new
+        self._written_at = self.monotonic()
         return new
 
     def _timed(self, before: Job, new: Job) -> Job:
-        """A phase this runner entered and now closes gets its duration from the monotonic clock."""
+        """A phase this runner entered and now closes gets its duration from the monotonic clock (a
+        phase entered before its write, PREPARING from PENDING, has its opening noted already)."""
         if len(new.phases) > len(before.phases):
             opened = self._opened_phase
             closing = len(before.phases) - 1
             if opened is not None and opened[0] == closing:
                 new = new.with_phase_duration(closing, (self.monotonic() - opened[1]) * 1000.0)
-            self._opened_phase = (len(new.phases) - 1, self.monotonic())
+            if opened is None or opened[0] != len(new.phases) - 1:
+                self._opened_phase = (len(new.phases) - 1, self.monotonic())
         return new
 
     def _now(self) -> float:
@@ -216,15 +256,23 @@ class JobRunner:
         except (AgentUnreachable, AgentRefused) as exc:
             raise StepFailed(await self._failure(role, exc, silent_for_s=self.settings.agent_call_budget_s)) from exc
 
-    async def _poll_progress_and_cancel(self) -> None:
+    async def _check_cancel(self) -> None:
+        """Reads the job's record (a read, no write): an operator's cancel stops the step; a newer
+        epoch stops this runner."""
+        self._cancel_checked_at = self.monotonic()
         got = await self.store.get_job(self.job_id)
         if got is not None:
             fresh = Job.from_bytes(got.value)
             if fresh.epoch > self.epoch:
                 raise Superseded(f"job {self.job_id} taken over by epoch {fresh.epoch}")
             if fresh.cancel_requested and not self.j.cancel_requested:
+                # The operator's write is the record now; ours (unwritten progress) goes on top of it.
                 self.job, self.revision = self.j.cancel_asked(fresh.updated_at), got.mod_revision
+                self._written = fresh
                 raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator"))
+
+    async def _poll_progress_and_cancel(self) -> None:
+        await self._check_cancel()
         try:
             status = await self.agents.call(self.j.source_node, "GetSession",
                                             lambda s: s.GetSession(self._ref(), timeout=2.0), budget_s=2.0)
@@ -237,7 +285,8 @@ class JobRunner:
                                      f"{int(status.bytes_sent)} bytes sent"))
         job = self.j.progressed(int(status.bytes_sent), self._now())
         if job is not self.j:
-            await self._save(job)
+            self._advance(job)
+        await self._persist_if_due()
 
     # ---- the phases ---------------------------------------------------------------------
 
@@ -250,7 +299,11 @@ class JobRunner:
             return job
         if job.epoch != self.epoch:
             note = f"taken over by epoch {self.epoch} (was {job.epoch})" if job.epoch else ""
-            job = await self._save(job.taken_over(self.epoch, self._now()))
+            if job.phase is Phase.PENDING:
+                # No agent has heard of a PENDING job: the takeover goes out with its first write.
+                self._advance(job.taken_over(self.epoch, self._now()))
+            else:
+                job = await self._save(job.taken_over(self.epoch, self._now()))
             if note:
                 log.info("job %s: %s in phase %s", job.id, note, job.phase)
         while not self.j.terminal:
@@ -268,9 +321,7 @@ class JobRunner:
 
     async def _step(self) -> None:
         phase = self.j.phase
-        if phase is Phase.PENDING:
-            await self._save(self.j.enter(Phase.PREPARING, self._now()))
-        elif phase is Phase.PREPARING:
+        if phase in (Phase.PENDING, Phase.PREPARING):
             await self._prepare()
         elif phase is Phase.PRECOPY:
             await self._precopy()
@@ -285,6 +336,10 @@ class JobRunner:
 
     async def _prepare(self) -> None:
         job = self.j
+        if job.phase is Phase.PENDING:
+            # PREPARING goes out with the destination chosen (or the job's end), before any agent is asked.
+            job = job.enter(Phase.PREPARING, self._now())
+            self._opened_phase = (len(job.phases) - 1, self.monotonic())
         owned = await self.store.get_controller(job.controller_id)
         if owned is None or owned[0].node != job.source_node:
             where = owned[0].node if owned else "nowhere"
@@ -347,8 +402,17 @@ class JobRunner:
         result = await self._long_call("source", "StartPrecopy", lambda s, t: s.StartPrecopy(request, timeout=t))
         self.history = [convergence.RoundFacts(0, result.bytes_sent, result.duration_s,
                                                result.dirty_bytes_remaining, result.dirty_rate_bytes_per_s)]
-        job = self._step_done(result, rounds=0)
-        await self._save(job.enter(Phase.DIRTY_ITERATION, self._now()))
+        self._advance(self._step_done(result, rounds=0))
+        entered = self.monotonic()
+        job = self.j.enter(Phase.DIRTY_ITERATION, self._now())
+        decision = convergence.decide(job.policy, self.history, job.throttle_percent, self.switchover_model.fixed_ms)
+        if decision.action is convergence.Action.STOP_AND_COPY:
+            # Nothing left to iterate on: both phase changes go out in one write.
+            iterated = len(job.phases) - 1
+            job = job.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason).predicted(
+                decision.estimated_downtime_ms)
+            job = job.with_phase_duration(iterated, (self.monotonic() - entered) * 1000.0)
+        await self._save(job)
 
     def _step_done(self, result: agent_pb2.TransferResult, *, rounds: int, guest_running: bool = True) -> Job:
         """What a transfer step moved: into its phase, and the job's total from the source's count.
@@ -365,13 +429,18 @@ class JobRunner:
             decision = convergence.decide(self.j.policy, self.history, self.j.throttle_percent,
                                           self.switchover_model.fixed_ms)
             if decision.action is convergence.Action.STOP_AND_COPY:
+                # With the results of the rounds kept in memory since the last write.
                 await self._save(self.j.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason)
                                  .predicted(decision.estimated_downtime_ms))
                 return
             if decision.action is convergence.Action.ABORT:
                 raise StepFailed(Failure(FailureKind.STEP_FAILED, decision.reason))
             if decision.action is convergence.Action.THROTTLE:
-                await self._save(self.j.throttled(decision.throttle_percent, decision.reason, self._now()))
+                # A runner that takes over unwritten throttling starts from the last written one.
+                self._advance(self.j.throttled(decision.throttle_percent, decision.reason, self._now()))
+        if self.monotonic() - self._cancel_checked_at >= PROGRESS_INTERVAL_S:
+            # Rounds shorter than a poll, back to back, write nothing that a cancel would conflict with.
+            await self._check_cancel()
         round_no = self.j.rounds + 1
         request = agent_pb2.DirtyRoundRequest(ref=self._ref(), round=round_no,
                                               bandwidth_bytes_per_s=self.j.policy.bandwidth_bytes_per_s,
@@ -383,7 +452,10 @@ class JobRunner:
         self.history.append(convergence.RoundFacts(round_no, result.bytes_sent, result.duration_s,
                                                    result.dirty_bytes_remaining,
                                                    result.dirty_rate_bytes_per_s))
-        await self._save(self._step_done(result, rounds=1))
+        # A runner that takes over after an unwritten round asks the source for it again, which
+        # answers with its result.
+        self._advance(self._step_done(result, rounds=1))
+        await self._persist_if_due()
 
     async def _stop_and_copy(self) -> None:
         # Read before the guest is paused: the commit's CAS still catches any change since.

@@ -26,7 +26,7 @@ from cluster import names
 from cluster.http_server import HttpServer, healthz, parse_http_address, prometheus_response
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
-from orchestrator.jobs import Job
+from orchestrator.jobs import Job, LiveJob, shown
 from orchestrator.metrics import ClusterState
 
 __all__ = ["DEFAULT_HTTP", "WebServer", "job_json", "node_json", "parse_http_address", "start"]  # --http: main
@@ -62,10 +62,11 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class WebServer:
-    def __init__(self, store: EtcdStore, name: str) -> None:
+    def __init__(self, store: EtcdStore, name: str, live_job: LiveJob | None = None) -> None:
         self.store = store
         self.name = name
-        self.cluster_state = ClusterState(name)
+        self.live_job = live_job  # the leader's jobs with progress not yet written to etcd
+        self.cluster_state = ClusterState(name, live_job)
         self._server = HttpServer(self.app(), log)
         self._page = (UI_DIR / "index.html").read_text().replace("{{ORCHESTRATOR}}", html.escape(name))
 
@@ -111,7 +112,7 @@ class WebServer:
 
     async def jobs(self, request: web.Request) -> web.Response:
         try:
-            jobs = [Job.from_bytes(v.value) for v in await self.store.list_jobs()]
+            jobs = [shown(Job.from_bytes(v.value), v.mod_revision, self.live_job) for v in await self.store.list_jobs()]
         except EtcdError as exc:
             return _error(503, f"etcd is unavailable: {exc}")
         jobs.sort(key=lambda j: j.created_at, reverse=True)
@@ -128,17 +129,18 @@ class WebServer:
             return _error(503, f"etcd is unavailable: {exc}")
         if got is None:
             return _error(404, f"job {job_id!r} does not exist")
-        return _json(job_json(Job.from_bytes(got.value)))
+        return _json(job_json(shown(Job.from_bytes(got.value), got.mod_revision, self.live_job)))
 
 
 DEFAULT_HTTP = "127.0.0.1:9464"
 
 
-async def start(store: EtcdStore, name: str, address: tuple[str, int] | None) -> WebServer | None:
+async def start(store: EtcdStore, name: str, address: tuple[str, int] | None,
+                live_job: LiveJob | None = None) -> WebServer | None:
     """Serves /metrics and the page on `address` (None: not at all); says where on stdout."""
     if address is None:
         return None
-    server = WebServer(store, name)
+    server = WebServer(store, name, live_job)
     bound = await server.start(*address)
     print(f"orchestrator {name} http on http://{bound}", flush=True)
     return server
