@@ -37,6 +37,7 @@ from agent.vfio_states import VfioState
 from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
+from cluster.switchover_marks import mark
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -547,10 +548,12 @@ class Host:
             if session.stage is DestinationStage.RUNNING:
                 return
             session.check_resumable()
+            mark(session.job_id, "dst.resume_received")
             try:
                 await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
             except OSError as exc:
                 raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            mark(session.job_id, "dst.adopted")
             try:
                 problem = await self.store.claim_running(session.controller_id, self.name)
             except BaseException:
@@ -559,6 +562,7 @@ class Host:
             if problem:
                 await self._unadopt(session)
                 raise SessionError(ErrorKind.PRECONDITION, problem)
+            mark(session.job_id, "dst.claimed")
 
             async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
                 self.controllers[session.controller_id] = self._hosted(controller, workload)

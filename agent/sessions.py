@@ -33,6 +33,7 @@ from agent.guest.workload import GuestWorkload
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
+from cluster.switchover_marks import mark
 
 log = logging.getLogger(__name__)
 
@@ -296,26 +297,29 @@ class SourceSession(Session):
         started = time.monotonic()
         steps: list[tuple[str, float]] = []
 
-        def step(name: str) -> None:
+        def step(name: str, marked: str) -> None:
             steps.append((name, time.monotonic()))
+            mark(self.job_id, marked)
+
+        mark(self.job_id, "src.stop_and_copy_started")
 
         if self.workload is not None:
             await asyncio.to_thread(self.workload.pause)  # the guest's I/O stalls from here
-        step("pause guest")
+        step("pause guest", "src.guest_paused")
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP_COPY)  # Suspend
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
-        step("suspend")
+        step("suspend", "src.suspended")
         self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
         sent = await self._send_changed(lbas)
-        step(f"last {len(lbas)} blocks")
+        step(f"last {len(lbas)} blocks", "src.final_delta_sent")
         state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
         guest = encode_guest(self.workload)
-        step("states")
+        step("states", "src.state_saved")
         await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
         self.state_bytes_sent = len(state) + len(guest)
-        step("destination loaded")
+        step("destination loaded", "src.destination_loaded")
         await self._drop_sender()  # everything is across and acknowledged
-        step("close")
+        step("close", "src.closed")
         self._move(SourceStage.STOPPED)
         marks = [started, *(t for _, t in steps)]
         log.info("job %s stop-and-copy %.1f ms: %s", self.job_id, (marks[-1] - started) * 1000,
@@ -465,8 +469,10 @@ class DestinationSession(Session):
                                f"the source, and this destination's backend {self.backend} has no "
                                "built-in guest to continue it; stop the workload or migrate to a "
                                "node with the emulated backend")
+        mark(self.job_id, "dst.final_received")
         await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
         await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
+        mark(self.job_id, "dst.state_loaded")
         # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
         if self.state_path is not None:
             try:
@@ -476,10 +482,12 @@ class DestinationSession(Session):
                 if refusal is None:
                     raise
                 raise refusal from exc
+        mark(self.job_id, "dst.state_file_written")
         self.guest_blob = guest_blob
         # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
         self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
         self._move(DestinationStage.LOADED)
+        mark(self.job_id, "dst.loaded")
 
     @classmethod
     async def reload(cls, controller: MigratableController, state_path: Path, controller_id: str, job_id: str, *,
@@ -514,9 +522,16 @@ class DestinationSession(Session):
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.guest_blob and self.guest is not None:
             self.workload, was_running = decode_guest(self.guest, self.guest_blob)
+            job_id = self.job_id
+
+            def marked(last: float, first: float) -> None:
+                mark(job_id, "guest.last_write_source", last)
+                mark(job_id, "guest.first_write_destination", first)
+            self.workload.on_blackout = marked
             if was_running:
                 self.workload.start()
         self._move(DestinationStage.RUNNING)
+        mark(self.job_id, "dst.running")
         snapshot = self.snapshot
 
         def digest_and_close() -> str:
