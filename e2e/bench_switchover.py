@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -136,6 +135,11 @@ class Bench:
             job = wait_for(f"verification of {job.id}", lambda: (
                 j if (j := api.GetMigration(migration_pb2.GetMigrationRequest(id=job.id), timeout=10)).verification
                 != migration_pb2.VERIFICATION_PENDING else None), 600, interval_s=0.05)
+        # ... and the next migration back needs the source to have let the controller go.
+        channel, source = self.agent(job.source_node)
+        with channel:
+            wait_for(f"{job.source_node} to release {controller_id}", lambda: controller_id not in {
+                c.controller_id for c in source.GetInfo(agent_pb2.GetInfoRequest(), timeout=5).controllers}, 120)
         blackout_ms = 0.0
         if guest:
             channel, stub = self.agent(destination)
