@@ -137,9 +137,15 @@ class Bench:
                 != migration_pb2.VERIFICATION_PENDING else None), 600, interval_s=0.05)
         # ... and the next migration back needs the source to have let the controller go.
         channel, source = self.agent(job.source_node)
+
+        def released() -> bool:
+            try:
+                info = source.GetInfo(agent_pb2.GetInfoRequest(), timeout=5)
+            except grpc.RpcError:
+                return False  # GetInfo fails while a controller is half released (an agent bug, see report)
+            return controller_id not in {c.controller_id for c in info.controllers}
         with channel:
-            wait_for(f"{job.source_node} to release {controller_id}", lambda: controller_id not in {
-                c.controller_id for c in source.GetInfo(agent_pb2.GetInfoRequest(), timeout=5).controllers}, 120)
+            wait_for(f"{job.source_node} to release {controller_id}", released, 120)
         blackout_ms = 0.0
         if guest:
             channel, stub = self.agent(destination)
