@@ -549,13 +549,21 @@ class Host:
                 return
             session.check_resumable()
             mark(session.job_id, "dst.resume_received")
+            # The claim's read goes to etcd while the record is written (the claim itself, a CAS
+            # on what was read, still comes after the record).
+            reading = asyncio.ensure_future(self.store.get_controller(session.controller_id))
             try:
                 await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
-            except OSError as exc:
-                raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            except BaseException as exc:
+                reading.cancel()
+                with contextlib.suppress(BaseException):
+                    await reading
+                if isinstance(exc, OSError):
+                    raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+                raise
             mark(session.job_id, "dst.adopted")
             try:
-                problem = await self.store.claim_running(session.controller_id, self.name)
+                problem = await self.store.claim_running(session.controller_id, self.name, await reading)
             except BaseException:
                 await self._unadopt(session)
                 raise

@@ -15,6 +15,7 @@ the source's (`verification`) happens afterwards, off the job's critical path (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -392,6 +393,9 @@ class JobRunner:
             await self.agents.address(self.j.destination_node)  # remembered for the resume right after
         except AgentUnreachable as exc:
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message)) from exc
+        # The source's address too, for StopAndCopy: not read from etcd after the clock starts.
+        with contextlib.suppress(AgentUnreachable):
+            await self.agents.address(self.j.source_node)  # unreachable: StopAndCopy's own lookup says so
         if (self.job_id, self.epoch) in _commits_sent:
             # An earlier runner's COMMIT did not land (the job still says STOP_AND_COPY); this
             # write makes sure it never will, so the source may again resume without etcd.
