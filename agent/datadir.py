@@ -26,14 +26,17 @@ def temp_path(path: Path) -> Path:
     return path.with_name(path.name + TEMP_SUFFIX)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` whole, or is unchanged; the temp file never outlives a failure."""
+def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """``path`` holds ``data`` whole, or is unchanged; the temp file never outlives a failure.
+    ``durable=False`` leaves out the fsync: the file then survives the agent's process, not the
+    machine (for records whose data beside them is not synced either, written while the guest waits)."""
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
 from cluster.store import EtcdError, EtcdStore
+from cluster.switchover_marks import mark
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -605,19 +606,31 @@ class Host:
             if session.stage is DestinationStage.RUNNING:
                 return
             session.check_resumable()
+            mark(session.job_id, "dst.resume_received")
+            # The claim's read goes to etcd while the record is written (the claim itself, a CAS
+            # on what was read, still comes after the record).
+            reading = asyncio.ensure_future(self.store.get_controller(session.controller_id))
             try:
                 await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
-            except OSError as exc:
-                raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            except BaseException as exc:
+                reading.cancel()
+                with contextlib.suppress(BaseException):
+                    await reading
+                if isinstance(exc, OSError):
+                    raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+                raise
+            mark(session.job_id, "dst.adopted")
             try:
-                problem = await self.store.claim_running(session.controller_id, self.name)
+                read = await reading
+                problem = await self.store.claim_running(session.controller_id, self.name, read)
             except BaseException:
                 await self._unadopt(session)
                 raise
             if problem:
                 await self._unadopt(session)
                 raise SessionError(ErrorKind.PRECONDITION, problem)
-            await self._adopt_limits(session)
+            mark(session.job_id, "dst.claimed")
+            await self._adopt_limits(session, read)
 
             async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
                 self.controllers[session.controller_id] = self._hosted(controller, workload)
@@ -625,12 +638,14 @@ class Host:
                 await self.publish()
             await session.resume(on_running)
 
-    async def _adopt_limits(self, session: DestinationSession) -> None:
+    async def _adopt_limits(self, session: DestinationSession,
+                            read: tuple[ControllerRecord, int] | None = None) -> None:
         """The limits the controller's etcd record carries (set on the source) apply here before
-        its guest runs again."""
+        its guest runs again. `read`: the record the claim was granted on (limits cannot change
+        while a job moves the controller), which saves a round trip inside the blackout."""
         cid = session.controller_id
         try:
-            owned = await self.store.get_controller(cid)
+            owned = read or await self.store.get_controller(cid)
         except EtcdError as exc:
             # It was claimed a moment ago; running it unlimited beats not running it.
             log.warning("controller %s: its I/O limits could not be read (etcd: %s); it runs without them until "

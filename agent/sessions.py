@@ -34,6 +34,7 @@ from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
+from cluster.switchover_marks import mark
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class SourceSession(Session):
     round_tasks: dict[int, asyncio.Task[TransferFacts]] = field(default_factory=dict)
     stop_copy_task: asyncio.Task[TransferFacts] | None = None
     digest_task: asyncio.Task[str] | None = None
+    closing: asyncio.Task[None] | None = None  # the data connection closing after stop-and-copy
     bytes_sent_before: int = 0  # sent by senders that are gone (a rollback and a new attempt)
     state_bytes_sent: int = 0  # controller and guest state, once the destination loaded them
 
@@ -303,26 +305,47 @@ class SourceSession(Session):
         started = time.monotonic()
         steps: list[tuple[str, float]] = []
 
-        def step(name: str) -> None:
+        def step(name: str, marked: str) -> None:
             steps.append((name, time.monotonic()))
+            mark(self.job_id, marked)
 
-        if self.workload is not None:
-            await asyncio.to_thread(self.workload.pause)  # the guest's I/O stalls from here
-        step("pause guest")
-        await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP_COPY)  # Suspend
-        lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
-        step("suspend")
-        self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
-        sent = await self._send_changed(lbas, yielding=False)  # the guest waits: no yielding now
-        step(f"last {len(lbas)} blocks")
-        state = await asyncio.to_thread(self.ctrl.save_state)  # Get Controller State
-        guest = encode_guest(self.workload)
-        step("states")
+        mark(self.job_id, "src.stop_and_copy_started")
+        workload = self.workload
+
+        def suspend() -> list[int]:
+            # One thread hop for the three: each hop costs the paused guest a scheduling delay.
+            if workload is not None:
+                workload.pause()  # the guest's I/O stalls from here
+            step("pause guest", "src.guest_paused")
+            self.ctrl.set_state(VfioState.STOP_COPY)  # Suspend
+            return self.ctrl.take_dirty_lbas()
+
+        def states() -> tuple[bytes, bytes]:
+            return self.ctrl.save_state(), encode_guest(workload)  # Get Controller State; the guest's
+
+        lbas = await asyncio.to_thread(suspend)
+        step("suspend", "src.suspended")
+        # Both are frozen now: they are encoded while the last blocks go out, not after.
+        saving = asyncio.ensure_future(asyncio.to_thread(states))
+        try:
+            self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
+            sent = await self._send_changed(lbas, yielding=False)  # the guest waits: no yielding now
+            step(f"last {len(lbas)} blocks", "src.final_delta_sent")
+            state, guest = await saving
+        finally:
+            if not saving.done():
+                saving.cancel()
+                with contextlib.suppress(BaseException):
+                    await saving
+        step("states", "src.state_saved")
         await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
         self.state_bytes_sent = len(state) + len(guest)
-        step("destination loaded")
-        await self._drop_sender()  # everything is across and acknowledged
-        step("close")
+        step("destination loaded", "src.destination_loaded")
+        # Everything is across and acknowledged: the connection closes after the reply, not before.
+        sender, self.sender = self.sender, None
+        self.bytes_sent_before += sender.bytes_sent
+        self.closing = asyncio.create_task(sender.close(), name=f"close-{self.job_id}")
+        step("close", "src.closed")
         self._move(SourceStage.STOPPED)
         marks = [started, *(t for _, t in steps)]
         log.info("job %s stop-and-copy %.1f ms: %s", self.job_id, (marks[-1] - started) * 1000,
@@ -343,6 +366,8 @@ class SourceSession(Session):
                 await task
 
     async def _drop_sender(self, abort_reason: str = "") -> None:
+        if self.closing is not None:
+            await asyncio.wait({self.closing})  # its own errors do not matter: everything was acknowledged
         if self.sender is None:
             return
         if abort_reason:
@@ -408,6 +433,7 @@ class DestinationSession(Session):
     digest_task: asyncio.Task[str] | None = None
     bytes_received: int = 0
     guest_blob: bytes = b""
+    guest_was_running: bool = False  # with `workload` decoded from guest_blob: start it on resume
     node: str = ""  # the node it runs on, for messages
     # What the guest asks before each write once it runs here (its controller's I/O limits).
     guest_admission: Callable[[int], float] | None = None
@@ -474,21 +500,38 @@ class DestinationSession(Session):
                                f"the source, and this destination's backend {self.backend} has no "
                                "built-in guest to continue it; stop the workload or migrate to a "
                                "node with the emulated backend")
-        await asyncio.to_thread(self.ctrl.load_state, state_blob)  # Set Controller State: verifies it
-        await asyncio.to_thread(self.ctrl.set_state, VfioState.STOP)
-        # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still resume.
-        if self.state_path is not None:
-            try:
-                await asyncio.to_thread(write_atomically, self.state_path, encode_final_payload(state_blob, guest_blob))
-            except OSError as exc:
-                refusal = self._no_space(exc, self.state_path)
-                if refusal is None:
-                    raise
-                raise refusal from exc
+        mark(self.job_id, "dst.final_received")
+        state_path, guest = self.state_path, self.guest
+        job_id = self.job_id
+
+        def load() -> tuple[Any, GuestWorkload | None, bool]:
+            # One thread hop for the lot: each hop costs the paused guest a scheduling delay.
+            self.ctrl.load_state(state_blob)  # Set Controller State: verifies it
+            self.ctrl.set_state(VfioState.STOP)
+            mark(job_id, "dst.state_loaded")
+            # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still
+            # resume. Not fsynced: the namespace beside it arrived through the page cache, unsynced,
+            # so the pair survives the agent's process, not the machine, with or without it.
+            if state_path is not None:
+                write_atomically(state_path, encode_final_payload(state_blob, guest_blob), durable=False)
+            mark(job_id, "dst.state_file_written")
+            # The guest is decoded now, so that the resume only starts it (and a blob it cannot
+            # take is refused before COMMIT, not after).
+            workload, was_running = decode_guest(guest, guest_blob) if guest_blob and guest is not None \
+                else (None, False)
+            # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
+            return self.ctrl.begin_snapshot(), workload, was_running
+
+        try:
+            self.snapshot, self.workload, self.guest_was_running = await asyncio.to_thread(load)
+        except OSError as exc:
+            refusal = self._no_space(exc, self.state_path)
+            if refusal is None:
+                raise
+            raise refusal from exc
         self.guest_blob = guest_blob
-        # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
-        self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
         self._move(DestinationStage.LOADED)
+        mark(self.job_id, "dst.loaded")
 
     @classmethod
     async def reload(cls, controller: MigratableController, state_path: Path, controller_id: str, job_id: str, *,
@@ -521,12 +564,20 @@ class DestinationSession(Session):
             return
         self.check_resumable()
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
-        if self.guest_blob and self.guest is not None:
-            self.workload, was_running = decode_guest(self.guest, self.guest_blob)
+        if self.workload is None and self.guest_blob and self.guest is not None:  # reloaded after a restart
+            self.workload, self.guest_was_running = decode_guest(self.guest, self.guest_blob)
+        if self.workload is not None:
+            job_id = self.job_id
+
+            def marked(last: float, first: float) -> None:
+                mark(job_id, "guest.last_write_source", last)
+                mark(job_id, "guest.first_write_destination", first)
+            self.workload.on_blackout = marked
             self.workload.set_admission(self.guest_admission)
-            if was_running:
+            if self.guest_was_running:
                 self.workload.start()
         self._move(DestinationStage.RUNNING)
+        mark(self.job_id, "dst.running")
         snapshot = self.snapshot
 
         def digest_and_close() -> str:

@@ -312,12 +312,14 @@ class EtcdStore:
                 return True
         return False
 
-    async def claim_running(self, controller_id: str, node: str) -> str | None:
+    async def claim_running(self, controller_id: str, node: str,
+                            read: tuple[ControllerRecord, int] | None = None) -> str | None:
         """The new owner's last step before it runs the controller: state -> RUNNING, by CAS,
         only while `node` owns it. Returns None when granted, else why not. Once granted,
-        ownership can no longer be moved back to the source."""
-        for _ in range(10):
-            got = await self.get_controller(controller_id)
+        ownership can no longer be moved back to the source. `read`: the record and its revision
+        as the caller read them just before (saves a round trip; the CAS still checks them)."""
+        for attempt in range(10):
+            got = read if attempt == 0 and read is not None else await self.get_controller(controller_id)
             if got is None:
                 return f"controller {controller_id!r} is not known to etcd"
             record, revision = got

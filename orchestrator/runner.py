@@ -24,6 +24,7 @@ the source's (`verification`) happens afterwards, off the job's critical path (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from cluster.records import LOST, RUNNING
 from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
+from cluster.switchover_marks import mark
 from orchestrator import convergence, metrics, recovery, scheduler, switchover_model
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch, Stub
 from orchestrator.jobs import BEFORE_COMMIT, Job, Phase
@@ -331,6 +333,7 @@ class JobRunner:
             await self._stop_and_copy()
         elif phase is Phase.COMMIT:
             await self._save(self.j.enter(Phase.RESUMING, self._now()))
+            mark(self.job_id, "orch.resuming_saved")
         elif phase is Phase.RESUMING:
             await self._resume()
 
@@ -467,6 +470,9 @@ class JobRunner:
             await self.agents.address(self.j.destination_node)  # remembered for the resume right after
         except AgentUnreachable as exc:
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message)) from exc
+        # The source's address too, for StopAndCopy: not read from etcd after the clock starts.
+        with contextlib.suppress(AgentUnreachable):
+            await self.agents.address(self.j.source_node)  # unreachable: StopAndCopy's own lookup says so
         if (self.job_id, self.epoch) in _commits_sent:
             # An earlier runner's COMMIT did not land (the job still says STOP_AND_COPY); this
             # write makes sure it never will, so the source may again resume without etcd.
@@ -476,7 +482,9 @@ class JobRunner:
         # Raised as an EtcdError: this runner stops and a later pass starts the step again.
         await self.store.answers(self.settings.etcd_check_timeout_s)
         self.suspended_at = self.monotonic()
+        mark(self.job_id, "orch.stop_and_copy_sent")
         result = await self._long_call("source", "StopAndCopy", lambda s, t: s.StopAndCopy(self._ref(), timeout=t))
+        mark(self.job_id, "orch.stop_and_copy_returned")
         job = self._step_done(result, rounds=0, guest_running=False)
         committed = self.observer.prepare(self._timed(self.j, job.enter(
             Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}")))
@@ -487,6 +495,7 @@ class JobRunner:
             # rather than after the outage.
             log.warning("job %s: %s (%s)", self.job_id, NO_ETCD_BEFORE_COMMIT, exc)
             raise StepFailed(Failure(FailureKind.STEP_FAILED, NO_ETCD_BEFORE_COMMIT, commit_never_sent=True)) from exc
+        mark(self.job_id, "orch.etcd_checked")
         _commits_sent.add((self.job_id, self.epoch))
         try:
             self.revision = await self.store.commit_ownership(
@@ -502,6 +511,7 @@ class JobRunner:
             raise StepFailed(Failure(FailureKind.STEP_FAILED,
                                      f"commit refused: job or controller {job.controller_id} changed")) from None
         _commits_sent.discard((self.job_id, self.epoch))
+        mark(self.job_id, "orch.committed")
         self.observer.written(self.j, committed)
         self.job = committed
 
@@ -509,6 +519,7 @@ class JobRunner:
         """After COMMIT the destination owns the controller: it claims RUNNING in etcd and runs it.
         The job completes then; verification and the source's release follow off the critical path."""
         dest = self.j.destination_node
+        mark(self.job_id, "orch.resume_sent")
         try:
             await self.agents.call(dest, "ResumeDestination", lambda s: s.ResumeDestination(self._ref(), timeout=10.0),
                                    budget_s=self.settings.agent_call_budget_s)
@@ -529,6 +540,7 @@ class JobRunner:
             # A refusal comes before the claim (the destination claims only once it can run it):
             # recovery hands ownership back to the source unless the claim had landed after all.
             raise StepFailed(await self._failure("destination", exc, silent_for_s=0.0)) from exc
+        mark(self.job_id, "orch.resume_returned")
         downtime_ms = (self.monotonic() - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
         blackout_ms = 0.0
         try:

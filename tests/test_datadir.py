@@ -19,13 +19,16 @@ MIB = 1 << 20
 Tmpfs = Callable[..., Path]
 
 
-def test_a_write_that_fails_for_lack_of_space_keeps_the_old_file_and_leaves_no_temp_file(tmpfs: Tmpfs) -> None:
+@pytest.mark.parametrize("durable", [True, False], ids=["fsynced", "not-fsynced"])
+def test_a_write_that_fails_for_lack_of_space_keeps_the_old_file_and_leaves_no_temp_file(
+        tmpfs: Tmpfs, durable: bool) -> None:
     disk = tmpfs("disk", size="2m")
     record = disk / "c1.mig-1.state"
-    write_atomically(record, b"old")
+    write_atomically(record, b"old", durable=durable)
+    assert record.read_bytes() == b"old"
     fill_disk(disk)
     with pytest.raises(OSError) as failed:
-        write_atomically(record, b"new" * MIB)
+        write_atomically(record, b"new" * MIB, durable=durable)
     assert no_space(failed.value) is not None
     assert record.read_bytes() == b"old"
     assert sorted(p.name for p in disk.iterdir()) == ["c1.mig-1.state", "filler"]

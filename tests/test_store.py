@@ -201,6 +201,31 @@ async def test_claim_running_racing_move_back_has_exactly_one_winner(
     assert wins["destination"] > 0 and wins["source"] > 0, dict(wins)
 
 
+async def test_claim_running_on_a_read_made_before_a_move_back_is_refused(
+        store: EtcdStore, other: EtcdStore, shared_etcd: str) -> None:
+    """The destination reads the record while it writes its hosting record, then claims on that
+    read: a move back landing in between must still win, and the claim say why it lost."""
+    orchestrator, destination = store, other
+    _, term = await lead(orchestrator, "orch-a")
+    await committed_to(orchestrator, "mig-00000000aaaa", "pre", "n2", term)
+    read = await destination.get_controller("pre")
+    assert read is not None and read[0].state == COMMITTED
+    assert await orchestrator.move_back("pre", "n2", "n1", leader_term=term)
+    refusal = await destination.claim_running("pre", "n2", read)
+    assert refusal is not None and "'n1'" in refusal, refusal
+    record = read_controller(shared_etcd, orchestrator.keys, "pre")
+    assert record is not None and (record.node, record.state) == ("n1", RUNNING), record
+
+
+async def test_claim_running_on_a_fresh_read_is_granted(store: EtcdStore, other: EtcdStore,
+                                                        shared_etcd: str) -> None:
+    _, term = await lead(store, "orch-a")
+    await committed_to(store, "mig-00000000bbbb", "fresh", "n2", term)
+    assert await other.claim_running("fresh", "n2", await other.get_controller("fresh")) is None
+    record = read_controller(shared_etcd, store.keys, "fresh")
+    assert record is not None and (record.node, record.state) == ("n2", RUNNING), record
+
+
 # ---- a job and its controller's in-migration marker -----------------------------------------
 
 async def test_create_job_writes_the_job_and_the_marker_together_or_not_at_all(

@@ -88,10 +88,11 @@ class EmulatedHosting:
                 pending.append((cid, job))
         return pending
 
-    def _write_meta(self, controller_id: str, namespace_bytes: int, namespace_file: str) -> None:
+    def _write_meta(self, controller_id: str, namespace_bytes: int, namespace_file: str, *,
+                    durable: bool = True) -> None:
         meta = {"controller_id": controller_id, "namespace_bytes": namespace_bytes, "namespace_file": namespace_file}
         # atomic: never a half-written record, and no temp file left when the disk is full
-        write_atomically(self._meta_path(controller_id), json.dumps(meta).encode())
+        write_atomically(self._meta_path(controller_id), json.dumps(meta).encode(), durable=durable)
 
     # ----- capacity -----------------------------------------------------------------------------
 
@@ -155,8 +156,12 @@ class EmulatedHosting:
 
     def adopt_destination(self, controller_id: str, job_id: str) -> None:
         namespace_bytes = self._destinations[controller_id, job_id]
-        # Recorded first: a write that fails (disk full) leaves it a pending destination.
-        self._write_meta(controller_id, namespace_bytes, self._incoming_path(controller_id, job_id).name)
+        # Recorded first: a write that fails (disk full) leaves it a pending destination. Not
+        # fsynced: this runs while the guest waits, and the namespace it names was written through
+        # the page cache (no sync) as it arrived; the record outlives the agent's process as the
+        # data does, and an fsync of it alone would not make the pair survive a power loss.
+        self._write_meta(controller_id, namespace_bytes, self._incoming_path(controller_id, job_id).name,
+                         durable=False)
         del self._destinations[controller_id, job_id]
         self._hosted[controller_id] = namespace_bytes
 

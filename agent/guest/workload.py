@@ -253,6 +253,8 @@ class GuestWorkload:
         # The first completion after a restore measures the blackout across the switchover.
         self._blackout_pending = self._last_completion is not None
         self._blackout_ms = 0.0
+        # Told (last completion before, first after; wall clock) when the blackout is measured.
+        self.on_blackout: Callable[[float, float], None] | None = None
         self._throttle = 0
         self._pause_requested = False
         self._parked = False
@@ -532,6 +534,8 @@ class GuestWorkload:
             if self._blackout_pending:
                 self._blackout_ms = gap * 1000.0
                 self._blackout_pending = False
+                if self.on_blackout is not None:
+                    self.on_blackout(self._last_completion, completed)
         self._last_completion = completed
         self._recent.append(time.monotonic())
         self._cond.notify_all()
