@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCalls
@@ -24,8 +25,12 @@ RESCAN_INTERVAL_S = 2.0
 
 class JobDispatcher:
     def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
-                 settings: RunnerSettings | None = None, verifier: Verifier | None = None) -> None:
+                 settings: RunnerSettings | None = None, verifier: Verifier | None = None,
+                 on_job_ended: Callable[[], None] = lambda: None) -> None:
         self.settings = settings or RunnerSettings()
+        # Told when a runner stops (its job ended, or it gave the job up): the evacuator starts
+        # the next migration at once instead of finding the freed slot at its next poll.
+        self.on_job_ended = on_job_ended
         self.verifier = verifier
         self.store = store
         self.agents = agents
@@ -76,3 +81,4 @@ class JobDispatcher:
                 self.verifier.poke(job_id)
         finally:
             self._tasks.pop(job_id, None)
+            self.on_job_ended()
