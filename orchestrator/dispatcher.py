@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCalls
@@ -26,9 +27,13 @@ RESCAN_INTERVAL_S = 2.0
 class JobDispatcher:
     def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, verifier: Verifier | None = None,
-                 switchover_model: SwitchoverModel | None = None) -> None:
+                 switchover_model: SwitchoverModel | None = None,
+                 on_job_ended: Callable[[], None] = lambda: None) -> None:
         self.settings = settings or RunnerSettings()
         self.switchover_model = switchover_model or SwitchoverModel()
+        # Told when a runner stops (its job ended, or it gave the job up): the evacuator starts
+        # the next migration at once instead of finding the freed slot at its next poll.
+        self.on_job_ended = on_job_ended
         self.verifier = verifier
         self.store = store
         self.agents = agents
@@ -90,3 +95,4 @@ class JobDispatcher:
         finally:
             self._tasks.pop(job_id, None)
             self._runners.pop(job_id, None)
+            self.on_job_ended()

@@ -82,7 +82,7 @@ class ControllerMove:
     controller_id: str
     namespace_bytes: int
     attempts: tuple[Attempt, ...] = ()
-    # "" until settled; MOVED (it left the node), GONE (deleted), GAVE_UP (attempts exhausted or
+    # "" until settled; MOVED (it left the node, its migration ended), GONE (deleted), GAVE_UP (attempts exhausted or
     # it cannot be migrated; `note` says why)
     result: str = ""
     note: str = ""
@@ -218,9 +218,12 @@ def _settle(ev: Evacuation, controllers: Mapping[str, ControllerRecord], jobs: M
             # Someone else's migration (or ours, created but not recorded before a failover).
             attempts.append(Attempt(running.id, running.destination_node or running.requested_destination))
         move = replace(move, attempts=tuple(attempts))
+        # The controller record names the destination from COMMIT on, but the job may still be
+        # resuming it there (and may yet hand it back): it has moved once its job has ended.
+        resuming = move.current is not None and move.current.job_id in jobs
         if rec is None:
             move = replace(move, result=GONE, note="the controller no longer exists")
-        elif rec.node != ev.node:
+        elif rec.node != ev.node and not resuming:
             move = replace(move, result=MOVED, note=f"now on {rec.node}")
         elif move.current is None and move.failed_attempts >= ev.max_attempts:
             last = move.attempts[-1]

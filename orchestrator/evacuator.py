@@ -26,7 +26,9 @@ from orchestrator.jobs import Job, Policy, pending_job
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5  # how often progress is read back from etcd (jobs end without telling us)
+# The dispatcher pokes the evacuator when a job's runner stops, so a freed slot is refilled at
+# once; the tick is the fallback for what nobody tells (a controller deleted, a node gone).
+TICK_S = 0.5
 
 
 class Evacuator:

@@ -117,7 +117,7 @@ class Orchestrator:
                 on_lost=functools.partial(_set_from_thread, asyncio.get_running_loop(), lost)))
             verifier = Verifier(self.store, self.agents, term)
             self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings,
-                                            verifier, self.switchover_model)
+                                            verifier, self.switchover_model, on_job_ended=self._poke_evacuator)
             self.dispatcher.start()
             reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")

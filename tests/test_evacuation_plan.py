@@ -175,6 +175,21 @@ def test_done_when_every_controller_left_and_the_record_round_trips() -> None:
     assert Evacuation.from_bytes(ev2.to_bytes()) == ev2
 
 
+def test_a_controller_moved_only_once_its_job_ended_not_at_commit() -> None:
+    cs = ctrls("n1", 1)
+    nodes = [node("n1"), node("n2")]
+    d = plan([new_evacuation("n1", Reason.MANUAL, cs, 1.0)], nodes, cs)
+    (start,) = d.starts
+    on_n2 = [ControllerRecord("n1-c0", "n2", GiB)]  # etcd says so from COMMIT on
+    resuming = plan(d.evacuations, nodes, on_n2, jobs=[job(start.job_id, "n1-c0", "n1", "n2", Phase.RESUMING)])
+    (ev,) = resuming.evacuations
+    assert ev.state is EvacuationState.RUNNING and ev.move("n1-c0").result == ""  # type: ignore[union-attr]
+    assert ev.counts()["in_flight"] == 1
+    done = plan(resuming.evacuations, nodes, on_n2, jobs=[job(start.job_id, "n1-c0", "n1", "n2", Phase.COMPLETED)])
+    (ev,) = done.evacuations
+    assert ev.state is EvacuationState.DONE and ev.move("n1-c0").result == MOVED  # type: ignore[union-attr]
+
+
 # ---- properties: any fleet, any evacuations, any jobs in flight --------------------------------
 
 NAMES = ("n1", "n2", "n3", "n4", "n5")
