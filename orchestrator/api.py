@@ -404,6 +404,24 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                                   context: grpc.aio.ServicerContext) -> migration_pb2.Controller:
         return await self._guard(context, self._set_limits(request))  # type: ignore[no-any-return]
 
+    async def _controller_at_rest(self, cid: str, while_moving: Callable[[str], str], while_lost: str
+                                  ) -> ControllerRecord:
+        """The controller's record, when no job moves it and its node's agent is live: what an
+        operator's change to it needs; else the refusal says what to do (`while_moving(job)`)."""
+        owned = await self.store.get_controller(cid)
+        if owned is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"controller {cid!r} is not known; `orchctl controllers` lists them")
+        record = owned[0]
+        active = await self.store.active_job_for(cid)
+        if active:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is being moved by job {active}; {while_moving(active)}")
+        if await self.agents.is_lost(record.node):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"controller {cid!r} is on node {record.node!r}, whose agent is not live; {while_lost}")
+        return record
+
     async def _set_limits(self, request: migration_pb2.ControllerLimitsRequest) -> migration_pb2.Controller:
         cid = request.controller_id
         self._check_controller_id(cid)
@@ -414,20 +432,9 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
         if not changes and not request.clear:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"no limit given for controller {cid!r}: set at least one (0 removes it), or clear")
-        owned = await self.store.get_controller(cid)
-        if owned is None:
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"controller {cid!r} is not known; `orchctl controllers` lists them")
-        record = owned[0]
-        active = await self.store.active_job_for(cid)
-        if active:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"controller {cid!r} is being moved by job {active}; change its limits once the job "
-                          f"ended (orchctl watch {active})")
-        if await self.agents.is_lost(record.node):
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"controller {cid!r} is on node {record.node!r}, whose agent is not live; its limits "
-                          "cannot change until that node is back")
+        record = await self._controller_at_rest(
+            cid, lambda job: f"change its limits once the job ended (orchctl watch {job})",
+            "its limits cannot change until that node is back")
         agent_request = agent_pb2.SetControllerLimitsRequest(controller_id=cid, clear=request.clear)
         for name, value in changes.items():
             setattr(agent_request.limits, name, value)
@@ -448,20 +455,9 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
 
     async def _delete_controller(self, cid: str) -> migration_pb2.Controller:
         self._check_controller_id(cid)
-        owned = await self.store.get_controller(cid)
-        if owned is None:
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"controller {cid!r} is not known; `orchctl controllers` lists them")
-        record = owned[0]
-        active = await self.store.active_job_for(cid)
-        if active:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"controller {cid!r} is being moved by job {active}; wait for it (orchctl watch {active}) "
-                          f"or cancel it (orchctl cancel {active}), then delete")
-        if await self.agents.is_lost(record.node):
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"controller {cid!r} is on node {record.node!r}, whose agent is not live; it cannot be "
-                          "deleted until that node is back")
+        record = await self._controller_at_rest(
+            cid, lambda job: f"wait for it (orchctl watch {job}) or cancel it (orchctl cancel {job}), then delete",
+            "it cannot be deleted until that node is back")
         try:
             await self.agents.call(
                 record.node, f"delete {cid}",

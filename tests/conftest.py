@@ -114,6 +114,30 @@ def cluster(shared_etcd: str, etcd_prefix: str) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[LocalCluster]:
+    """Agents n1, n2 (1 GiB declared each) and an orchestrator, shared by a module's tests; each
+    test deletes the controllers it made."""
+    prefix = unique_prefix(request.module.__name__)
+    try:
+        with LocalCluster() as c:
+            c.use_etcd(shared_etcd, prefix)
+            c.start_orchestrator()
+            c.start_agents(["n1", "n2"], capacity="1G")
+            yield c
+    finally:
+        etcdctl(shared_etcd, "del", "--prefix", prefix)
+
+
+def api(c: LocalCluster) -> Callable[..., object]:
+    """MigrationService's `method` called with `request` on a fresh channel."""
+    def call(method: str, request: object, timeout: float = 60.0) -> object:
+        channel, stub = c.migration_stub()
+        with channel:
+            return getattr(stub, method)(request, timeout=timeout)
+    return call
+
+
+@pytest.fixture(scope="module")
 def bad_input_cluster(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[LocalCluster]:
     """One cluster for the refusal tests, with controller c5 on n1 (no workload needed)."""
     from proto.v1 import agent_pb2

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -15,33 +15,10 @@ import pytest
 
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2, migration_pb2
-from tests.conftest import etcdctl, unique_prefix
+from tests.conftest import api
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[LocalCluster]:
-    """Agents n1, n2 (1 GiB declared each) and an orchestrator, shared by this module's tests;
-    each test deletes the controllers it made."""
-    prefix = unique_prefix(request.module.__name__)
-    try:
-        with LocalCluster() as c:
-            c.use_etcd(shared_etcd, prefix)
-            c.start_orchestrator()
-            c.start_agents(["n1", "n2"], capacity="1G")
-            yield c
-    finally:
-        etcdctl(shared_etcd, "del", "--prefix", prefix)
-
-
-def api(c: LocalCluster) -> Callable[..., object]:
-    def call(method: str, request: object, timeout: float = 60.0) -> object:
-        channel, stub = c.migration_stub()
-        with channel:
-            return getattr(stub, method)(request, timeout=timeout)
-    return call
 
 
 def refusal(c: LocalCluster, method: str, request: object) -> grpc.RpcError:

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -37,7 +36,7 @@ from cluster.records import ControllerRecord
 from orchctl import fio
 from orchctl.localcluster import LocalCluster, wait_for
 from proto.v1 import agent_pb2, migration_pb2
-from tests.conftest import etcdctl, unique_prefix
+from tests.conftest import api
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -144,27 +143,6 @@ def test_pacer_slows_migration_reads_while_guest_latency_is_up() -> None:
 # ---- against real agents ---------------------------------------------------------------------
 
 needs_fio = pytest.mark.skipif(not shutil.which("fio"), reason="needs fio (scripts/setup.sh installs it)")
-
-
-@pytest.fixture(scope="module")
-def fleet(request: pytest.FixtureRequest, shared_etcd: str) -> Iterator[LocalCluster]:
-    prefix = unique_prefix(request.module.__name__)
-    try:
-        with LocalCluster() as c:
-            c.use_etcd(shared_etcd, prefix)
-            c.start_orchestrator()
-            c.start_agents(["n1", "n2"], capacity="1G")
-            yield c
-    finally:
-        etcdctl(shared_etcd, "del", "--prefix", prefix)
-
-
-def api(c: LocalCluster) -> Callable[..., object]:
-    def call(method: str, request: object, timeout: float = 60.0) -> object:
-        channel, stub = c.migration_stub()
-        with channel:
-            return getattr(stub, method)(request, timeout=timeout)
-    return call
 
 
 def listed(c: LocalCluster) -> dict[str, migration_pb2.Controller]:
