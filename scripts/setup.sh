@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 # python3-venv: the virtual environment; chromium: the web page test drives it headless;
 # faketime: libfaketime, which steps the orchestrators' wall clock in the e2e fault matrix
-for pkg in python3 python3-venv etcd-server etcd-client fio qemu-utils libnbd-bin chromium faketime; do
+# iperf3: the baseline the data-plane benchmark (e2e/bench_dataplane_e2e.py) measures against
+for pkg in python3 python3-venv etcd-server etcd-client fio qemu-utils libnbd-bin chromium faketime iperf3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
