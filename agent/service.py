@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 
 from agent.backends.hosting import HostingError
+from agent.controller_errors import ControllerGoneError
 from agent.guest.lineage import Receipt
 from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
@@ -125,14 +126,24 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         h = self.host
         return agent_pb2.AgentInfo(node=h.name, data_address=h.receiver.address, capacity_bytes=h.capacity_bytes,
                                    allocated_bytes=h.allocated_bytes,
-                                   controllers=[*(controller_status(h.name, c, h.limits(cid))
-                                                  for cid, c in h.controllers.items()),
+                                   controllers=[*self._live_statuses(),
                                                 *(agent_pb2.ControllerStatus(controller_id=cid, node=h.name,
                                                                              vfio_state=CREATING, namespace_bytes=size)
                                                   for cid, size in h.creating.items())],
                                    state_format_version=h.record().state_format_version,
                                    sessions=[self._session_status(s, job_id) for job_id, s in h.sessions.items()
                                              if isinstance(s, SourceSession | DestinationSession)])
+
+    def _live_statuses(self) -> list[agent_pb2.ControllerStatus]:
+        """Every hosted controller's status, but one that a release closed a moment ago (it leaves
+        `controllers` right after): it is gone, not an error of the whole listing."""
+        statuses = []
+        for cid, hosted in list(self.host.controllers.items()):
+            try:
+                statuses.append(controller_status(self.host.name, hosted, self.host.limits(cid)))
+            except ControllerGoneError:
+                continue
+        return statuses
 
     async def CreateController(self, request: agent_pb2.CreateControllerRequest,
                                context: grpc.aio.ServicerContext) -> agent_pb2.ControllerStatus:
