@@ -525,8 +525,9 @@ async def test_receiver_idle_timeout_fails_session(tmp_path: Path, sinks: list[F
         r.register("job-i", "t", new_sink(sinks, tmp_path))
         sender = await DataSender.connect(r.address, "job-i", "t")
         async with sender:
-            # The receiver gives up on a silent source and tells it why.
-            await asyncio.wait_for(sender._read_task, DEADLINE_S)
+            # The receiver gives up on a silent source and tells it why; the sender finds the
+            # reason at its next call.
+            await asyncio.wait_for(r.wait_session_end("job-i"), DEADLINE_S)
             with pytest.raises(DataPlaneError, match="no frame from the source"):
                 await sender.send_extent(0, b"late")
         assert "no frame from the source" in (r.session_stats("job-i").last_error or "")
