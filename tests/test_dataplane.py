@@ -880,7 +880,7 @@ async def test_a_cancel_stops_a_send_blocked_on_a_full_socket_promptly(
     """The receiver stops reading; the thread blocks inside a frame. A cancel ends the call within
     a second or so (not the 60 s stall timeout), the thread stops, the connection is cut."""
     sink = new_sink(sinks, tmp_path)
-    sink.block = asyncio.Event()
+    block = sink.block = asyncio.Event()
     async with receiver_over(pki, tls) as r:
         r.register("job-k", "t", sink, source_node="src" if tls else "")
         sender = await connect_to(r, pki, tls, "job-k", stall_timeout_s=60)
@@ -890,7 +890,7 @@ async def test_a_cancel_stops_a_send_blocked_on_a_full_socket_promptly(
 
             task = asyncio.create_task(sender.send_ranges(read_into, [(0, 256 * MiB)]))
             # Blocked: the kernel's buffers on both sides are full, the sender no longer advances.
-            await wait_until(lambda: sink.extents == [] and sender.bytes_sent > 0 and not sink.block.is_set()
+            await wait_until(lambda: sink.extents == [] and sender.bytes_sent > 0 and not block.is_set()
                              and stalled(sender))
             started = time.monotonic()
             task.cancel()
@@ -903,7 +903,7 @@ async def test_a_cancel_stops_a_send_blocked_on_a_full_socket_promptly(
                 await sender.send_extent(0, b"x")
         finally:
             await sender.close()
-            sink.block.set()
+            block.set()
     await wait_until(lambda: not any(t.name.startswith("dataplane-send-job-k") for t in threading.enumerate()))
 
 
