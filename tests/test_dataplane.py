@@ -925,3 +925,29 @@ async def wait_until(condition: Callable[[], bool], deadline_s: float = DEADLINE
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def test_a_cancel_while_waiting_for_an_ack_retires_the_sender_but_keeps_the_connection_for_abort(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    block = sink.block = asyncio.Event()  # the destination never gets to the round's ACK
+    receiver.register("job-q", "t", sink)
+    sender = await DataSender.connect(receiver.address, "job-q", "t")
+    try:
+        await sender.send_extent(0, b"q" * 4096)
+        task = asyncio.create_task(sender.end_round(0))
+        await wait_until(lambda: receiver.session_stats("job-q").frames >= 2 and not task.done())
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, DEADLINE_S)
+        assert time.monotonic() - started < 3.0
+        assert sender.error == "cancelled while waiting for the ACK of round 0"
+        assert not sender._wire.cut_reason and not sender._inflight
+        with pytest.raises(DataPlaneError, match="cancelled while waiting"):
+            await sender.send_extent(0, b"x")
+        await asyncio.wait_for(sender.abort("operator cancelled"), DEADLINE_S)
+    finally:
+        await sender.close()
+        block.set()

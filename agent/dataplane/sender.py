@@ -238,8 +238,7 @@ class _Wire:
                 pending = isinstance(self.sock, ssl_module.SSLSocket) and self.sock.pending()
                 if not pending and not self._poll.poll(0):
                     return
-                # (A timeout socket polls before it receives, so this does not wait.) With TLS,
-                # readable may mean a record that holds no data: receive without waiting.
+                # Without waiting: with TLS, readable may mean a record that holds no data.
                 self.sock.settimeout(0.0)
                 try:
                     data = self.sock.recv(_RECV_BYTES)
@@ -285,7 +284,7 @@ class _Wire:
                     raise FrameError(f"receiver closed the connection inside a frame ({len(self._rx)} bytes)")
                 return None
             if self.stop.is_set():
-                raise _Broken("cancelled while waiting for the receiver's answer")
+                raise _Stopped
             if time.monotonic() >= deadline:
                 raise _NoAnswer
             self._fill(wait=True)
@@ -500,11 +499,11 @@ class DataSender:
 
             try:
                 for batch in _batches(extents, chunk_bytes):
+                    while len(inflight) >= _PIPELINE_DEPTH:
+                        await finish_one()
                     if admit is not None:
                         await admit(batch.nbytes)
                     await self._bucket.acquire(batch.nbytes + HEADER_SIZE * len(batch.pieces))
-                    while len(inflight) >= _PIPELINE_DEPTH:
-                        await finish_one()
                     self._raise_if_failed()
                     batch.buffer = self._take_buffer(chunk_bytes)
                     inflight.append((batch, self._submit(functools.partial(self._send_read, batch, read_into))))
@@ -784,6 +783,11 @@ class DataSender:
         async with self._lock:
             try:
                 ack = await self._call(lambda: self._send_request(data, timeout_s, sent))
+            except asyncio.CancelledError:
+                # Its ACK may still come, and would answer the next request: no next request. The
+                # connection itself is whole, so abort() still tells the receiver why.
+                self._set_error(f"cancelled while waiting for the ACK of {what}")
+                raise
             except _NoAnswer:
                 self._fail(f"no ACK for {what} within {timeout_s}s; the destination is stuck or the link is down")
                 self._raise_if_failed()
