@@ -20,6 +20,7 @@ import json
 import logging
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from agent.dataplane import traffic
@@ -35,7 +36,7 @@ from agent.dataplane.framing import (
 from agent.dataplane.ratelimit import TokenBucket
 from agent.dataplane.receiver import CAUSE_NO_SPACE, FINAL_MAX_PAYLOAD, STREAM_LIMIT, encode_final_payload
 
-__all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "stream_extents"]
+__all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "FrameFaults", "stream_extents"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,20 @@ def _parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+@dataclass(frozen=True)
+class FrameFaults:
+    """Test-only damage a sender does to its own EXTENT frames, so that tests can show the receiver
+    catches it (InjectFault, only on an agent started with --allow-fault-injection). Each field is
+    a 1-based index among the sender's EXTENT frames; 0 = off."""
+
+    # This frame's payload gets one byte flipped *after* its checksum was computed.
+    corrupt_frame: int = 0
+    # This frame is sent a second time right after itself: the same bytes, the same seq.
+    replay_frame: int = 0
+
+
 class DataSender:
     """One authenticated data-plane connection for one job. Create with ``await DataSender.connect``."""
-
-    # Fault hook for tests: 1-based index among EXTENT frames of this sender whose payload gets
-    # one byte flipped *after* its checksum was computed, so the receiver must detect it. 0 = off.
-    corrupt_frame: int = 0
 
     def __init__(
         self,
@@ -103,7 +112,7 @@ class DataSender:
         self._error: str | None = None
         self._error_cause = ""
         self._closed = False
-        self.corrupt_frame = 0
+        self.faults = FrameFaults()  # tests only
         # ACKs come back in request order (the receiver handles frames strictly in order).
         self._waiters: collections.deque[asyncio.Future[tuple[Frame, dict[str, Any]]]] = collections.deque()
         self._read_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
@@ -220,11 +229,14 @@ class DataSender:
         frame = Frame(FrameType.EXTENT, offset=offset, seq=self._extent_frames, payload=data)
         header = encode_header(frame)
         payload = data
-        if self.corrupt_frame and self._extent_frames == self.corrupt_frame:
+        faults = self.faults  # frames count from 1, so an index of 0 (off) never matches
+        if faults.corrupt_frame == self._extent_frames:
             flipped = bytearray(data)
             flipped[len(flipped) // 2] ^= 0x01
             payload = bytes(flipped)
         await self._send(header, payload)
+        if faults.replay_frame == self._extent_frames:
+            await self._send(header, payload)
         self._bytes_sent += len(data)
         traffic.SENT.add(len(data))
 
