@@ -26,6 +26,7 @@ from agent.backends.hosting import ControllerHosting, HostingError
 from agent.controller_errors import ControllerError
 from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_files
 from agent.dataplane.receiver import DataReceiver
+from agent.dataplane.sender import FrameFaults
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
 from agent.node_lease import NodeLease, await_name_free
@@ -96,7 +97,7 @@ class Host:
                              guest_io=GuestIoPolicy(self.io_limiters.get, self.migration_pacer))
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
-        self.pending_corrupt_frame = 0
+        self.pending_frame_faults = FrameFaults()  # InjectFault (tests): for the next source session
         # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
         self.lease = NodeLease(store.config, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
@@ -555,9 +556,9 @@ class Host:
                                                            f"{hosted.migrating_job}")
         session = SourceSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                 controller=hosted.controller, workload=hosted.workload,
-                                corrupt_frame=self.pending_corrupt_frame, token=token, data_ssl=self.data_client_ssl,
+                                frame_faults=self.pending_frame_faults, token=token, data_ssl=self.data_client_ssl,
                                 pacer=self.migration_pacer)
-        self.pending_corrupt_frame = 0
+        self.pending_frame_faults = FrameFaults()
         hosted.migrating_job = job_id
         self.sessions[job_id] = session
         return session

@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None, *, access: DeviceAccess | None = None) -
                         help="migration reads from this node back off while its guests' NBD latency rises "
                              "(default on; off: they go as fast as the bandwidth cap allows)")
     parser.add_argument("--allow-fault-injection", action="store_true",
-                        help="tests only: take InjectFault calls (corrupt a data-plane frame, stall the agent, set "
-                             "the emulated drive's health); without it they are refused")
+                        help="tests only: take InjectFault calls (corrupt or replay a data-plane frame, stall the "
+                             "agent, set the emulated drive's health); without it they are refused")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
                         help="text, or json: one object per line with job_id and trace_id")

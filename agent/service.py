@@ -13,6 +13,7 @@ import grpc.aio
 
 from agent.backends.hosting import HostingError
 from agent.controller_errors import ControllerGoneError
+from agent.dataplane.sender import FrameFaults
 from agent.guest.lineage import Receipt
 from agent.guest.verifier import verify as verify_blocks
 from agent.guest.workload import WorkloadSpec
@@ -340,11 +341,13 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                           context: grpc.aio.ServicerContext) -> agent_pb2.InjectFaultResponse:
         if not self.allow_fault_injection:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                "fault injection is off on this agent: it corrupts data-plane frames and stalls the "
-                                "agent, so only an agent started with --allow-fault-injection (tests) takes it")
-        if request.corrupt_frame < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"corrupt_frame {request.corrupt_frame} must be >= 0")
+                                "fault injection is off on this agent: it corrupts and replays data-plane frames and "
+                                "stalls the agent, so only an agent started with --allow-fault-injection (tests) "
+                                "takes it")
+        for name, index in (("corrupt_frame", request.corrupt_frame), ("replay_frame", request.replay_frame)):
+            if index < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name} {index} must be >= 0 (a 1-based data-frame index; 0 clears)")
         if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
@@ -364,7 +367,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             await self.host.read_health()
             self.host.publish_soon()
-        self.host.pending_corrupt_frame = request.corrupt_frame
+        self.host.pending_frame_faults = FrameFaults(corrupt_frame=request.corrupt_frame,
+                                                     replay_frame=request.replay_frame)
         if request.stall_event_loop_ms:
             # A blocking sleep on the loop itself, after this reply is on its way: every call and
             # guest stalls, the lease thread does not.

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
-from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender
+from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, FrameFaults
 from agent.guest.workload import GuestWorkload
 from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
@@ -136,7 +136,7 @@ class SourceSession(Session):
     controller: MigratableController | None = None
     token: str = ""  # names the destination attempt this session streams to
     workload: GuestWorkload | None = None
-    corrupt_frame: int = 0
+    frame_faults: FrameFaults = field(default_factory=FrameFaults)  # tests only (InjectFault)
     data_ssl: ssl.SSLContext | None = None  # TLS to the destination's data plane
     pacer: MigrationPacer | None = None  # the node's: reads before stop-and-copy yield to guest I/O
     sender: DataSender | None = None
@@ -209,7 +209,7 @@ class SourceSession(Session):
                                                bandwidth_bytes_per_s=bandwidth or None,
                                                stall_timeout_s=DATA_STALL_TIMEOUT_S,
                                                ssl=self.data_ssl, server_hostname=destination_node or None)
-        self.sender.corrupt_frame = self.corrupt_frame
+        self.sender.faults = self.frame_faults
         # Tracking starts before the first read, so every later guest write is sent again.
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
         extents = await asyncio.to_thread(self.ctrl.data_extents)

@@ -159,19 +159,26 @@ def replace_orchestrator(cluster: LocalCluster, name: str) -> None:
     cluster.start_orchestrator(name=name)
 
 
-def migrate_through_a_corrupted_frame(cluster: LocalCluster, cid: str, namespace_bytes: int, write_iops: int,
-                                      nodes: list[str]) -> None:
-    """Controller `cid` on nodes[0] migrates to nodes[1] with its source told to flip a byte of
-    the third data-plane frame after its CRC: the job must roll back, and the controller run on
-    the source alone with every acknowledged write there."""
+# What a source is told to do to its data-plane frames, and what the rolled-back job's reason says of it.
+CORRUPTED_FRAME = (agent_pb2.InjectFaultRequest(corrupt_frame=3), ("checksum", "corrupt"))
+REPLAYED_FRAME = (agent_pb2.InjectFaultRequest(replay_frame=3), ("replayed or out of order",))
+
+
+def migrate_through_a_bad_frame(cluster: LocalCluster, cid: str, namespace_bytes: int, write_iops: int,
+                                nodes: list[str], bad: tuple[agent_pb2.InjectFaultRequest, tuple[str, ...]]) -> None:
+    """Controller `cid` on nodes[0] migrates to nodes[1] with its source told to damage a
+    data-plane frame (`bad`: CORRUPTED_FRAME flips a byte of the third frame after its checksum,
+    REPLAYED_FRAME sends it twice): the job must roll back for that reason, and the controller run
+    on the source alone with every acknowledged write there."""
+    fault, reason_words = bad
     source, destination = nodes[0], nodes[1]
     create_controller(cluster, source, cid, namespace_bytes, write_iops=write_iops)
     channel, stub = cluster.agent_stub(source)
     with channel:
-        stub.InjectFault(agent_pb2.InjectFaultRequest(corrupt_frame=3), timeout=5)
+        stub.InjectFault(fault, timeout=5)
     job = wait_phase(cluster, migrate(cluster, cid, to=destination).id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "ROLLED_BACK", job.reason
-    assert "checksum" in job.reason or "corrupt" in job.reason, job.reason
+    assert any(word in job.reason for word in reason_words), job.reason
     assert running_on(cluster, cid, nodes) == [source]
     result = verify(cluster, source, cid)
     assert result.ok, result.first_mismatch

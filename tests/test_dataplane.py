@@ -39,7 +39,7 @@ from agent.dataplane.framing import (
 )
 from agent.dataplane.ratelimit import MAX_SLEEP_SLICE_S, TokenBucket
 from agent.dataplane.receiver import CAUSE_NO_SPACE, DataReceiver, decode_final_payload, encode_final_payload
-from agent.dataplane.sender import DataPlaneError, DataSender, stream_extents
+from agent.dataplane.sender import DataPlaneError, DataSender, FrameFaults, stream_extents
 from cluster.grpc_tls import TlsFiles
 from orchctl import certs
 
@@ -400,35 +400,106 @@ async def test_apply_final_error_reaches_the_source(
     assert not stats.done and stats.last_error == "controller state version 9 is not supported (max 1)"
 
 
-async def test_corrupt_frame_is_detected_and_stops_writes(
-    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+@pytest.mark.parametrize(("faults", "refusal", "landed"), [
+    (FrameFaults(corrupt_frame=3),
+     "data-plane frame corrupt: checksum mismatch in EXTENT frame at offset 2097152 seq 3", 2),
+    # The same bytes again: the checksum holds, the seq gives it away.
+    (FrameFaults(replay_frame=3), "data-plane frame seq 3 replayed or out of order (expected 4)", 3),
+], ids=["corrupted", "replayed"])
+@pytest.mark.parametrize("how", ["send_extent", "send_ranges"])
+async def test_a_corrupted_or_replayed_frame_is_detected_and_stops_writes(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink], faults: FrameFaults, refusal: str, landed: int,
+    how: str
 ) -> None:
     sink = new_sink(sinks, tmp_path)
     receiver.register("job-c", "tok-c", sink)
     sender = await DataSender.connect(receiver.address, "job-c", "tok-c")
-    sender.corrupt_frame = 3
+    sender.faults = faults
+
+    def read_into(offset: int, buffer: memoryview) -> None:
+        buffer[:] = bytes([offset // MiB + 1]) * len(buffer)
 
     async def push() -> None:
-        for i in range(16):
-            await sender.send_extent(i * MiB, bytes([i + 1]) * MiB)
+        if how == "send_ranges":  # four frames to a batch: the bad one is inside a batch
+            await sender.send_ranges(read_into, [(i * MiB, MiB) for i in range(16)], chunk_bytes=4 * MiB)
+        else:
+            for i in range(16):
+                await sender.send_extent(i * MiB, bytes([i + 1]) * MiB)
         await sender.end_round(0)
 
     async with sender:
         with pytest.raises(DataPlaneError) as info:
             await asyncio.wait_for(push(), DEADLINE_S)
-    assert "checksum" in str(info.value)
-    stats = receiver.session_stats("job-c")
-    assert stats.last_error is not None and "checksum" in stats.last_error
-    assert "data-plane frame corrupt" in stats.last_error and "seq 3" in stats.last_error
-    assert stats.bytes_received == 2 * MiB and not stats.done
-    # Frames 1 and 2 landed; nothing at or after the corrupt frame did.
-    assert sink.extents == [(0, MiB), (MiB, MiB)]
-    assert sink.path.read_bytes() == b"\x01" * MiB + b"\x02" * MiB
+    assert refusal in str(info.value)
+    stats = await asyncio.wait_for(receiver.wait_session_end("job-c"), DEADLINE_S)
+    assert stats.last_error == info.value.reason and not stats.done
+    assert stats.bytes_received == landed * MiB
+    # The frames before the bad one landed, once each; nothing of it or after it did.
+    assert sink.extents == [(i * MiB, MiB) for i in range(landed)]
+    assert sink.path.read_bytes() == b"".join(bytes([i + 1]) * MiB for i in range(landed))
 
     # The job is dead on the destination: a new connection with the same token is refused.
     with pytest.raises(DataPlaneError, match="already used"):
         await DataSender.connect(receiver.address, "job-c", "tok-c")
-    assert os.fstat(sink.fd).st_size == 2 * MiB
+    assert os.fstat(sink.fd).st_size == landed * MiB
+
+
+async def refusal_after(receiver: DataReceiver, job: str, frames: list[Frame]) -> str:
+    """Streams `frames` by hand after a good HELLO; returns the receiver's refusal."""
+    host, port = receiver.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await hello_and_ack(reader, writer, job, "tok")
+        writer.write(b"".join(encode_frame(f) for f in frames))
+        await writer.drain()
+        while True:
+            ack = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+            assert ack is not None, "the receiver hung up without refusing"
+            body = json.loads(ack.payload)
+            if not body["ok"]:
+                return str(body["error"])
+    finally:
+        writer.close()
+
+
+def extent(seq: int, fill: bytes) -> Frame:
+    return Frame(FrameType.EXTENT, offset=0, seq=seq, payload=fill * 4096)
+
+
+@pytest.mark.parametrize(("frames", "refusal", "left"), [
+    # An older extent for an offset sent again after a newer one would roll its data back.
+    ([extent(1, b"A"), extent(2, b"B"), extent(1, b"A")],
+     "data-plane frame seq 1 replayed or out of order (expected 3)", b"B"),
+    ([extent(1, b"A"), extent(3, b"C")],
+     "data-plane frame seq 3 out of order: 1 frame(s) before it never arrived (expected 2)", b"A"),
+    ([extent(2, b"B")], "data-plane frame seq 2 out of order: 1 frame(s) before it never arrived (expected 1)", b""),
+    # Numbering runs over the whole connection: a round does not restart it.
+    ([extent(1, b"A"), Frame(FrameType.ROUND_END, seq=0), extent(1, b"B")],
+     "data-plane frame seq 1 replayed or out of order (expected 2)", b"A"),
+], ids=["older-frame-replayed", "frame-skipped", "first-frame-missing", "replayed-across-a-round"])
+async def test_an_extent_out_of_sequence_is_refused_before_it_is_written(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink], frames: list[Frame], refusal: str, left: bytes
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-seq", "tok", sink)
+    error = await refusal_after(receiver, "job-seq", frames)
+    assert refusal in error and "was not written" in error, error
+    stats = await asyncio.wait_for(receiver.wait_session_end("job-seq"), DEADLINE_S)
+    assert stats.last_error == error and not stats.done
+    assert sink.path.read_bytes() == left * 4096
+    assert stats.bytes_received == len(sink.extents) * 4096
+
+
+@pytest.mark.parametrize("rounds", [[0, 0], [3, 2]], ids=["round-replayed", "round-reordered"])
+async def test_a_round_end_out_of_order_is_refused(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink], rounds: list[int]
+) -> None:
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-rnd", "tok", sink)
+    error = await refusal_after(receiver, "job-rnd", [Frame(FrameType.ROUND_END, seq=r) for r in rounds])
+    first, second = rounds
+    assert f"ROUND_END for round {second} replayed or out of order (round {first} already ended" in error, error
+    assert sink.rounds == [first]
 
 
 async def test_wrong_token_unknown_job_and_replay_are_refused(

@@ -8,6 +8,8 @@ import pytest
 from orchctl.localcluster import LocalCluster
 from proto.v1 import agent_pb2, migration_pb2
 from tests.clusterprobe import (
+    CORRUPTED_FRAME,
+    REPLAYED_FRAME,
     TERMINAL,
     controller,
     controller_missing,
@@ -16,7 +18,7 @@ from tests.clusterprobe import (
     etcd_keys,
     get_job,
     migrate,
-    migrate_through_a_corrupted_frame,
+    migrate_through_a_bad_frame,
     orchctl,
     owners,
     replace_orchestrator,
@@ -96,11 +98,14 @@ def test_cancel_during_precopy_leaves_the_controller_running_on_the_source(clust
     assert result.ok, result.first_mismatch
 
 
-def test_corrupted_frame_is_detected_and_the_job_rolls_back(cluster: LocalCluster) -> None:
-    migrate_through_a_corrupted_frame(cluster, "c3", 16 * MiB, 300, ["n1", "n2", "n3"])
-    status = controller(cluster, "n1", "c3")
+@pytest.mark.parametrize(("cid", "bad"), [("c3", CORRUPTED_FRAME), ("c3r", REPLAYED_FRAME)],
+                         ids=["corrupted", "replayed"])
+def test_a_corrupted_or_replayed_frame_is_detected_and_the_job_rolls_back(
+        cluster: LocalCluster, cid: str, bad: tuple[agent_pb2.InjectFaultRequest, tuple[str, ...]]) -> None:
+    migrate_through_a_bad_frame(cluster, cid, 16 * MiB, 300, ["n1", "n2", "n3"], bad)
+    status = controller(cluster, "n1", cid)
     assert status.vfio_state == "RUNNING" and status.workload.running
-    wait_more_writes(cluster, "n1", "c3", status.workload.acked_writes)
+    wait_more_writes(cluster, "n1", cid, status.workload.acked_writes)
 
 
 def test_orchestrator_killed_in_precopy_and_restarted_finishes_the_job(cluster: LocalCluster) -> None:

@@ -23,10 +23,12 @@ from orchctl import certs
 from orchctl.localcluster import LocalCluster
 from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2, migration_pb2_grpc
 from tests.clusterprobe import (
+    CORRUPTED_FRAME,
+    REPLAYED_FRAME,
     TERMINAL,
     create_controller,
     migrate,
-    migrate_through_a_corrupted_frame,
+    migrate_through_a_bad_frame,
     verify,
     wait_phase,
 )
@@ -239,4 +241,9 @@ async def test_the_source_refuses_a_destination_with_another_nodes_certificate(t
 
 
 def test_a_tampered_frame_under_tls_is_detected_and_the_job_rolls_back(tls_cluster: LocalCluster) -> None:
-    migrate_through_a_corrupted_frame(tls_cluster, "t3", 8 * MiB, 200, ["n1", "n2"])
+    migrate_through_a_bad_frame(tls_cluster, "t3", 8 * MiB, 200, ["n1", "n2"], CORRUPTED_FRAME)
+
+
+def test_a_replayed_frame_under_tls_is_detected_and_the_job_rolls_back(tls_cluster: LocalCluster) -> None:
+    # TLS stops a third party from injecting a frame; this is the source's own stream replaying one.
+    migrate_through_a_bad_frame(tls_cluster, "t3r", 8 * MiB, 200, ["n1", "n2"], REPLAYED_FRAME)

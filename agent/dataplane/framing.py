@@ -16,6 +16,9 @@ Header layout (network byte order)::
     seq      u64  EXTENT: running frame index; ROUND_END/ACK: round number
     checksum u64  xxhash.xxh3_64(header[:28] + payload)
 
+EXTENT frames are numbered 1, 2, 3, ... over a connection, across rounds; the receiver refuses one
+that is not the next (a replayed frame passes the checksum, its seq gives it away).
+
 Version 1 had a CRC-32 (zlib) in a u32 instead; it ran at about 1 GB/s, a whole core at link
 speed on each side, where XXH3 runs at many GB/s. Agents of the two versions refuse each other's
 frames by the version byte.

@@ -5,9 +5,9 @@ migration it ``register``s the job with a one-time token and a ``DestinationSink
 into the new controller's namespace. The source agent connects with ``DataSender`` and streams:
 
     HELLO {job_id, token}        -> ACK {"ok": true, "kind": "hello"} or {"ok": false, "error": ...}
-    EXTENT*                      applied in order through sink.apply_extent
+    EXTENT(seq=1, 2, 3, ...)*    applied in order through sink.apply_extent
     ROUND_END(seq=round)         -> ACK(seq=round) {"ok": true, "kind": "round_end", "bytes_received": N}
-    ... more rounds ...
+    ... more rounds (EXTENT seq keeps counting; round numbers only grow) ...
     FINAL(u32 len + state + guest) -> ACK {"ok": true, "kind": "final"} / {"ok": false, "error": ...}
     ABORT(reason)                ends the session
 
@@ -17,6 +17,13 @@ failed for lack of space (its error, or one behind it, is ENOSPC or EDQUOT) adds
 ``"cause": "no_space"`` to that ACK: this destination is unfit, another node may well do. A failed or
 used token can never be reused, so a stray or replayed connection cannot write into a namespace;
 the destination must register the job again with a fresh token.
+
+Within a session an EXTENT frame's seq must be exactly one more than the last one's (the sender
+numbers them 1, 2, 3, ... over the whole connection, across rounds), and a ROUND_END's round must
+be above the last one's. The checksum catches a changed frame, not a valid one sent again: an
+older extent re-injected after a newer one for the same offset would silently roll data back. A
+frame out of sequence (replayed, duplicated, reordered or after a gap) fails the session before
+its payload reaches the sink.
 """
 
 from __future__ import annotations
@@ -172,6 +179,8 @@ class _Session:
     bytes_received: int = 0
     frames: int = 0
     rounds: int = 0
+    extent_seq: int = 0  # seq of the last EXTENT applied; the next must carry extent_seq + 1
+    last_round: int = -1  # the last round ended; the next ROUND_END must name a higher one
     error: str | None = None
     done: bool = False
     # Set at the first accepted HELLO and never cleared: the token is one-time.
@@ -196,6 +205,16 @@ def _abort(transport: asyncio.BaseTransport) -> None:
     # AttributeError; such a transport is already on its way down.
     with contextlib.suppress(AttributeError):
         transport.abort()  # type: ignore[attr-defined]
+
+
+def _extent_out_of_sequence(frame: Frame, expected: int) -> str:
+    """Why an EXTENT frame whose seq is not ``expected`` is refused, naming both numbers."""
+    if frame.seq < expected:
+        what = "replayed or out of order"
+    else:
+        what = f"out of order: {frame.seq - expected} frame(s) before it never arrived"
+    return (f"data-plane frame seq {frame.seq} {what} (expected {expected}): its extent at offset {frame.offset} "
+            f"({len(frame.payload)} bytes) was not written; the stream was tampered with or the source is broken")
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -589,6 +608,11 @@ class DataReceiver:
             session.frames += 1
 
             if frame.type == FrameType.EXTENT:
+                # An int compare per frame: a valid checksum does not make a frame new.
+                if frame.seq != session.extent_seq + 1:
+                    await fail(_extent_out_of_sequence(frame, session.extent_seq + 1))
+                    return
+                session.extent_seq = frame.seq
                 traffic.RECEIVED.add(len(frame.payload))  # arrived whole, whatever the sink makes of it
                 if len(frame.payload) >= WRITE_BEHIND_MIN_BYTES:
                     behind.start(frame)
@@ -604,6 +628,11 @@ class DataReceiver:
                     return
                 session.bytes_received += len(frame.payload)
             elif frame.type == FrameType.ROUND_END:
+                if frame.seq <= session.last_round:
+                    await fail(f"data-plane ROUND_END for round {frame.seq} replayed or out of order (round "
+                               f"{session.last_round} already ended; expected a higher one)")
+                    return
+                session.last_round = frame.seq
                 try:
                     await session.sink.apply_round_end(frame.seq)
                 except Exception as exc:

@@ -61,7 +61,8 @@ from agent.dataplane.framing import (
 from agent.dataplane.ratelimit import TokenBucket
 from agent.dataplane.receiver import CAUSE_NO_SPACE, FINAL_MAX_PAYLOAD, encode_final_payload
 
-__all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "ReadInto", "stream_extents"]
+__all__ = ["CAUSE_NO_SPACE", "DEFAULT_CHUNK_BYTES", "DataPlaneError", "DataSender", "FrameFaults", "ReadInto",
+           "stream_extents"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,18 @@ def _parse_address(address: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class FrameFaults:
+    """Test-only damage a sender does to its own EXTENT frames, so that tests can show the receiver
+    catches it (InjectFault, only on an agent started with --allow-fault-injection). Each field is
+    a 1-based index among the sender's EXTENT frames; 0 = off."""
+
+    # This frame's payload gets one byte flipped *after* its checksum was computed.
+    corrupt_frame: int = 0
+    # This frame is sent a second time right after itself: the same bytes, the same seq.
+    replay_frame: int = 0
 
 
 # ---- the worker thread's side ----------------------------------------------------------------
@@ -319,10 +332,6 @@ def _batches(extents: Iterable[tuple[int, int]], chunk_bytes: int) -> Iterator[_
 class DataSender:
     """One authenticated data-plane connection for one job. Create with ``await DataSender.connect``."""
 
-    # Fault hook for tests: 1-based index among EXTENT frames of this sender whose payload gets
-    # one byte flipped *after* its checksum was computed, so the receiver must detect it. 0 = off.
-    corrupt_frame: int = 0
-
     def __init__(self, sock: socket.socket, *, address: str, job_id: str, bucket: TokenBucket,
                  stall_timeout_s: float) -> None:
         # Use connect(): it authenticates before handing the sender out.
@@ -341,7 +350,7 @@ class DataSender:
         self._closed = False
         self._inflight: set[asyncio.Future[Any]] = set()
         self._buffers: list[bytearray] = []
-        self.corrupt_frame = 0
+        self.faults = FrameFaults()  # tests only
 
     # -- construction ----------------------------------------------------------------------
 
@@ -613,11 +622,21 @@ class DataSender:
         return _Broken(f"connection to receiver lost: {exc!r}")
 
     def _send_frames(self, batch: _Batch, views: list[memoryview], frame_ends: list[int], first_seq: int) -> None:
+        """Sends the batch's frames (``views`` hold them back to back, frame i ending at
+        ``frame_ends[i]``), counting each once the kernel took all of it."""
+        pieces: list[int | None] = list(range(len(frame_ends)))  # None: a replayed copy, not counted
+        replay = self.faults.replay_frame - first_seq
+        if 0 <= replay < len(frame_ends):
+            views, frame_ends, pieces = _replayed(views, frame_ends, replay)
+
         def on_frame(i: int) -> None:
-            length = batch.pieces[i][1]
+            piece = pieces[i]
+            if piece is None:
+                return
+            length = batch.pieces[piece][1]
             batch.sent += length
             self._bytes_sent += length
-            self._extent_frames = first_seq + i  # frames built but not sent give their numbers back
+            self._extent_frames = first_seq + piece  # frames built but not sent give their numbers back
 
         self._extent_frames = first_seq - 1
         try:
@@ -628,7 +647,7 @@ class DataSender:
 
     def _header(self, offset: int, seq: int, payload: memoryview) -> bytes:
         header = extent_header(offset, seq, payload)
-        if self.corrupt_frame and seq == self.corrupt_frame:
+        if seq == self.faults.corrupt_frame:  # frames count from 1: an index of 0 (off) never matches
             payload[len(payload) // 2] ^= 0x01
         return header
 
@@ -658,7 +677,7 @@ class DataSender:
         offset = batch.pieces[0][0]
         seq = self._extent_frames + 1
         payload = memoryview(data)
-        if self.corrupt_frame == seq:
+        if self.faults.corrupt_frame == seq:
             payload = memoryview(bytearray(data))  # the caller's bytes stay as they are
         header = self._header(offset, seq, payload)
         self._send_frames(batch, [memoryview(header), payload], [HEADER_SIZE + len(data)], seq)
@@ -830,6 +849,31 @@ async def _open_socket(host: str, port: int) -> socket.socket:
             sock.close()
             raise
     raise last or OSError(f"{host!r} resolves to no address")
+
+
+def _cut(views: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """The views covering bytes ``start`` to ``end`` of ``views`` taken back to back."""
+    out: list[memoryview] = []
+    at = 0
+    for view in views:
+        lo, hi = max(start, at), min(end, at + len(view))
+        if lo < hi:
+            out.append(view[lo - at : hi - at])
+        at += len(view)
+    return out
+
+
+def _replayed(views: list[memoryview], frame_ends: list[int], index: int
+              ) -> tuple[list[memoryview], list[int], list[int | None]]:
+    """Frame ``index`` of the stream twice in a row (FrameFaults.replay_frame): the views, the
+    frame ends, and which frame each one is (None for the copy)."""
+    start = frame_ends[index - 1] if index else 0
+    end = frame_ends[index]
+    size = end - start
+    views = _cut(views, 0, end) + _cut(views, start, end) + _cut(views, end, frame_ends[-1])
+    ends = frame_ends[: index + 1] + [end + size] + [e + size for e in frame_ends[index + 1 :]]
+    pieces: list[int | None] = [*range(index + 1), None, *range(index + 1, len(frame_ends))]
+    return views, ends, pieces
 
 
 def _ignore(_: int) -> None:
