@@ -136,7 +136,10 @@ def parse_hello(payload: bytes) -> tuple[str, str]:
 class DestinationSink(Protocol):
     """Where a session's data goes on the destination (the new controller's backend)."""
 
-    async def apply_extent(self, offset: int, data: bytes) -> None: ...
+    async def apply_extent(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at namespace byte ``offset``. ``data`` is the receiver's buffer: it is
+        reused for a later frame once this returns, so keep no reference to it."""
+        ...
 
     async def apply_round_end(self, round: int) -> None: ...
 
@@ -230,8 +233,9 @@ class _WriteBehind:
     (a thread, on another core) overlaps the receive instead of following it. Small extents are
     written in turn, as before: a task for each 4 KiB block would cost more than it saves."""
 
-    def __init__(self, session: _Session) -> None:
+    def __init__(self, session: _Session, reader: FrameStreamReader) -> None:
         self._session = session
+        self._reader = reader
         self._task: asyncio.Task[None] | None = None
         self._frame: Frame | None = None
 
@@ -253,6 +257,10 @@ class _WriteBehind:
         except Exception as exc:
             return (f"destination failed to write extent at offset {frame.offset} ({len(frame.payload)} bytes): "
                     f"{_exc_text(exc)}", _cause(exc))
+        finally:
+            if task.done() and not task.cancelled():
+                # The sink is done with the payload (a cancelled write may still be in its thread).
+                self._reader.recycle(frame.payload)
         self._session.bytes_received += len(frame.payload)
         return None
 
@@ -560,7 +568,7 @@ class DataReceiver:
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
 
     async def _serve(self, session: _Session, reader: FrameStreamReader, writer: asyncio.StreamWriter) -> None:
-        behind = _WriteBehind(session)
+        behind = _WriteBehind(session, reader)
         try:
             await self._serve_frames(session, reader, writer, behind)
         finally:
