@@ -1022,3 +1022,30 @@ async def test_a_cancel_while_waiting_for_an_ack_retires_the_sender_but_keeps_th
     finally:
         await sender.close()
         block.set()
+
+
+async def test_send_ranges_keeps_the_bandwidth_cap_and_asks_admit_before_each_batch(
+    receiver: DataReceiver, tmp_path: Path, sinks: list[FileSink]
+) -> None:
+    """The cap and the node's pacer are taken on the event loop before a batch goes to the thread."""
+    sink = new_sink(sinks, tmp_path)
+    receiver.register("job-cap", "t", sink)
+    rate, total = 4 * MiB, 3 * MiB
+    admitted: list[int] = []
+
+    async def admit(nbytes: int) -> None:
+        admitted.append(nbytes)
+
+    def read_into(offset: int, buffer: memoryview) -> None:
+        buffer[:] = b"c" * len(buffer)
+
+    async with await DataSender.connect(receiver.address, "job-cap", "t", bandwidth_bytes_per_s=rate) as sender:
+        start = time.monotonic()
+        sent = await asyncio.wait_for(sender.send_ranges(read_into, [(0, total)], chunk_bytes=256 * 1024,
+                                                         admit=admit), DEADLINE_S)
+        await asyncio.wait_for(sender.end_round(0), DEADLINE_S)
+        elapsed = time.monotonic() - start
+    # Lower bound only (robust on slow machines): at least ~80% of bytes/rate after the burst.
+    assert elapsed >= 0.8 * (total - rate // 10) / rate, f"{total} bytes at {rate} B/s took only {elapsed:.3f}s"
+    assert sent == total == sink.written
+    assert admitted == [256 * 1024] * 12
