@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cluster.identity import Identity, IdentityError, identity_from_pem
 from orchctl import certs
@@ -120,13 +120,13 @@ class CertificateRequests:
         self.namespace = namespace
 
     def create(self, body: dict[str, Any]) -> str:
-        made: dict[str, Any] = self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
-                                                                        body)
+        made = cast(dict[str, Any], self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace,
+                                                                             PLURAL, body))
         return str(made["metadata"]["name"])
 
     def get(self, name: str) -> dict[str, Any]:
-        got: dict[str, Any] = self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-        return got
+        return cast(dict[str, Any], self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                                          name))
 
     def delete(self, name: str) -> None:
         self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
