@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchctl import certs
 from orchctl.cli import build_parser
 from orchctl.localcluster import Proc, find_etcd, wait_for
 from tools import install_helm
@@ -976,3 +978,60 @@ def test_rendered_agent_serves_its_probes(render: Any, tmp_path: Path, procs: li
     wait_for(f"the agent's readiness probe {ready_path}", lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"),
              START_TIMEOUT_S, alive=agent.exited)
     assert http_ok(f"http://{ip}:{http_port}{c['livenessProbe']['httpGet']['path']}")
+
+
+def test_rendered_mtls_processes_serve_their_probes_and_an_operator(render: Any, tmp_path: Path,
+                                                                    procs: list[Proc]) -> None:
+    """The mtls-secrets values (one etcd member, no Node watching): etcd, the orchestrator and an
+    agent from the rendered flags, each with its `orchctl certs` certificate where the chart mounts
+    it. The orchestrator's HTTP probes answer while its gRPC port refuses a client without a
+    certificate, and an operator's orchctl lists the agent."""
+    rendered = render("mtls-secrets-values.yaml")
+    host_ips = start_rendered_etcd(rendered, tmp_path, procs)
+    (ip,) = loopback_ips(1)
+    pki = tmp_path / "pki"
+    certs.init_cluster(pki, [f"node-a={ip}"], [], ["admin"], [])
+
+    def mounted(kind: str, stem: str) -> dict[str, str]:
+        """The files of `stem` as the chart mounts them for `kind`: {mount path: a directory here}."""
+        where = tmp_path / f"{stem}-tls"
+        where.mkdir()
+        for source, name in (("ca.pem", "ca.crt"), (f"{stem}.pem", "tls.crt"), (f"{stem}.key", "tls.key")):
+            shutil.copy(pki / source, where / name)
+        return {mounts_by_volume(rendered, kind)["tls"][1]["mountPath"]: str(where)}
+
+    o = container(rendered, "Deployment")
+    args = localize(o["args"], {**host_ips, "$(POD_NAME)": f"{FULLNAME}-orchestrator-0", "0.0.0.0": ip,
+                                **mounted("Deployment", "orchestrator")})
+    orchestrator = spawn("orchestrator", [sys.executable, "-m", PROCESS_MODULES[o["command"][0]], *args],
+                         tmp_path, procs)
+    http_port = next(p["containerPort"] for p in o["ports"] if p["name"] == "http")
+    grpc_port = next(p["containerPort"] for p in o["ports"] if p["name"] == "grpc")
+    ready_path = o["readinessProbe"]["httpGet"]["path"]
+    assert wait_for(f"the orchestrator's readiness probe {ready_path}",
+                    lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"), START_TIMEOUT_S,
+                    alive=orchestrator.exited) == "ready\n"
+    assert http_ok(f"http://{ip}:{http_port}{o['livenessProbe']['httpGet']['path']}")
+    # What a kubelet's gRPC probe would be: a client without a certificate, refused.
+    with grpc.insecure_channel(f"{ip}:{grpc_port}") as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+
+    a = container(rendered, "DaemonSet")
+    data_dir = flag(a, "--data-dir")
+    args = localize(a["args"], {**host_ips, "$(NODE_NAME)": "node-a", "$(ADVERTISE_IP)": ip, "0.0.0.0": ip,
+                                data_dir: str(tmp_path / "agent-data"), **mounted("DaemonSet", "agent-node-a")})
+    agent = spawn("agent", [sys.executable, "-m", PROCESS_MODULES[a["command"][0]], *args], tmp_path, procs)
+    agent_http = next(p["containerPort"] for p in a["ports"] if p["name"] == "http")
+    wait_for("the agent's readiness probe", lambda: http_ok(f"http://{ip}:{agent_http}/readyz"), START_TIMEOUT_S,
+             alive=agent.exited)
+
+    def operator_lists_the_agent() -> str | None:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchctl.cli", "--server", f"{ip}:{grpc_port}", "--tls-ca", str(pki / "ca.pem"),
+             "--tls-cert", str(pki / "operator-admin.pem"), "--tls-key", str(pki / "operator-admin.key"),
+             "--tls-server-name", "localhost", "-o", "json", "nodes"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        return done.stdout if done.returncode == 0 and '"node-a"' in done.stdout else None
+
+    wait_for("orchctl nodes, as the operator, to list node-a", operator_lists_the_agent, START_TIMEOUT_S,
+             alive=orchestrator.exited)
