@@ -10,6 +10,7 @@ per --node (carrying the DNS name NODE, which peers check, and the hosts after `
 viewer-NAME.pem.
 Each names its identity as the URI nvmigrate://ROLE/NAME (cluster/identity.py). Keys are ECDSA
 P-256, written 0600; an existing file is never overwritten. `issue` adds one more with the same CA.
+`orchctl certs request` (orchctl/certs_request.py) asks cert-manager for one instead, with the same names.
 """
 
 from __future__ import annotations
