@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cluster.identity import Identity, IdentityError, identity_from_pem
+from cluster.kube_client import api_client
 from orchctl import certs
 
 GROUP, VERSION, PLURAL = "cert-manager.io", "v1", "certificaterequests"
@@ -105,18 +106,9 @@ class CertificateRequests:
     """The blocking Kubernetes client calls on cert-manager CertificateRequests of one namespace."""
 
     def __init__(self, namespace: str, kube_api: str = "", kubeconfig: str = "") -> None:
-        from kubernetes import client, config  # imported here: only this command needs it
+        from kubernetes import client  # imported here: only this command needs it
 
-        if kube_api:
-            configuration = client.Configuration()
-            configuration.host = kube_api
-            api_client = client.ApiClient(configuration)
-        elif kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)
-        else:
-            config.load_incluster_config()
-            api_client = client.ApiClient()
-        self.api = client.CustomObjectsApi(api_client)
+        self.api = client.CustomObjectsApi(api_client(kube_api, kubeconfig))
         self.namespace = namespace
 
     def create(self, body: dict[str, Any]) -> str:

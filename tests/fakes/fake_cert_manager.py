@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tests.fakes.kube_http import JsonHandler
+
 PREFIX = ["apis", "cert-manager.io", "v1", "namespaces"]
 
 
@@ -91,36 +93,18 @@ class FakeCertManager:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Quiet: a test reads what happened from the fake's state."""
-
-            def _send(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _key(self) -> tuple[str, str] | None:
                 parts = urlparse(self.path).path.strip("/").split("/")
                 if parts[:4] != PREFIX or len(parts) != 7 or parts[5] != "certificaterequests":
                     return None
                 return parts[4], parts[6]
 
-            def _not_found(self) -> None:
-                self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
-                                 "message": f"{self.path} not found"})
-
             def do_POST(self) -> None:
                 parts = urlparse(self.path).path.strip("/").split("/")
                 if parts[:4] != PREFIX or len(parts) != 6 or parts[5] != "certificaterequests":
                     return self._not_found()
-                length = int(self.headers.get("Content-Length", "0"))
-                body = dict(json.loads(self.rfile.read(length)))
+                body = self._body()
                 with fake._lock:
                     name = body["metadata"].get("name") or f"{body['metadata']['generateName']}{next(fake._names)}"
                     body["metadata"] = {**body["metadata"], "name": name, "namespace": parts[4]}
