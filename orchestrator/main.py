@@ -214,6 +214,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if http is not None:
+        http.grpc_serving = True  # /readyz
     host = args.listen.rpartition(":")[0]
     print(f"orchestrator {args.name} serving on {host}:{port}", flush=True)
 
@@ -230,6 +232,8 @@ async def serve(args: argparse.Namespace) -> int:
         await orchestrator.dispatcher.stop()
     with contextlib.suppress(EtcdError):
         await store.resign(args.name)
+    if http is not None:
+        http.grpc_serving = False
     await server.stop(grace=1.0)
     if http is not None:
         await http.stop()

@@ -5,6 +5,8 @@
     /jobs/JOB          one job's timeline      /api/jobs        jobs, newest first (JSON)
     /metrics           Prometheus              /api/jobs/JOB    one job (JSON)
     /healthz           "ok"                    /static/...      the page's script and style
+    /readyz            200 "ready" once the gRPC API serves (as grpc.health.v1 says SERVING), else 503:
+                       the probe for clusters whose gRPC port takes only client certificates (mutual TLS)
 
 Every replica serves it (reads come from etcd, like the gRPC API). The page is plain HTML with a
 small script of our own: no CDN, since operators' machines may have no internet. Served by
@@ -67,6 +69,7 @@ class WebServer:
         self.name = name
         self.live_job = live_job  # the leader's jobs with progress not yet written to etcd
         self.cluster_state = ClusterState(name, live_job)
+        self.grpc_serving = False  # set by the orchestrator's main once its gRPC server serves, cleared at stop
         self._server = HttpServer(self.app(), log)
         self._page = (UI_DIR / "index.html").read_text().replace("{{ORCHESTRATOR}}", html.escape(name))
 
@@ -75,7 +78,7 @@ class WebServer:
         app.add_routes([
             web.get("/", self.page), web.get("/jobs/{job_id}", self.page),
             web.get("/static/{name}", self.static), web.get("/healthz", healthz),
-            web.get("/metrics", self.metrics),
+            web.get("/readyz", self.readyz), web.get("/metrics", self.metrics),
             web.get("/api/nodes", self.nodes), web.get("/api/jobs", self.jobs), web.get("/api/jobs/{job_id}", self.job),
         ])
         return app
@@ -97,6 +100,11 @@ class WebServer:
         if name not in STATIC_FILES:  # a fixed list: no path from the URL reaches the filesystem
             return _error(404, f"no static file {name!r}")
         return web.Response(body=(UI_DIR / name).read_bytes(), content_type=STATIC_FILES[name])
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.grpc_serving:
+            return web.Response(status=503, text="not ready: the gRPC API is not serving\n")
+        return web.Response(text="ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self.cluster_state.refresh(self.store)
