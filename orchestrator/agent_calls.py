@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from cluster import agent_errors, telemetry
 from cluster.grpc_tls import TlsFiles, agent_channel
+from cluster.node_cache import NodeSource
 from cluster.store import EtcdError, EtcdStore
 from orchestrator import tracing
 from orchestrator.liveness import Liveness, default_grace_s, judge_node
@@ -98,8 +99,12 @@ class AgentCalls:
     """Channels, addresses and calls to agents. Close it with `close()`."""
 
     def __init__(self, store: EtcdStore, clock: Callable[[], float] = time.monotonic, *,
-                 node_grace_s: float = DEFAULT_NODE_GRACE_S, tls: TlsFiles | None = None) -> None:
+                 node_grace_s: float = DEFAULT_NODE_GRACE_S, tls: TlsFiles | None = None,
+                 nodes: NodeSource | None = None) -> None:
         self.store = store
+        # Addresses may be a moment old (a command is fenced by its job's epoch at the agent);
+        # a node the cache does not hold is read from etcd before it counts as missing.
+        self.nodes: NodeSource = nodes or store
         self.tls = tls  # mutual TLS to agents: each must present its node's certificate
         self._clock = clock
         self.node_grace_s = node_grace_s
@@ -129,7 +134,7 @@ class AgentCalls:
             return cached[0]
         while True:
             try:
-                record = await self.store.get_node(node)
+                record = await self.nodes.get_node(node)
             except EtcdError:
                 # etcd is out: the node's last address still reaches it (a command there is fenced by
                 # its job's epoch on the agent), so the source can resume during an etcd outage.

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from cluster.node_cache import NodeSource
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.jobs import Job, Phase
@@ -28,7 +29,7 @@ class JobDispatcher:
     def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, verifier: Verifier | None = None,
                  switchover_model: SwitchoverModel | None = None,
-                 on_job_ended: Callable[[], None] = lambda: None) -> None:
+                 on_job_ended: Callable[[], None] = lambda: None, nodes: NodeSource | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.switchover_model = switchover_model or SwitchoverModel()
         # Told when a runner stops (its job ended, or it gave the job up): the evacuator starts
@@ -36,6 +37,7 @@ class JobDispatcher:
         self.on_job_ended = on_job_ended
         self.verifier = verifier
         self.store = store
+        self.nodes = nodes
         self.agents = agents
         self.epoch = epoch
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -87,7 +89,7 @@ class JobDispatcher:
         try:
             async with self._slots:
                 runner = JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings,
-                                   switchover_model=self.switchover_model)
+                                   switchover_model=self.switchover_model, nodes=self.nodes)
                 self._runners[job_id] = runner
                 ended = await run_job(runner)
             if ended is not None and ended.phase is Phase.COMPLETED and self.verifier is not None:
