@@ -43,6 +43,7 @@ class JobDispatcher:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runners: dict[str, JobRunner] = {}
+        self._scanned: dict[bytes, tuple[str, bool]] = {}  # a job record's bytes -> (its id, terminal?)
         self._wake = asyncio.Event()
         self._scanner: asyncio.Task[None] | None = None
 
@@ -79,11 +80,20 @@ class JobDispatcher:
             self._wake.clear()
 
     async def _scan(self) -> None:
+        # Each job created pokes a scan, and each scan lists every job: a record unchanged since
+        # the last scan is not parsed again (its bytes say what it was).
+        seen: dict[bytes, tuple[str, bool]] = {}
         for versioned in await self.store.list_jobs():
-            job = Job.from_bytes(versioned.value)
-            if job.terminal or job.id in self._tasks:
+            known = self._scanned.get(versioned.value)
+            if known is None:
+                job = Job.from_bytes(versioned.value)
+                known = (job.id, job.terminal)
+            seen[versioned.value] = known
+            job_id, terminal = known
+            if terminal or job_id in self._tasks:
                 continue
-            self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=f"job-{job.id}")
+            self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+        self._scanned = seen
 
     async def _run(self, job_id: str) -> None:
         try:
