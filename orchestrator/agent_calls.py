@@ -102,8 +102,9 @@ class AgentCalls:
                  node_grace_s: float = DEFAULT_NODE_GRACE_S, tls: TlsFiles | None = None,
                  nodes: NodeSource | None = None) -> None:
         self.store = store
-        # Addresses may be a moment old (a command is fenced by its job's epoch at the agent);
-        # a node the cache does not hold is read from etcd before it counts as missing.
+        # Addresses may be a moment old (a command is fenced by its job's epoch at the agent). A
+        # node the cache does not hold is read from etcd before it counts as missing, so a stale
+        # cache can only delay declaring a node lost (`is_lost`), never declare a live one lost.
         self.nodes: NodeSource = nodes or store
         self.tls = tls  # mutual TLS to agents: each must present its node's certificate
         self._clock = clock
