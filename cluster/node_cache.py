@@ -13,10 +13,11 @@ read from etcd before anyone is told it is not there: an agent registered a mome
 
 While the watch is broken (etcd restarting, a member failed over, history compacted) the cache is
 not trusted: reads go to etcd until a new list has been taken and a new watch follows it. A full
-re-list also runs every RESYNC_S as a safety net (the etcd client drops a watch the server
-cancels without a compaction silently).
+re-list also runs every RESYNC_S as a safety net: aetcd ignores a cancellation the server sends
+without a compaction revision, and such a watch would fall silent.
 
-Owned by the orchestrator: `start()` starts the one background task, `stop()` ends it.
+Owned by the orchestrator: `start()` starts its background task (which owns the watch's consumer
+task), `stop()` cancels both.
 """
 
 from __future__ import annotations
