@@ -26,6 +26,7 @@ from aiohttp import web
 
 from cluster import names
 from cluster.http_server import HttpServer, healthz, parse_http_address, prometheus_response
+from cluster.node_cache import NodeSource
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.jobs import Job, LiveJob, shown
@@ -64,8 +65,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class WebServer:
-    def __init__(self, store: EtcdStore, name: str, live_job: LiveJob | None = None) -> None:
+    def __init__(self, store: EtcdStore, name: str, live_job: LiveJob | None = None,
+                 nodes: NodeSource | None = None) -> None:
         self.store = store
+        self.node_source: NodeSource = nodes or store  # shown as of a moment ago
         self.name = name
         self.live_job = live_job  # the leader's jobs with progress not yet written to etcd
         self.cluster_state = ClusterState(name, live_job)
@@ -107,12 +110,12 @@ class WebServer:
         return web.Response(text="ready\n")
 
     async def metrics(self, request: web.Request) -> web.Response:
-        await self.cluster_state.refresh(self.store)
+        await self.cluster_state.refresh(self.store, self.node_source)
         return prometheus_response(self.cluster_state.exposition())
 
     async def nodes(self, request: web.Request) -> web.Response:
         try:
-            nodes = sorted(await self.store.list_nodes(), key=lambda n: n.name)
+            nodes = sorted(await self.node_source.list_nodes(), key=lambda n: n.name)
             cordoned = await self.store.cordoned_nodes()
         except EtcdError as exc:
             return _error(503, f"etcd is unavailable: {exc}")
@@ -144,11 +147,11 @@ DEFAULT_HTTP = "127.0.0.1:9464"
 
 
 async def start(store: EtcdStore, name: str, address: tuple[str, int] | None,
-                live_job: LiveJob | None = None) -> WebServer | None:
+                live_job: LiveJob | None = None, nodes: NodeSource | None = None) -> WebServer | None:
     """Serves /metrics and the page on `address` (None: not at all); says where on stdout."""
     if address is None:
         return None
-    server = WebServer(store, name, live_job)
+    server = WebServer(store, name, live_job, nodes)
     bound = await server.start(*address)
     print(f"orchestrator {name} http on http://{bound}", flush=True)
     return server
