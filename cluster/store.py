@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rtypes
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cluster.etcd_client import FailoverClient
@@ -363,6 +364,23 @@ class EtcdStore:
     async def get_node(self, name: str) -> NodeRecord | None:
         got = await self._get(self.keys.node(name))
         return NodeRecord.from_bytes(got.value) if got else None
+
+    async def node_values_at(self) -> tuple[list[tuple[bytes, bytes]], int]:
+        """Every node key with its raw record, and the revision they were read at (what a watch
+        that follows them starts after)."""
+        got = await self._read("list nodes", lambda: self._client.get_prefix(self.keys.nodes))
+        return [(kv.key, kv.value) for kv in got.kvs], int(got.header.revision)
+
+    async def watch_nodes(self, start_revision: int) -> aetcd.rtypes.Watch:
+        """The changes to node keys from `start_revision` on (inclusive). Raises
+        RevisionCompactedError when etcd no longer keeps that revision's history."""
+        return await self._client.watch_prefix(self.keys.nodes, start_revision=start_revision)
+
+    @property
+    def connection_generation(self) -> int:
+        """Grows each time the client moves to another etcd member: a watch opened before that
+        may stream from a member that is frozen, not closed."""
+        return self._client.generation
 
     async def grant_lease(self, ttl_s: int) -> int:
         lease = await self._client.lease(ttl_s)

@@ -10,6 +10,7 @@ per --node (carrying the DNS name NODE, which peers check, and the hosts after `
 viewer-NAME.pem.
 Each names its identity as the URI nvmigrate://ROLE/NAME (cluster/identity.py). Keys are ECDSA
 P-256, written 0600; an existing file is never overwritten. `issue` adds one more with the same CA.
+`orchctl certs request` (orchctl/certs_request.py) asks cert-manager for one instead, with the same names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster import names
 from cluster.identity import Identity, Role
@@ -92,27 +94,12 @@ def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> I
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    problem = names.node_name_problem(identity.name)
-    if problem:
-        raise CertsError(problem.replace("node name", f"{identity.role} name"))
-    for host in hosts:
-        problem = host_problem(host)
-        if problem:
-            raise CertsError(f"--host: {problem}")
+    check_names(identity, hosts)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     except (OSError, ValueError) as exc:
         raise CertsError(f"no usable CA in {directory} ({exc}); run `orchctl certs init {directory}` first") from None
-    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
-    dns = list(hosts)
-    if identity.role is Role.AGENT:
-        dns.insert(0, identity.name)
-    for host in dict.fromkeys(dns):
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
@@ -120,7 +107,7 @@ def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> I
             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.SubjectAlternativeName(subject_alt_names(identity, hosts)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
@@ -130,6 +117,34 @@ def issue(directory: Path, identity: Identity, hosts: tuple[str, ...] = ()) -> I
     _write_new(issued.key, _key_pem(key), 0o600)
     _write_new(issued.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return issued
+
+
+def check_names(identity: Identity, hosts: tuple[str, ...]) -> None:
+    """CertsError naming the value when `identity`'s name or one of `hosts` cannot be in a certificate."""
+    problem = names.node_name_problem(identity.name)
+    if problem:
+        raise CertsError(problem.replace("node name", f"{identity.role} name"))
+    for host in hosts:
+        problem = host_problem(host)
+        if problem:
+            raise CertsError(f"--host: {problem}")
+
+
+def subject_alt_names(identity: Identity, hosts: tuple[str, ...] = ()) -> list[Any]:
+    """What a certificate of `identity` names (x509 GeneralNames): the URI nvmigrate://ROLE/NAME,
+    an agent's node name as a DNS name (peers check it), then `hosts`, each a DNS name or an IP."""
+    from cryptography import x509
+
+    alt: list[Any] = [x509.UniformResourceIdentifier(identity.uri)]
+    dns = list(hosts)
+    if identity.role is Role.AGENT:
+        dns.insert(0, identity.name)
+    for host in dict.fromkeys(dns):
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    return alt
 
 
 def host_problem(host: str) -> str | None:

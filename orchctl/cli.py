@@ -431,6 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a name or IP it serves at (orchestrator; agent: its --advertise-host, for NBD "
                         "over TLS; repeat)")
     a.set_defaults(handler=cmd_certs_issue)
+    a = certs_actions.add_parser("request", help="one certificate from cert-manager (a CertificateRequest), "
+                                                "e.g. in a pod's init container: key and certificate land in DIR")
+    a.add_argument("dir", metavar="DIR", type=Path, help="where ca.crt, tls.crt and tls.key go (made if missing)")
+    a.add_argument("--role", required=True, choices=[r.value for r in Role], help="what the identity may do")
+    a.add_argument("--name", required=True, help="its name: for an agent, its node name")
+    a.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                   help="a name or IP it serves at (agent: its --advertise-host, for NBD over TLS; repeat)")
+    a.add_argument("--issuer", required=True, metavar="NAME", help="the cert-manager issuer that signs")
+    a.add_argument("--issuer-kind", default="Issuer", help="Issuer (default) or ClusterIssuer")
+    a.add_argument("--issuer-group", default="cert-manager.io", help="the issuer's API group")
+    a.add_argument("--namespace", default="", help="where the CertificateRequest goes (default: the pod's)")
+    a.add_argument("--duration", default="8760h", help="the certificate's lifetime (default 8760h)")
+    a.add_argument("--issue-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="how long cert-manager may take to issue it (default 120)")
+    a.add_argument("--kube-api", default="", metavar="URL", help="the Kubernetes API server (default: in-cluster)")
+    a.add_argument("--kubeconfig", default="", help="a kubeconfig file instead of the in-cluster service account")
+    a.set_defaults(handler=cmd_certs_request)
 
     for verb, what in (("cordon", "take no new controllers (never chosen as a destination)"),
                        ("uncordon", "take controllers again")):
@@ -806,6 +823,38 @@ def cmd_certs_issue(ctx: Context) -> int:
     except (certs.CertsError, OSError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     _print_issued(ctx, [issued])
+    return EXIT_OK
+
+
+def cmd_certs_request(ctx: Context) -> int:
+    from kubernetes.config import ConfigException
+
+    from orchctl import certs_request
+
+    a = ctx.args
+    identity = Identity(Role(a.role), a.name)
+    try:
+        certs.check_names(identity, tuple(a.host))
+    except certs.CertsError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    try:
+        requests = certs_request.CertificateRequests(a.namespace or certs_request.default_namespace(), a.kube_api,
+                                                     a.kubeconfig)
+        written = certs_request.request_certificate(
+            a.dir, identity, tuple(a.host),
+            certs_request.Issuer(a.issuer, a.issuer_kind, a.issuer_group), requests, duration=a.duration,
+            timeout_s=a.issue_timeout)
+    except ConfigException as exc:
+        raise CliError(f"cannot reach the Kubernetes API ({exc}); in a pod, mount the service account token, "
+                       "else give --kubeconfig or --kube-api", EXIT_USAGE) from None
+    except (certs.CertsError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    if ctx.json:
+        ctx.print_json({"identity": str(written.identity), "request": written.request, "ca": str(written.ca),
+                        "cert": str(written.cert), "key": str(written.key)})
+    else:
+        ctx.out.print(f"{written.identity}: {written.cert} {written.key} (CertificateRequest {written.request})",
+                      markup=False, highlight=False)
     return EXIT_OK
 
 

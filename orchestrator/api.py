@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from cluster import io_limits, names
+from cluster.node_cache import NodeSource
 from cluster.policy_limits import policy_value_problem
 from cluster.records import RUNNING, ControllerRecord, NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
@@ -131,10 +132,13 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[], None],
                  clock: Callable[[], float] = time.time, evacuation_limits: Limits | None = None,
                  on_evacuation_created: Callable[[], None] | None = None,
-                 live_job: LiveJob | None = None) -> None:
+                 live_job: LiveJob | None = None, nodes: NodeSource | None = None) -> None:
         """`live_job(id, revision)`: on the leader, the running job with its progress not yet in
         etcd (its runner writes it every few seconds), if etcd's record is still at `revision`."""
         self.store = store
+        # Placement and listings read nodes that may be a moment old; a node they do not hold is
+        # read from etcd (NodeCache.get_node) before it is refused. Cordons are read from etcd.
+        self.nodes: NodeSource = nodes or store
         self.agents = agents
         self.on_job_created = on_job_created
         self.clock = clock
@@ -176,9 +180,9 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"controller {controller.controller_id!r} is {controller.state} on node {controller.node!r}, "
                           "not RUNNING; it cannot be migrated until it runs again")
-        nodes = {n.name: n for n in await self.store.list_nodes()}
+        source = await self.nodes.get_node(controller.node)
         cordoned = await self.store.cordoned_nodes()
-        if controller.node not in nodes:
+        if source is None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"controller {controller.controller_id!r} is on node {controller.node!r}, whose agent "
                           "is not live; it cannot be migrated until that node is back")
@@ -189,19 +193,20 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               f"destination node {dest!r} is where controller {controller.controller_id!r} "
                               "already runs; choose another node or omit --to")
-            if dest not in nodes:
+            destination = await self.nodes.get_node(dest)
+            if destination is None:
                 raise Refused(grpc.StatusCode.NOT_FOUND,
                               f"destination node {dest!r} is not a registered live agent; `orchctl nodes` "
                               "lists them")
-            problem = scheduler.node_problem(nodes[dest], dest, source=controller.node,
+            problem = scheduler.node_problem(destination, dest, source=controller.node,
                                              namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
-                                             stored_bytes=stored, source_record=nodes.get(controller.node))
+                                             stored_bytes=stored, source_record=source)
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
-            placement = scheduler.choose_destination(list(nodes.values()), source=controller.node,
+            placement = scheduler.choose_destination(await self.nodes.list_nodes(), source=controller.node,
                                                      namespace_bytes=controller.namespace_bytes, cordoned=cordoned,
-                                             stored_bytes=stored)
+                                                     stored_bytes=stored, source_record=source)
             if placement.node is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
         active = await self.store.active_job_for(controller.controller_id)
@@ -304,7 +309,7 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
     async def ListNodes(self, request: migration_pb2.ListNodesRequest,
                         context: grpc.aio.ServicerContext) -> migration_pb2.ListNodesResponse:
         async def list_nodes() -> migration_pb2.ListNodesResponse:
-            nodes = sorted(await self.store.list_nodes(), key=lambda n: n.name)
+            nodes = sorted(await self.nodes.list_nodes(), key=lambda n: n.name)
             cordoned = await self.store.cordoned_nodes()
             live = {n.name for n in nodes}
             return migration_pb2.ListNodesResponse(
@@ -359,18 +364,19 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                           f"controller {cid!r} already exists on node {existing[0].node!r}; choose another id "
                           "or delete it first")
-        nodes = {n.name: n for n in await self.store.list_nodes()}
         cordoned = await self.store.cordoned_nodes()
         node = request.node
         if node:
-            if node not in nodes:
+            record = await self.nodes.get_node(node)
+            if record is None:
                 raise Refused(grpc.StatusCode.NOT_FOUND,
                               f"node {node!r} is not a registered live agent; `orchctl nodes` lists them")
-            problem = scheduler.new_controller_problem(nodes[node], node, namespace_bytes=size, cordoned=cordoned)
+            problem = scheduler.new_controller_problem(record, node, namespace_bytes=size, cordoned=cordoned)
             if problem:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, problem)
         else:
-            placement = scheduler.choose_node_for_new(list(nodes.values()), namespace_bytes=size, cordoned=cordoned)
+            placement = scheduler.choose_node_for_new(await self.nodes.list_nodes(), namespace_bytes=size,
+                                                      cordoned=cordoned)
             if placement.node is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
             node = placement.node.name

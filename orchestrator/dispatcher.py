@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from cluster.node_cache import NodeSource
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCalls
 from orchestrator.jobs import Job, Phase
@@ -28,7 +29,7 @@ class JobDispatcher:
     def __init__(self, store: EtcdStore, agents: AgentCalls, epoch: int, max_concurrent: int,
                  settings: RunnerSettings | None = None, verifier: Verifier | None = None,
                  switchover_model: SwitchoverModel | None = None,
-                 on_job_ended: Callable[[], None] = lambda: None) -> None:
+                 on_job_ended: Callable[[], None] = lambda: None, nodes: NodeSource | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.switchover_model = switchover_model or SwitchoverModel()
         # Told when a runner stops (its job ended, or it gave the job up): the evacuator starts
@@ -36,11 +37,13 @@ class JobDispatcher:
         self.on_job_ended = on_job_ended
         self.verifier = verifier
         self.store = store
+        self.nodes = nodes
         self.agents = agents
         self.epoch = epoch
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._runners: dict[str, JobRunner] = {}
+        self._scanned: dict[bytes, tuple[str, bool]] = {}  # a job record's bytes -> (its id, terminal?)
         self._wake = asyncio.Event()
         self._scanner: asyncio.Task[None] | None = None
 
@@ -77,17 +80,26 @@ class JobDispatcher:
             self._wake.clear()
 
     async def _scan(self) -> None:
+        # Each job created pokes a scan, and each scan lists every job: a record unchanged since
+        # the last scan is not parsed again (its bytes say what it was).
+        seen: dict[bytes, tuple[str, bool]] = {}
         for versioned in await self.store.list_jobs():
-            job = Job.from_bytes(versioned.value)
-            if job.terminal or job.id in self._tasks:
+            known = self._scanned.get(versioned.value)
+            if known is None:
+                job = Job.from_bytes(versioned.value)
+                known = (job.id, job.terminal)
+            seen[versioned.value] = known
+            job_id, terminal = known
+            if terminal or job_id in self._tasks:
                 continue
-            self._tasks[job.id] = asyncio.create_task(self._run(job.id), name=f"job-{job.id}")
+            self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+        self._scanned = seen
 
     async def _run(self, job_id: str) -> None:
         try:
             async with self._slots:
                 runner = JobRunner(self.store, self.agents, job_id, self.epoch, settings=self.settings,
-                                   switchover_model=self.switchover_model)
+                                   switchover_model=self.switchover_model, nodes=self.nodes)
                 self._runners[job_id] = runner
                 ended = await run_job(runner)
             if ended is not None and ended.phase is Phase.COMPLETED and self.verifier is not None:

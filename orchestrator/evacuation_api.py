@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from cluster import names
+from cluster.node_cache import NodeSource
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import evacuation
 from orchestrator.evacuation import Evacuation, EvacuationState, Limits, Reason
@@ -64,6 +65,7 @@ class EvacuationRpcs:
     """Mixed into MigrationApi, which provides these attributes."""
 
     store: EtcdStore
+    nodes: NodeSource
     clock: Callable[[], float]
     evacuation_limits: Limits
     on_evacuation_created: Callable[[], None]
@@ -101,10 +103,13 @@ class EvacuationRpcs:
         if reason is None:
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                            f"evacuation reason {request.reason} is unknown; use PREDICTED_FAILURE, MANUAL or REBALANCE")
-        nodes = await self.store.list_nodes()
+        nodes = await self.nodes.list_nodes()
         if name not in {n.name for n in nodes}:
-            raise _Refusal(grpc.StatusCode.NOT_FOUND, f"node {name!r} is not a registered live agent, so nothing can "
-                                                      "be copied off it; `orchctl nodes` lists them")
+            record = await self.nodes.get_node(name)  # registered a moment ago: not listed by the cache yet
+            if record is None:
+                raise _Refusal(grpc.StatusCode.NOT_FOUND, f"node {name!r} is not a registered live agent, so "
+                                                          "nothing can be copied off it; `orchctl nodes` lists them")
+            nodes.append(record)
         got = await self.store.get_evacuation(name)
         existing = Evacuation.from_bytes(got.value) if got else None
         if existing is not None and not existing.ended:

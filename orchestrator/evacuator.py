@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from cluster.node_cache import NodeSource
 from cluster.records import NodeRecord
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import evacuation, health_policy, metrics, tracing
@@ -33,9 +34,11 @@ TICK_S = 0.5
 
 class Evacuator:
     def __init__(self, store: EtcdStore, term: int, limits: Limits, on_job_created: Callable[[], None],
-                 clock: Callable[[], float] = time.time, health: HealthPolicy | None = None) -> None:
+                 clock: Callable[[], float] = time.time, health: HealthPolicy | None = None,
+                 nodes: NodeSource | None = None) -> None:
         self.health = health  # None: no automatic evacuation on predicted failures
         self.store = store
+        self.nodes: NodeSource = nodes or store  # planning takes nodes a moment old: each move is checked again
         self.term = term
         self.limits = limits
         self.on_job_created = on_job_created
@@ -63,7 +66,7 @@ class Evacuator:
         for ev, revision in everything:
             if not ev.ended:
                 versioned[ev.node] = (ev, revision)
-        nodes = await self.store.list_nodes()
+        nodes = await self.nodes.list_nodes()
         cordoned = await self.store.cordoned_nodes()
         failing: set[str] = set()
         if self.health is not None:

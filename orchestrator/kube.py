@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cluster.kube_client import api_client
+
 log = logging.getLogger(__name__)
 
 EVACUATE_KEY = "nvmigrate.io/evacuate"
@@ -79,19 +81,10 @@ class KubeNodes:
     """The blocking kubernetes client calls (run them in a thread)."""
 
     def __init__(self, host: str = "", kubeconfig: str = "") -> None:
-        from kubernetes import client, config  # imported here: the orchestrator runs without it too
+        from kubernetes import client  # imported here: the orchestrator runs without it too
 
-        if host:
-            configuration = client.Configuration()
-            configuration.host = host
-            api_client = client.ApiClient(configuration)
-        elif kubeconfig:
-            api_client = config.new_client_from_config(config_file=kubeconfig)
-        else:
-            config.load_incluster_config()
-            api_client = client.ApiClient()
-        self._client = api_client
-        self.api = client.CoreV1Api(api_client)
+        self._client = api_client(host, kubeconfig)
+        self.api = client.CoreV1Api(self._client)
 
     def list(self) -> tuple[list[dict[str, Any]], str]:
         got = self.api.list_node()

@@ -25,6 +25,7 @@ from cluster import etcd_config, grpc_tls, logs, telemetry
 from cluster.grpc_tls import TlsFiles
 from cluster.identity import Role
 from cluster.malformed_grpc import MalformedRequests
+from cluster.node_cache import NodeCache
 from cluster.ratelimited_log import malformed_input
 from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore, keep_lease_alive, prefix_problem
 from cluster.store_thread import StoreThread
@@ -66,8 +67,10 @@ class Orchestrator:
         self.name = name
         self.lease_ttl_s = lease_ttl_s
         self.max_concurrent = max_concurrent
+        # Every replica answers the API, so every replica follows the nodes (started in `serve`).
+        self.nodes = NodeCache(store)
         self.agents = AgentCalls(store, node_grace_s=default_grace_s(lease_ttl_s) if node_grace_s is None
-                                 else node_grace_s, tls=tls)
+                                 else node_grace_s, tls=tls, nodes=self.nodes)
         # The leader lease is refreshed from a thread of its own: a loop busy with many jobs must
         # not let it expire (a needless step-down and takeover).
         self.lease_thread = StoreThread(store.config, store.prefix, f"leader-lease-{name}")
@@ -77,7 +80,7 @@ class Orchestrator:
         self.evacuation_limits = evacuation_limits or Limits()
         self.evacuator: Evacuator | None = None
         self.api = MigrationApi(store, self.agents, on_job_created=self._poke, evacuation_limits=self.evacuation_limits,
-                                on_evacuation_created=self._poke_evacuator, live_job=self.live_job)
+                                on_evacuation_created=self._poke_evacuator, live_job=self.live_job, nodes=self.nodes)
 
     def _poke(self) -> None:
         if self.dispatcher is not None:
@@ -117,12 +120,14 @@ class Orchestrator:
                 on_lost=functools.partial(_set_from_thread, asyncio.get_running_loop(), lost)))
             verifier = Verifier(self.store, self.agents, term)
             self.dispatcher = JobDispatcher(self.store, self.agents, term, self.max_concurrent, self.settings,
-                                            verifier, self.switchover_model, on_job_ended=self._poke_evacuator)
+                                            verifier, self.switchover_model, on_job_ended=self._poke_evacuator,
+                                            nodes=self.nodes)
             self.dispatcher.start()
-            reconciling = asyncio.create_task(Reconciler(self.store, self.agents).run_forever(), name="reconcile")
+            reconciling = asyncio.create_task(Reconciler(self.store, self.agents, self.nodes).run_forever(),
+                                              name="reconcile")
             verifying = asyncio.create_task(verifier.run_forever(), name="verify")
             self.evacuator = Evacuator(self.store, term, self.evacuation_limits, on_job_created=self._poke,
-                                       health=self.health_policy)
+                                       health=self.health_policy, nodes=self.nodes)
             evacuating = asyncio.create_task(self.evacuator.run_forever(), name="evacuate")
             collecting = asyncio.create_task(JobCollector(self.store, term, self.retention).run_forever(),
                                              name="collect-jobs")
@@ -208,12 +213,16 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"error: cannot listen on {args.listen!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        http = await web.start(store, args.name, args.http, orchestrator.live_job)  # /metrics and the web page
+        http = await web.start(store, args.name, args.http, orchestrator.live_job,  # /metrics and the web page
+                               orchestrator.nodes)
     except OSError as exc:
         print(f"error: cannot serve HTTP on {args.http[0]}:{args.http[1]}: {exc}; pass --http", file=sys.stderr)
         return 2
+    orchestrator.nodes.start()
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if http is not None:
+        http.grpc_serving = True  # /readyz
     host = args.listen.rpartition(":")[0]
     print(f"orchestrator {args.name} serving on {host}:{port}", flush=True)
 
@@ -230,11 +239,14 @@ async def serve(args: argparse.Namespace) -> int:
         await orchestrator.dispatcher.stop()
     with contextlib.suppress(EtcdError):
         await store.resign(args.name)
+    if http is not None:
+        http.grpc_serving = False
     await server.stop(grace=1.0)
     if http is not None:
         await http.stop()
     await asyncio.to_thread(orchestrator.lease_thread.stop, LEASE_THREAD_STOP_S)
     await orchestrator.agents.close()
+    await orchestrator.nodes.stop()
     await store.close()
     malformed_input.flush()
     return 0

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from cluster.node_cache import NodeSource
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.evacuation import MOVED, Evacuation, EvacuationState
@@ -177,10 +178,10 @@ class ClusterState(Collector):
         """The whole /metrics body: this process's events, then the cluster gauges."""
         return generate_latest(REGISTRY) + generate_latest(self.registry)
 
-    async def refresh(self, store: EtcdStore) -> None:
+    async def refresh(self, store: EtcdStore, node_source: NodeSource | None = None) -> None:
         try:
             jobs = [shown(Job.from_bytes(v.value), v.mod_revision, self.live_job) for v in await store.list_jobs()]
-            nodes = await store.list_nodes()
+            nodes = await (node_source or store).list_nodes()
             leader = await store.leader()
         except EtcdError as exc:
             log.warning("metrics: etcd unavailable, cluster gauges not refreshed: %s", exc)

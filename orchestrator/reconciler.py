@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from cluster.node_cache import NodeSource
 from cluster.records import LOST, MISSING, RUNNING, ControllerRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCallError, AgentCalls, Stub
@@ -107,8 +108,10 @@ _SESSION_COMMANDS: dict[str, Callable[[Stub, agent_pb2.MigrationRef], Awaitable[
 
 
 class Reconciler:
-    def __init__(self, store: EtcdStore, agents: AgentCalls) -> None:
+    def __init__(self, store: EtcdStore, agents: AgentCalls, nodes: NodeSource | None = None) -> None:
         self.store = store
+        # A node missing from a listing only delays its repairs (see reconcile_once): a moment old is fine.
+        self.nodes: NodeSource = nodes or store
         self.agents = agents
 
     async def run_forever(self) -> None:
@@ -133,7 +136,7 @@ class Reconciler:
         # (being created right now) would otherwise look MISSING on its live owner. The jobs are
         # read after them, so that every session reported has its job.
         controllers = await self.store.list_controllers()
-        nodes = await self.store.list_nodes()
+        nodes = await self.nodes.list_nodes()
         for n in nodes:
             self.agents.remember(n.name, n.address)
         infos = await asyncio.gather(*(self._report(n.name) for n in nodes))

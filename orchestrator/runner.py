@@ -34,6 +34,7 @@ from typing import TypeVar
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from cluster.node_cache import NodeSource
 from cluster.records import LOST, RUNNING
 from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
 from cluster.switchover_marks import mark
@@ -102,11 +103,15 @@ class StepFailed(Exception):
 class JobRunner:
     def __init__(self, store: EtcdStore, agents: AgentCalls, job_id: str, epoch: int, *,
                  wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 settings: RunnerSettings | None = None, switchover_model: SwitchoverModel | None = None) -> None:
+                 settings: RunnerSettings | None = None, switchover_model: SwitchoverModel | None = None,
+                 nodes: NodeSource | None = None) -> None:
         self.settings = settings or RunnerSettings()
         # Shared by the runners of one orchestrator: each completed switchover refits it.
         self.switchover_model = switchover_model or SwitchoverModel()
         self.store = store
+        # Placement reads nodes that may be a moment old (the destination refuses what does not
+        # fit); whether a silent source still holds its lease is read from etcd.
+        self.nodes: NodeSource = nodes or store
         self.agents = agents
         self.job_id = job_id
         self.epoch = epoch
@@ -351,11 +356,11 @@ class JobRunner:
                                      f"not the job's source {job.source_node}"), release=True)
             return
         if not job.destination_node:
-            nodes = await self.store.list_nodes()
             cordoned = await self.store.cordoned_nodes()
             stored = await self.agents.stored_bytes(job.source_node, job.controller_id, budget_s=PROBE_BUDGET_S)
+            source_record = await self.nodes.get_node(job.source_node)
             if job.requested_destination:
-                node = next((n for n in nodes if n.name == job.requested_destination), None)
+                node = await self.nodes.get_node(job.requested_destination)
                 if node is None and not await self.agents.is_lost(job.requested_destination):
                     # Unregistered for a moment (its lease expired under load) but not lost:
                     # its record, which the checks need, comes back when it registers again.
@@ -363,17 +368,16 @@ class JobRunner:
                     return
                 problem = scheduler.node_problem(node, job.requested_destination, source=job.source_node,
                                                  namespace_bytes=job.namespace_bytes, cordoned=cordoned,
-                                                 stored_bytes=stored,
-                                                 source_record=next((n for n in nodes if n.name == job.source_node),
-                                                                    None))
+                                                 stored_bytes=stored, source_record=source_record)
                 if problem:
                     await self._save(job.end(Phase.FAILED, self._now(), problem), release=True)
                     return
                 chosen = job.requested_destination
             else:
-                placement = scheduler.choose_destination(nodes, source=job.source_node,
+                placement = scheduler.choose_destination(await self.nodes.list_nodes(), source=job.source_node,
                                                          namespace_bytes=job.namespace_bytes, cordoned=cordoned,
-                                                         excluded=job.excluded_destinations, stored_bytes=stored)
+                                                         excluded=job.excluded_destinations, stored_bytes=stored,
+                                                         source_record=source_record)
                 if placement.node is None:
                     await self._save(job.end(Phase.FAILED, self._now(), placement.reason), release=True)
                     return

@@ -5,6 +5,8 @@
     /jobs/JOB          one job's timeline      /api/jobs        jobs, newest first (JSON)
     /metrics           Prometheus              /api/jobs/JOB    one job (JSON)
     /healthz           "ok"                    /static/...      the page's script and style
+    /readyz            200 "ready" once the gRPC API serves (as grpc.health.v1 says SERVING), else 503:
+                       the probe for clusters whose gRPC port takes only client certificates (mutual TLS)
 
 Every replica serves it (reads come from etcd, like the gRPC API). The page is plain HTML with a
 small script of our own: no CDN, since operators' machines may have no internet. Served by
@@ -24,6 +26,7 @@ from aiohttp import web
 
 from cluster import names
 from cluster.http_server import HttpServer, healthz, parse_http_address, prometheus_response
+from cluster.node_cache import NodeSource
 from cluster.records import NodeRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.jobs import Job, LiveJob, shown
@@ -62,11 +65,14 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class WebServer:
-    def __init__(self, store: EtcdStore, name: str, live_job: LiveJob | None = None) -> None:
+    def __init__(self, store: EtcdStore, name: str, live_job: LiveJob | None = None,
+                 nodes: NodeSource | None = None) -> None:
         self.store = store
+        self.node_source: NodeSource = nodes or store  # shown as of a moment ago
         self.name = name
         self.live_job = live_job  # the leader's jobs with progress not yet written to etcd
         self.cluster_state = ClusterState(name, live_job)
+        self.grpc_serving = False  # set by the orchestrator's main once its gRPC server serves, cleared at stop
         self._server = HttpServer(self.app(), log)
         self._page = (UI_DIR / "index.html").read_text().replace("{{ORCHESTRATOR}}", html.escape(name))
 
@@ -75,7 +81,7 @@ class WebServer:
         app.add_routes([
             web.get("/", self.page), web.get("/jobs/{job_id}", self.page),
             web.get("/static/{name}", self.static), web.get("/healthz", healthz),
-            web.get("/metrics", self.metrics),
+            web.get("/readyz", self.readyz), web.get("/metrics", self.metrics),
             web.get("/api/nodes", self.nodes), web.get("/api/jobs", self.jobs), web.get("/api/jobs/{job_id}", self.job),
         ])
         return app
@@ -98,13 +104,18 @@ class WebServer:
             return _error(404, f"no static file {name!r}")
         return web.Response(body=(UI_DIR / name).read_bytes(), content_type=STATIC_FILES[name])
 
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self.grpc_serving:
+            return web.Response(status=503, text="not ready: the gRPC API is not serving\n")
+        return web.Response(text="ready\n")
+
     async def metrics(self, request: web.Request) -> web.Response:
-        await self.cluster_state.refresh(self.store)
+        await self.cluster_state.refresh(self.store, self.node_source)
         return prometheus_response(self.cluster_state.exposition())
 
     async def nodes(self, request: web.Request) -> web.Response:
         try:
-            nodes = sorted(await self.store.list_nodes(), key=lambda n: n.name)
+            nodes = sorted(await self.node_source.list_nodes(), key=lambda n: n.name)
             cordoned = await self.store.cordoned_nodes()
         except EtcdError as exc:
             return _error(503, f"etcd is unavailable: {exc}")
@@ -136,11 +147,11 @@ DEFAULT_HTTP = "127.0.0.1:9464"
 
 
 async def start(store: EtcdStore, name: str, address: tuple[str, int] | None,
-                live_job: LiveJob | None = None) -> WebServer | None:
+                live_job: LiveJob | None = None, nodes: NodeSource | None = None) -> WebServer | None:
     """Serves /metrics and the page on `address` (None: not at all); says where on stdout."""
     if address is None:
         return None
-    server = WebServer(store, name, live_job)
+    server = WebServer(store, name, live_job, nodes)
     bound = await server.start(*address)
     print(f"orchestrator {name} http on http://{bound}", flush=True)
     return server

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchctl import certs
 from orchctl.cli import build_parser
 from orchctl.localcluster import Proc, find_etcd, wait_for
 from tools import install_helm
@@ -204,7 +206,7 @@ def test_every_ci_values_file_is_checked() -> None:
     names = {p.name for p in CI_VALUES}
     assert {"default-values.yaml", "external-etcd-tls-values.yaml", "bundled-etcd-cert-manager-values.yaml",
             "nvme-passthru-values.yaml", "vfio-values.yaml", "monitoring-values.yaml",
-            "hostnetwork-values.yaml"} <= names
+            "hostnetwork-values.yaml", "mtls-cert-manager-values.yaml", "mtls-secrets-values.yaml"} <= names
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
@@ -528,6 +530,118 @@ def test_bundled_etcd_with_cert_manager_tls(render: Any) -> None:
         assert flag(c, "--etcd-cert") == f"{mount['mountPath']}/tls.crt"
 
 
+# ---- mutual TLS ---------------------------------------------------------------------------------
+
+TLS_DIR = "/etc/nvmigrate/tls"
+
+
+def assert_tls_flags(c: Obj, mount_path: str) -> None:
+    for name, file in (("--tls-ca", "ca.crt"), ("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+        assert flag(c, name) == f"{mount_path}/{file}"
+
+
+def init_container(rendered: Sequence[Obj], kind: str, name: str) -> Obj:
+    found = [c for c in pod_spec(rendered, kind).get("initContainers", []) if c["name"] == name]
+    assert len(found) == 1, f"{kind}: expected one init container {name}"
+    return found[0]
+
+
+def test_mtls_from_cert_manager(render: Any) -> None:
+    """Each agent's certificate names its own node: its init container asks cert-manager for it at
+    pod start, with the node's name and the address the agent advertises; the orchestrator's and
+    the operator's are Certificates; with mutual TLS the orchestrator's probes go over HTTP."""
+    rendered = render("mtls-cert-manager-values.yaml")
+    issuer = {"name": "nvmigrate-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    spec = pod_spec(rendered, "DaemonSet")
+    agent = container(rendered, "DaemonSet")
+    request = init_container(rendered, "DaemonSet", "agent-certificate")
+    assert [c["name"] for c in spec["initContainers"]] == ["prepare-data-dir", "agent-certificate"]
+    # What it asks for: the identity cluster/identity.py expects of this node's agent, from the issuer.
+    assert request["command"] == ["orchctl"] and request["args"][:3] == ["certs", "request", TLS_DIR]
+    asked = flags(request)
+    assert asked["--role"] == ["agent"] and asked["--name"] == [flag(agent, "--name")] == ["$(NODE_NAME)"]
+    assert asked["--host"] == [flag(agent, "--advertise-host")] == ["$(ADVERTISE_IP)"]  # NBD clients check it
+    assert {k: asked[f"--issuer{'-' + k if k != 'name' else ''}"] for k in issuer} == \
+        {k: [v] for k, v in issuer.items()}
+    assert asked["--namespace"] == [NAMESPACE] and asked["--duration"] == ["4380h"]
+    assert asked["--issue-timeout"] == ["60"]
+    for c in (request, agent):
+        assert env_of(c)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        assert env_of(c)["ADVERTISE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert request["securityContext"]["allowPrivilegeEscalation"] is False
+    assert request["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The key stays in memory; only the init container holds the service account's token.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["tls"]["emptyDir"]["medium"] == "Memory"
+    assert spec["automountServiceAccountToken"] is False
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    assert {m["name"]: m["mountPath"] for m in request["volumeMounts"]} == {
+        "tls": TLS_DIR, "tmp": "/tmp", "kube-api-access": "/var/run/secrets/kubernetes.io/serviceaccount"}
+    agent_mounts = mounts_by_volume(rendered, "DaemonSet")
+    assert "kube-api-access" not in agent_mounts
+    assert agent_mounts["tls"][1] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+    assert_tls_flags(agent, TLS_DIR)
+    # The agent's service account may make, read and delete CertificateRequests in the release's
+    # namespace, nothing more.
+    role = one(rendered, "Role", f"{FULLNAME}-agent-certificates")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": ["cert-manager.io"], "resources": ["certificaterequests"],
+                              "verbs": ["create", "get", "delete"]}]
+    binding = one(rendered, "RoleBinding", f"{FULLNAME}-agent-certificates")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": spec["serviceAccountName"],
+                                    "namespace": NAMESPACE}]
+    # The orchestrator's and the operator's identities.
+    certificates = {c["metadata"]["name"]: c["spec"] for c in objects(rendered, "Certificate")}
+    orchestrator = certificates[f"{FULLNAME}-orchestrator"]
+    operator = certificates[f"{FULLNAME}-operator"]
+    assert orchestrator["uris"] == ["nvmigrate://orchestrator/orchestrator"]
+    assert operator["uris"] == ["nvmigrate://operator/alice"]
+    service = one(rendered, "Service", f"{FULLNAME}-orchestrator")["metadata"]["name"]
+    assert {service, f"{service}.{NAMESPACE}.svc", "localhost", "nvmigrate.example.com"} <= \
+        set(orchestrator["dnsNames"])
+    assert orchestrator["ipAddresses"] == ["127.0.0.1"]  # orchctl through a port-forward
+    for certificate in (orchestrator, operator):
+        assert certificate["issuerRef"] == issuer and certificate["duration"] == "4380h"
+        assert "client auth" in certificate["usages"]
+    assert "server auth" in orchestrator["usages"]
+    o = container(rendered, "Deployment")
+    assert_tls_flags(o, TLS_DIR)
+    volume, mount = mounts_by_volume(rendered, "Deployment")["tls"]
+    assert volume["secret"]["secretName"] == orchestrator["secretName"] and mount["mountPath"] == TLS_DIR
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod_spec(rendered, "Deployment")["securityContext"]["fsGroup"] == 10001  # the group that reads it
+    # The kubelet's gRPC probe has no client certificate: the HTTP port's probes instead.
+    assert o["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert o["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert "grpc" not in o["readinessProbe"] and "grpc" not in o["livenessProbe"]
+
+
+def test_mtls_from_certificates_you_made(render: Any) -> None:
+    """Without cert-manager: the orchestrator's Secret, and each node's agent certificate in a
+    directory of that node; nothing asks the Kubernetes API for certificates."""
+    rendered = render("mtls-secrets-values.yaml")
+    agent = container(rendered, "DaemonSet")
+    volume, mount = mounts_by_volume(rendered, "DaemonSet")["tls"]
+    assert volume["hostPath"] == {"path": "/etc/nvmigrate/agent-tls", "type": "Directory"}
+    assert mount == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+    assert_tls_flags(agent, TLS_DIR)
+    assert "agent-certificate" not in [c["name"] for c in pod_spec(rendered, "DaemonSet").get("initContainers", [])]
+    assert not objects(rendered, "Role") and not objects(rendered, "Certificate")
+    o = container(rendered, "Deployment")
+    assert_tls_flags(o, TLS_DIR)
+    volume, _ = mounts_by_volume(rendered, "Deployment")["tls"]
+    assert volume["secret"]["secretName"] == "nvmigrate-orchestrator-tls"
+    assert o["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Off (the default): no TLS flag, mount or init container, and native gRPC probes.
+    plain = render()
+    for kind in ("Deployment", "DaemonSet"):
+        assert not {"--tls-ca", "--tls-cert", "--tls-key"} & set(flags(container(plain, kind)))
+        assert "tls" not in mounts_by_volume(plain, kind)
+    assert container(plain, "Deployment")["readinessProbe"]["grpc"] == {"port": 50051}
+
+
 # ---- monitoring, tracing, dashboards -------------------------------------------------------------
 
 
@@ -588,6 +702,11 @@ REFUSED = [
                  "/etcd/tls/existingSecret", id="tls-without-secret"),
     pytest.param(["etcd.tls.enabled=true", "certManager.enabled=true"], "/certManager/issuerRef/name",
                  id="cert-manager-without-issuer"),
+    pytest.param(["tls.enabled=true"], "/tls/orchestrator/existingSecret", id="mtls-without-certificates"),
+    pytest.param(["tls.enabled=true", "tls.orchestrator.existingSecret=orch-tls"], "/tls/agent/hostPath",
+                 id="mtls-without-agent-certificates"),
+    pytest.param(["tls.enabled=true", "tls.certManager.enabled=true"], "/tls/certManager/issuerRef/name",
+                 id="mtls-cert-manager-without-issuer"),
     pytest.param(["agent.backend=emulate"], "/agent/backend", id="unknown-backend"),
     pytest.param(["orchestrator.replica=3"], "'replica' not allowed", id="misspelt-key"),
 ]
@@ -614,7 +733,8 @@ def test_auth_without_a_password_is_refused(helm: str, helm_env: dict[str, str])
 # ---- NOTES, versions, scripts --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", ["default-values.yaml", "nvme-passthru-values.yaml"])
+@pytest.mark.parametrize("values", ["default-values.yaml", "nvme-passthru-values.yaml",
+                                    "mtls-cert-manager-values.yaml", "mtls-secrets-values.yaml"])
 def test_notes_commands_are_valid_orchctl(helm: str, helm_env: dict[str, str], values: str) -> None:
     """Every orchctl line NOTES.txt prints parses with orchctl's own parser (placeholders filled)."""
     done = run_helm(helm, helm_env, "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
@@ -716,6 +836,13 @@ def test_chart_passes_only_flags_the_processes_take(render: Any, values: Path) -
         command = c["command"][0]
         unknown = set(flags(c)) - help_flags(command)
         assert not unknown, f"{kind} passes {command} flags it does not take: {sorted(unknown)}"
+        for init in pod_spec(rendered, kind).get("initContainers", []):
+            if init["command"] == ["orchctl"]:  # orchctl's own parser takes the whole command line
+                try:
+                    build_parser().parse_args(init["args"])
+                except SystemExit:
+                    pytest.fail(f"{kind} init container {init['name']} runs `orchctl {shlex.join(init['args'])}`, "
+                                "which orchctl refuses", pytrace=False)
 
 
 def loopback_ips(count: int) -> list[str]:
@@ -851,3 +978,60 @@ def test_rendered_agent_serves_its_probes(render: Any, tmp_path: Path, procs: li
     wait_for(f"the agent's readiness probe {ready_path}", lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"),
              START_TIMEOUT_S, alive=agent.exited)
     assert http_ok(f"http://{ip}:{http_port}{c['livenessProbe']['httpGet']['path']}")
+
+
+def test_rendered_mtls_processes_serve_their_probes_and_an_operator(render: Any, tmp_path: Path,
+                                                                    procs: list[Proc]) -> None:
+    """The mtls-secrets values (one etcd member, no Node watching): etcd, the orchestrator and an
+    agent from the rendered flags, each with its `orchctl certs` certificate where the chart mounts
+    it. The orchestrator's HTTP probes answer while its gRPC port refuses a client without a
+    certificate, and an operator's orchctl lists the agent."""
+    rendered = render("mtls-secrets-values.yaml")
+    host_ips = start_rendered_etcd(rendered, tmp_path, procs)
+    (ip,) = loopback_ips(1)
+    pki = tmp_path / "pki"
+    certs.init_cluster(pki, [f"node-a={ip}"], [], ["admin"], [])
+
+    def mounted(kind: str, stem: str) -> dict[str, str]:
+        """The files of `stem` as the chart mounts them for `kind`: {mount path: a directory here}."""
+        where = tmp_path / f"{stem}-tls"
+        where.mkdir()
+        for source, name in (("ca.pem", "ca.crt"), (f"{stem}.pem", "tls.crt"), (f"{stem}.key", "tls.key")):
+            shutil.copy(pki / source, where / name)
+        return {mounts_by_volume(rendered, kind)["tls"][1]["mountPath"]: str(where)}
+
+    o = container(rendered, "Deployment")
+    args = localize(o["args"], {**host_ips, "$(POD_NAME)": f"{FULLNAME}-orchestrator-0", "0.0.0.0": ip,
+                                **mounted("Deployment", "orchestrator")})
+    orchestrator = spawn("orchestrator", [sys.executable, "-m", PROCESS_MODULES[o["command"][0]], *args],
+                         tmp_path, procs)
+    http_port = next(p["containerPort"] for p in o["ports"] if p["name"] == "http")
+    grpc_port = next(p["containerPort"] for p in o["ports"] if p["name"] == "grpc")
+    ready_path = o["readinessProbe"]["httpGet"]["path"]
+    assert wait_for(f"the orchestrator's readiness probe {ready_path}",
+                    lambda: http_ok(f"http://{ip}:{http_port}{ready_path}"), START_TIMEOUT_S,
+                    alive=orchestrator.exited) == "ready\n"
+    assert http_ok(f"http://{ip}:{http_port}{o['livenessProbe']['httpGet']['path']}")
+    # What a kubelet's gRPC probe would be: a client without a certificate, refused.
+    with grpc.insecure_channel(f"{ip}:{grpc_port}") as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+
+    a = container(rendered, "DaemonSet")
+    data_dir = flag(a, "--data-dir")
+    args = localize(a["args"], {**host_ips, "$(NODE_NAME)": "node-a", "$(ADVERTISE_IP)": ip, "0.0.0.0": ip,
+                                data_dir: str(tmp_path / "agent-data"), **mounted("DaemonSet", "agent-node-a")})
+    agent = spawn("agent", [sys.executable, "-m", PROCESS_MODULES[a["command"][0]], *args], tmp_path, procs)
+    agent_http = next(p["containerPort"] for p in a["ports"] if p["name"] == "http")
+    wait_for("the agent's readiness probe", lambda: http_ok(f"http://{ip}:{agent_http}/readyz"), START_TIMEOUT_S,
+             alive=agent.exited)
+
+    def operator_lists_the_agent() -> str | None:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchctl.cli", "--server", f"{ip}:{grpc_port}", "--tls-ca", str(pki / "ca.pem"),
+             "--tls-cert", str(pki / "operator-admin.pem"), "--tls-key", str(pki / "operator-admin.key"),
+             "--tls-server-name", "localhost", "-o", "json", "nodes"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+        return done.stdout if done.returncode == 0 and '"node-a"' in done.stdout else None
+
+    wait_for("orchctl nodes, as the operator, to list node-a", operator_lists_the_agent, START_TIMEOUT_S,
+             alive=orchestrator.exited)

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from tests.fakes.kube_http import JsonHandler
+
 WATCH_POLL_S = 0.1
 
 
@@ -92,28 +94,7 @@ class FakeKubeApi:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Quiet: a test reads what happened from the fake's state."""
-
-            def _send(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _not_found(self) -> None:
-                self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
-                                 "message": f"{self.path} not found"})
-
-            def _body(self) -> dict[str, Any]:
-                length = int(self.headers.get("Content-Length", "0"))
-                return dict(json.loads(self.rfile.read(length) or b"{}"))
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 parts = url.path.strip("/").split("/")

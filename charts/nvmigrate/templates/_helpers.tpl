@@ -186,6 +186,56 @@ app.kubernetes.io/managed-by: {{ $ctx.Release.Service }}
 {{- end }}
 {{- end -}}
 
+{{/* ---- mutual TLS of the processes (tls.*) ------------------------------------------------ */}}
+
+{{- define "nvmigrate.tls.dir" -}}/etc/nvmigrate/tls{{- end -}}
+
+{{/* The --tls-* flags of a process whose ca.crt, tls.crt, tls.key are mounted at the TLS dir. */}}
+{{- define "nvmigrate.tls.args" -}}
+{{- if .Values.tls.enabled }}
+- --tls-ca={{ include "nvmigrate.tls.dir" . }}/ca.crt
+- --tls-cert={{ include "nvmigrate.tls.dir" . }}/tls.crt
+- --tls-key={{ include "nvmigrate.tls.dir" . }}/tls.key
+{{- end }}
+{{- end -}}
+
+{{- define "nvmigrate.tls.volumeMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ include "nvmigrate.tls.dir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "nvmigrate.tls.orchestratorSecret" -}}
+{{- if .Values.tls.certManager.enabled -}}
+{{- printf "%s-orchestrator-tls" (include "nvmigrate.fullname" .) -}}
+{{- else -}}
+{{- .Values.tls.orchestrator.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nvmigrate.tls.operatorSecret" -}}
+{{- printf "%s-operator-tls" (include "nvmigrate.fullname" .) -}}
+{{- end -}}
+
+{{/* Whether the agents ask cert-manager for their certificates at pod start: "true" or "". */}}
+{{- define "nvmigrate.tls.agentRequests" -}}
+{{- if and .Values.tls.enabled .Values.tls.certManager.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The agent's node name and the IP it is reached at (the node's with hostNetwork, else the pod's). */}}
+{{- define "nvmigrate.agent.addressEnv" -}}
+- name: NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: ADVERTISE_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: {{ if .Values.agent.hostNetwork }}status.hostIP{{ else }}status.podIP{{ end }}
+{{- end -}}
+
 {{/* Whether the agent drives real hardware (privileged, root, device mounts): "true" or "". */}}
 {{- define "nvmigrate.agent.realBackend" -}}
 {{- if has .Values.agent.backend (list "nvme-passthru" "vfio") -}}true{{- end -}}
