@@ -53,6 +53,10 @@ class MigratableController(Protocol):
         """Read namespace bytes in any state (for copying and verification)."""
         ...
 
+    def read_raw_into(self, offset: int, buffer: memoryview) -> None:
+        """``read_raw`` of ``len(buffer)`` bytes into ``buffer`` (the data plane's reused buffers)."""
+        ...
+
     def write_raw(self, offset: int, data: bytes) -> None:
         """Apply migrated namespace bytes; only in RESUMING."""
         ...

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableController
 from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
-from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, FrameFaults, stream_extents
+from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, FrameFaults
 from agent.guest.workload import GuestWorkload
 from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
@@ -44,8 +44,6 @@ DATA_STALL_TIMEOUT_S = 10.0
 # How long the destination may take to acknowledge a round or the final state once everything is
 # sent. During stop-and-copy the guest is paused for this long at worst, so it stays short.
 ACK_TIMEOUT_S = 10.0
-MAX_PIECE_BYTES = 1 << 20
-BATCH_PIECES = 256  # changed extents read per thread hop
 SMALL_WRITE_BYTES = 64 * 1024
 
 
@@ -215,39 +213,22 @@ class SourceSession(Session):
         # Tracking starts before the first read, so every later guest write is sent again.
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
         extents = await asyncio.to_thread(self.ctrl.data_extents)
-        sent = await stream_extents(self.sender, self._read, extents)
+        # Read, checksummed and sent by the sender's thread, each batch after the node's pacer.
+        sent = await self.sender.send_ranges(self.ctrl.read_raw_into, extents, admit=self._admit(yielding=True))
         await self.sender.end_round(0, timeout_s=ACK_TIMEOUT_S)
         return await self._facts(0, sent, started)
 
-    async def _read(self, offset: int, length: int) -> bytes:
-        if self.pacer is not None:
-            await self.pacer.acquire(length)
-        return await asyncio.to_thread(self.ctrl.read_raw, offset, length)
-
-    def _read_many(self, extents: list[tuple[int, int]]) -> list[bytes]:
-        return [self.ctrl.read_raw(offset, length) for offset, length in extents]
+    def _admit(self, *, yielding: bool) -> Callable[[int], Awaitable[None]] | None:
+        """What a batch of migration reads waits for: the node's pacer (not in stop-and-copy)."""
+        return self.pacer.acquire if yielding and self.pacer is not None else None
 
     async def _send_changed(self, lbas: list[int], *, yielding: bool = True) -> int:
-        """Sends changed blocks. They are scattered, so reads are batched into one thread hop
-        per few MiB: a hop per 4 KiB block would cost more than the copy itself. `yielding`:
-        each piece waits for the node's migration pacer first (not in stop-and-copy)."""
+        """Sends changed blocks. They are scattered: the sender's thread reads and sends up to a
+        few MiB of them (hundreds of frames) per batch, so no block costs a thread hop of its own.
+        `yielding`: each batch waits for the node's migration pacer first."""
         assert self.sender is not None
-        pieces: list[tuple[int, int]] = []
-        for offset, length in lbas_to_extents(lbas):
-            while length > 0:
-                n = min(length, MAX_PIECE_BYTES)
-                pieces.append((offset, n))
-                offset, length = offset + n, length - n
-        sent = 0
-        for start in range(0, len(pieces), BATCH_PIECES):
-            batch = pieces[start:start + BATCH_PIECES]
-            datas = await asyncio.to_thread(self._read_many, batch)
-            for (offset, _), data in zip(batch, datas, strict=True):
-                if yielding and self.pacer is not None:
-                    await self.pacer.acquire(len(data))  # paced per piece: a batch may be many MiB
-                await self.sender.send_extent(offset, data)
-                sent += len(data)
-        return sent
+        return await self.sender.send_ranges(self.ctrl.read_raw_into, lbas_to_extents(lbas),
+                                             admit=self._admit(yielding=yielding))
 
     async def _facts(self, round_no: int, sent: int, started: float) -> TransferFacts:
         duration = max(time.monotonic() - started, 1e-6)

@@ -3,8 +3,8 @@
 
 Each run copies the whole of a source namespace file (random data, ``--mib`` MiB) to an empty
 destination namespace through the code a migration uses: the source process runs a
-``SourceSession`` over an ``EmulatedController`` (its precopy: ``DataSender``,
-``stream_extents`` reading the namespace file), and a separate destination process runs a
+``SourceSession`` over an ``EmulatedController`` (its precopy: ``DataSender.send_ranges``, whose
+worker thread reads the namespace file, checksums and sends), and a separate destination process runs a
 ``DataReceiver`` with a ``DestinationSession`` over ``EmulatedController.for_resuming``, which
 writes every extent into its namespace file. The time is from the start of the precopy to the ACK
 of its round, i.e. until every byte was checksummed and written on the destination. Then the
@@ -23,7 +23,7 @@ The namespace files live in ``--dir`` (default: a fresh directory under /dev/shm
 page cache and not this machine's disk is measured; pass a directory on a disk to include it).
 
 Usage: python -m e2e.bench_dataplane_e2e [--mib 1024] [--repeat 3] [--out /tmp/nvmigrate-bench/dataplane_e2e]
-       [--variants iperf3,plain,tls] [--dir DIR] [--streams N]
+       [--variants iperf3,plain,tls] [--dir DIR]
 """
 
 from __future__ import annotations

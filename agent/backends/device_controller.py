@@ -122,6 +122,9 @@ class DeviceBackedController(ABC):
             self._usable()
             return self._namespace.read(offset, length)
 
+    def read_raw_into(self, offset: int, buffer: memoryview) -> None:
+        buffer[:] = self.read_raw(offset, len(buffer))  # the device reads through its own aligned buffer
+
     def write_raw(self, offset: int, data: bytes) -> None:
         with self._lock:
             self._require_state(frozenset({VfioState.RESUMING}), "write_raw")

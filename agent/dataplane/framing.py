@@ -47,8 +47,10 @@ __all__ = [
     "Frame",
     "FrameError",
     "FrameType",
+    "decode_frame",
     "encode_frame",
     "encode_header",
+    "extent_header",
     "frame_checksum",
     "read_frame",
 ]
@@ -112,11 +114,23 @@ def _type_name(raw: int) -> str:
         return f"type#{raw}"
 
 
-def frame_checksum(prefix: bytes, payload: bytes | memoryview) -> int:
+def frame_checksum(prefix: bytes, payload: bytes | bytearray | memoryview) -> int:
     """XXH3-64 of the header fields before the checksum, then the payload."""
     digest = xxhash.xxh3_64(prefix)
     digest.update(payload)
     return int(digest.intdigest())
+
+
+def _header(ftype: FrameType, offset: int, seq: int, payload: bytes | bytearray | memoryview) -> bytes:
+    length = len(payload)
+    if length > _U32_MAX:
+        raise ValueError(f"frame payload of {length} bytes exceeds the u32 length field; split it")
+    if not 0 <= offset <= _U64_MAX:
+        raise ValueError(f"frame offset {offset} is outside 0..2^64-1")
+    if not 0 <= seq <= _U64_MAX:
+        raise ValueError(f"frame seq {seq} is outside 0..2^64-1")
+    prefix = _PREFIX.pack(MAGIC, VERSION, int(ftype), 0, length, offset, seq)
+    return prefix + _CHECKSUM.pack(frame_checksum(prefix, payload))
 
 
 def encode_header(frame: Frame) -> bytes:
@@ -125,15 +139,12 @@ def encode_header(frame: Frame) -> bytes:
     Kept separate from the payload so a sender can write header and payload with two
     ``writer.write`` calls instead of concatenating (copying) a 1 MiB payload.
     """
-    length = len(frame.payload)
-    if length > _U32_MAX:
-        raise ValueError(f"frame payload of {length} bytes exceeds the u32 length field; split it")
-    if not 0 <= frame.offset <= _U64_MAX:
-        raise ValueError(f"frame offset {frame.offset} is outside 0..2^64-1")
-    if not 0 <= frame.seq <= _U64_MAX:
-        raise ValueError(f"frame seq {frame.seq} is outside 0..2^64-1")
-    prefix = _PREFIX.pack(MAGIC, VERSION, int(FrameType(frame.type)), 0, length, frame.offset, frame.seq)
-    return prefix + _CHECKSUM.pack(frame_checksum(prefix, frame.payload))
+    return _header(FrameType(frame.type), frame.offset, frame.seq, frame.payload)
+
+
+def extent_header(offset: int, seq: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """The header of an EXTENT frame for ``payload`` (a view into the sender's buffer: no copy)."""
+    return _header(FrameType.EXTENT, offset, seq, payload)
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -159,20 +170,8 @@ async def read_frame(reader: ByteReader, max_payload: int = MAX_PAYLOAD_DEFAULT)
             "the peer closed the connection mid-frame"
         ) from None
 
-    magic, version, ftype, _reserved, length, offset, seq = _PREFIX.unpack_from(raw)
-    (expected,) = _CHECKSUM.unpack_from(raw, _PREFIX.size)
-    where = f"{_type_name(ftype)} frame at offset {offset} seq {seq}"
-    if magic != MAGIC:
-        raise FrameError(f"bad frame magic {magic!r} (expected {MAGIC!r}) in {where}; not a data-plane peer")
-    if version != VERSION:
-        raise FrameError(f"unsupported frame version {version} (this agent speaks {VERSION}) in {where}")
-    if ftype not in FrameType._value2member_map_:
-        raise FrameError(f"unknown frame type {ftype} in {where}")
-    if length > max_payload:
-        raise FrameError(
-            f"{where} declares a {length}-byte payload, above the {max_payload}-byte limit; "
-            "corrupt header or a peer with a larger chunk size"
-        )
+    ftype, length, offset, seq, expected = _parse_header(raw, max_payload)
+    where = _where(ftype, offset, seq)
 
     if length:
         try:
@@ -184,10 +183,54 @@ async def read_frame(reader: ByteReader, max_payload: int = MAX_PAYLOAD_DEFAULT)
     else:
         payload = b""
 
+    _verify(raw, payload, expected, where)
+    return Frame(FrameType(ftype), offset, seq, payload)
+
+
+def decode_frame(buffer: bytes | bytearray, max_payload: int = MAX_PAYLOAD_DEFAULT) -> tuple[Frame, int] | None:
+    """The first frame in ``buffer`` and how many bytes it took, or None while it is incomplete.
+
+    For a reader that receives into its own buffer (the sender reading ACKs from a blocking
+    socket); the checks and errors are ``read_frame``'s.
+    """
+    if len(buffer) < HEADER_SIZE:
+        return None
+    raw = bytes(buffer[:HEADER_SIZE])
+    ftype, length, offset, seq, expected = _parse_header(raw, max_payload)
+    if len(buffer) < HEADER_SIZE + length:
+        return None
+    payload = bytes(buffer[HEADER_SIZE : HEADER_SIZE + length])
+    _verify(raw, payload, expected, _where(ftype, offset, seq))
+    return Frame(FrameType(ftype), offset, seq, payload), HEADER_SIZE + length
+
+
+def _where(ftype: int, offset: int, seq: int) -> str:
+    return f"{_type_name(ftype)} frame at offset {offset} seq {seq}"
+
+
+def _parse_header(raw: bytes, max_payload: int) -> tuple[int, int, int, int, int]:
+    """(type, length, offset, seq, checksum) of a header; FrameError for anything invalid."""
+    magic, version, ftype, _reserved, length, offset, seq = _PREFIX.unpack_from(raw)
+    (expected,) = _CHECKSUM.unpack_from(raw, _PREFIX.size)
+    where = _where(ftype, offset, seq)
+    if magic != MAGIC:
+        raise FrameError(f"bad frame magic {magic!r} (expected {MAGIC!r}) in {where}; not a data-plane peer")
+    if version != VERSION:
+        raise FrameError(f"unsupported frame version {version} (this agent speaks {VERSION}) in {where}")
+    if ftype not in FrameType._value2member_map_:
+        raise FrameError(f"unknown frame type {ftype} in {where}")
+    if length > max_payload:
+        raise FrameError(
+            f"{where} declares a {length}-byte payload, above the {max_payload}-byte limit; "
+            "corrupt header or a peer with a larger chunk size"
+        )
+    return ftype, length, offset, seq, expected
+
+
+def _verify(raw: bytes, payload: bytes, expected: int, where: str) -> None:
     actual = frame_checksum(raw[: _PREFIX.size], payload)
     if actual != expected:
         raise ChecksumError(
-            f"checksum mismatch in {where} ({length} payload bytes): expected xxh3 0x{expected:016x}, "
+            f"checksum mismatch in {where} ({len(payload)} payload bytes): expected xxh3 0x{expected:016x}, "
             f"computed 0x{actual:016x}; the frame was corrupted in transit"
         )
-    return Frame(FrameType(ftype), offset, seq, payload)

@@ -84,6 +84,8 @@ FINAL_MAX_PAYLOAD = 64 * 1024 * 1024
 # destroy) our error ACK on the source side.
 _LINGER_S = 2.0
 _CLOSE_GRACE_S = 2.0
+# An extent at least this large is written while the next frame arrives (see _WriteBehind).
+WRITE_BEHIND_MIN_BYTES = 256 * 1024
 
 _FINAL_LEN = struct.Struct("!I")
 
@@ -134,7 +136,10 @@ def parse_hello(payload: bytes) -> tuple[str, str]:
 class DestinationSink(Protocol):
     """Where a session's data goes on the destination (the new controller's backend)."""
 
-    async def apply_extent(self, offset: int, data: bytes) -> None: ...
+    async def apply_extent(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at namespace byte ``offset``. ``data`` is the receiver's buffer: it is
+        reused for a later frame once this returns, so keep no reference to it."""
+        ...
 
     async def apply_round_end(self, round: int) -> None: ...
 
@@ -221,6 +226,52 @@ def _exc_text(exc: BaseException) -> str:
 
 def _cause(exc: BaseException) -> str:
     return CAUSE_NO_SPACE if no_space(exc) is not None else ""
+
+
+class _WriteBehind:
+    """At most one large extent being written by the sink while the next frame arrives: the write
+    (a thread, on another core) overlaps the receive instead of following it. Small extents are
+    written in turn, as before: a task for each 4 KiB block would cost more than it saves."""
+
+    def __init__(self, session: _Session, reader: FrameStreamReader) -> None:
+        self._session = session
+        self._reader = reader
+        self._task: asyncio.Task[None] | None = None
+        self._frame: Frame | None = None
+
+    def start(self, frame: Frame) -> None:
+        assert self._task is None, "settle() the write in flight first"
+        self._frame = frame
+        self._task = asyncio.get_running_loop().create_task(
+            self._session.sink.apply_extent(frame.offset, frame.payload),
+            name=f"dataplane-write-{self._session.job_id}")
+
+    async def settle(self) -> tuple[str, str] | None:
+        """Waits for the write in flight; its failure as (reason, cause), None if it succeeded."""
+        task, frame = self._task, self._frame
+        if task is None or frame is None:
+            return None
+        self._task = self._frame = None
+        try:
+            await task
+        except Exception as exc:
+            return (f"destination failed to write extent at offset {frame.offset} ({len(frame.payload)} bytes): "
+                    f"{_exc_text(exc)}", _cause(exc))
+        finally:
+            if task.done() and not task.cancelled():
+                # The sink is done with the payload (a cancelled write may still be in its thread).
+                self._reader.recycle(frame.payload)
+        self._session.bytes_received += len(frame.payload)
+        return None
+
+    async def discard(self) -> None:
+        """The session ended otherwise (a failure, a cancel): the write in flight does not matter."""
+        task, self._task, self._frame = self._task, None, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: the session already has its reason
 
 
 class DataReceiver:
@@ -517,9 +568,22 @@ class DataReceiver:
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
 
     async def _serve(self, session: _Session, reader: FrameStreamReader, writer: asyncio.StreamWriter) -> None:
+        behind = _WriteBehind(session, reader)
+        try:
+            await self._serve_frames(session, reader, writer, behind)
+        finally:
+            await behind.discard()
+
+    async def _serve_frames(self, session: _Session, reader: FrameStreamReader, writer: asyncio.StreamWriter,
+                            behind: _WriteBehind) -> None:
         job = session.job_id
 
         async def fail(reason: str, cause: str = "") -> None:
+            # The frames before the failure were good: the one still being written lands first
+            # (and if it cannot, that is the first failure).
+            earlier = await behind.settle()
+            if earlier is not None:
+                reason, cause = earlier
             session.fail(reason)
             logger.warning("data-plane session for job %s failed: %s", job, reason)
             await self._refuse(reader, writer, reason, cause)
@@ -537,7 +601,13 @@ class DataReceiver:
                 )
                 return
             except OSError as exc:
+                await behind.settle()
                 session.fail(f"connection from the source lost: {_exc_text(exc)}")
+                return
+            # Whatever comes next, a write still in flight comes first (frames apply in order).
+            failed = await behind.settle()
+            if failed is not None:
+                await fail(*failed)
                 return
             if frame is None:
                 if not session.done:
@@ -552,6 +622,9 @@ class DataReceiver:
                     return
                 session.extent_seq = frame.seq
                 traffic.RECEIVED.add(len(frame.payload))  # arrived whole, whatever the sink makes of it
+                if len(frame.payload) >= WRITE_BEHIND_MIN_BYTES:
+                    behind.start(frame)
+                    continue
                 try:
                     await session.sink.apply_extent(frame.offset, frame.payload)
                 except Exception as exc:

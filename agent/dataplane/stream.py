@@ -7,6 +7,9 @@ what held a receiver back. ``FrameStreamProtocol`` is a ``BufferedProtocol``: wh
 ``readexactly(n)`` waits, the transport receives into that call's own ``bytearray(n)``, so a
 frame's payload is read once, by the kernel (or decrypted once, by TLS), and handed on as it is.
 Bytes that arrive with nobody waiting go to a small staging buffer; reading pauses when it is full.
+A large payload's buffer is handed back with ``recycle`` once the sink has written it, and the next
+payload of the same size is received into it: a fresh ``bytearray`` of 4 MiB is zeroed first, and
+that zeroing cost the receiver a tenth of its time.
 
 ``FrameStreamReader`` offers the parts of ``StreamReader`` the receiver uses (``readexactly``,
 ``read``, ``exception``), and the connection's writer is a plain ``asyncio.StreamWriter``.
@@ -18,10 +21,14 @@ import asyncio
 from asyncio.streams import FlowControlMixin
 from collections.abc import Callable
 
-__all__ = ["STAGING_BYTES", "FrameStreamProtocol", "FrameStreamReader"]
+__all__ = ["RECYCLE_MIN_BYTES", "STAGING_BYTES", "FrameStreamProtocol", "FrameStreamReader"]
 
 # Bytes received while no read waits: a header or two, an ABORT, what a refused peer still sends.
 STAGING_BYTES = 256 * 1024
+# Buffers at least this large are kept for reuse, this many at most (one being written, one being
+# received, one spare).
+RECYCLE_MIN_BYTES = 256 * 1024
+_RECYCLED_MAX = 3
 
 
 class FrameStreamReader:
@@ -40,6 +47,7 @@ class FrameStreamReader:
         self._eof = False
         self._exception: BaseException | None = None
         self._paused = False
+        self._recycled: list[bytearray] = []
 
     # -- the protocol's side -----------------------------------------------------------------
 
@@ -104,6 +112,19 @@ class FrameStreamReader:
     def exception(self) -> BaseException | None:
         return self._exception
 
+    def recycle(self, buffer: bytes | bytearray) -> None:
+        """``buffer`` came from ``readexactly`` and nobody uses it any more: a later read of the
+        same size may receive into it (and overwrite it)."""
+        if isinstance(buffer, bytearray) and len(buffer) >= RECYCLE_MIN_BYTES and \
+                len(self._recycled) < _RECYCLED_MAX and all(b is not buffer for b in self._recycled):
+            self._recycled.append(buffer)
+
+    def _new_buffer(self, n: int) -> bytearray:
+        for i, buffer in enumerate(self._recycled):
+            if len(buffer) == n:
+                return self._recycled.pop(i)
+        return bytearray(n)
+
     def _take_staged(self, out: bytearray, at: int) -> int:
         n = min(len(out) - at, self._staged_end - self._staged_start)
         if n:
@@ -120,7 +141,7 @@ class FrameStreamReader:
             raise ValueError(f"readexactly size {n} is negative")
         if self._waiter is not None:
             raise RuntimeError("readexactly() called while another read is waiting on this connection")
-        out = bytearray(n)
+        out = self._new_buffer(n) if n >= RECYCLE_MIN_BYTES else bytearray(n)
         filled = self._take_staged(out, 0)
         if filled < n:
             if self._exception is not None:

@@ -307,6 +307,10 @@ class EmulatedController:
         """Namespace bytes, in any state; holes read as zeros."""
         return self._store.read(offset, length)
 
+    def read_raw_into(self, offset: int, buffer: memoryview) -> None:
+        """``read_raw`` into the caller's buffer (the data plane reuses one per chunk)."""
+        self._store.read_into(offset, buffer)
+
     def write_raw(self, offset: int, data: bytes) -> None:
         """Apply migrated namespace bytes; only while RESUMING."""
         with self._lock:

@@ -127,6 +127,19 @@ class NamespaceStore:
             self.check_bytes(offset, length)
             return os.pread(fd, length, offset)
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fills ``buffer`` with the bytes at ``offset`` (no copy through a bytes object)."""
+        with self.lock:
+            fd = self.usable_fd()
+            self.check_bytes(offset, len(buffer))
+            done = 0
+            while done < len(buffer):
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise OSError(errno.EIO, f"{self.path} ends at {offset + done}, inside a read of "
+                                             f"{len(buffer)} bytes at {offset}")
+                done += n
+
     def write(self, offset: int, data: bytes) -> None:
         """Bytes in any alignment; an unaligned piece is widened to whole blocks for the snapshots."""
         with self.lock:
