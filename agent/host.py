@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -38,7 +39,7 @@ from agent.vfio_states import VfioState
 from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
-from cluster.store import EtcdError, EtcdStore
+from cluster.store import ConflictError, EtcdError, EtcdStore
 from cluster.switchover_marks import mark
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -106,6 +107,7 @@ class Host:
         self.health: DriveHealth | None = None  # the backend's SMART / Health log, as last read
         self._health_problem = ""
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()  # short tasks of this host, cancelled by stop
         self.started_at = time.time()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class Host:
         return health
 
     async def stop(self) -> None:
-        for task in (self._free_space_watch, self._republisher):
+        for task in (self._free_space_watch, self._republisher, *self._background):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -590,7 +592,8 @@ class Host:
             session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                          controller=controller, token=secrets.token_hex(16), node=self.name,
                                          state_path=self._state_path(controller_id, job_id),
-                                         guest=self.hosting.guest(controller), backend=self.hosting.kind)
+                                         guest=self.hosting.guest(controller), backend=self.hosting.kind,
+                                         switch_over=self.switch_over)
             self.receiver.register(job_id, session.token, session, source_node=source_node)
             self.sessions[job_id] = session
         await self.publish()
@@ -637,6 +640,70 @@ class Host:
                 self.receiver.unregister(session.job_id)
                 await self.publish()
             await session.resume(on_running)
+
+    async def switch_over(self, session: DestinationSession, plan: agent_pb2.SwitchoverPlan) -> dict[str, Any]:
+        """The switchover, taken here as soon as the state is loaded (the source waits for its
+        answer with the guest paused): the hosting's record first (a restarted agent finds the
+        controller), then ONE etcd transaction that moves ownership here and claims RUNNING,
+        fenced as the orchestrator's own writes (job and controller revisions, leader term), then
+        the controller and its guest run. Returns what FINAL's ACK says of it.
+
+        A refusal (raised, a not-ok ACK) comes only before the commit was sent or when etcd refused
+        it: the source then resumes at once. An etcd that does not answer in time leaves the outcome
+        unknown: nothing runs here, the source stays paused, and the orchestrator settles it in etcd
+        (then ResumeDestination runs it here if the commit landed)."""
+        async with session.resume_lock:
+            mark(session.job_id, "dst.switchover_started")
+            try:
+                await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
+            except OSError as exc:
+                raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            mark(session.job_id, "dst.adopted")
+            controller = ControllerRecord.from_bytes(plan.controller_record)
+            session.commit_sent = True
+            commit_started = time.monotonic()
+            try:
+                revision = await asyncio.wait_for(
+                    self.store.commit_switchover(session.job_id, plan.job_record, plan.job_revision, controller,
+                                                 plan.controller_revision, self.name, plan.leader_term),
+                    plan.commit_timeout_s)
+            except ConflictError as exc:
+                session.commit_sent = False  # refused: it can never land
+                await self._unadopt(session)
+                raise SessionError(ErrorKind.PRECONDITION, f"switchover refused by etcd: {exc}") from exc
+            except (EtcdError, TimeoutError) as exc:
+                await self._unadopt(session)  # loaded, not running: ResumeDestination records it again
+                note = (f"etcd did not confirm the switchover's commit within {plan.commit_timeout_s:g} s "
+                        f"({type(exc).__name__}: {exc}); it may have landed")
+                log.warning("job %s: %s", session.job_id, note)
+                return {"switchover": "UNKNOWN", "note": note}
+            commit_ms = round((time.monotonic() - commit_started) * 1000.0, 3)
+            mark(session.job_id, "dst.committed")
+            await self._adopt_limits(session, (controller, plan.controller_revision))
+            job_id = session.job_id
+
+            async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
+                self.controllers[session.controller_id] = self._hosted(controller, workload)
+                self.publish_soon()  # the guest does not wait on the node record's write
+                # The data connection ends with FINAL's ACK, after this: its registration goes then.
+                self._unregister_when_done(job_id)
+            try:
+                await session.resume(on_running)
+            except Exception as exc:
+                # Committed: the controller is ours whatever happens; a retried ResumeDestination runs it.
+                log.exception("job %s: committed, but the controller did not start here", job_id)
+                return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms,
+                        "note": f"committed, but the controller did not start on {self.name}: {exc}"}
+            return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms}
+
+    def _unregister_when_done(self, job_id: str) -> None:
+        async def unregister() -> None:
+            with contextlib.suppress(KeyError):
+                await asyncio.wait_for(self.receiver.wait_session_end(job_id), 10.0)
+            self.receiver.unregister(job_id)
+        task = asyncio.create_task(unregister(), name=f"unregister-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _adopt_limits(self, session: DestinationSession,
                             read: tuple[ControllerRecord, int] | None = None) -> None:
@@ -713,6 +780,12 @@ class Host:
                 raise SessionError(ErrorKind.PRECONDITION, problem)
         if isinstance(session, DestinationSession):
             async with session.resume_lock:  # not under a resume that is adopting or claiming
+                if session.commit_sent and session.stage is not DestinationStage.RUNNING:
+                    # Its commit may have landed: the copy goes only while etcd says it is not ours.
+                    if await self._owned_here(session.controller_id) is None:
+                        raise SessionError(ErrorKind.PRECONDITION,
+                                           f"controller {session.controller_id!r} belongs to {self.name!r} since "
+                                           f"job {job_id}'s switchover committed here; it is not discarded")
                 self.receiver.unregister(job_id)
                 released = session.current not in (SourceStage.ABORTED, DestinationStage.ABORTED)
                 await session.abort(reason)

@@ -66,7 +66,10 @@ def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
                                     duration_s=facts.duration_s, dirty_bytes_remaining=facts.dirty_bytes_remaining,
                                     dirty_rate_bytes_per_s=facts.dirty_rate_bytes_per_s,
                                     state_bytes=facts.state_bytes, round=facts.round,
-                                    total_bytes_sent=facts.total_bytes_sent)
+                                    total_bytes_sent=facts.total_bytes_sent,
+                                    switchover=facts.switchover,  # type: ignore[arg-type]
+                                    commit_revision=facts.commit_revision, switchover_note=facts.switchover_note,
+                                    commit_ms=facts.commit_ms)
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
@@ -289,7 +292,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                           context: grpc.aio.ServicerContext) -> agent_pb2.TransferResult:
         async def stop_and_copy() -> agent_pb2.TransferResult:
             session = await self._source(request)
-            return transfer_result(await session.stop_and_copy())
+            plan = request.plan.SerializeToString() if request.HasField("plan") else b""
+            return transfer_result(await session.stop_and_copy(plan))
         return await self._guard(context, stop_and_copy())
 
     async def ReleaseSource(self, request: agent_pb2.MigrationRef,

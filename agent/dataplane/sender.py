@@ -54,10 +54,13 @@ _ABORT_REASON_MAX = 4096
 
 class DataPlaneError(Exception):
     """The transfer failed; ``reason`` is the receiver's (or the connection's) own explanation,
-    ``cause`` what its refusal said of the kind of failure (``CAUSE_NO_SPACE``, or empty)."""
+    ``cause`` what its refusal said of the kind of failure (``CAUSE_NO_SPACE``, or empty).
+    ``refused``: the receiver said so itself (a not-ok ACK), rather than the connection failing."""
 
-    def __init__(self, reason: str, *, address: str = "", job_id: str = "", cause: str = "") -> None:
+    def __init__(self, reason: str, *, address: str = "", job_id: str = "", cause: str = "",
+                 refused: bool = False) -> None:
         self.reason = reason
+        self.refused = refused
         self.address = address
         self.job_id = job_id
         self.cause = cause
@@ -102,6 +105,7 @@ class DataSender:
         self._extent_frames = 0
         self._error: str | None = None
         self._error_cause = ""
+        self._refused = False  # the error is the receiver's own refusal (a not-ok ACK)
         self._closed = False
         self.corrupt_frame = 0
         # ACKs come back in request order (the receiver handles frames strictly in order).
@@ -252,6 +256,10 @@ class DataSender:
             self._raise_if_failed()
         return body
 
+    async def send_plan(self, plan: bytes) -> None:
+        """The switchover plan, for the destination to commit once FINAL is loaded (no ACK of its own)."""
+        await self._send(encode_header(Frame(FrameType.SWITCHOVER_PLAN, payload=plan)), plan)
+
     async def abort(self, reason: str) -> None:
         """Tell the receiver we give up (best effort), then close."""
         if self._error is None and not self._closed:
@@ -289,24 +297,25 @@ class DataSender:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise DataPlaneError(self._error, address=self._address, job_id=self._job_id,
-                                 cause=self._error_cause)
+                                 cause=self._error_cause, refused=self._refused)
 
-    def _set_error(self, reason: str, cause: str = "") -> None:
+    def _set_error(self, reason: str, cause: str = "", *, refused: bool = False) -> None:
         # The first reason wins: later ones (EOF after an error ACK) are consequences.
         if self._error is None:
             self._error = reason
             self._error_cause = cause
+            self._refused = refused
 
     def _fail_waiters(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(DataPlaneError(self._error or "failed", address=self._address, job_id=self._job_id,
-                                                 cause=self._error_cause))
+                                                 cause=self._error_cause, refused=self._refused))
 
-    def _fail(self, reason: str, cause: str = "") -> None:
+    def _fail(self, reason: str, cause: str = "", *, refused: bool = False) -> None:
         """Mark the sender unusable, wake every waiter, drop the connection."""
-        self._set_error(reason, cause)
+        self._set_error(reason, cause, refused=refused)
         self._fail_waiters()
         # Aborting also wakes a writer blocked in drain(), which then sees _error.
         self._writer.transport.abort()
@@ -324,7 +333,7 @@ class DataSender:
                     return
                 if not body["ok"]:
                     self._fail(str(body.get("error") or "receiver reported a failure without a reason"),
-                               str(body.get("cause") or ""))
+                               str(body.get("cause") or ""), refused=True)
                     return
                 if not self._waiters:
                     self._fail(f"protocol error: unexpected ACK {body!r} with no request outstanding")
