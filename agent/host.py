@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,20 @@ from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 MAX_SESSIONS = 64  # migrations a node takes part in at once, as source or destination
+FAULT_EXIT_CODE = 86  # how the process ends when a test asked it to exit after a commit
+
+
+@dataclass
+class SwitchoverFaults:
+    """Faults a test injects into this node's next switchover as its destination (InjectFault)."""
+
+    hold_commit_s: float = 0.0  # wait this long right before sending the commit
+    exit_after_commit: bool = False  # the process exits right after the commit landed
+
+    def take(self) -> tuple[float, bool]:
+        taken = (self.hold_commit_s, self.exit_after_commit)
+        self.hold_commit_s, self.exit_after_commit = 0.0, False
+        return taken
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Host:
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_corrupt_frame = 0
+        self.switchover_faults = SwitchoverFaults()
         # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
         self.lease = NodeLease(store.config, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
@@ -641,25 +658,49 @@ class Host:
                 await self.publish()
             await session.resume(on_running)
 
-    async def switch_over(self, session: DestinationSession, plan: agent_pb2.SwitchoverPlan) -> dict[str, Any]:
-        """The switchover, taken here as soon as the state is loaded (the source waits for its
-        answer with the guest paused): the hosting's record first (a restarted agent finds the
-        controller), then ONE etcd transaction that moves ownership here and claims RUNNING,
-        fenced as the orchestrator's own writes (job and controller revisions, leader term), then
-        the controller and its guest run. Returns what FINAL's ACK says of it.
+    async def switch_over(self, session: DestinationSession, plan: agent_pb2.SwitchoverPlan,
+                          loading: Awaitable[None]) -> dict[str, Any]:
+        """The switchover, taken here as the state arrives (the source waits for its answer with
+        the guest paused): whether etcd answers is asked while `loading` loads the state; then
+        the hosting's record (a restarted agent finds the controller), then ONE etcd transaction
+        that moves ownership here and claims RUNNING, fenced as the orchestrator's own writes (job
+        and controller revisions, leader term), then the controller and its guest run. Returns
+        what FINAL's ACK says of it.
 
-        A refusal (raised, a not-ok ACK) comes only before the commit was sent or when etcd refused
-        it: the source then resumes at once. An etcd that does not answer in time leaves the outcome
-        unknown: nothing runs here, the source stays paused, and the orchestrator settles it in etcd
-        (then ResumeDestination runs it here if the commit landed)."""
+        A refusal (raised: a not-ok ACK) comes only before the commit was sent (etcd silent or
+        led by another term, a load or a record that failed) or when etcd refused it: the source
+        then resumes at once. An etcd that goes silent after it answered leaves the commit's outcome
+        unknown: nothing runs here, the source stays paused, and the orchestrator settles it in
+        etcd (then ResumeDestination runs it here if the commit landed)."""
+        checking = asyncio.ensure_future(self.store.answers(plan.commit_timeout_s))
+        try:
+            await loading
+        except BaseException:
+            checking.cancel()
+            with contextlib.suppress(BaseException):
+                await checking
+            raise
         async with session.resume_lock:
-            mark(session.job_id, "dst.switchover_started")
+            try:
+                term = await checking
+            except EtcdError as exc:
+                raise SessionError(ErrorKind.PRECONDITION, f"etcd did not answer before the switchover's commit "
+                                                           f"({exc}); nothing was committed") from exc
+            if term != plan.leader_term:
+                raise SessionError(ErrorKind.PRECONDITION, f"the orchestrator leader of term {plan.leader_term} "
+                                                           f"that planned the switchover no longer leads (term "
+                                                           f"{term}); nothing was committed")
+            mark(session.job_id, "dst.etcd_checked")
             try:
                 await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
             except OSError as exc:
                 raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
             mark(session.job_id, "dst.adopted")
             controller = ControllerRecord.from_bytes(plan.controller_record)
+            hold_s, exit_after_commit = self.switchover_faults.take()
+            if hold_s:
+                log.warning("job %s: holding the commit %.1f s (injected fault)", session.job_id, hold_s)
+                await asyncio.sleep(hold_s)
             session.commit_sent = True
             commit_started = time.monotonic()
             try:
@@ -679,6 +720,10 @@ class Host:
                 return {"switchover": "UNKNOWN", "note": note}
             commit_ms = round((time.monotonic() - commit_started) * 1000.0, 3)
             mark(session.job_id, "dst.committed")
+            if exit_after_commit:
+                log.warning("job %s: exiting right after the commit (injected fault)", session.job_id)
+                logging.shutdown()
+                os._exit(FAULT_EXIT_CODE)
             await self._adopt_limits(session, (controller, plan.controller_revision))
             job_id = session.job_id
 

@@ -352,6 +352,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
+        if not 0 <= request.hold_commit_ms <= MAX_STALL_MS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hold_commit_ms {request.hold_commit_ms} must be 0 to {MAX_STALL_MS}")
         if request.HasField("health"):
             values = {f.name: value for f, value in request.health.ListFields()}
             hosting = self.host.hosting
@@ -369,6 +372,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             await self.host.read_health()
             self.host.publish_soon()
         self.host.pending_corrupt_frame = request.corrupt_frame
+        self.host.switchover_faults.hold_commit_s = request.hold_commit_ms / 1000.0
+        self.host.switchover_faults.exit_after_commit = request.exit_after_commit
         if request.stall_event_loop_ms:
             # A blocking sleep on the loop itself, after this reply is on its way: every call and
             # guest stalls, the lease thread does not.

@@ -506,9 +506,10 @@ class DestinationSession(Session):
     # One resume at a time: a retried ResumeDestination waits for the one in flight.
     resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     plan: agent_pb2.SwitchoverPlan | None = None  # the switchover to commit once the state is loaded
-    # Commits the plan and runs the controller (Host.switch_over); returns what FINAL's ACK says.
-    switch_over: Callable[[DestinationSession, agent_pb2.SwitchoverPlan], Awaitable[dict[str, Any]]] | None = \
-        field(default=None, repr=False)
+    # Loads the state (the awaitable given), commits the plan and runs the controller
+    # (Host.switch_over); returns what FINAL's ACK says.
+    switch_over: Callable[[DestinationSession, agent_pb2.SwitchoverPlan, Awaitable[None]],
+                          Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
     # The plan's commit went to etcd and was not refused: it may have landed (or did), so the copy
     # here is discarded only once etcd says another node owns the controller.
     commit_sent: bool = False
@@ -577,6 +578,12 @@ class DestinationSession(Session):
         self.plan = plan
 
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
+        if self.plan is None or self.switch_over is None:
+            await self._load(state_blob, guest_blob)
+            return {}  # loaded: it runs when ResumeDestination comes
+        return await self.switch_over(self, self.plan, self._load(state_blob, guest_blob))
+
+    async def _load(self, state_blob: bytes, guest_blob: bytes) -> None:
         self._require(DestinationStage.LOADED)
         if self.guest is None and guest_was_running(guest_blob):
             raise SessionError(ErrorKind.PRECONDITION,
@@ -616,9 +623,6 @@ class DestinationSession(Session):
         self.guest_blob = guest_blob
         self._move(DestinationStage.LOADED)
         mark(self.job_id, "dst.loaded")
-        if self.plan is None or self.switch_over is None:
-            return {}  # loaded: it runs when ResumeDestination comes
-        return await self.switch_over(self, self.plan)
 
     @classmethod
     async def reload(cls, controller: MigratableController, state_path: Path, controller_id: str, job_id: str, *,
