@@ -554,10 +554,6 @@ class JobRunner:
         if result.switchover_note:
             log.warning("job %s: %s", self.job_id, result.switchover_note)
         stop_index = len(committed.phases) - 3  # STOP_AND_COPY, then COMMIT and RESUMING
-        self.observer.written(self.j, committed)
-        self.job = self._written = committed
-        self.revision = result.commit_revision
-        self._written_at = self.monotonic()
         opened = self._opened_phase
         job = committed.with_phase_bytes(stop_index, result.bytes_sent + result.state_bytes)
         if opened is not None and opened[0] == stop_index:
@@ -565,9 +561,15 @@ class JobRunner:
             # destination's transaction took (inside the stop-and-copy: the phases overlap).
             job = job.with_phase_duration(stop_index, (self.switched_over_at - opened[1]) * 1000.0)
         job = job.with_phase_duration(stop_index + 1, result.commit_ms)
+        job = job.remaining(int(result.dirty_bytes_remaining), self._now()).progressed(int(result.total_bytes_sent),
+                                                                                      self._now())
         self._opened_phase = (len(job.phases) - 1, self.switched_over_at)
-        self._advance(job.remaining(int(result.dirty_bytes_remaining), self._now())
-                      .progressed(int(result.total_bytes_sent), self._now()))
+        # etcd holds `committed`; what was measured of it (`job`) goes with the next write, and
+        # into the spans of the phases it closed now.
+        self.observer.written(self.j, job)
+        self._written, self.job = committed, job
+        self.revision = result.commit_revision
+        self._written_at = self.monotonic()
 
     async def _resume(self) -> None:
         """After the commit the destination owns the controller and runs it (it claimed RUNNING in
