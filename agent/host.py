@@ -672,27 +672,32 @@ class Host:
         then resumes at once. An etcd that goes silent after it answered leaves the commit's outcome
         unknown: nothing runs here, the source stays paused, and the orchestrator settles it in
         etcd (then ResumeDestination runs it here if the commit landed)."""
-        checking = asyncio.ensure_future(self.store.answers(plan.commit_timeout_s))
-        try:
-            await loading
-        except BaseException:
-            checking.cancel()
-            with contextlib.suppress(BaseException):
-                await checking
-            raise
-        async with session.resume_lock:
+        async with session.resume_lock:  # an abort waits for the outcome (and is refused if it committed)
+            # Both alongside the load: etcd's answer, and the hosting's record in a thread of its
+            # own (undone below if anything before the commit fails).
+            checking = asyncio.ensure_future(self.store.answers(plan.commit_timeout_s))
+            adopting = asyncio.ensure_future(asyncio.to_thread(self.hosting.adopt_destination, session.controller_id,
+                                                               session.job_id))
             try:
+                await loading
                 term = await checking
-            except EtcdError as exc:
-                raise SessionError(ErrorKind.PRECONDITION, f"etcd did not answer before the switchover's commit "
-                                                           f"({exc}); nothing was committed") from exc
+            except BaseException as exc:
+                checking.cancel()
+                with contextlib.suppress(BaseException):
+                    await checking
+                await self._undo_adopting(session, adopting)
+                if isinstance(exc, EtcdError):
+                    raise SessionError(ErrorKind.PRECONDITION, f"etcd did not answer before the switchover's "
+                                                               f"commit ({exc}); nothing was committed") from exc
+                raise
             if term != plan.leader_term:
+                await self._undo_adopting(session, adopting)
                 raise SessionError(ErrorKind.PRECONDITION, f"the orchestrator leader of term {plan.leader_term} "
                                                            f"that planned the switchover no longer leads (term "
                                                            f"{term}); nothing was committed")
             mark(session.job_id, "dst.etcd_checked")
             try:
-                await asyncio.to_thread(self.hosting.adopt_destination, session.controller_id, session.job_id)
+                await adopting
             except OSError as exc:
                 raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
             mark(session.job_id, "dst.adopted")
@@ -740,6 +745,14 @@ class Host:
                 return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms,
                         "note": f"committed, but the controller did not start on {self.name}: {exc}"}
             return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms}
+
+    async def _undo_adopting(self, session: DestinationSession, adopting: asyncio.Future[None]) -> None:
+        """The switchover stops before its commit: the hosting's record, if written, goes again."""
+        try:
+            await adopting
+        except BaseException:  # not written: nothing to undo
+            return
+        await self._unadopt(session)
 
     def _unregister_when_done(self, job_id: str) -> None:
         async def unregister() -> None:
