@@ -706,6 +706,9 @@ class Host:
             if hold_s:
                 log.warning("job %s: holding the commit %.1f s (injected fault)", session.job_id, hold_s)
                 await asyncio.sleep(hold_s)
+            # The switchover image's snapshot is taken while the commit is in etcd: nothing writes
+            # the namespace before the controller runs, which waits for both.
+            snapshotting = asyncio.ensure_future(session.take_snapshot())
             session.commit_sent = True
             commit_started = time.monotonic()
             try:
@@ -715,9 +718,11 @@ class Host:
                     plan.commit_timeout_s)
             except ConflictError as exc:
                 session.commit_sent = False  # refused: it can never land
+                await self._snapshot_taken(session, snapshotting)
                 await self._unadopt(session)
                 raise SessionError(ErrorKind.PRECONDITION, f"switchover refused by etcd: {exc}") from exc
             except (EtcdError, TimeoutError) as exc:
+                await self._snapshot_taken(session, snapshotting)
                 await self._unadopt(session)  # loaded, not running: ResumeDestination records it again
                 note = (f"etcd did not confirm the switchover's commit within {plan.commit_timeout_s:g} s "
                         f"({type(exc).__name__}: {exc}); it may have landed")
@@ -729,6 +734,7 @@ class Host:
                 log.warning("job %s: exiting right after the commit (injected fault)", session.job_id)
                 logging.shutdown()
                 os._exit(FAULT_EXIT_CODE)
+            await self._snapshot_taken(session, snapshotting)
             await self._adopt_limits(session, (controller, plan.controller_revision))
             job_id = session.job_id
 
@@ -745,6 +751,15 @@ class Host:
                 return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms,
                         "note": f"committed, but the controller did not start on {self.name}: {exc}"}
             return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms}
+
+    @staticmethod
+    async def _snapshot_taken(session: DestinationSession, snapshotting: asyncio.Future[None]) -> None:
+        """Waits for the switchover image's snapshot; one that failed leaves the digest unknown
+        (verification then keeps the source's copy), not the switchover undone."""
+        try:
+            await snapshotting
+        except Exception:
+            log.exception("job %s: no snapshot of the switchover image; its digest will be missing", session.job_id)
 
     async def _undo_adopting(self, session: DestinationSession, adopting: asyncio.Future[None]) -> None:
         """The switchover stops before its commit: the hosting's record, if written, goes again."""

@@ -415,13 +415,17 @@ class SourceSession(Session):
     async def _resume_here(self, reason: str) -> None:
         """Back to RUNNING at once, from within stop-and-copy: the switchover cannot happen."""
         await self._drop_sender()
-        await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
+        await self._run_here_again(reason)
+        mark(self.job_id, "src.resumed_here")
+
+    async def _run_here_again(self, reason: str) -> None:
+        if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
+            await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
         if self.workload is not None:
             self.workload.set_throttle(0)
             self.workload.unpause()
         self._move(SourceStage.ABORTED)
         self.error = reason
-        mark(self.job_id, "src.resumed_here")
 
     async def _cancel_tasks(self, *extra: asyncio.Task[Any] | None) -> None:
         tasks = [t for t in (self.precopy_task, self.stop_copy_task, *self.round_tasks.values(), *extra) if t]
@@ -452,13 +456,7 @@ class SourceSession(Session):
             return
         await self._cancel_tasks()
         await self._drop_sender(abort_reason=reason)
-        if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
-            await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
-        if self.workload is not None:
-            self.workload.set_throttle(0)
-            self.workload.unpause()
-        self._move(SourceStage.ABORTED)
-        self.error = reason
+        await self._run_here_again(reason)
 
     async def release(self, on_released: Callable[[], Awaitable[None]]) -> str:
         """After COMMIT: the destination owns the controller; sanitize ours. Returns the digest."""
@@ -579,11 +577,18 @@ class DestinationSession(Session):
 
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
         if self.plan is None or self.switch_over is None:
-            await self._load(state_blob, guest_blob)
+            await self._load(state_blob, guest_blob, snapshot=True)
             return {}  # loaded: it runs when ResumeDestination comes
-        return await self.switch_over(self, self.plan, self._load(state_blob, guest_blob))
+        # The snapshot is taken alongside the commit (take_snapshot), not before it.
+        return await self.switch_over(self, self.plan, self._load(state_blob, guest_blob, snapshot=False))
 
-    async def _load(self, state_blob: bytes, guest_blob: bytes) -> None:
+    async def take_snapshot(self) -> None:
+        """The namespace as loaded is the switchover image: a copy-on-write view of it, for its
+        digest. It must be taken before the controller runs; nothing writes the namespace before."""
+        if self.snapshot is None:
+            self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
+
+    async def _load(self, state_blob: bytes, guest_blob: bytes, *, snapshot: bool) -> None:
         self._require(DestinationStage.LOADED)
         if self.guest is None and guest_was_running(guest_blob):
             raise SessionError(ErrorKind.PRECONDITION,
@@ -611,7 +616,7 @@ class DestinationSession(Session):
             workload, was_running = decode_guest(guest, guest_blob) if guest_blob and guest is not None \
                 else (None, False)
             # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
-            return self.ctrl.begin_snapshot(), workload, was_running
+            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running
 
         try:
             self.snapshot, self.workload, self.guest_was_running = await asyncio.to_thread(load)
@@ -677,8 +682,12 @@ class DestinationSession(Session):
             finally:
                 snapshot.close()
 
-        self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close), name=f"digest-{self.job_id}")
-        self.digest_task.add_done_callback(self._digest_done)
+        if snapshot is None:
+            self.digest_error = "no snapshot of the switchover image was taken here (see the agent's log)"
+        else:
+            self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close),
+                                                   name=f"digest-{self.job_id}")
+            self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
         if self.state_path is not None:
             self.state_path.unlink(missing_ok=True)  # the hosting's record of the controller now stands for it

@@ -58,7 +58,7 @@ TIMELINE = (
     ("dst.final_received", "destination: state frame in"),
     ("dst.state_loaded", "destination: state loaded (STOP)"),
     ("dst.state_file_written", "destination: state file written"),
-    ("dst.loaded", "destination: snapshot taken, LOADED"),
+    ("dst.loaded", "destination: LOADED (with a plan, the snapshot is taken alongside the commit)"),
     ("dst.etcd_checked", "destination: etcd answered (asked while loading)"),
     ("dst.adopted", "destination: hosting record written"),
     ("dst.committed", "destination: commit + RUNNING claim landed in etcd (one txn)"),
