@@ -494,7 +494,7 @@ class JobRunner:
         now = self._now()
         committed = self.observer.prepare(job.enter(Phase.COMMIT, now, note=f"owner {job.source_node} -> "
                                                                              f"{job.destination_node}")
-                                          .enter(Phase.RESUMING, now))
+                                          .enter(Phase.RESUMING, now).aged(self._age_s()))
         ref = self._ref()
         ref.plan.CopyFrom(agent_pb2.SwitchoverPlan(
             job_record=committed.to_bytes(), job_revision=self.revision, controller_record=owned[0].to_bytes(),
