@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -39,12 +42,26 @@ from agent.vfio_states import VfioState
 from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, LOST, RUNNING, ControllerRecord, DriveHealth, NodeRecord
-from cluster.store import EtcdError, EtcdStore
+from cluster.store import ConflictError, EtcdError, EtcdStore
 from cluster.switchover_marks import mark
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 MAX_SESSIONS = 64  # migrations a node takes part in at once, as source or destination
+FAULT_EXIT_CODE = 86  # how the process ends when a test asked it to exit after a commit
+
+
+@dataclass
+class SwitchoverFaults:
+    """Faults a test injects into this node's next switchover as its destination (InjectFault)."""
+
+    hold_commit_s: float = 0.0  # wait this long right before sending the commit
+    exit_after_commit: bool = False  # the process exits right after the commit landed
+
+    def take(self) -> tuple[float, bool]:
+        taken = (self.hold_commit_s, self.exit_after_commit)
+        self.hold_commit_s, self.exit_after_commit = 0.0, False
+        return taken
 
 
 @dataclass
@@ -98,6 +115,7 @@ class Host:
         self.sessions: dict[str, Session] = {}
         self.creating: dict[str, int] = {}  # controller id -> namespace bytes, claimed in etcd, not running yet
         self.pending_frame_faults = FrameFaults()  # InjectFault (tests): for the next source session
+        self.switchover_faults = SwitchoverFaults()
         # the liveness lease, kept alive from a thread of its own: a busy loop must not starve it
         self.lease = NodeLease(store.config, store.prefix, name, lease_ttl_s)
         self._republisher: asyncio.Task[None] | None = None  # publishes the node record once etcd answers
@@ -107,6 +125,7 @@ class Host:
         self.health: DriveHealth | None = None  # the backend's SMART / Health log, as last read
         self._health_problem = ""
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()  # short tasks of this host, cancelled by stop
         self.started_at = time.time()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -236,7 +255,7 @@ class Host:
         return health
 
     async def stop(self) -> None:
-        for task in (self._free_space_watch, self._republisher):
+        for task in (self._free_space_watch, self._republisher, *self._background):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -591,7 +610,8 @@ class Host:
             session = DestinationSession(job_id=job_id, epoch=epoch, controller_id=controller_id,
                                          controller=controller, token=secrets.token_hex(16), node=self.name,
                                          state_path=self._state_path(controller_id, job_id),
-                                         guest=self.hosting.guest(controller), backend=self.hosting.kind)
+                                         guest=self.hosting.guest(controller), backend=self.hosting.kind,
+                                         switch_over=self.switch_over)
             self.receiver.register(job_id, session.token, session, source_node=source_node)
             self.sessions[job_id] = session
         await self.publish()
@@ -638,6 +658,126 @@ class Host:
                 self.receiver.unregister(session.job_id)
                 await self.publish()
             await session.resume(on_running)
+
+    async def switch_over(self, session: DestinationSession, plan: agent_pb2.SwitchoverPlan,
+                          loading: Awaitable[None]) -> dict[str, Any]:
+        """The switchover, taken here as the state arrives (the source waits for its answer with
+        the guest paused): whether etcd answers is asked while `loading` loads the state; then
+        the hosting's record (a restarted agent finds the controller), then ONE etcd transaction
+        that moves ownership here and claims RUNNING, fenced as the orchestrator's own writes (job
+        and controller revisions, leader term), then the controller and its guest run. Returns
+        what FINAL's ACK says of it.
+
+        A refusal (raised: a not-ok ACK) comes only before the commit was sent (etcd silent or
+        led by another term, a load or a record that failed) or when etcd refused it: the source
+        then resumes at once. An etcd that goes silent after it answered leaves the commit's outcome
+        unknown: nothing runs here, the source stays paused, and the orchestrator settles it in
+        etcd (then ResumeDestination runs it here if the commit landed)."""
+        async with session.resume_lock:  # an abort waits for the outcome (and is refused if it committed)
+            # Both alongside the load: etcd's answer, and the hosting's record in a thread of its
+            # own (undone below if anything before the commit fails).
+            checking = asyncio.ensure_future(self.store.answers(plan.commit_timeout_s))
+            adopting = asyncio.ensure_future(asyncio.to_thread(self.hosting.adopt_destination, session.controller_id,
+                                                               session.job_id))
+            try:
+                await loading
+                term = await checking
+            except BaseException as exc:
+                checking.cancel()
+                with contextlib.suppress(BaseException):
+                    await checking
+                await self._undo_adopting(session, adopting)
+                if isinstance(exc, EtcdError):
+                    raise SessionError(ErrorKind.PRECONDITION, f"etcd did not answer before the switchover's "
+                                                               f"commit ({exc}); nothing was committed") from exc
+                raise
+            if term != plan.leader_term:
+                await self._undo_adopting(session, adopting)
+                raise SessionError(ErrorKind.PRECONDITION, f"the orchestrator leader of term {plan.leader_term} "
+                                                           f"that planned the switchover no longer leads (term "
+                                                           f"{term}); nothing was committed")
+            mark(session.job_id, "dst.etcd_checked")
+            try:
+                await adopting
+            except OSError as exc:
+                raise self._write_refusal(exc, f"recording controller {session.controller_id!r}") from exc
+            mark(session.job_id, "dst.adopted")
+            controller = ControllerRecord.from_bytes(plan.controller_record)
+            hold_s, exit_after_commit = self.switchover_faults.take()
+            if hold_s:
+                log.warning("job %s: holding the commit %.1f s (injected fault)", session.job_id, hold_s)
+                await asyncio.sleep(hold_s)
+            # The switchover image's snapshot is taken while the commit is in etcd: nothing writes
+            # the namespace before the controller runs, which waits for both.
+            snapshotting = asyncio.ensure_future(session.take_snapshot())
+            session.commit_sent = True
+            commit_started = time.monotonic()
+            try:
+                revision = await asyncio.wait_for(
+                    self.store.commit_switchover(session.job_id, plan.job_record, plan.job_revision, controller,
+                                                 plan.controller_revision, self.name, plan.leader_term),
+                    plan.commit_timeout_s)
+            except ConflictError as exc:
+                session.commit_sent = False  # refused: it can never land
+                await self._snapshot_taken(session, snapshotting)
+                await self._unadopt(session)
+                raise SessionError(ErrorKind.PRECONDITION, f"switchover refused by etcd: {exc}") from exc
+            except (EtcdError, TimeoutError) as exc:
+                await self._snapshot_taken(session, snapshotting)
+                await self._unadopt(session)  # loaded, not running: ResumeDestination records it again
+                note = (f"etcd did not confirm the switchover's commit within {plan.commit_timeout_s:g} s "
+                        f"({type(exc).__name__}: {exc}); it may have landed")
+                log.warning("job %s: %s", session.job_id, note)
+                return {"switchover": "UNKNOWN", "note": note}
+            commit_ms = round((time.monotonic() - commit_started) * 1000.0, 3)
+            mark(session.job_id, "dst.committed")
+            if exit_after_commit:
+                log.warning("job %s: exiting right after the commit (injected fault)", session.job_id)
+                logging.shutdown()
+                os._exit(FAULT_EXIT_CODE)
+            await self._snapshot_taken(session, snapshotting)
+            await self._adopt_limits(session, (controller, plan.controller_revision))
+            job_id = session.job_id
+
+            async def on_running(controller: MigratableController, workload: GuestWorkload | None) -> None:
+                self.controllers[session.controller_id] = self._hosted(controller, workload)
+                self.publish_soon()  # the guest does not wait on the node record's write
+                # The data connection ends with FINAL's ACK, after this: its registration goes then.
+                self._unregister_when_done(job_id)
+            try:
+                await session.resume(on_running)
+            except Exception as exc:
+                # Committed: the controller is ours whatever happens; a retried ResumeDestination runs it.
+                log.exception("job %s: committed, but the controller did not start here", job_id)
+                return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms,
+                        "note": f"committed, but the controller did not start on {self.name}: {exc}"}
+            return {"switchover": "COMMITTED", "revision": revision, "commit_ms": commit_ms}
+
+    @staticmethod
+    async def _snapshot_taken(session: DestinationSession, snapshotting: asyncio.Future[None]) -> None:
+        """Waits for the switchover image's snapshot; one that failed leaves the digest unknown
+        (verification then keeps the source's copy), not the switchover undone."""
+        try:
+            await snapshotting
+        except Exception:
+            log.exception("job %s: no snapshot of the switchover image; its digest will be missing", session.job_id)
+
+    async def _undo_adopting(self, session: DestinationSession, adopting: asyncio.Future[None]) -> None:
+        """The switchover stops before its commit: the hosting's record, if written, goes again."""
+        try:
+            await adopting
+        except BaseException:  # not written: nothing to undo
+            return
+        await self._unadopt(session)
+
+    def _unregister_when_done(self, job_id: str) -> None:
+        async def unregister() -> None:
+            with contextlib.suppress(KeyError):
+                await asyncio.wait_for(self.receiver.wait_session_end(job_id), 10.0)
+            self.receiver.unregister(job_id)
+        task = asyncio.create_task(unregister(), name=f"unregister-{job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _adopt_limits(self, session: DestinationSession,
                             read: tuple[ControllerRecord, int] | None = None) -> None:
@@ -714,6 +854,12 @@ class Host:
                 raise SessionError(ErrorKind.PRECONDITION, problem)
         if isinstance(session, DestinationSession):
             async with session.resume_lock:  # not under a resume that is adopting or claiming
+                if session.commit_sent and session.stage is not DestinationStage.RUNNING:
+                    # Its commit may have landed: the copy goes only while etcd says it is not ours.
+                    if await self._owned_here(session.controller_id) is None:
+                        raise SessionError(ErrorKind.PRECONDITION,
+                                           f"controller {session.controller_id!r} belongs to {self.name!r} since "
+                                           f"job {job_id}'s switchover committed here; it is not discarded")
                 self.receiver.unregister(job_id)
                 released = session.current not in (SourceStage.ABORTED, DestinationStage.ABORTED)
                 await session.abort(reason)

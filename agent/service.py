@@ -67,7 +67,10 @@ def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
                                     duration_s=facts.duration_s, dirty_bytes_remaining=facts.dirty_bytes_remaining,
                                     dirty_rate_bytes_per_s=facts.dirty_rate_bytes_per_s,
                                     state_bytes=facts.state_bytes, round=facts.round,
-                                    total_bytes_sent=facts.total_bytes_sent)
+                                    total_bytes_sent=facts.total_bytes_sent,
+                                    switchover=facts.switchover,  # type: ignore[arg-type]
+                                    commit_revision=facts.commit_revision, switchover_note=facts.switchover_note,
+                                    commit_ms=facts.commit_ms)
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):
@@ -290,7 +293,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
                           context: grpc.aio.ServicerContext) -> agent_pb2.TransferResult:
         async def stop_and_copy() -> agent_pb2.TransferResult:
             session = await self._source(request)
-            return transfer_result(await session.stop_and_copy())
+            plan = request.plan.SerializeToString() if request.HasField("plan") else b""
+            return transfer_result(await session.stop_and_copy(plan))
         return await self._guard(context, stop_and_copy())
 
     async def ReleaseSource(self, request: agent_pb2.MigrationRef,
@@ -351,6 +355,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
+        if not 0 <= request.hold_commit_ms <= MAX_STALL_MS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hold_commit_ms {request.hold_commit_ms} must be 0 to {MAX_STALL_MS}")
         if request.HasField("health"):
             values = {f.name: value for f, value in request.health.ListFields()}
             hosting = self.host.hosting
@@ -369,6 +376,8 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
             self.host.publish_soon()
         self.host.pending_frame_faults = FrameFaults(corrupt_frame=request.corrupt_frame,
                                                      replay_frame=request.replay_frame)
+        self.host.switchover_faults.hold_commit_s = request.hold_commit_ms / 1000.0
+        self.host.switchover_faults.exit_after_commit = request.exit_after_commit
         if request.stall_event_loop_ms:
             # A blocking sleep on the loop itself, after this reply is on its way: every call and
             # guest stalls, the lease thread does not.

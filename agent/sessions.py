@@ -35,6 +35,7 @@ from agent.session_states import DestinationStage, ErrorKind, SessionError, Sour
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
 from cluster.switchover_marks import mark
+from proto.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class TransferFacts:
     state_bytes: int = 0
     round: int = 0
     total_bytes_sent: int = 0  # the session's whole count after this step (data and state)
+    # Stop-and-copy with a plan: how the switchover ended (agent_pb2.Switchover), the commit's
+    # etcd revision, and what went wrong around it.
+    switchover: int = agent_pb2.SWITCHOVER_UNREPORTED
+    commit_revision: int = 0
+    switchover_note: str = ""
+    commit_ms: float = 0.0
 
 
 def encode_guest(workload: GuestWorkload | None) -> bytes:
@@ -89,6 +96,22 @@ def lbas_to_extents(lbas: list[int]) -> list[tuple[int, int]]:
     if start >= 0:
         extents.append((start * BLOCK_BYTES, (prev - start + 1) * BLOCK_BYTES))
     return extents
+
+
+_SWITCHOVER_OUTCOMES = {"COMMITTED": agent_pb2.SWITCHOVER_COMMITTED, "UNKNOWN": agent_pb2.SWITCHOVER_UNKNOWN}
+
+
+def _switchover_outcome(ack: dict[str, Any]) -> tuple[int, int, str, float]:
+    """(agent_pb2.Switchover, commit revision, note, commit ms) from the ACK of a FINAL sent with a plan. An
+    ACK that does not say (an older destination that only loaded) committed nothing: reported as
+    such, and the orchestrator settles it in etcd like an unknown outcome."""
+    outcome = _SWITCHOVER_OUTCOMES.get(str(ack.get("switchover", "")), agent_pb2.SWITCHOVER_UNREPORTED)
+    note = str(ack.get("note", ""))
+    if outcome == agent_pb2.SWITCHOVER_UNREPORTED:
+        note = "the destination's agent does not commit switchovers (an older version?); upgrade it"
+    revision, commit_ms = ack.get("revision", 0), ack.get("commit_ms", 0.0)
+    return (outcome, revision if isinstance(revision, int) else 0, note,
+            float(commit_ms) if isinstance(commit_ms, int | float) else 0.0)
 
 
 @dataclass
@@ -263,16 +286,22 @@ class SourceSession(Session):
         await self.sender.end_round(round_no, timeout_s=ACK_TIMEOUT_S)
         return await self._facts(round_no, sent, started)
 
-    async def stop_and_copy(self) -> TransferFacts:
+    async def stop_and_copy(self, plan: bytes = b"") -> TransferFacts:
+        """`plan`: a serialized agent_pb2.SwitchoverPlan, for the destination to commit the
+        switchover itself; without one it only loads (and waits for ResumeDestination). A repeated
+        call returns the first one's outcome, whatever plan it carries."""
+        done = self.stop_copy_task
+        if done is not None and done.done() and not done.cancelled() and done.exception() is None:
+            return done.result()  # its outcome, even when that ended the session (the guest resumed here)
         self._refuse_if_ended()
         if self.precopy_task is None or not self.precopy_task.done():
             raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: stop-and-copy before precopy ended")
         if self.stop_copy_task is None:
             self._require(SourceStage.STOP_AND_COPY)
-            self.stop_copy_task = asyncio.create_task(self._stop_and_copy(), name=f"stopcopy-{self.job_id}")
+            self.stop_copy_task = asyncio.create_task(self._stop_and_copy(plan), name=f"stopcopy-{self.job_id}")
         return await self._attach(self.stop_copy_task)
 
-    async def _stop_and_copy(self) -> TransferFacts:
+    async def _stop_and_copy(self, plan: bytes) -> TransferFacts:
         assert self.sender is not None
         # A round still sending finishes first. If this task is cancelled meanwhile (an abort),
         # the CancelledError goes up from here: the guest is never paused for a stop-and-copy
@@ -283,6 +312,8 @@ class SourceSession(Session):
         if any(task.cancelled() for task in self.round_tasks.values()):
             raise SessionError(ErrorKind.ABORTED, f"job {self.job_id} was aborted on the source during a round")
         self._move(SourceStage.STOP_AND_COPY)
+        if plan:
+            await self.sender.send_plan(plan)  # before the pause: it waits at the destination for FINAL
         started = time.monotonic()
         steps: list[tuple[str, float]] = []
 
@@ -308,20 +339,40 @@ class SourceSession(Session):
         step("suspend", "src.suspended")
         # Both are frozen now: they are encoded while the last blocks go out, not after.
         saving = asyncio.ensure_future(asyncio.to_thread(states))
+        sent, final_sent = 0, False
         try:
-            self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
-            sent = await self._send_changed(lbas, yielding=False)  # the guest waits: no yielding now
-            step(f"last {len(lbas)} blocks", "src.final_delta_sent")
-            state, guest = await saving
-        finally:
-            if not saving.done():
-                saving.cancel()
-                with contextlib.suppress(BaseException):
-                    await saving
-        step("states", "src.state_saved")
-        await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
+            try:
+                self.sender.set_bandwidth(None)  # the guest is stopped: downtime beats the bandwidth cap
+                sent = await self._send_changed(lbas, yielding=False)  # the guest waits: no yielding now
+                step(f"last {len(lbas)} blocks", "src.final_delta_sent")
+                state, guest = await saving
+            finally:
+                if not saving.done():
+                    saving.cancel()
+                    with contextlib.suppress(BaseException):
+                        await saving
+            step("states", "src.state_saved")
+            final_sent = True
+            ack = await self.sender.send_final(state, guest, timeout_s=ACK_TIMEOUT_S)
+        except DataPlaneError as exc:
+            if not plan:
+                raise
+            if exc.refused or not final_sent:
+                # The destination refused (it does so only before it sent its commit, or when
+                # etcd refused the commit), or never got the state: nothing can switch over, the
+                # guest goes on here now.
+                await self._resume_here(f"the destination did not take the switchover: {exc.reason}")
+                return TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
+                                     total_bytes_sent=self.bytes_sent, switchover=agent_pb2.SWITCHOVER_NOT_COMMITTED,
+                                     switchover_note=self.error)
+            # FINAL went out, no answer came back: the destination may have committed. Frozen
+            # here until etcd (fenced by the orchestrator) says who owns the controller.
+            ack = {"switchover": "UNKNOWN", "note": f"the destination did not answer after the last state went "
+                                                    f"across: {exc.reason}"}
         self.state_bytes_sent = len(state) + len(guest)
-        step("destination loaded", "src.destination_loaded")
+        switchover, revision, note, commit_ms = _switchover_outcome(ack) if plan \
+            else (agent_pb2.SWITCHOVER_UNREPORTED, 0, "", 0.0)
+        step("destination loaded" if not plan else "destination switched over", "src.destination_loaded")
         # Everything is across and acknowledged: the connection closes after the reply, not before.
         sender, self.sender = self.sender, None
         self.bytes_sent_before += sender.bytes_sent
@@ -331,12 +382,31 @@ class SourceSession(Session):
         marks = [started, *(t for _, t in steps)]
         log.info("job %s stop-and-copy %.1f ms: %s", self.job_id, (marks[-1] - started) * 1000,
                  ", ".join(f"{name} {(marks[i + 1] - marks[i]) * 1000:.1f} ms" for i, (name, _) in enumerate(steps)))
+        if note:
+            log.warning("job %s: %s", self.job_id, note)
         # The source is frozen from here until release: its digest is the switchover digest.
         self.digest_task = asyncio.create_task(asyncio.to_thread(self.ctrl.digest),
                                                name=f"digest-{self.job_id}")
         self.digest_task.add_done_callback(self._digest_done)
         return TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
-                             state_bytes=len(state) + len(guest), total_bytes_sent=self.bytes_sent)
+                             state_bytes=len(state) + len(guest), total_bytes_sent=self.bytes_sent,
+                             switchover=switchover, commit_revision=revision, switchover_note=note,
+                             commit_ms=commit_ms)
+
+    async def _resume_here(self, reason: str) -> None:
+        """Back to RUNNING at once, from within stop-and-copy: the switchover cannot happen."""
+        await self._drop_sender()
+        await self._run_here_again(reason)
+        mark(self.job_id, "src.resumed_here")
+
+    async def _run_here_again(self, reason: str) -> None:
+        if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
+            await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
+        if self.workload is not None:
+            self.workload.set_throttle(0)
+            self.workload.unpause()
+        self._move(SourceStage.ABORTED)
+        self.error = reason
 
     async def _cancel_tasks(self, *extra: asyncio.Task[Any] | None) -> None:
         tasks = [t for t in (self.precopy_task, self.stop_copy_task, *self.round_tasks.values(), *extra) if t]
@@ -367,13 +437,7 @@ class SourceSession(Session):
             return
         await self._cancel_tasks()
         await self._drop_sender(abort_reason=reason)
-        if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
-            await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
-        if self.workload is not None:
-            self.workload.set_throttle(0)
-            self.workload.unpause()
-        self._move(SourceStage.ABORTED)
-        self.error = reason
+        await self._run_here_again(reason)
 
     async def release(self, on_released: Callable[[], Awaitable[None]]) -> str:
         """After COMMIT: the destination owns the controller; sanitize ours. Returns the digest."""
@@ -420,6 +484,14 @@ class DestinationSession(Session):
     guest_admission: Callable[[int], float] | None = None
     # One resume at a time: a retried ResumeDestination waits for the one in flight.
     resume_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    plan: agent_pb2.SwitchoverPlan | None = None  # the switchover to commit once the state is loaded
+    # Loads the state (the awaitable given), commits the plan and runs the controller
+    # (Host.switch_over); returns what FINAL's ACK says.
+    switch_over: Callable[[DestinationSession, agent_pb2.SwitchoverPlan, Awaitable[None]],
+                          Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
+    # The plan's commit went to etcd and was not refused: it may have landed (or did), so the copy
+    # here is discarded only once etcd says another node owns the controller.
+    commit_sent: bool = False
 
     role: ClassVar[str] = "destination"
 
@@ -473,7 +545,31 @@ class DestinationSession(Session):
         self._move(DestinationStage.RECEIVING)
         self.received_round = round
 
-    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+    async def apply_plan(self, payload: bytes) -> None:
+        if self.switch_over is None:
+            raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: node {self.node!r} cannot commit a "
+                                                       "switchover for this destination")
+        plan = agent_pb2.SwitchoverPlan.FromString(payload)
+        if plan.job_revision <= 0 or plan.controller_revision <= 0 or plan.leader_term <= 0 \
+                or not plan.job_record or not plan.controller_record or plan.commit_timeout_s <= 0:
+            raise SessionError(ErrorKind.INVALID, f"job {self.job_id}: the switchover plan lacks a revision, term, "
+                                                  "record or timeout")
+        self.plan = plan
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
+        if self.plan is None or self.switch_over is None:
+            await self._load(state_blob, guest_blob, snapshot=True)
+            return {}  # loaded: it runs when ResumeDestination comes
+        # The snapshot is taken alongside the commit (take_snapshot), not before it.
+        return await self.switch_over(self, self.plan, self._load(state_blob, guest_blob, snapshot=False))
+
+    async def take_snapshot(self) -> None:
+        """The namespace as loaded is the switchover image: a copy-on-write view of it, for its
+        digest. It must be taken before the controller runs; nothing writes the namespace before."""
+        if self.snapshot is None:
+            self.snapshot = await asyncio.to_thread(self.ctrl.begin_snapshot)
+
+    async def _load(self, state_blob: bytes, guest_blob: bytes, *, snapshot: bool) -> None:
         self._require(DestinationStage.LOADED)
         if self.guest is None and guest_was_running(guest_blob):
             raise SessionError(ErrorKind.PRECONDITION,
@@ -501,7 +597,7 @@ class DestinationSession(Session):
             workload, was_running = decode_guest(guest, guest_blob) if guest_blob and guest is not None \
                 else (None, False)
             # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
-            return self.ctrl.begin_snapshot(), workload, was_running
+            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running
 
         try:
             self.snapshot, self.workload, self.guest_was_running = await asyncio.to_thread(load)
@@ -567,8 +663,12 @@ class DestinationSession(Session):
             finally:
                 snapshot.close()
 
-        self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close), name=f"digest-{self.job_id}")
-        self.digest_task.add_done_callback(self._digest_done)
+        if snapshot is None:
+            self.digest_error = "no snapshot of the switchover image was taken here (see the agent's log)"
+        else:
+            self.digest_task = asyncio.create_task(asyncio.to_thread(digest_and_close),
+                                                   name=f"digest-{self.job_id}")
+            self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
         if self.state_path is not None:
             self.state_path.unlink(missing_ok=True)  # the hosting's record of the controller now stands for it

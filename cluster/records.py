@@ -77,7 +77,10 @@ class NodeRecord:
 
 # Controller states kept in etcd.
 RUNNING = "RUNNING"  # its owner runs it (or may run it)
-COMMITTED = "COMMITTED"  # ownership moved at COMMIT; the new owner has not started it yet
+# Ownership moved at COMMIT, the new owner has not started it yet: written by the orchestrator-driven
+# commit of earlier versions only (a rolling upgrade may find one); the destination's own commit
+# moves ownership and claims RUNNING in one transaction (EtcdStore.commit_switchover).
+COMMITTED = "COMMITTED"
 LOST = "LOST"  # its node died or hung mid-migration: it is not resumed anywhere without an operator
 MISSING = "MISSING"  # its owner is live but does not report it
 
@@ -108,6 +111,6 @@ class ControllerRecord:
         return cls(**data)
 
     def moved_to(self, node: str, job_id: str) -> ControllerRecord:
-        # COMMITTED until the new owner claims RUNNING: while nobody has run it there, ownership
-        # may still go back to the source (see EtcdStore.move_back).
-        return replace(self, node=node, job_id=job_id, state=COMMITTED, history=(*self.history, self.node))
+        """Owned by `node` and RUNNING there: the destination commits this only once it can run
+        the controller (loaded and recorded), and runs it right after."""
+        return replace(self, node=node, job_id=job_id, state=RUNNING, history=(*self.history, self.node))

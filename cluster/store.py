@@ -213,10 +213,13 @@ class EtcdStore:
             success=[self._tx.delete(job_key)], failure=[])
         return bool(ok)
 
-    async def commit_ownership(self, job_id: str, record: bytes, expected_revision: int,
-                               controller: ControllerRecord, controller_revision: int,
-                               new_owner: str, leader_term: int) -> int:
-        """The switchover point: job phase and controller ownership change in one transaction."""
+    async def commit_switchover(self, job_id: str, record: bytes, expected_revision: int,
+                                controller: ControllerRecord, controller_revision: int,
+                                new_owner: str, leader_term: int) -> int:
+        """The switchover point, taken by the destination once it loaded the state: the job's
+        record (RESUMING) and the controller's owner (`new_owner`, RUNNING) change in one
+        transaction, fenced by the job's and the controller's revisions as the orchestrator read
+        them before the pause and by its leader's term. ConflictError: refused, it never lands."""
         job_key = self.keys.job(job_id)
         ctrl_key = self.keys.controller(controller.controller_id)
         moved = controller.moved_to(new_owner, job_id)
@@ -228,8 +231,8 @@ class EtcdStore:
             failure=[],
         )
         if not ok:
-            raise ConflictError(f"job {job_id} or controller {controller.controller_id} changed; "
-                                "ownership was not moved")
+            raise ConflictError(f"job {job_id}, controller {controller.controller_id} or the leader changed "
+                                "since the switchover was planned; ownership was not moved")
         return int(responses[0].response_put.header.revision)
 
     # ---- controllers ------------------------------------------------------------------------
@@ -316,8 +319,10 @@ class EtcdStore:
     async def claim_running(self, controller_id: str, node: str,
                             read: tuple[ControllerRecord, int] | None = None) -> str | None:
         """The new owner's last step before it runs the controller: state -> RUNNING, by CAS,
-        only while `node` owns it. Returns None when granted, else why not. Once granted,
-        ownership can no longer be moved back to the source. `read`: the record and its revision
+        only while `node` owns it (already RUNNING after `commit_switchover`: granted as it is;
+        COMMITTED: a commit of the orchestrator-driven protocol of earlier versions). Returns None
+        when granted, else why not. Once granted, ownership can no longer be moved back to the
+        source. `read`: the record and its revision
         as the caller read them just before (saves a round trip; the CAS still checks them)."""
         for attempt in range(10):
             got = read if attempt == 0 and read is not None else await self.get_controller(controller_id)
@@ -338,7 +343,9 @@ class EtcdStore:
 
     async def move_back(self, controller_id: str, from_node: str, to_node: str, leader_term: int) -> bool:
         """After COMMIT, a destination lost before it ever ran: ownership returns to the source.
-        Only while the record still says COMMITTED on from_node (the destination never claimed
+        Only for a commit of the orchestrator-driven protocol of earlier versions (the
+        destination's own commit claims RUNNING at once), and only while the record still says
+        COMMITTED on from_node (the destination never claimed
         RUNNING), so the controller can never run on both."""
         got = await self.get_controller(controller_id)
         if got is None:

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,8 +42,11 @@ class CountingSink:
     async def apply_round_end(self, round: int) -> None:
         pass
 
-    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
-        pass
+    async def apply_plan(self, plan: bytes) -> None:
+        raise ValueError("the data-plane benchmark has no switchover")
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
+        return {}
 
 
 async def bench_raw(chunk: bytes, count: int) -> float:

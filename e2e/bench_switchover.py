@@ -58,19 +58,18 @@ TIMELINE = (
     ("dst.final_received", "destination: state frame in"),
     ("dst.state_loaded", "destination: state loaded (STOP)"),
     ("dst.state_file_written", "destination: state file written"),
-    ("dst.loaded", "destination: snapshot taken, LOADED"),
-    ("src.destination_loaded", "source: FINAL acknowledged"),
-    ("src.closed", "source: data connection closed"),
-    ("orch.stop_and_copy_returned", "orchestrator: StopAndCopy returned"),
-    ("orch.etcd_checked", "orchestrator: etcd answers check"),
-    ("orch.committed", "orchestrator: COMMIT CAS landed"),
-    ("orch.resuming_saved", "orchestrator: RESUMING written"),
-    ("orch.resume_sent", "orchestrator sends ResumeDestination"),
-    ("dst.resume_received", "destination: ResumeDestination in"),
+    ("dst.loaded", "destination: LOADED (with a plan, the snapshot is taken alongside the commit)"),
+    ("dst.etcd_checked", "destination: etcd answered (asked while loading)"),
     ("dst.adopted", "destination: hosting record written"),
-    ("dst.claimed", "destination: RUNNING claimed in etcd"),
+    ("dst.committed", "destination: commit + RUNNING claim landed in etcd (one txn)"),
     ("dst.running", "destination: controller + guest running"),
     ("guest.first_write_destination", "guest: first write completed on the destination"),
+    # Off the guest's path from here: the answers travel back while the guest runs.
+    ("src.destination_loaded", "source: switchover acknowledged (after the guest resumed)"),
+    ("src.closed", "source: data connection closed"),
+    ("orch.stop_and_copy_returned", "orchestrator: StopAndCopy returned"),
+    ("orch.resume_sent", "orchestrator sends ResumeDestination (confirms)"),
+    ("orch.resume_returned", "orchestrator: ResumeDestination returned"),
 )
 
 

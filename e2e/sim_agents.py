@@ -14,8 +14,9 @@ or aborted).
 
 What is NOT simulated: no byte moves. StartPrecopy reports the whole namespace sent after
 `--precopy-delay-ms`, leaving `--dirty-bytes` changed; a DirtyRound sends those and leaves a tenth;
-StopAndCopy sends the rest. A destination counts its copy as loaded when ResumeDestination comes
-(the real one is told by the source over the data plane). Both sides report the same digest of the
+StopAndCopy sends the rest and, with a switchover plan, sends the destination's commit to etcd
+itself (the real destination does, once the source sent it the state over the data plane). A
+destination counts its copy as running when ResumeDestination comes. Both sides report the same digest of the
 switchover image (derived from the controller and job), so verification passes. No guest runs:
 the guest blackout reported is 0.
 
@@ -54,7 +55,7 @@ from agent.node_lease import NodeLease
 from cluster import agent_errors
 from cluster.etcd_config import plain
 from cluster.records import ControllerRecord, NodeRecord
-from cluster.store import DEFAULT_PREFIX, EtcdError, EtcdStore
+from cluster.store import DEFAULT_PREFIX, ConflictError, EtcdError, EtcdStore
 from cluster.store_thread import StoreThread
 from proto.v1 import agent_pb2, agent_pb2_grpc
 
@@ -409,11 +410,35 @@ class SimAgent(agent_pb2_grpc.AgentServiceServicer):
                 session.stage = "stopped"
                 self.controllers[session.controller_id] = (session.namespace_bytes, "STOP")
                 session.digest = switchover_digest(session.controller_id, session.job_id, session.namespace_bytes)
-                return agent_pb2.TransferResult(bytes_sent=sent, blocks_sent=sent // 4096,
-                                                duration_s=max(self.settings.stop_delay_s, 1e-3),
-                                                state_bytes=STATE_BYTES, total_bytes_sent=session.bytes_sent)
+                result = agent_pb2.TransferResult(bytes_sent=sent, blocks_sent=sent // 4096,
+                                                  duration_s=max(self.settings.stop_delay_s, 1e-3),
+                                                  state_bytes=STATE_BYTES, total_bytes_sent=session.bytes_sent)
+                if request.HasField("plan"):
+                    await self._commit(request.plan, session, result)
+                return result
             return await self._step(session, "stop-and-copy", copy)
         return await self._guard(context, "StopAndCopy", request.job_id, stop_and_copy())
+
+    async def _commit(self, plan: agent_pb2.SwitchoverPlan, session: SimSession,
+                      result: agent_pb2.TransferResult) -> None:
+        """The switchover's commit, which the real destination sends once it loaded the state: sent
+        here by the source, standing in for it (no data plane); the destination runs the
+        controller when ResumeDestination comes, which finds it claimed already."""
+        plan_owner = ControllerRecord.from_bytes(plan.controller_record)
+        job = json.loads(plan.job_record)
+        try:
+            result.commit_revision = await self.store.commit_switchover(
+                session.job_id, plan.job_record, plan.job_revision, plan_owner, plan.controller_revision,
+                str(job["destination_node"]), plan.leader_term)
+        except ConflictError as exc:
+            session.stage = "aborted"
+            self.controllers[session.controller_id] = (session.namespace_bytes, "RUNNING")
+            result.switchover, result.switchover_note = agent_pb2.SWITCHOVER_NOT_COMMITTED, str(exc)
+            return
+        except EtcdError as exc:
+            result.switchover, result.switchover_note = agent_pb2.SWITCHOVER_UNKNOWN, str(exc)
+            return
+        result.switchover = agent_pb2.SWITCHOVER_COMMITTED
 
     async def ReleaseSource(self, request: agent_pb2.MigrationRef,
                             context: grpc.aio.ServicerContext) -> agent_pb2.SessionStatus:

@@ -179,6 +179,13 @@ class Job:
         phases = (*self.phases[:index], replace(entry, duration_ms=max(0.0, duration_ms)), *self.phases[index + 1:])
         return replace(self, phases=phases)
 
+    def with_phase_bytes(self, index: int, add_bytes: int) -> Job:
+        """What phase `index` moved, learnt after later phases began (a stop-and-copy's last
+        bytes, reported with the commit that entered COMMIT and RESUMING)."""
+        entry = self.phases[index]
+        phases = (*self.phases[:index], replace(entry, bytes=entry.bytes + add_bytes), *self.phases[index + 1:])
+        return replace(self, phases=phases)
+
     def remaining(self, remaining_bytes: int, now: float) -> Job:
         """What the source measured it still had to send after a step."""
         return replace(self, remaining_bytes=max(0, remaining_bytes), updated_at=now)

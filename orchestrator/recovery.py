@@ -9,13 +9,19 @@ failure. The table, by phase:
   it; a lost or unfit destination is replaced by another one (precopy starts over) while the
   operator did not name it and attempts remain; a lost source ends the job FAILED with the
   controller marked LOST there, never resumed elsewhere without an operator;
+- a switchover whose outcome the runner did not learn is settled in etcd first (the runner fences
+  the job's record, then reads whether the destination's commit landed): these decisions see the
+  job as etcd has it afterwards;
 - after COMMIT only the destination may run the controller: resuming it is retried while the
-  destination is merely silent; a destination declared lost, or that answers it cannot resume
-  (unfit: its disk is full; or any other refusal), before it claimed RUNNING in etcd hands
-  ownership back to the still-frozen source (MOVE_BACK); once it had claimed, the switchover
-  has happened (it lists the controller durably before it claims, and runs it right after): the
-  job completes, with the destination's silence in its reason, and verification follows (a
-  destination that stays gone fails verification, which keeps the source copy for an operator).
+  destination is merely silent. The destination's own commit claims RUNNING in the same
+  transaction, so once committed the switchover has happened; only a commit of the
+  orchestrator-driven protocol of earlier versions (a rolling upgrade may find one) leaves the
+  controller COMMITTED, unclaimed: then a destination declared lost, or that answers it cannot
+  resume (unfit: its disk is full; or any other refusal), hands ownership back to the
+  still-frozen source (MOVE_BACK). Once it had claimed, the switchover has happened (it lists
+  the controller durably before it claims, and runs it right after): the job completes, with
+  the destination's silence in its reason, and verification follows (a destination that stays
+  gone fails verification, which keeps the source copy for an operator).
 """
 
 from __future__ import annotations
@@ -50,8 +56,9 @@ class Failure:
     destination_claimed: bool = False
     # After a MOVE_BACK: etcd gives the controller to the source again.
     moved_back: bool = False
-    # In STOP_AND_COPY: the COMMIT was never sent (and none sent earlier can land), so the stopped
-    # source may resume without etcd's word (etcd may be what failed).
+    # In STOP_AND_COPY: the source reported that the destination did not commit and never will
+    # (it refused, or never got the state) and resumed the guest already: the rollback needs no
+    # word from etcd (etcd may be what failed).
     commit_never_sent: bool = False
 
 

@@ -60,15 +60,10 @@ PROGRESS_INTERVAL_S = 0.5
 PROGRESS_PERSIST_INTERVAL_S = 5.0
 NO_PROGRESS = "no progress"  # how the reason of a job rolled back by the progress timeout begins
 PROBE_BUDGET_S = 3.0
-# After the source resumed for want of etcd, the rolled-back job is written once etcd answers
+# After the source resumed for want of a commit, the rolled-back job is written once etcd answers
 # again (within this long; past it a later pass finds the source aborted and rolls back anyway).
 ROLLBACK_WRITE_BUDGET_S = 120.0
-NO_ETCD_BEFORE_COMMIT = "etcd did not answer before COMMIT; the guest resumed on the source"
-
-# (job id, epoch) of the COMMITs this process sent. Their outcome is known only from etcd: a
-# commit that timed out at the client may still land. A later runner of the job (same epoch, so
-# no take-over write fences it) first writes the job, which makes such a commit's CAS fail.
-_commits_sent: set[tuple[str, int]] = set()
+NOT_COMMITTED = "the destination did not commit the switchover; the guest resumed on the source"
 MISSING_DESTINATION_POLL_S = 0.5
 # Refusals of PrepareDestination that say "not this node" (no room, an unknown state format):
 # another node may well take the controller.
@@ -81,8 +76,9 @@ _NO_SPACE_CODE = grpc.StatusCode.RESOURCE_EXHAUSTED
 class RunnerSettings:
     agent_call_budget_s: float = 15.0  # how long an agent may stay unreachable before we call it lost
     job_deadline_s: float = 3600.0  # past this, a job not yet committed rolls back
-    # How long etcd may take to answer the checks right before the guest pauses and right before
-    # COMMIT is sent: the guest's blackout must not wait on an etcd that is out.
+    # How long etcd may take to answer the check right before the guest pauses, and the
+    # destination's commit: the guest's blackout must not wait on an etcd that is out (a commit
+    # not confirmed in time leaves the guest paused until etcd says whether it landed).
     etcd_check_timeout_s: float = 1.0
     # A transfer step whose bytes stop moving this long rolls the job back (orchestrator/progress_watch.py).
     progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
@@ -90,6 +86,11 @@ class RunnerSettings:
 
 class Superseded(Exception):
     """Another orchestrator (a newer epoch) drives this job now: stop touching it."""
+
+
+class SwitchedOver(Exception):
+    """The destination's commit is in etcd though this runner had not seen it (a write of ours lost
+    its CAS to it): the job goes on from etcd's record, which `_load` has read."""
 
 
 class StepFailed(Exception):
@@ -124,6 +125,7 @@ class JobRunner:
         self._cancel_checked_at = monotonic()
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None  # monotonic, when stop-and-copy began
+        self.switched_over_at: float | None = None  # monotonic, when StopAndCopy reported the commit
         self._age_at_load_s = 0.0
         self._loaded_at = monotonic()
         self._opened_phase: tuple[int, float] | None = None  # (index, monotonic start) of a phase we entered
@@ -179,6 +181,9 @@ class JobRunner:
                 fresh = await self._load()
                 if fresh.terminal:
                     raise Superseded(f"job {self.job_id} already ended as {fresh.phase}") from None
+                if before.phase in BEFORE_COMMIT and fresh.phase not in BEFORE_COMMIT:
+                    raise SwitchedOver(f"job {self.job_id} is {fresh.phase} in etcd: the destination committed "
+                                       "the switchover") from None
                 if fresh.cancel_requested and not new.cancel_requested:
                     new = new.cancel_asked(new.updated_at)
         self.observer.written(before, new)
@@ -315,15 +320,18 @@ class JobRunner:
                 log.info("job %s: %s in phase %s", job.id, note, job.phase)
         while not self.j.terminal:
             try:
-                if self.j.phase in BEFORE_COMMIT:
-                    if self.j.cancel_requested:
-                        raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator"))
-                    if self._age_s() > self.settings.job_deadline_s:
-                        raise StepFailed(Failure(FailureKind.STEP_FAILED, f"job deadline of "
-                                                 f"{self.settings.job_deadline_s:.0f} s passed before COMMIT"))
-                await self._step()
-            except StepFailed as exc:
-                await self._recover(exc.failure)
+                try:
+                    if self.j.phase in BEFORE_COMMIT:
+                        if self.j.cancel_requested:
+                            raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator"))
+                        if self._age_s() > self.settings.job_deadline_s:
+                            raise StepFailed(Failure(FailureKind.STEP_FAILED, f"job deadline of "
+                                                     f"{self.settings.job_deadline_s:.0f} s passed before COMMIT"))
+                    await self._step()
+                except StepFailed as exc:
+                    await self._recover(exc.failure)
+            except SwitchedOver as exc:
+                log.warning("job %s: %s; finishing it", self.job_id, exc)
         return self.j
 
     async def _step(self) -> None:
@@ -337,8 +345,9 @@ class JobRunner:
         elif phase is Phase.STOP_AND_COPY:
             await self._stop_and_copy()
         elif phase is Phase.COMMIT:
+            # Written by the orchestrator-driven commit of earlier versions (the destination's
+            # commit goes straight to RESUMING): a rolling upgrade may find one.
             await self._save(self.j.enter(Phase.RESUMING, self._now()))
-            mark(self.job_id, "orch.resuming_saved")
         elif phase is Phase.RESUMING:
             await self._resume()
 
@@ -465,63 +474,112 @@ class JobRunner:
         await self._persist_if_due()
 
     async def _stop_and_copy(self) -> None:
-        # Read before the guest is paused: the commit's CAS still catches any change since.
-        owned = await self.store.get_controller(self.j.controller_id)
-        if owned is None or owned[0].node != self.j.source_node:
+        """The switchover. What it needs is read and prepared while the guest still runs: the
+        controller's record, the agents' addresses, and the commit itself (a SwitchoverPlan: the
+        job as it reads once committed, the revisions and the leader term the commit requires).
+        The source then pauses the guest and sends the last data and the state straight to the
+        destination, which loads them, commits in one etcd transaction and runs the controller;
+        the orchestrator is off that path and writes the job's end afterwards."""
+        job = self.j
+        owned = await self.store.get_controller(job.controller_id)
+        if owned is None or owned[0].node != job.source_node:
             raise StepFailed(Failure(FailureKind.STEP_FAILED,
-                                     f"controller {self.j.controller_id} ownership changed under the job"))
+                                     f"controller {job.controller_id} ownership changed under the job"))
         try:
-            await self.agents.address(self.j.destination_node)  # remembered for the resume right after
+            await self.agents.address(job.destination_node)  # remembered for the resume right after
         except AgentUnreachable as exc:
             raise StepFailed(Failure(FailureKind.DESTINATION_LOST, exc.message)) from exc
         # The source's address too, for StopAndCopy: not read from etcd after the clock starts.
         with contextlib.suppress(AgentUnreachable):
-            await self.agents.address(self.j.source_node)  # unreachable: StopAndCopy's own lookup says so
-        if (self.job_id, self.epoch) in _commits_sent:
-            # An earlier runner's COMMIT did not land (the job still says STOP_AND_COPY); this
-            # write makes sure it never will, so the source may again resume without etcd.
-            await self._save(self.j.record(self._now()))
-            _commits_sent.discard((self.job_id, self.epoch))
+            await self.agents.address(job.source_node)  # unreachable: StopAndCopy's own lookup says so
         # The guest pauses only while etcd answers: the commit needs it within the blackout.
         # Raised as an EtcdError: this runner stops and a later pass starts the step again.
         await self.store.answers(self.settings.etcd_check_timeout_s)
+        now = self._now()
+        committed = self.observer.prepare(job.enter(Phase.COMMIT, now, note=f"owner {job.source_node} -> "
+                                                                             f"{job.destination_node}")
+                                          .enter(Phase.RESUMING, now).aged(self._age_s()))
+        ref = self._ref()
+        ref.plan.CopyFrom(agent_pb2.SwitchoverPlan(
+            job_record=committed.to_bytes(), job_revision=self.revision, controller_record=owned[0].to_bytes(),
+            controller_revision=owned[1], leader_term=self.epoch,
+            commit_timeout_s=self.settings.etcd_check_timeout_s))
         self.suspended_at = self.monotonic()
         mark(self.job_id, "orch.stop_and_copy_sent")
-        result = await self._long_call("source", "StopAndCopy", lambda s, t: s.StopAndCopy(self._ref(), timeout=t))
+        try:
+            result = await self._long_call("source", "StopAndCopy", lambda s, t: s.StopAndCopy(ref, timeout=t))
+        except StepFailed:
+            # Whatever became of the source's answer, the destination may have committed.
+            if await self._commit_landed():
+                return
+            raise
         mark(self.job_id, "orch.stop_and_copy_returned")
-        job = self._step_done(result, rounds=0, guest_running=False)
-        committed = self.observer.prepare(self._timed(self.j, job.enter(
-            Phase.COMMIT, self._now(), note=f"owner {job.source_node} -> {job.destination_node}")))
+        if result.switchover == agent_pb2.SWITCHOVER_COMMITTED:
+            self._switched_over(committed, result)
+            return
+        if result.switchover == agent_pb2.SWITCHOVER_NOT_COMMITTED:
+            # The source resumed the guest already, and no commit can land: no etcd needed.
+            raise StepFailed(Failure(FailureKind.STEP_FAILED, f"{NOT_COMMITTED}: {result.switchover_note}",
+                                     commit_never_sent=True))
+        if await self._commit_landed():
+            return
+        raise StepFailed(Failure(FailureKind.STEP_FAILED, f"the switchover did not commit "
+                                                          f"({result.switchover_note or 'no outcome reported'}); "
+                                                          "its commit can no longer land"))
+
+    async def _commit_landed(self) -> bool:
+        """Settles a switchover whose outcome this runner did not learn: a write on the revision the
+        plan was made on fences the destination's commit (it can never land after it); a write
+        that loses its CAS reads whether the commit landed. Needs etcd, so the paused guest waits
+        for it (an EtcdError stops this runner; a later pass asks the source again, which answers
+        with the same outcome, and settles it the same way)."""
+        fenced = self.observer.prepare(self.j.record(self._now()))
         try:
-            await self.store.answers(self.settings.etcd_check_timeout_s)
-        except EtcdError as exc:
-            # Nothing was sent: the switchover cannot have happened, so the source resumes now
-            # rather than after the outage.
-            log.warning("job %s: %s (%s)", self.job_id, NO_ETCD_BEFORE_COMMIT, exc)
-            raise StepFailed(Failure(FailureKind.STEP_FAILED, NO_ETCD_BEFORE_COMMIT, commit_never_sent=True)) from exc
-        mark(self.job_id, "orch.etcd_checked")
-        _commits_sent.add((self.job_id, self.epoch))
-        try:
-            self.revision = await self.store.commit_ownership(
-                job.id, committed.to_bytes(), self.revision, owned[0], owned[1], job.destination_node,
-                leader_term=self.epoch)
+            self.revision = await self.store.update_job(self.job_id, fenced.to_bytes(), self.revision,
+                                                        leader_term=self.epoch)
         except ConflictError:
-            _commits_sent.discard((self.job_id, self.epoch))  # refused: it can never land now
             fresh = await self._load()
-            if fresh.phase is Phase.COMMIT:
-                return  # our write landed before the conflict was reported
-            if fresh.cancel_requested:
-                raise StepFailed(Failure(FailureKind.CANCELLED, "cancelled by operator")) from None
-            raise StepFailed(Failure(FailureKind.STEP_FAILED,
-                                     f"commit refused: job or controller {job.controller_id} changed")) from None
-        _commits_sent.discard((self.job_id, self.epoch))
-        mark(self.job_id, "orch.committed")
-        self.observer.written(self.j, committed)
-        self.job = committed
+            if fresh.phase not in BEFORE_COMMIT:
+                log.info("job %s: the destination's commit landed (%s in etcd)", self.job_id, fresh.phase)
+                return True
+            term = await self.store.leader_term()
+            if term != self.epoch:
+                raise Superseded(f"leadership moved (term {term}, ours {self.epoch})") from None
+            return False  # another write (an operator's cancel) fenced the commit
+        self.observer.written(self.j, fenced)
+        self.job = self._written = fenced
+        self._written_at = self.monotonic()
+        return False
+
+    def _switched_over(self, committed: Job, result: agent_pb2.TransferResult) -> None:
+        """The destination's commit landed (`committed` is the record it wrote): what the
+        stop-and-copy moved and how long it took go with the job's next write."""
+        self.switched_over_at = self.monotonic()
+        if result.switchover_note:
+            log.warning("job %s: %s", self.job_id, result.switchover_note)
+        stop_index = len(committed.phases) - 3  # STOP_AND_COPY, then COMMIT and RESUMING
+        opened = self._opened_phase
+        job = committed.with_phase_bytes(stop_index, result.bytes_sent + result.state_bytes)
+        if opened is not None and opened[0] == stop_index:
+            # STOP_AND_COPY lasted until the commit was reported; COMMIT as long as the
+            # destination's transaction took (inside the stop-and-copy: the phases overlap).
+            job = job.with_phase_duration(stop_index, (self.switched_over_at - opened[1]) * 1000.0)
+        job = job.with_phase_duration(stop_index + 1, result.commit_ms)
+        job = job.remaining(int(result.dirty_bytes_remaining), self._now()).progressed(int(result.total_bytes_sent),
+                                                                                      self._now())
+        self._opened_phase = (len(job.phases) - 1, self.switched_over_at)
+        # etcd holds `committed`; what was measured of it (`job`) goes with the next write, and
+        # into the spans of the phases it closed now.
+        self.observer.written(self.j, job)
+        self._written, self.job = committed, job
+        self.revision = result.commit_revision
+        self._written_at = self.monotonic()
 
     async def _resume(self) -> None:
-        """After COMMIT the destination owns the controller: it claims RUNNING in etcd and runs it.
-        The job completes then; verification and the source's release follow off the critical path."""
+        """After the commit the destination owns the controller and runs it (it claimed RUNNING in
+        the same transaction). ResumeDestination confirms it (or runs it, when the destination did
+        not learn that its commit landed, or restarted); the job completes then. Verification and
+        the source's release follow off the critical path."""
         dest = self.j.destination_node
         mark(self.job_id, "orch.resume_sent")
         try:
@@ -545,7 +603,10 @@ class JobRunner:
             # recovery hands ownership back to the source unless the claim had landed after all.
             raise StepFailed(await self._failure("destination", exc, silent_for_s=0.0)) from exc
         mark(self.job_id, "orch.resume_returned")
-        downtime_ms = (self.monotonic() - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
+        # The switchover as the orchestrator saw it: from StopAndCopy sent to the commit reported
+        # (or, when it was settled otherwise, to the resume confirmed).
+        ended_at = self.switched_over_at if self.switched_over_at is not None else self.monotonic()
+        downtime_ms = (ended_at - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
         blackout_ms = 0.0
         try:
             status = await self.agents.call(dest, "GetSession", lambda s: s.GetSession(self._ref(), timeout=2.0),

@@ -57,6 +57,7 @@ class FileSink:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.final_error = final_error
+        self.plan = b""
         self.rounds: list[int] = []
         self.final: tuple[bytes, bytes] | None = None
         self.extents: list[tuple[int, int]] = []
@@ -80,10 +81,14 @@ class FileSink:
     async def apply_round_end(self, round: int) -> None:
         self.rounds.append(round)
 
-    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+    async def apply_plan(self, plan: bytes) -> None:
+        self.plan = plan
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
         if self.final_error is not None:
             raise RuntimeError(self.final_error)
         self.final = (state_blob, guest_blob)
+        return {}
 
     def close(self) -> None:
         os.close(self.fd)

@@ -54,13 +54,24 @@ def test_placement_must_match_the_owner_unless_the_owner_died() -> None:
 
 def test_one_driver_history_checks_epochs_phase_changes_and_who_announced_them() -> None:
     owners = {2: {"orch-1"}, 9: {"orch-2"}}
-    good = [(10, 2, "PENDING"), (11, 2, "PREPARING"), (12, 2, "PRECOPY"), (20, 9, "PRECOPY"),
-            (21, 9, "DIRTY_ITERATION")]
+    forward = ("PENDING", "PREPARING", "PRECOPY", "DIRTY_ITERATION", "STOP_AND_COPY", "COMMIT", "RESUMING",
+               "COMPLETED")
+
+    def upto(n: int) -> tuple[str, ...]:
+        return forward[:n]
+
+    good = [(10, 2, upto(1)), (11, 2, upto(2)), (12, 2, upto(3)), (20, 9, upto(3)), (21, 9, upto(4))]
     assert history_problems(good, owners) == []
-    back = [*good, (22, 2, "DIRTY_ITERATION")]
+    back = [*good, (22, 2, upto(4))]
     assert any("epoch went back 9 -> 2" in p for p in history_problems(back, owners))
-    illegal = [*good, (22, 9, "PRECOPY"), (23, 9, "COMPLETED")]
+    illegal = [*good, (22, 9, (*upto(4), "PRECOPY")), (23, 9, (*upto(4), "PRECOPY", "COMPLETED"))]
+    assert any("DIRTY_ITERATION -> PRECOPY" in p for p in history_problems(illegal, owners))
     assert any("PRECOPY -> COMPLETED" in p for p in history_problems(illegal, owners))
+    # the destination's commit enters COMMIT and RESUMING in one write: each step is checked
+    committed = [*good, (22, 9, upto(5)), (23, 9, upto(7)), (24, 9, upto(8))]
+    assert history_problems(committed, owners) == []
+    skipped = [*good, (22, 9, upto(5)), (23, 9, (*upto(5), "RESUMING"))]
+    assert any("STOP_AND_COPY -> RESUMING" in p for p in history_problems(skipped, owners))
     assert any("claimed by" in p for p in history_problems(good, {2: {"orch-1", "orch-2"}, 9: {"orch-2"}}))
     assert any("announced by no" in p for p in history_problems(good, {2: {"orch-1"}}))
 

@@ -1,7 +1,8 @@
-"""etcd frozen (SIGSTOP) while the guest is paused for stop-and-copy, before the COMMIT went out:
-the orchestrator's check right before COMMIT finds etcd silent, so the source resumes at once
-and the guest's blackout stays far below the outage; the job ends ROLLED_BACK once etcd is
-back, the controller runs on the source alone, and every acknowledged write reads back.
+"""etcd frozen (SIGSTOP) while the guest is paused for stop-and-copy, before the destination sent
+its commit: the destination's check right before the commit finds etcd silent and refuses the
+switchover, so the source resumes at once and the guest's blackout stays far below the outage;
+the job ends ROLLED_BACK once etcd is back, the controller runs on the source alone, and every
+acknowledged write reads back.
 
 This test freezes an etcd of its own (the shared one serves every other test)."""
 
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from orchctl.localcluster import LocalCluster, wait_for
-from orchestrator.runner import NO_ETCD_BEFORE_COMMIT
+from orchestrator.runner import NOT_COMMITTED
 from proto.v1 import agent_pb2, agent_pb2_grpc, migration_pb2
 from tests.clusterprobe import (
     TERMINAL,
@@ -74,7 +75,8 @@ def test_etcd_frozen_during_the_pause_resumes_the_source_at_once(own_etcd_cluste
 
     ended = wait_phase(cluster, job.id, TERMINAL, timeout_s=120)
     assert migration_pb2.Phase.Name(ended.phase) == "ROLLED_BACK", ended.reason
-    assert ended.reason.startswith(NO_ETCD_BEFORE_COMMIT), ended.reason
+    assert ended.reason.startswith(NOT_COMMITTED), ended.reason
+    assert "etcd did not answer" in ended.reason, ended.reason
     workload = controller(cluster, "n1", "o1").workload
     assert workload.pauses >= 1
     # The guest's own measure: its longest gap between completions, far below the freeze.

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -631,7 +632,10 @@ class NeverCalledSink:
     async def apply_round_end(self, round: int) -> None:
         raise AssertionError("an unauthenticated peer reached the sink")
 
-    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
+    async def apply_plan(self, plan: bytes) -> None:
+        raise AssertionError("an unauthenticated peer reached the sink")
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
         raise AssertionError("an unauthenticated peer reached the sink")
 
 

@@ -111,3 +111,27 @@ def test_a_destination_with_no_space_to_resume_hands_ownership_back_before_it_cl
     # had its claim landed after all, the move back fails: it runs there, the job completes
     claimed = decide(job(Phase.RESUMING), Failure(K.DESTINATION_UNFIT, "no space", destination_claimed=True))
     assert claimed.action is DONE
+
+
+@pytest.mark.parametrize("kind", [K.STEP_FAILED, K.DESTINATION_LOST, K.DESTINATION_UNFIT])
+def test_a_switchover_the_destination_did_not_commit_rolls_back_without_etcd(kind: FailureKind) -> None:
+    # The source reported that the destination refused (or never got the state) and resumed the
+    # guest already: no commit can land, so the rollback needs no word from etcd.
+    decided = decide(job(Phase.STOP_AND_COPY), Failure(kind, "switchover refused by etcd", commit_never_sent=True))
+    assert (decided.action, decided.ending, decided.commit_never_sent) == (RB, Phase.ROLLED_BACK, True)
+
+
+@pytest.mark.parametrize("kind", [K.STEP_FAILED, K.DESTINATION_LOST, K.DESTINATION_UNFIT])
+def test_a_switchover_settled_in_etcd_as_not_landed_rolls_back_through_etcd(kind: FailureKind) -> None:
+    # Its outcome was unknown; the runner fenced the job's revision first, then found it still in
+    # STOP_AND_COPY: the stopped source resumes once etcd says it still owns the controller.
+    decided = decide(job(Phase.STOP_AND_COPY), Failure(kind, "commit outcome unknown; fenced"))
+    assert (decided.action, decided.ending, decided.commit_never_sent) == (RB, Phase.ROLLED_BACK, False)
+
+
+def test_a_switchover_settled_in_etcd_as_landed_is_finished_on_the_destination() -> None:
+    # The fence lost to the destination's commit: the job is RESUMING in etcd, claimed there; a
+    # destination that then stays silent has switched over all the same.
+    assert decide(job(Phase.RESUMING), Failure(K.DESTINATION_LOST, "silent")).action is RETRY
+    claimed = decide(job(Phase.RESUMING), Failure(K.DESTINATION_LOST, "silent", destination_claimed=True))
+    assert (claimed.action, claimed.ending) == (DONE, Phase.COMPLETED)

@@ -69,16 +69,21 @@ async def lead(store: EtcdStore, name: str, ttl_s: int = 10) -> tuple[int, int]:
 
 
 async def committed_to(store: EtcdStore, job_id: str, controller_id: str, dest: str, term: int) -> int:
-    """A controller owned by n1, a job moving it, and COMMIT done: the record says COMMITTED on
-    `dest`. Returns the job's revision."""
+    """A controller owned by n1, a job moving it, and COMMIT done as the orchestrator-driven
+    protocol of earlier versions left it (what a rolling upgrade may find): the record says
+    COMMITTED on `dest`, unclaimed. Returns the job's revision."""
     assert await store.claim_controller(ControllerRecord(controller_id, "n1", MiB))
     job = new_job(job_id, controller_id)
     revision = await store.create_job(job_id, controller_id, job.to_bytes())
     got = await store.get_controller(controller_id)
     assert got is not None
-    record, controller_revision = got
-    return await store.commit_ownership(job_id, replace(job, phase=Phase.COMMIT).to_bytes(), revision, record,
-                                        controller_revision, dest, leader_term=term)
+    record, _ = got
+    revision = await store.update_job(job_id, replace(job, phase=Phase.COMMIT).to_bytes(), revision,
+                                      leader_term=term)
+    # written as that version's COMMIT wrote it: no call of this version writes COMMITTED
+    old_style = replace(record, node=dest, job_id=job_id, state=COMMITTED, history=(record.node,))
+    await store._client.put(store.keys.controller(controller_id), old_style.to_bytes())
+    return revision
 
 
 @pytest.fixture
@@ -119,30 +124,33 @@ async def test_a_stale_leader_cannot_write_the_job_commit_or_move_back(
     marker_before = read_back(shared_etcd, keys.active_job("c1"))
     assert job_before is not None and controller_before is not None and marker_before is not None
 
-    committed = replace(job, phase=Phase.COMMIT).to_bytes()
+    committed = replace(job, phase=Phase.RESUMING).to_bytes()
     with pytest.raises(ConflictError):
         await store.update_job(job.id, replace(job, phase=Phase.FAILED).to_bytes(), revision,
                                release_controller="c1", leader_term=old_term)
+    # the destination's commit, planned by orch-a before it lost the lead, is refused
     with pytest.raises(ConflictError):
-        await store.commit_ownership(job.id, committed, revision, record, controller_revision, "n2",
-                                     leader_term=old_term)
+        await other.commit_switchover(job.id, committed, revision, record, controller_revision, "n2",
+                                      leader_term=old_term)
     assert read_back(shared_etcd, keys.job(job.id)) == job_before
     assert read_back(shared_etcd, keys.controller("c1")) == controller_before
     assert read_back(shared_etcd, keys.active_job("c1")) == marker_before
 
-    # the same commit under the current term goes through: the term alone refused it above
-    await other.commit_ownership(job.id, committed, revision, record, controller_revision, "n2",
-                                 leader_term=new_term)
+    # the same commit under the current term goes through: the term alone refused it above; it
+    # moves ownership and claims RUNNING at once
+    await other.commit_switchover(job.id, committed, revision, record, controller_revision, "n2",
+                                  leader_term=new_term)
     moved = read_back(shared_etcd, keys.controller("c1"))
     assert moved is not None
     assert ControllerRecord.from_bytes(moved[0]).node == "n2"
-    assert ControllerRecord.from_bytes(moved[0]).state == COMMITTED
+    assert ControllerRecord.from_bytes(moved[0]).state == RUNNING
+    job_after = read_back(shared_etcd, keys.job(job.id))
+    assert job_after is not None and job_after[0] == committed
 
+    # claimed: no leader, current or stale, can move it back
     assert not await store.move_back("c1", "n2", "n1", leader_term=old_term)
+    assert not await other.move_back("c1", "n2", "n1", leader_term=new_term)
     assert read_back(shared_etcd, keys.controller("c1")) == moved
-    assert await other.move_back("c1", "n2", "n1", leader_term=new_term)
-    back = read_controller(shared_etcd, keys, "c1")
-    assert back is not None and (back.node, back.state, back.history) == ("n1", RUNNING, ("n1", "n2"))
 
 
 async def test_commit_moves_ownership_and_the_job_together_or_not_at_all(
@@ -158,8 +166,8 @@ async def test_commit_moves_ownership_and_the_job_together_or_not_at_all(
     assert await store.set_controller_state("c1", LOST, only_if_node="n1")
     job_before = read_back(shared_etcd, store.keys.job(job.id))
     with pytest.raises(ConflictError):
-        await store.commit_ownership(job.id, replace(job, phase=Phase.COMMIT).to_bytes(), revision, record,
-                                     controller_revision, "n2", leader_term=term)
+        await store.commit_switchover(job.id, replace(job, phase=Phase.RESUMING).to_bytes(), revision, record,
+                                      controller_revision, "n2", leader_term=term)
     assert read_back(shared_etcd, store.keys.job(job.id)) == job_before
     after = read_controller(shared_etcd, store.keys, "c1")
     assert after is not None and (after.node, after.state) == ("n1", LOST)

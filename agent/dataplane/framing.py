@@ -80,6 +80,9 @@ class FrameType(IntEnum):
     FINAL = 4
     ACK = 5
     ABORT = 6
+    # The switchover's commit plan (a serialized agent_pb2.SwitchoverPlan), sent before FINAL;
+    # not acknowledged by itself: FINAL's ACK says how the switchover ended.
+    SWITCHOVER_PLAN = 7
 
 
 @dataclass(frozen=True)

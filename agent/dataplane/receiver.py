@@ -8,7 +8,10 @@ into the new controller's namespace. The source agent connects with ``DataSender
     EXTENT(seq=1, 2, 3, ...)*    applied in order through sink.apply_extent
     ROUND_END(seq=round)         -> ACK(seq=round) {"ok": true, "kind": "round_end", "bytes_received": N}
     ... more rounds (EXTENT seq keeps counting; round numbers only grow) ...
-    FINAL(u32 len + state + guest) -> ACK {"ok": true, "kind": "final"} / {"ok": false, "error": ...}
+    SWITCHOVER_PLAN(plan)        kept by sink.apply_plan for FINAL (optional, no ACK of its own)
+    FINAL(u32 len + state + guest) -> ACK {"ok": true, "kind": "final", ...what sink.apply_final
+                                    returned: with a plan, how the switchover ended}
+                                    / {"ok": false, "error": ...}
     ABORT(reason)                ends the session
 
 Any failure (corrupt frame, sink error, protocol violation, idle timeout) marks the session
@@ -24,6 +27,10 @@ be above the last one's. The checksum catches a changed frame, not a valid one s
 older extent re-injected after a newer one for the same offset would silently roll data back. A
 frame out of sequence (replayed, duplicated, reordered or after a gap) fails the session before
 its payload reaches the sink.
+
+A not-ok ACK is a refusal: with a SWITCHOVER_PLAN it means the destination did not commit and
+never will (the sink refuses only before it sent the commit, or when etcd refused it); an outcome
+it does not know comes back in an ok ACK.
 """
 
 from __future__ import annotations
@@ -143,8 +150,13 @@ class DestinationSink(Protocol):
 
     async def apply_round_end(self, round: int) -> None: ...
 
-    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> None:
-        """Load controller and guest state; raise to refuse (the message goes to the source)."""
+    async def apply_plan(self, plan: bytes) -> None:
+        """Keep the switchover plan for FINAL; raise to refuse it."""
+        ...
+
+    async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
+        """Load controller and guest state (and with a plan, switch over); raise to refuse (the
+        message goes to the source). What it returns goes into the ACK."""
         ...
 
 
@@ -665,16 +677,22 @@ class DataReceiver:
                     return
                 traffic.RECEIVED.add(len(state_blob) + len(guest_blob))
                 try:
-                    await session.sink.apply_final(state_blob, guest_blob)
+                    outcome = await session.sink.apply_final(state_blob, guest_blob)
                 except Exception as exc:
                     # The sink's own message is what the source (and the operator) needs to see.
                     await fail(_exc_text(exc), _cause(exc))
                     return
                 session.done = True
-                writer.write(_ack(ok=True, kind="final", bytes_received=session.bytes_received))
+                writer.write(_ack(**outcome, ok=True, kind="final", bytes_received=session.bytes_received))
                 await writer.drain()
                 logger.info("data-plane session for job %s done (%d bytes)", job, session.bytes_received)
                 return
+            elif frame.type == FrameType.SWITCHOVER_PLAN:
+                try:
+                    await session.sink.apply_plan(frame.payload)
+                except Exception as exc:
+                    await fail(f"switchover plan refused: {_exc_text(exc)}")
+                    return
             elif frame.type == FrameType.ABORT:
                 reason = frame.payload.decode("utf-8", "replace") or "no reason given"
                 session.fail(f"source aborted the transfer: {reason}")

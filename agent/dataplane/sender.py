@@ -94,10 +94,13 @@ _CLOSED = "receiver closed the connection"
 
 class DataPlaneError(Exception):
     """The transfer failed; ``reason`` is the receiver's (or the connection's) own explanation,
-    ``cause`` what its refusal said of the kind of failure (``CAUSE_NO_SPACE``, or empty)."""
+    ``cause`` what its refusal said of the kind of failure (``CAUSE_NO_SPACE``, or empty).
+    ``refused``: the receiver said so itself (a not-ok ACK), rather than the connection failing."""
 
-    def __init__(self, reason: str, *, address: str = "", job_id: str = "", cause: str = "") -> None:
+    def __init__(self, reason: str, *, address: str = "", job_id: str = "", cause: str = "",
+                 refused: bool = False) -> None:
         self.reason = reason
+        self.refused = refused
         self.address = address
         self.job_id = job_id
         self.cause = cause
@@ -136,10 +139,11 @@ class _Stopped(Exception):
 class _Broken(Exception):
     """The connection can no longer be used; ``reason`` (and ``cause``) for DataPlaneError."""
 
-    def __init__(self, reason: str, cause: str = "") -> None:
+    def __init__(self, reason: str, cause: str = "", *, refused: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.cause = cause
+        self.refused = refused  # the receiver's own refusal (a not-ok ACK)
 
 
 class _NoAnswer(Exception):
@@ -347,6 +351,7 @@ class DataSender:
         self._extent_frames = 0  # likewise
         self._error: str | None = None
         self._error_cause = ""
+        self._refused = False  # the error is the receiver's own refusal (a not-ok ACK)
         self._closed = False
         self._inflight: set[asyncio.Future[Any]] = set()
         self._buffers: list[bytearray] = []
@@ -553,6 +558,13 @@ class DataSender:
             self._raise_if_failed()
         return body
 
+    async def send_plan(self, plan: bytes) -> None:
+        """The switchover plan, for the destination to commit once FINAL is loaded (no ACK of its own)."""
+        self._raise_if_failed()
+        data = encode_frame(Frame(FrameType.SWITCHOVER_PLAN, payload=plan))
+        async with self._lock:
+            await self._call(functools.partial(self._wire.send, [memoryview(data)], [len(data)], _ignore))
+
     async def abort(self, reason: str) -> None:
         """Tell the receiver we give up (best effort), then close."""
         if not self._closed and not self._wire.cut_reason:
@@ -599,7 +611,7 @@ class DataSender:
             body = _ack_body(frame)
             if frame.type == FrameType.ACK and body.get("ok") is False:
                 raise _Broken(str(body.get("error") or "receiver reported a failure without a reason"),
-                              str(body.get("cause") or ""))
+                              str(body.get("cause") or ""), refused=True)
             raise _Broken(f"protocol error: unexpected {frame.type.name} {body!r} from the receiver with no "
                           "request outstanding")
 
@@ -733,7 +745,7 @@ class DataSender:
             return
         exc = fut.exception()
         if isinstance(exc, _Broken):
-            self._fail(exc.reason, exc.cause)
+            self._fail(exc.reason, exc.cause, refused=exc.refused)
 
     async def _call(self, job: Callable[[], T]) -> T:
         """Runs ``job`` in the worker thread; a cancelled caller stops it first (see _stop_thread)."""
@@ -751,7 +763,7 @@ class DataSender:
         except _Stopped:
             raise asyncio.CancelledError from None  # only a cancelled caller stops the thread
         except _Broken as exc:
-            self._fail(exc.reason, exc.cause)
+            self._fail(exc.reason, exc.cause, refused=exc.refused)
             self._raise_if_failed()
             raise AssertionError("unreachable") from None
         except _ReadFailed as exc:
@@ -779,17 +791,18 @@ class DataSender:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise DataPlaneError(self._error, address=self._address, job_id=self._job_id,
-                                 cause=self._error_cause)
+                                 cause=self._error_cause, refused=self._refused)
 
-    def _set_error(self, reason: str, cause: str = "") -> None:
+    def _set_error(self, reason: str, cause: str = "", *, refused: bool = False) -> None:
         # The first reason wins: later ones are consequences.
         if self._error is None:
             self._error = reason
             self._error_cause = cause
+            self._refused = refused
 
-    def _fail(self, reason: str, cause: str = "") -> None:
+    def _fail(self, reason: str, cause: str = "", *, refused: bool = False) -> None:
         """Mark the sender unusable and wake its thread, which then fails its job."""
-        self._set_error(reason, cause)
+        self._set_error(reason, cause, refused=refused)
         self._wire.cut(reason)
 
     async def _request(self, frame: Frame, *, what: str, timeout_s: float, seq: int | None = None,
@@ -823,7 +836,7 @@ class DataSender:
             self._fail(f"protocol error: receiver sent {ack.type.name} {body!r}, expected an ACK")
         elif not body["ok"]:
             self._fail(str(body.get("error") or "receiver reported a failure without a reason"),
-                       str(body.get("cause") or ""))
+                       str(body.get("cause") or ""), refused=True)
         elif seq is not None and ack.seq != seq:
             self._fail(f"protocol error: expected ACK for {what}, got one with seq {ack.seq}")
         self._raise_if_failed()

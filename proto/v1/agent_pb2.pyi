@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Switchover(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SWITCHOVER_UNREPORTED: _ClassVar[Switchover]
+    SWITCHOVER_COMMITTED: _ClassVar[Switchover]
+    SWITCHOVER_UNKNOWN: _ClassVar[Switchover]
+    SWITCHOVER_NOT_COMMITTED: _ClassVar[Switchover]
+SWITCHOVER_UNREPORTED: Switchover
+SWITCHOVER_COMMITTED: Switchover
+SWITCHOVER_UNKNOWN: Switchover
+SWITCHOVER_NOT_COMMITTED: Switchover
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -181,16 +193,34 @@ class VerifyResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., blocks_checked: _Optional[int] = ..., mismatches: _Optional[int] = ..., first_mismatch: _Optional[str] = ..., node: _Optional[str] = ..., digest: _Optional[str] = ..., controller: _Optional[_Union[ControllerStatus, _Mapping]] = ..., receipts_checked: _Optional[int] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
-    __slots__ = ("job_id", "epoch", "controller_id", "commit_never_sent")
+    __slots__ = ("job_id", "epoch", "controller_id", "commit_never_sent", "plan")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_ID_FIELD_NUMBER: _ClassVar[int]
     COMMIT_NEVER_SENT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch: int
     controller_id: str
     commit_never_sent: bool
-    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., controller_id: _Optional[str] = ..., commit_never_sent: _Optional[bool] = ...) -> None: ...
+    plan: SwitchoverPlan
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., controller_id: _Optional[str] = ..., commit_never_sent: _Optional[bool] = ..., plan: _Optional[_Union[SwitchoverPlan, _Mapping]] = ...) -> None: ...
+
+class SwitchoverPlan(_message.Message):
+    __slots__ = ("job_record", "job_revision", "controller_record", "controller_revision", "leader_term", "commit_timeout_s")
+    JOB_RECORD_FIELD_NUMBER: _ClassVar[int]
+    JOB_REVISION_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_RECORD_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    job_record: bytes
+    job_revision: int
+    controller_record: bytes
+    controller_revision: int
+    leader_term: int
+    commit_timeout_s: float
+    def __init__(self, job_record: _Optional[bytes] = ..., job_revision: _Optional[int] = ..., controller_record: _Optional[bytes] = ..., controller_revision: _Optional[int] = ..., leader_term: _Optional[int] = ..., commit_timeout_s: _Optional[float] = ...) -> None: ...
 
 class PrepareDestinationRequest(_message.Message):
     __slots__ = ("ref", "namespace_bytes", "state_format_version", "source_node")
@@ -239,7 +269,7 @@ class DirtyRoundRequest(_message.Message):
     def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., round: _Optional[int] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., throttle_percent: _Optional[int] = ...) -> None: ...
 
 class TransferResult(_message.Message):
-    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round", "total_bytes_sent")
+    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round", "total_bytes_sent", "switchover", "commit_revision", "switchover_note", "commit_ms")
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +278,10 @@ class TransferResult(_message.Message):
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_NOTE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     blocks_sent: int
     duration_s: float
@@ -256,7 +290,11 @@ class TransferResult(_message.Message):
     state_bytes: int
     round: int
     total_bytes_sent: int
-    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes_sent: _Optional[int] = ...) -> None: ...
+    switchover: Switchover
+    commit_revision: int
+    switchover_note: str
+    commit_ms: float
+    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes_sent: _Optional[int] = ..., switchover: _Optional[_Union[Switchover, str]] = ..., commit_revision: _Optional[int] = ..., switchover_note: _Optional[str] = ..., commit_ms: _Optional[float] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
     __slots__ = ("job_id", "role", "stage", "epoch", "bytes_sent", "bytes_received", "digest", "error", "guest_blackout_ms", "digest_error")
@@ -283,16 +321,20 @@ class SessionStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., digest_error: _Optional[str] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("corrupt_frame", "stall_event_loop_ms", "health", "replay_frame")
+    __slots__ = ("corrupt_frame", "stall_event_loop_ms", "health", "replay_frame", "hold_commit_ms", "exit_after_commit")
     CORRUPT_FRAME_FIELD_NUMBER: _ClassVar[int]
     STALL_EVENT_LOOP_MS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FRAME_FIELD_NUMBER: _ClassVar[int]
+    HOLD_COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_AFTER_COMMIT_FIELD_NUMBER: _ClassVar[int]
     corrupt_frame: int
     stall_event_loop_ms: int
     health: DriveHealthFault
     replay_frame: int
-    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ..., health: _Optional[_Union[DriveHealthFault, _Mapping]] = ..., replay_frame: _Optional[int] = ...) -> None: ...
+    hold_commit_ms: int
+    exit_after_commit: bool
+    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ..., health: _Optional[_Union[DriveHealthFault, _Mapping]] = ..., replay_frame: _Optional[int] = ..., hold_commit_ms: _Optional[int] = ..., exit_after_commit: _Optional[bool] = ...) -> None: ...
 
 class DriveHealthFault(_message.Message):
     __slots__ = ("critical_warning", "temperature_k", "available_spare", "available_spare_threshold", "percentage_used", "media_errors")

@@ -217,7 +217,11 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopAndCopy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """With a SwitchoverPlan in the ref: the source suspends, sends the last data and the state to the
+        destination, which loads them, commits the switchover in etcd itself and runs the controller;
+        the reply says how that ended (TransferResult.switchover). Without one (an older
+        orchestrator): the destination only loads, and waits for ResumeDestination.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
