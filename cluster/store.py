@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -502,16 +503,31 @@ class EtcdStore:
     async def answers(self, timeout_s: float) -> int | None:
         """One linearizable read (the leader key) that must be answered within `timeout_s`: asked
         right before a step that etcd must follow quickly (the switchover). Returns the leader's
-        term; raises `EtcdNotAnswering` (an EtcdError) when etcd did not answer in time. Not
-        retried: a slow answer is the answer."""
-        generation = self._client.generation
-        try:
-            got = await asyncio.wait_for(self._client.get(self.keys.leader), timeout_s)
-        except TimeoutError:
-            slow = EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {timeout_s:g} s")
-            self._client.fail_over(generation, slow)
-            raise slow from None
-        return int(got.create_revision) if got is not None else None
+        term; raises `EtcdNotAnswering` (an EtcdError) when etcd did not answer in time.
+
+        A process idle on etcd may learn only here that its member is gone: with several members,
+        one that refuses the connection, or is silent for half of `timeout_s`, is left for the next,
+        which is asked within what is left. With one member, a slow answer is the answer."""
+        deadline = time.monotonic() + timeout_s
+        members = len(self.config.endpoints)
+        while True:
+            generation = self._client.generation
+            left_s = max(deadline - time.monotonic(), 0.0)
+            # The last member tried gets all that is left; others half the budget each.
+            attempt_s = left_s if members == 1 else min(left_s, timeout_s / 2)
+            try:
+                got = await asyncio.wait_for(self._client.get(self.keys.leader), attempt_s)
+            except TimeoutError:
+                slow = EtcdNotAnswering(f"etcd at {self.endpoint} did not answer within {attempt_s:.3g} s")
+                self._client.fail_over(generation, slow)
+                if members == 1 or time.monotonic() >= deadline - 0.01:
+                    raise slow from None
+                continue
+            except TRANSIENT_ETCD_ERRORS:
+                if self._client.generation == generation or time.monotonic() >= deadline:
+                    raise  # no other member to ask, or no time left to ask it
+                continue
+            return int(got.create_revision) if got is not None else None
 
     async def resign(self, candidate: str) -> None:
         await self._client.transaction(
