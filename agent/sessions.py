@@ -29,7 +29,8 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableControll
 from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, FrameFaults
-from agent.guest.workload import GuestWorkload
+from agent.guest.map_sync import MapAssembly, base_pieces, delta_piece
+from agent.guest.workload import GuestState, GuestWorkload
 from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
 from agent.vfio_states import VfioState
@@ -66,16 +67,23 @@ class TransferFacts:
     commit_ms: float = 0.0
 
 
-def encode_guest(workload: GuestWorkload | None) -> bytes:
+def encode_guest(workload: GuestWorkload | None, map_sync: int = 0) -> bytes:
     """The guest's state for the destination, led by one byte saying whether it was running:
-    a guest that only prefilled (no workload asked for) must not start writing over there."""
+    a guest that only prefilled (no workload asked for) must not start writing over there.
+    `map_sync`: the map sync whose pieces the destination holds; only the map's last changes go."""
     if workload is None:
         return b""
-    return bytes([1 if workload.status().running else 0]) + workload.export_state()
+    running = bytes([1 if workload.status().running else 0])
+    synced = workload.export_synced_state(map_sync) if map_sync else None
+    return running + (synced if synced is not None else workload.export_state())
 
 
-def decode_guest(controller: GuestDrivenController, blob: bytes) -> tuple[GuestWorkload, bool]:
-    return GuestWorkload.from_state(controller, blob[1:]), blob[0] == 1
+def decode_guest(controller: GuestDrivenController, blob: bytes, synced: MapAssembly | None = None
+                 ) -> tuple[GuestWorkload, bool, GuestState]:
+    """The guest to continue here, whether it was running, and its state (whose map, with
+    `synced`, is that assembly's map completed in place)."""
+    state = GuestState.decode(blob[1:], synced)
+    return GuestWorkload(controller, state.spec, state), blob[0] == 1, state
 
 
 def guest_was_running(blob: bytes) -> bool:
@@ -169,7 +177,9 @@ class SourceSession(Session):
     digest_task: asyncio.Task[str] | None = None
     closing: asyncio.Task[None] | None = None  # the data connection closing after stop-and-copy
     bytes_sent_before: int = 0  # sent by senders that are gone (a rollback and a new attempt)
-    state_bytes_sent: int = 0  # controller and guest state, once the destination loaded them
+    state_bytes_sent: int = 0  # controller and guest state (and the guest's map pieces), once sent
+    map_sync: int = 0  # the guest's map sync whose pieces went to this attempt's destination (0: none)
+    map_blocks: int = 0  # the size of that map
 
     role: ClassVar[str] = "source"
 
@@ -233,13 +243,51 @@ class SourceSession(Session):
                                                stall_timeout_s=DATA_STALL_TIMEOUT_S,
                                                ssl=self.data_ssl, server_hostname=destination_node or None)
         self.sender.faults = self.frame_faults
+        self._end_map_sync()  # an attempt before this one synced to another destination
         # Tracking starts before the first read, so every later guest write is sent again.
         await asyncio.to_thread(self.ctrl.set_state, VfioState.PRE_COPY)
         extents = await asyncio.to_thread(self.ctrl.data_extents)
         # Read, checksummed and sent by the sender's thread, each batch after the node's pacer.
         sent = await self.sender.send_ranges(self.ctrl.read_raw_into, extents, admit=self._admit(yielding=True))
+        map_bytes = await self._sync_guest_map()
         await self.sender.end_round(0, timeout_s=ACK_TIMEOUT_S)
-        return await self._facts(0, sent, started)
+        return await self._facts(0, sent, started, map_bytes)
+
+    async def _sync_guest_map(self) -> int:
+        """After a round's blocks: the running guest's map of acknowledged blocks, whole after
+        precopy, then what changed since; at the switchover only the last changes go (with the
+        state), not the whole map. Returns the bytes sent."""
+        assert self.sender is not None
+        workload = self.workload
+        if workload is None or not self.sender.takes_guest_map:
+            return 0
+        if not self.map_sync:
+            if not workload.status().running:
+                return 0  # a guest that does not write: its map does not change, it goes at the end
+
+            def base() -> tuple[int, int, list[bytes]]:
+                sync_id, acked = workload.begin_map_sync()
+                return sync_id, len(acked), list(base_pieces(sync_id, acked))
+
+            self.map_sync, self.map_blocks, pieces = await asyncio.to_thread(base)
+        else:
+            sync_id, blocks = self.map_sync, self.map_blocks
+
+            def changes() -> list[bytes] | None:
+                changed = workload.map_changes(sync_id)
+                return None if changed is None else [delta_piece(sync_id, blocks, *changed)]
+
+            delta = await asyncio.to_thread(changes)
+            if delta is None:
+                self.map_sync = 0  # the guest was replaced: its state goes whole at the switchover
+                return 0
+            pieces = delta
+        sent = 0
+        for piece in pieces:
+            await self.sender.send_guest_map(piece)
+            sent += len(piece)
+        self.state_bytes_sent += sent
+        return sent
 
     def _admit(self, *, yielding: bool) -> Callable[[int], Awaitable[None]] | None:
         """What a batch of migration reads waits for: the node's pacer (not in stop-and-copy)."""
@@ -253,10 +301,11 @@ class SourceSession(Session):
         return await self.sender.send_ranges(self.ctrl.read_raw_into, lbas_to_extents(lbas),
                                              admit=self._admit(yielding=yielding))
 
-    async def _facts(self, round_no: int, sent: int, started: float) -> TransferFacts:
+    async def _facts(self, round_no: int, sent: int, started: float, map_bytes: int = 0) -> TransferFacts:
+        """`sent`: the round's block bytes; `map_bytes`: the guest map's pieces sent after them."""
         duration = max(time.monotonic() - started, 1e-6)
         dirty = await asyncio.to_thread(self.ctrl.dirty_block_count) * BLOCK_BYTES
-        return TransferFacts(bytes_sent=sent, blocks_sent=sent // BLOCK_BYTES, duration_s=duration,
+        return TransferFacts(bytes_sent=sent + map_bytes, blocks_sent=sent // BLOCK_BYTES, duration_s=duration,
                              dirty_bytes_remaining=dirty, dirty_rate_bytes_per_s=dirty / duration, round=round_no,
                              total_bytes_sent=self.bytes_sent)
 
@@ -283,8 +332,9 @@ class SourceSession(Session):
         started = time.monotonic()
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
         sent = await self._send_changed(lbas)
+        map_bytes = await self._sync_guest_map()
         await self.sender.end_round(round_no, timeout_s=ACK_TIMEOUT_S)
-        return await self._facts(round_no, sent, started)
+        return await self._facts(round_no, sent, started, map_bytes)
 
     async def stop_and_copy(self, plan: bytes = b"") -> TransferFacts:
         """`plan`: a serialized agent_pb2.SwitchoverPlan, for the destination to commit the
@@ -332,8 +382,10 @@ class SourceSession(Session):
             self.ctrl.set_state(VfioState.STOP_COPY)  # Suspend
             return self.ctrl.take_dirty_lbas()
 
+        map_sync = self.map_sync
+
         def states() -> tuple[bytes, bytes]:
-            return self.ctrl.save_state(), encode_guest(workload)  # Get Controller State; the guest's
+            return self.ctrl.save_state(), encode_guest(workload, map_sync)  # Get Controller State; the guest's
 
         lbas = await asyncio.to_thread(suspend)
         step("suspend", "src.suspended")
@@ -369,7 +421,7 @@ class SourceSession(Session):
             # here until etcd (fenced by the orchestrator) says who owns the controller.
             ack = {"switchover": "UNKNOWN", "note": f"the destination did not answer after the last state went "
                                                     f"across: {exc.reason}"}
-        self.state_bytes_sent = len(state) + len(guest)
+        self.state_bytes_sent += len(state) + len(guest)
         switchover, revision, note, commit_ms = _switchover_outcome(ack) if plan \
             else (agent_pb2.SWITCHOVER_UNREPORTED, 0, "", 0.0)
         step("destination loaded" if not plan else "destination switched over", "src.destination_loaded")
@@ -399,9 +451,15 @@ class SourceSession(Session):
         await self._run_here_again(reason)
         mark(self.job_id, "src.resumed_here")
 
+    def _end_map_sync(self) -> None:
+        if self.map_sync and self.workload is not None:
+            self.workload.end_map_sync(self.map_sync)
+        self.map_sync = 0
+
     async def _run_here_again(self, reason: str) -> None:
         if self.controller is not None and self.ctrl.vfio_state != VfioState.RUNNING:
             await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume / tracking off
+        self._end_map_sync()
         if self.workload is not None:
             self.workload.set_throttle(0)
             self.workload.unpause()
@@ -479,6 +537,7 @@ class DestinationSession(Session):
     bytes_received: int = 0
     guest_blob: bytes = b""
     guest_was_running: bool = False  # with `workload` decoded from guest_blob: start it on resume
+    guest_map: MapAssembly | None = None  # the guest's map as its pieces came, for FINAL
     node: str = ""  # the node it runs on, for messages
     # What the guest asks before each write once it runs here (its controller's I/O limits).
     guest_admission: Callable[[int], float] | None = None
@@ -545,6 +604,14 @@ class DestinationSession(Session):
         self._move(DestinationStage.RECEIVING)
         self.received_round = round
 
+    async def apply_guest_map(self, piece: bytes) -> None:
+        if self.guest_map is None:
+            self.guest_map = MapAssembly()
+        if len(piece) <= SMALL_WRITE_BYTES:
+            self.guest_map.apply(piece)
+        else:
+            await asyncio.to_thread(self.guest_map.apply, piece)  # up to 4 MiB, or a long delta
+
     async def apply_plan(self, payload: bytes) -> None:
         if self.switch_over is None:
             raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: node {self.node!r} cannot commit a "
@@ -578,29 +645,33 @@ class DestinationSession(Session):
                                "built-in guest to continue it; stop the workload or migrate to a "
                                "node with the emulated backend")
         mark(self.job_id, "dst.final_received")
-        state_path, guest = self.state_path, self.guest
+        state_path, guest, guest_map = self.state_path, self.guest, self.guest_map
         job_id = self.job_id
 
-        def load() -> tuple[Any, GuestWorkload | None, bool]:
+        def load() -> tuple[Any, GuestWorkload | None, bool, bytes]:
             # One thread hop for the lot: each hop costs the paused guest a scheduling delay.
             self.ctrl.load_state(state_blob)  # Set Controller State: verifies it
             self.ctrl.set_state(VfioState.STOP)
             mark(job_id, "dst.state_loaded")
+            # The guest is decoded now, so that the resume only starts it (and a blob it cannot
+            # take is refused before COMMIT, not after).
+            workload, was_running, whole_guest_blob = None, False, guest_blob
+            if guest_blob and guest is not None:
+                workload, was_running, guest_state = decode_guest(guest, guest_blob, guest_map)
+                if guest_map is not None and guest_state.acked is guest_map.acked:
+                    # Only the map's last changes came: the state file needs it whole.
+                    whole_guest_blob = guest_blob[:1] + guest_state.encode_raw()
             # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still
             # resume. Not fsynced: the namespace beside it arrived through the page cache, unsynced,
             # so the pair survives the agent's process, not the machine, with or without it.
             if state_path is not None:
-                write_atomically(state_path, encode_final_payload(state_blob, guest_blob), durable=False)
+                write_atomically(state_path, encode_final_payload(state_blob, whole_guest_blob), durable=False)
             mark(job_id, "dst.state_file_written")
-            # The guest is decoded now, so that the resume only starts it (and a blob it cannot
-            # take is refused before COMMIT, not after).
-            workload, was_running = decode_guest(guest, guest_blob) if guest_blob and guest is not None \
-                else (None, False)
             # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
-            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running
+            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running, whole_guest_blob
 
         try:
-            self.snapshot, self.workload, self.guest_was_running = await asyncio.to_thread(load)
+            self.snapshot, self.workload, self.guest_was_running, guest_blob = await asyncio.to_thread(load)
         except OSError as exc:
             refusal = self._no_space(exc, self.state_path)
             if refusal is None:
@@ -642,7 +713,7 @@ class DestinationSession(Session):
         self.check_resumable()
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.workload is None and self.guest_blob and self.guest is not None:  # reloaded after a restart
-            self.workload, self.guest_was_running = decode_guest(self.guest, self.guest_blob)
+            self.workload, self.guest_was_running, _ = decode_guest(self.guest, self.guest_blob)
         if self.workload is not None:
             job_id = self.job_id
 

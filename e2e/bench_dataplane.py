@@ -42,6 +42,9 @@ class CountingSink:
     async def apply_round_end(self, round: int) -> None:
         pass
 
+    async def apply_guest_map(self, piece: bytes) -> None:
+        raise ValueError("the data-plane benchmark has no guest")
+
     async def apply_plan(self, plan: bytes) -> None:
         raise ValueError("the data-plane benchmark has no switchover")
 

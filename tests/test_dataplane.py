@@ -58,6 +58,7 @@ class FileSink:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.final_error = final_error
         self.plan = b""
+        self.guest_map: list[bytes] = []
         self.rounds: list[int] = []
         self.final: tuple[bytes, bytes] | None = None
         self.extents: list[tuple[int, int]] = []
@@ -80,6 +81,9 @@ class FileSink:
 
     async def apply_round_end(self, round: int) -> None:
         self.rounds.append(round)
+
+    async def apply_guest_map(self, piece: bytes) -> None:
+        self.guest_map.append(piece)
 
     async def apply_plan(self, plan: bytes) -> None:
         self.plan = plan

@@ -36,6 +36,7 @@ import json
 import os
 import string
 import struct
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count
@@ -65,6 +66,9 @@ from agent.emulated.model.namespace import NamespaceStore
 from agent.emulated.model.structures import MAX_TRANSFER_BYTES
 from agent.emulated.model.subsystem import PRIMARY_CNTLID, NvmeSubsystemModel
 from agent.emulated.model_transport import ModelAdminTransport
+from agent.guest.lineage import Lineage, Segment
+from agent.guest.map_sync import MapAssembly, MapSyncError, base_pieces, delta_piece
+from agent.guest.workload import GuestState, GuestStateError, WorkloadSpec
 from agent.nbd import protocol as nbd
 from agent.nbd.server import MAX_REQUEST_BYTES, NbdServer, _refusal
 from agent.nvme import cdq
@@ -623,6 +627,41 @@ def test_any_final_payload_splits_or_is_refused(payload: bytes) -> None:
     assert encode_final_payload(state, guest) == payload
 
 
+_MAP = array("Q", [1, 7, 0, 3, 9, 1])
+_MAP_STATE = GuestState(WorkloadSpec(write_iops=10, seed=2), len(_MAP), 12, _MAP, 1.0, 0.5, 11, 0, 1,
+                        Lineage((Segment(5, 0),)))
+map_pieces = st.one_of(st.sampled_from(list(base_pieces(7, _MAP, 4))),
+                       st.builds(lambda lbas: delta_piece(7, len(_MAP), lbas, [v + 1 for v in lbas]),
+                                 st.lists(st.integers(0, len(_MAP) - 1), max_size=4)))
+
+
+@budget(300)
+@given(st.lists(st.one_of(st.binary(max_size=48), mutated(map_pieces)), max_size=4))
+def test_any_guest_map_pieces_assemble_or_are_refused(pieces: list[bytes]) -> None:
+    assembly = MapAssembly()
+    for piece in [*base_pieces(7, _MAP, 4), *pieces]:
+        try:
+            assembly.apply(piece)
+        except MapSyncError as exc:
+            assert str(exc)
+    assert len(assembly.acked) <= assembly.block_count
+
+
+@budget(300)
+@given(mutated(st.sampled_from([_MAP_STATE.encode(), _MAP_STATE.encode_raw(),
+                                _MAP_STATE.encode_synced(7, [1, 4], [3, 3])])))
+def test_any_guest_state_decodes_or_is_refused(blob: bytes) -> None:
+    assembly = MapAssembly()
+    for piece in base_pieces(7, _MAP):
+        assembly.apply(piece)
+    try:
+        state = GuestState.decode(blob, assembly)
+    except GuestStateError as exc:
+        assert str(exc)
+        return
+    assert len(state.acked) == state.block_count
+
+
 class NeverCalledSink:
     """A session's sink for sessions that must never get past HELLO."""
 
@@ -630,6 +669,9 @@ class NeverCalledSink:
         raise AssertionError("an unauthenticated peer reached the sink")
 
     async def apply_round_end(self, round: int) -> None:
+        raise AssertionError("an unauthenticated peer reached the sink")
+
+    async def apply_guest_map(self, piece: bytes) -> None:
         raise AssertionError("an unauthenticated peer reached the sink")
 
     async def apply_plan(self, plan: bytes) -> None:

@@ -83,6 +83,10 @@ class FrameType(IntEnum):
     # The switchover's commit plan (a serialized agent_pb2.SwitchoverPlan), sent before FINAL;
     # not acknowledged by itself: FINAL's ACK says how the switchover ended.
     SWITCHOVER_PLAN = 7
+    # A piece of the guest's map of acknowledged blocks (agent.guest.map_sync), sent after a
+    # round's extents and acknowledged with the round; only to a receiver whose HELLO ACK lists
+    # the "guest_map" feature.
+    GUEST_MAP = 8
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ The destination agent runs one ``DataReceiver`` (a plain asyncio TCP server). Fo
 migration it ``register``s the job with a one-time token and a ``DestinationSink`` that writes
 into the new controller's namespace. The source agent connects with ``DataSender`` and streams:
 
-    HELLO {job_id, token}        -> ACK {"ok": true, "kind": "hello"} or {"ok": false, "error": ...}
+    HELLO {job_id, token}        -> ACK {"ok": true, "kind": "hello", "features": [...]} or {"ok": false, "error": ...}
     EXTENT(seq=1, 2, 3, ...)*    applied in order through sink.apply_extent
     ROUND_END(seq=round)         -> ACK(seq=round) {"ok": true, "kind": "round_end", "bytes_received": N}
     ... more rounds (EXTENT seq keeps counting; round numbers only grow) ...
+    GUEST_MAP(piece)*            the guest's map, applied by sink.apply_guest_map (no ACK of its own:
+                                 the next ROUND_END's covers it)
     SWITCHOVER_PLAN(plan)        kept by sink.apply_plan for FINAL (optional, no ACK of its own)
     FINAL(u32 len + state + guest) -> ACK {"ok": true, "kind": "final", ...what sink.apply_final
                                     returned: with a plan, how the switchover ended}
@@ -84,6 +86,9 @@ MAX_CONNECTIONS_PER_PEER = 64
 MAX_CONNECTIONS = 1024
 # Before authentication a peer may only send a small HELLO.
 HELLO_MAX_PAYLOAD = 64 * 1024
+# What this receiver takes beyond the frames every version does; the HELLO ACK lists them, and a
+# sender uses one only when its receiver listed it (a rolling upgrade has both versions at once).
+FEATURES = ("guest_map",)
 # FINAL carries controller state plus guest state, which can be much larger than an extent.
 FINAL_MAX_PAYLOAD = 64 * 1024 * 1024
 # After a failure we half-close and keep discarding what the source already had in flight for
@@ -152,6 +157,10 @@ class DestinationSink(Protocol):
 
     async def apply_plan(self, plan: bytes) -> None:
         """Keep the switchover plan for FINAL; raise to refuse it."""
+        ...
+
+    async def apply_guest_map(self, piece: bytes) -> None:
+        """Add a piece of the guest's map (agent.guest.map_sync) for FINAL; raise to refuse it."""
         ...
 
     async def apply_final(self, state_blob: bytes, guest_blob: bytes) -> dict[str, Any]:
@@ -556,7 +565,7 @@ class DataReceiver:
         session.used_by = conn.peer
         session.conn = conn
         session.frames += 1
-        writer.write(_ack(ok=True, kind="hello", job_id=job_id))
+        writer.write(_ack(ok=True, kind="hello", job_id=job_id, features=list(FEATURES)))
         await writer.drain()
         logger.info("data-plane session for job %s from %s started", job_id, conn.peer)
         return session
@@ -687,6 +696,13 @@ class DataReceiver:
                 await writer.drain()
                 logger.info("data-plane session for job %s done (%d bytes)", job, session.bytes_received)
                 return
+            elif frame.type == FrameType.GUEST_MAP:
+                traffic.RECEIVED.add(len(frame.payload))
+                try:
+                    await session.sink.apply_guest_map(frame.payload)
+                except Exception as exc:
+                    await fail(f"guest map piece refused: {_exc_text(exc)}")
+                    return
             elif frame.type == FrameType.SWITCHOVER_PLAN:
                 try:
                     await session.sink.apply_plan(frame.payload)

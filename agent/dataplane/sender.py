@@ -356,6 +356,7 @@ class DataSender:
         self._inflight: set[asyncio.Future[Any]] = set()
         self._buffers: list[bytearray] = []
         self.faults = FrameFaults()  # tests only
+        self.takes_guest_map = False  # the receiver listed the "guest_map" feature in its HELLO ACK
 
     # -- construction ----------------------------------------------------------------------
 
@@ -411,6 +412,8 @@ class DataSender:
                 address=address,
                 job_id=job_id,
             )
+        features = body.get("features")
+        sender.takes_guest_map = isinstance(features, list) and "guest_map" in features
         return sender
 
     def _handshake(self, job_id: str, token: str, context: ssl_module.SSLContext | None,
@@ -560,8 +563,17 @@ class DataSender:
 
     async def send_plan(self, plan: bytes) -> None:
         """The switchover plan, for the destination to commit once FINAL is loaded (no ACK of its own)."""
+        await self._send_unacknowledged(Frame(FrameType.SWITCHOVER_PLAN, payload=plan))
+
+    async def send_guest_map(self, piece: bytes) -> None:
+        """A piece of the guest's map; the next ROUND_END's ACK says it was applied. Only to a
+        receiver that `takes_guest_map`."""
+        await self._send_unacknowledged(Frame(FrameType.GUEST_MAP, payload=piece))
+        traffic.SENT.add(len(piece))
+
+    async def _send_unacknowledged(self, frame: Frame) -> None:
         self._raise_if_failed()
-        data = encode_frame(Frame(FrameType.SWITCHOVER_PLAN, payload=plan))
+        data = encode_frame(frame)
         async with self._lock:
             await self._call(functools.partial(self._wire.send, [memoryview(data)], [len(data)], _ignore))
 

@@ -18,6 +18,7 @@ can later hand to the verifier.
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 import sys
 import threading
@@ -32,12 +33,18 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController
 from agent.controller_errors import ControllerGoneError, NotRunningError
 from agent.guest.blocks import LEGACY_RUN_ID, make_block
 from agent.guest.lineage import Lineage, Receipt, Segment, draw_run_id
+from agent.guest.map_sync import MapAssembly, MapSyncError, delta_body
 
 log = logging.getLogger(__name__)
 
 PATTERNS = ("random", "sequential", "hot")
 CHUNK_BYTES = 1 << 20
 STATE_VERSION = 2  # 2: the run lineage; 1 (no lineage: its blocks are of the legacy run) is still read
+# 3: version 2 and a byte saying how the map is encoded: zlib, raw, or only the entries changed since
+# the last piece of a map sync (agent.guest.map_sync) the destination holds. Written only to a
+# destination that said it takes it, and to the destination's own state file.
+MAP_STATE_VERSION = 3
+MAP_ZLIB, MAP_RAW, MAP_SYNCED = 0, 1, 2
 _RATE_WINDOW_S = 1.0
 _STALL_RETRY_S = 0.005
 # How far pacing may fall behind schedule before it gives up catching up (no long bursts).
@@ -136,6 +143,8 @@ class GuestStateError(ValueError):
 _STATE_HEAD = struct.Struct("<BIIBdQQQddQQII")
 _SEGMENT_COUNT = struct.Struct("<I")
 _SEGMENT = struct.Struct("<QQ")
+_MAP_ENCODING = struct.Struct("<B")
+_SYNC_ID = struct.Struct("<Q")
 _LEGACY_LINEAGE = Lineage((Segment(LEGACY_RUN_ID, 0),))
 _CRC = struct.Struct("<I")
 
@@ -157,30 +166,58 @@ class GuestState:
     lineage: Lineage = _LEGACY_LINEAGE
 
     def encode(self) -> bytes:
+        """Version 2, the map compressed: what any agent since version 2 reads."""
         acked = array("Q", self.acked)
         if sys.byteorder == "big":
             acked.byteswap()  # the wire format is little-endian
-        packed = zlib.compress(acked.tobytes(), 1)
+        return self._encode(STATE_VERSION, None, zlib.compress(acked.tobytes(), 1))
+
+    def encode_raw(self) -> bytes:
+        """Version 3, the map as it is: 2 MiB per GiB, but no time spent compressing it."""
+        if sys.byteorder == "big":
+            acked = array("Q", self.acked)
+            acked.byteswap()
+            return self._encode(MAP_STATE_VERSION, MAP_RAW, acked.tobytes())
+        return self._encode(MAP_STATE_VERSION, MAP_RAW, memoryview(self.acked).cast("B"))
+
+    def encode_synced(self, sync_id: int, changed_lbas: list[int], changed_values: list[int]) -> bytes:
+        """Version 3 with only the map entries changed since the last piece of sync `sync_id`,
+        for a destination that holds the rest (its ``MapAssembly``); `acked` is not read."""
+        return self._encode(MAP_STATE_VERSION, MAP_SYNCED,
+                            _SYNC_ID.pack(sync_id) + delta_body(changed_lbas, changed_values))
+
+    def _encode(self, version: int, encoding: int | None, map_bytes: bytes | memoryview) -> bytes:
         head = _STATE_HEAD.pack(
-            STATE_VERSION, self.spec.write_iops, self.spec.block_bytes, PATTERNS.index(self.spec.pattern),
+            version, self.spec.write_iops, self.spec.block_bytes, PATTERNS.index(self.spec.pattern),
             self.spec.hot_fraction, self.spec.seed, self.block_count, self.next_seq, self.last_completion,
-            self.max_gap_s, self.acked_writes, self.io_errors, self.pauses, len(packed),
+            self.max_gap_s, self.acked_writes, self.io_errors, self.pauses, len(map_bytes),
         )
         segments = self.lineage.segments
-        body = (head + _SEGMENT_COUNT.pack(len(segments))
-                + b"".join(_SEGMENT.pack(s.run_id, s.first_seq) for s in segments) + packed)
-        return body + _CRC.pack(zlib.crc32(body))
+        parts: list[bytes | memoryview] = [head, _SEGMENT_COUNT.pack(len(segments)),
+                                           *(_SEGMENT.pack(s.run_id, s.first_seq) for s in segments)]
+        if encoding is not None:
+            parts.append(_MAP_ENCODING.pack(encoding))
+        parts.append(map_bytes)
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        parts.append(_CRC.pack(crc))
+        return b"".join(parts)
 
     @classmethod
-    def decode(cls, blob: bytes) -> GuestState:
+    def decode(cls, blob: bytes, synced: MapAssembly | None = None) -> GuestState:
+        """`synced`: the destination's map assembled from a sync's pieces, needed by a blob that
+        carries only the last changes (it is completed in place and becomes the state's map)."""
         if len(blob) < 1:
             raise GuestStateError("guest state is empty")
-        if blob[0] not in (1, STATE_VERSION):
-            raise GuestStateError(f"guest state version {blob[0]} is unsupported (supported: 1, {STATE_VERSION})")
+        if blob[0] not in (1, STATE_VERSION, MAP_STATE_VERSION):
+            raise GuestStateError(f"guest state version {blob[0]} is unsupported (supported: 1, {STATE_VERSION}, "
+                                  f"{MAP_STATE_VERSION})")
         if len(blob) < _STATE_HEAD.size + _CRC.size:
             raise GuestStateError(f"guest state truncated: {len(blob)} bytes, the header alone is "
                                   f"{_STATE_HEAD.size + _CRC.size}")
-        body, (crc,) = blob[: -_CRC.size], _CRC.unpack(blob[-_CRC.size :])
+        view = memoryview(blob)
+        body, (crc,) = view[: -_CRC.size], _CRC.unpack(blob[-_CRC.size :])
         if zlib.crc32(body) != crc:
             raise GuestStateError("guest state checksum mismatch: it was truncated or corrupted")
         (version, iops, block_bytes, pattern, hot, seed, block_count, next_seq, last, max_gap, acked_writes,
@@ -189,24 +226,57 @@ class GuestState:
         lineage = _LEGACY_LINEAGE
         if version >= 2:
             lineage, at = cls._decode_lineage(body, at)
+        encoding = MAP_ZLIB
+        if version >= MAP_STATE_VERSION:
+            if len(body) < at + _MAP_ENCODING.size:
+                raise GuestStateError("guest state truncated before its map encoding")
+            (encoding,) = _MAP_ENCODING.unpack_from(body, at)
+            at += _MAP_ENCODING.size
         if len(body) != at + packed_len:
             raise GuestStateError(f"guest state map is {len(body) - at} bytes, header says {packed_len}")
         if pattern >= len(PATTERNS):
             raise GuestStateError(f"guest state names unknown pattern code {pattern}")
-        try:
-            raw = zlib.decompress(body[at:])
-        except zlib.error as exc:
-            raise GuestStateError(f"guest state map does not decompress: {exc}") from exc
-        if len(raw) != 8 * block_count:
-            raise GuestStateError(f"guest state map covers {len(raw) // 8} blocks, header says {block_count}")
-        acked = array("Q", raw)
-        if sys.byteorder == "big":
-            acked.byteswap()
+        acked = cls._decode_map(encoding, body[at:], block_count, synced)
         spec = WorkloadSpec(iops, block_bytes, PATTERNS[pattern], hot, seed)
         return cls(spec, block_count, next_seq, acked, last, max_gap, acked_writes, io_errors, pauses, lineage)
 
     @staticmethod
-    def _decode_lineage(body: bytes, at: int) -> tuple[Lineage, int]:
+    def _decode_map(encoding: int, section: memoryview, block_count: int, synced: MapAssembly | None) -> array[int]:
+        if encoding == MAP_SYNCED:
+            if len(section) < _SYNC_ID.size:
+                raise GuestStateError("guest state map sync id truncated")
+            (sync_id,) = _SYNC_ID.unpack_from(section)
+            if synced is None or not synced.complete or synced.sync_id != sync_id:
+                held = f"sync {synced.sync_id:#x} ({len(synced.acked)} of {synced.block_count} blocks)" \
+                    if synced is not None and synced.sync_id else "none"
+                raise GuestStateError(f"guest state carries the map changes since sync {sync_id:#x}, and the "
+                                      f"map this destination assembled is {held}")
+            if synced.block_count != block_count:
+                raise GuestStateError(f"guest state covers {block_count} blocks, its synced map {synced.block_count}")
+            try:
+                synced.apply_delta(section[_SYNC_ID.size :])
+            except MapSyncError as exc:
+                raise GuestStateError(f"guest state map changes are invalid: {exc}") from None
+            return synced.acked
+        if encoding == MAP_ZLIB:
+            try:
+                raw: bytes | memoryview = zlib.decompress(section)
+            except zlib.error as exc:
+                raise GuestStateError(f"guest state map does not decompress: {exc}") from exc
+        elif encoding == MAP_RAW:
+            raw = section
+        else:
+            raise GuestStateError(f"guest state map encoding {encoding} is unknown")
+        if len(raw) != 8 * block_count:
+            raise GuestStateError(f"guest state map covers {len(raw) // 8} blocks, header says {block_count}")
+        acked = array("Q")
+        acked.frombytes(raw)
+        if sys.byteorder == "big":
+            acked.byteswap()
+        return acked
+
+    @staticmethod
+    def _decode_lineage(body: bytes | memoryview, at: int) -> tuple[Lineage, int]:
         if len(body) < at + _SEGMENT_COUNT.size:
             raise GuestStateError("guest state truncated before its run lineage")
         (count,) = _SEGMENT_COUNT.unpack_from(body, at)
@@ -266,6 +336,10 @@ class GuestWorkload:
         self._started_at = 0.0
         self._next_due = 0.0
         self._admission: Callable[[int], float] | None = None
+        # A map sync (agent.guest.map_sync) in progress: its id, and the LBAs acknowledged since
+        # its last piece was taken.
+        self._map_sync_id = 0
+        self._map_changed: set[int] = set()
 
     @classmethod
     def from_state(
@@ -363,18 +437,49 @@ class GuestWorkload:
         with self._cond:
             if self._active_locked() and not self._parked:
                 raise RuntimeError("export_state() needs the guest paused or stopped; call pause() first")
-            return GuestState(
-                spec=self._spec,
-                block_count=self._ctrl.block_count,
-                next_seq=self._next_seq,
-                acked=self._acked,
-                last_completion=self._last_completion or 0.0,
-                max_gap_s=self._max_gap_s,
-                acked_writes=self._acked_writes,
-                io_errors=self._io_errors,
-                pauses=self._pauses,
-                lineage=self._lineage,
-            ).encode()
+            return self._state_locked().encode()
+
+    def export_synced_state(self, sync_id: int) -> bytes | None:
+        """Like ``export_state``, with only the map entries changed since the last piece of map
+        sync `sync_id` (``map_changes``), for a destination that holds the rest; None when that
+        sync is no longer the guest's (export the whole state then)."""
+        with self._cond:
+            if self._active_locked() and not self._parked:
+                raise RuntimeError("export_synced_state() needs the guest paused or stopped; call pause() first")
+            if sync_id == 0 or sync_id != self._map_sync_id:
+                return None
+            lbas, values = self._take_map_changes_locked()
+            state = self._state_locked()
+        return state.encode_synced(sync_id, lbas, values)
+
+    def begin_map_sync(self) -> tuple[int, array[int]]:
+        """Start a map sync (ending any before it): its id and a copy of the map as of now, to send
+        as its base. From here every acknowledged LBA is remembered for ``map_changes``."""
+        with self._cond:
+            self._map_sync_id = secrets.randbits(64) or 1
+            self._map_changed = set()
+            return self._map_sync_id, array("Q", self._acked)
+
+    def map_changes(self, sync_id: int) -> tuple[list[int], list[int]] | None:
+        """The map entries (LBAs, values) changed since the last piece of sync `sync_id`, which
+        they become; None when that sync is no longer the guest's."""
+        with self._cond:
+            if sync_id == 0 or sync_id != self._map_sync_id:
+                return None
+            return self._take_map_changes_locked()
+
+    def end_map_sync(self, sync_id: int) -> None:
+        """Stop remembering changes for sync `sync_id` (harmless if it already ended)."""
+        with self._cond:
+            if sync_id == self._map_sync_id:
+                self._map_sync_id = 0
+                self._map_changed = set()
+
+    def _take_map_changes_locked(self) -> tuple[list[int], list[int]]:
+        lbas = sorted(self._map_changed)
+        self._map_changed = set()
+        acked = self._acked
+        return lbas, [acked[lba] for lba in lbas]
 
     def acked_map(self, first_lba: int = 0, count: int | None = None) -> AckedMap:
         """A copy of the acknowledged seqs of ``count`` LBAs from ``first_lba`` (default: all)."""
@@ -412,6 +517,20 @@ class GuestWorkload:
     def wait_acked(self, count: int, timeout: float) -> WorkloadStats:
         """Block until at least ``count`` writes are acknowledged in total."""
         return self.wait_for(lambda s: s.acked_writes >= count, timeout)
+
+    def _state_locked(self) -> GuestState:
+        return GuestState(
+            spec=self._spec,
+            block_count=self._ctrl.block_count,
+            next_seq=self._next_seq,
+            acked=self._acked,
+            last_completion=self._last_completion or 0.0,
+            max_gap_s=self._max_gap_s,
+            acked_writes=self._acked_writes,
+            io_errors=self._io_errors,
+            pauses=self._pauses,
+            lineage=self._lineage,
+        )
 
     def _active_locked(self) -> bool:
         return self._thread is not None and not self._done
@@ -526,6 +645,8 @@ class GuestWorkload:
     def _ack(self, lba: int, seq: int, completed: float) -> None:
         for i in range(self._per_write):
             self._acked[lba + i] = seq + 1
+        if self._map_sync_id:
+            self._map_changed.update(range(lba, lba + self._per_write))
         self._acked_writes += 1
         self._next_seq = seq + 1
         if self._last_completion is not None:
