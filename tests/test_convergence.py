@@ -16,10 +16,29 @@ def facts(round_no: int, remaining: int, sent: int = 100 * MB, duration_s: float
     return RoundFacts(round_no, sent, duration_s, remaining, dirty_rate)
 
 
+def settled(remaining: int, **kw: float) -> list[RoundFacts]:
+    """Precopy and two rounds, the last of which no longer halved what is left."""
+    return [facts(0, 40 * MB), facts(1, remaining * 3 // 2, **kw), facts(2, remaining, **kw)]
+
+
 def test_small_remainder_goes_to_stop_and_copy() -> None:
     # 100 MB/s measured, 1 MB left = 10 ms + overhead, under 50 ms
-    d = decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), facts(1, 1 * MB)], 0)
+    d = decide(Policy(max_downtime_ms=50), settled(1 * MB), 0)
     assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms < 50
+
+
+def test_within_the_budget_a_round_that_halved_what_is_left_earns_another() -> None:
+    shrinking = [facts(0, 40 * MB), facts(1, 1 * MB)]
+    d = decide(Policy(max_downtime_ms=50), shrinking, 0)
+    assert d.action is Action.NEXT_ROUND and d.estimated_downtime_ms < 50
+    assert "at least halved what is left: one more to shorten the blackout" in d.reason
+    # ... but not when no round is left, nor for what takes under a millisecond to send.
+    assert decide(Policy(max_downtime_ms=50, max_rounds=1), shrinking, 0).action is Action.STOP_AND_COPY
+    assert decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), facts(1, 50_000)], 0).action \
+        is Action.STOP_AND_COPY
+    # Over half the budget in fixed cost, the last blocks' allowance is shortened the same way.
+    d = decide(Policy(max_downtime_ms=50), [facts(0, 40 * MB), facts(1, 2 * MB, dirty_rate=1 * MB)], 0, fixed_ms=80)
+    assert d.action is Action.NEXT_ROUND and "one more to shorten the blackout" in d.reason
 
 
 def test_precopy_alone_never_decides_stop_and_copy_while_blocks_changed() -> None:
@@ -70,7 +89,7 @@ def test_abort_policy_never_throttles() -> None:
 def test_bandwidth_cap_bounds_the_rate_used_for_the_estimate() -> None:
     capped = Policy(bandwidth_bytes_per_s=10 * MB)
     assert estimated_downtime_ms([facts(0, 1 * MB)], capped) > estimated_downtime_ms([facts(0, 1 * MB)], Policy())
-    history = [facts(0, 9 * MB), facts(1, 1 * MB)]
+    history = settled(1 * MB)
     assert decide(Policy(max_downtime_ms=50), history, 0).action is Action.STOP_AND_COPY
     assert decide(Policy(max_downtime_ms=50, bandwidth_bytes_per_s=10 * MB), history, 0).action \
         is not Action.STOP_AND_COPY
@@ -100,15 +119,15 @@ def test_decisions_are_consistent(remaining: int, sent: int, duration: float, ma
 
 
 def test_the_fixed_cost_measured_on_the_cluster_sets_the_estimate() -> None:
-    history = [facts(0, 40 * MB), facts(1, 1 * MB)]  # 10 ms of copying at 100 MB/s
+    history = settled(1 * MB)  # 10 ms of copying at 100 MB/s
     assert decide(Policy(max_downtime_ms=50), history, 0).estimated_downtime_ms == 25.0  # 15 ms until measured
     d = decide(Policy(max_downtime_ms=50), history, 0, fixed_ms=30.0)
     assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms == 40.0
 
 
 def test_a_fixed_cost_over_half_the_budget_stops_at_half_and_says_it_will_run_over() -> None:
-    near = [facts(0, 40 * MB), facts(1, 2 * MB, dirty_rate=1 * MB)]  # 20 ms of blocks
-    far = [facts(0, 40 * MB), facts(1, 3 * MB, dirty_rate=1 * MB)]  # 30 ms of blocks
+    near = settled(2 * MB, dirty_rate=1 * MB)  # 20 ms of blocks
+    far = settled(3 * MB, dirty_rate=1 * MB)  # 30 ms of blocks
     # 80 ms fixed against 50: rounds cannot help; the last blocks get half the budget, 25 ms.
     d = decide(Policy(max_downtime_ms=50), near, 0, fixed_ms=80.0)
     assert d.action is Action.STOP_AND_COPY and d.estimated_downtime_ms == 100.0
