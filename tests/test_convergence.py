@@ -16,9 +16,10 @@ def facts(round_no: int, remaining: int, sent: int = 100 * MB, duration_s: float
     return RoundFacts(round_no, sent, duration_s, remaining, dirty_rate)
 
 
-def settled(remaining: int, **kw: float) -> list[RoundFacts]:
+def settled(remaining: int, dirty_rate: float = 0.0) -> list[RoundFacts]:
     """Precopy and two rounds, the last of which no longer halved what is left."""
-    return [facts(0, 40 * MB), facts(1, remaining * 3 // 2, **kw), facts(2, remaining, **kw)]
+    return [facts(0, 40 * MB), facts(1, remaining * 3 // 2, dirty_rate=dirty_rate),
+            facts(2, remaining, dirty_rate=dirty_rate)]
 
 
 def test_small_remainder_goes_to_stop_and_copy() -> None:
