@@ -1017,7 +1017,9 @@ async def test_a_cancel_while_waiting_for_an_ack_retires_the_sender_but_keeps_th
     try:
         await sender.send_extent(0, b"q" * 4096)
         task = asyncio.create_task(sender.end_round(0))
-        await wait_until(lambda: receiver.session_stats("job-q").frames >= 2 and not task.done())
+        # The EXTENT is in (the sink holds it) and ROUND_END is with the sender's thread.
+        await wait_until(lambda: receiver.session_stats("job-q").frames >= 2 and bool(sender._inflight)
+                         and not task.done())
         started = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

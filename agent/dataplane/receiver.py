@@ -50,10 +50,12 @@ from typing import Any, Protocol
 from agent.datadir import no_space
 from agent.dataplane import traffic
 from agent.dataplane.framing import (
+    HEADER_SIZE,
     Frame,
     FrameError,
     FrameType,
     encode_frame,
+    frame_length,
     read_frame,
 )
 from agent.dataplane.stream import FrameStreamProtocol, FrameStreamReader
@@ -239,6 +241,11 @@ def _extent_out_of_sequence(frame: Frame, expected: int) -> str:
         what = f"out of order: {frame.seq - expected} frame(s) before it never arrived"
     return (f"data-plane frame seq {frame.seq} {what} (expected {expected}): its extent at offset {frame.offset} "
             f"({len(frame.payload)} bytes) was not written; the stream was tampered with or the source is broken")
+
+
+def _whole_frame_in(staged: memoryview) -> bool:
+    with staged:
+        return len(staged) >= HEADER_SIZE and len(staged) >= HEADER_SIZE + frame_length(staged)
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -583,7 +590,9 @@ class DataReceiver:
         return None
 
     async def _read_next(self, reader: FrameStreamReader) -> Frame | None:
-        if self._idle_timeout_s is None:
+        if self._idle_timeout_s is None or _whole_frame_in(reader.staged()):
+            # A frame that is all here needs no timer: arming one per 4 KiB frame cost as much
+            # as the rest of its handling.
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)
         async with asyncio.timeout(self._idle_timeout_s):
             return await read_frame(reader, max_payload=FINAL_MAX_PAYLOAD)

@@ -21,10 +21,14 @@ import asyncio
 from asyncio.streams import FlowControlMixin
 from collections.abc import Callable
 
-__all__ = ["RECYCLE_MIN_BYTES", "STAGING_BYTES", "FrameStreamProtocol", "FrameStreamReader"]
+__all__ = ["DIRECT_MIN_BYTES", "RECYCLE_MIN_BYTES", "STAGING_BYTES", "FrameStreamProtocol", "FrameStreamReader"]
 
 # Bytes received while no read waits: a header or two, an ABORT, what a refused peer still sends.
 STAGING_BYTES = 256 * 1024
+# A read shorter than this is served from the staging buffer, which the transport fills as far as
+# it can per receive: thousands of 4 KiB frames (the last blocks of a switchover) then cost a
+# receive per few dozen frames, not one per header and one per payload, each a trip round the loop.
+DIRECT_MIN_BYTES = 64 * 1024
 # Buffers at least this large are kept for reuse, this many at most (one being written, one being
 # received, one spare).
 RECYCLE_MIN_BYTES = 256 * 1024
@@ -59,15 +63,18 @@ class FrameStreamReader:
         if self._into_target:
             assert self._target is not None
             return memoryview(self._target)[self._target_filled:]
+        if self._staged_start and len(self._staging) - self._staged_end < DIRECT_MIN_BYTES:
+            self._compact()
         if self._staged_end == len(self._staging):
-            # Compact; a full staging buffer has already paused reading, but a TLS layer may still
+            # A full staging buffer has already paused reading, but a TLS layer may still
             # hand over what it had decrypted, so it grows rather than refuses.
-            del self._staging[: self._staged_start]
-            self._staged_end -= self._staged_start
-            self._staged_start = 0
-            if self._staged_end == len(self._staging):
-                self._staging.extend(bytes(STAGING_BYTES))
+            self._staging.extend(bytes(STAGING_BYTES))
         return memoryview(self._staging)[self._staged_end:]
+
+    def _compact(self) -> None:
+        staged = self._staged_end - self._staged_start
+        self._staging[:staged] = self._staging[self._staged_start : self._staged_end]
+        self._staged_start, self._staged_end = 0, staged
 
     def _buffer_updated(self, nbytes: int) -> None:
         if self._into_target:
@@ -141,6 +148,8 @@ class FrameStreamReader:
             raise ValueError(f"readexactly size {n} is negative")
         if self._waiter is not None:
             raise RuntimeError("readexactly() called while another read is waiting on this connection")
+        if n < DIRECT_MIN_BYTES:
+            return await self._read_staged(n)
         out = self._new_buffer(n) if n >= RECYCLE_MIN_BYTES else bytearray(n)
         filled = self._take_staged(out, 0)
         if filled < n:
@@ -160,6 +169,29 @@ class FrameStreamReader:
             finally:
                 self._target = None
         # A bytearray stands in for bytes everywhere a payload goes (pwrite, hashing, decoding).
+        return out  # type: ignore[return-value]
+
+    def staged(self) -> memoryview:
+        """The bytes that arrived and nobody read yet (valid until the next read)."""
+        return memoryview(self._staging)[self._staged_start : self._staged_end]
+
+    async def _read_staged(self, n: int) -> bytes:
+        """``n`` (small) bytes out of the staging buffer, once that many arrived there."""
+        while self._staged_end - self._staged_start < n:
+            if self._exception is not None:
+                raise self._exception
+            if self._eof:
+                partial = bytes(self._staging[self._staged_start : self._staged_end])
+                self._staged_start = self._staged_end = 0
+                raise asyncio.IncompleteReadError(partial, n)
+            if len(self._staging) - self._staged_start < n:
+                self._compact()
+            self._resume()
+            await self._wait()
+        out = self._staging[self._staged_start : self._staged_start + n]
+        self._staged_start += n
+        if self._staged_start == self._staged_end:
+            self._staged_start = self._staged_end = 0
         return out  # type: ignore[return-value]
 
     async def read(self, n: int = -1) -> bytes:
