@@ -30,6 +30,8 @@ from agent.controller_errors import ControllerError
 from agent.datadir import free_bytes, no_space, no_space_message, sweep_temp_files
 from agent.dataplane.receiver import DataReceiver
 from agent.dataplane.sender import FrameFaults
+from agent.guest.map_journal import SUFFIX as MAP_JOURNAL_SUFFIX
+from agent.guest.map_journal import journal_path
 from agent.guest.workload import GuestWorkload, WorkloadSpec
 from agent.nbd.server import NbdServer
 from agent.node_lease import NodeLease, await_name_free
@@ -195,13 +197,14 @@ class Host:
             if not state_path.exists():
                 # never loaded: the orchestrator will redo or abandon it
                 await asyncio.to_thread(self.hosting.discard, cid, job_id)
+                journal_path(state_path).unlink(missing_ok=True)
                 continue
             controller = await asyncio.to_thread(self.hosting.reload_destination, cid, job_id)
             session = await DestinationSession.reload(controller, state_path, cid, job_id,
                                                       guest=self.hosting.guest(controller), backend=self.hosting.kind)
             self.sessions[job_id] = session
             log.info("recovered destination of job %s for %s, ready to resume", job_id, cid)
-        for state_path in self.data_dir.glob("*.state"):
+        for state_path in [*self.data_dir.glob("*.state"), *self.data_dir.glob(f"*{MAP_JOURNAL_SUFFIX}")]:
             cid, job_id = state_path.name.split(".")[:2]
             if (cid, job_id) not in pending:
                 state_path.unlink()  # its destination runs here already, or never will

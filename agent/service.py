@@ -70,7 +70,8 @@ def transfer_result(facts: TransferFacts) -> agent_pb2.TransferResult:
                                     total_bytes_sent=facts.total_bytes_sent,
                                     switchover=facts.switchover,  # type: ignore[arg-type]
                                     commit_revision=facts.commit_revision, switchover_note=facts.switchover_note,
-                                    commit_ms=facts.commit_ms)
+                                    commit_ms=facts.commit_ms, pre_pause_ms=facts.pre_pause_ms,
+                                    pre_pause_bytes=facts.pre_pause_bytes)
 
 
 class AgentApi(agent_pb2_grpc.AgentServiceServicer):

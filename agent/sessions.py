@@ -29,7 +29,8 @@ from agent.backend import BLOCK_BYTES, GuestDrivenController, MigratableControll
 from agent.datadir import no_space, no_space_message, write_atomically
 from agent.dataplane.receiver import decode_final_payload, encode_final_payload
 from agent.dataplane.sender import CAUSE_NO_SPACE, DataPlaneError, DataSender, FrameFaults
-from agent.guest.map_sync import MapAssembly, base_pieces, delta_piece
+from agent.guest.map_journal import MapJournal, journal_path, read_journal
+from agent.guest.map_sync import MapAssembly, MapSyncError, base_pieces, delta_piece
 from agent.guest.workload import GuestState, GuestWorkload
 from agent.qos import MigrationPacer
 from agent.session_states import DestinationStage, ErrorKind, SessionError, SourceStage, Stage, move_problem
@@ -47,6 +48,17 @@ DATA_STALL_TIMEOUT_S = 10.0
 # sent. During stop-and-copy the guest is paused for this long at worst, so it stays short.
 ACK_TIMEOUT_S = 10.0
 SMALL_WRITE_BYTES = 64 * 1024
+# Stop-and-copy first sends what changed since the last round while the guest still runs, again
+# until no more than this many blocks changed meanwhile (at most PRE_PAUSE_PASSES times): the
+# last round's blocks then go without a round trip to the orchestrator and the destination, and
+# the paused guest waits only for what it wrote during the last of these passes.
+PRE_PAUSE_SETTLED_BLOCKS = 64
+PRE_PAUSE_PASSES = 3
+# A pass goes only if what changed takes at most this long at the bandwidth limit (and is at most
+# PRE_PAUSE_MAX_BLOCKS without one): the switchover was planned with the etcd revisions of now,
+# and a slow pass would leave the blocks to the pause anyway.
+PRE_PAUSE_MAX_S = 0.02
+PRE_PAUSE_MAX_BLOCKS = 4096
 
 
 @dataclass
@@ -65,6 +77,9 @@ class TransferFacts:
     commit_revision: int = 0
     switchover_note: str = ""
     commit_ms: float = 0.0
+    # Stop-and-copy: the changed blocks sent just before the guest paused (part of bytes_sent).
+    pre_pause_ms: float = 0.0
+    pre_pause_bytes: int = 0
 
 
 def encode_guest(workload: GuestWorkload | None, map_sync: int = 0) -> bytes:
@@ -180,6 +195,7 @@ class SourceSession(Session):
     state_bytes_sent: int = 0  # controller and guest state (and the guest's map pieces), once sent
     map_sync: int = 0  # the guest's map sync whose pieces went to this attempt's destination (0: none)
     map_blocks: int = 0  # the size of that map
+    bandwidth: int = 0  # the last round's bandwidth limit, bytes/s (0: none)
 
     role: ClassVar[str] = "source"
 
@@ -234,6 +250,7 @@ class SourceSession(Session):
 
     async def _precopy(self, address: str, token: str, bandwidth: int, destination_node: str) -> TransferFacts:
         self._move(SourceStage.PRECOPY)
+        self.bandwidth = bandwidth
         started = time.monotonic()
         if self.data_ssl is not None and not destination_node:
             raise SessionError(ErrorKind.PRECONDITION, f"job {self.job_id}: the data plane is TLS here, and "
@@ -329,6 +346,7 @@ class SourceSession(Session):
         if self.workload is not None:
             self.workload.set_throttle(throttle_percent)
         self.sender.set_bandwidth(bandwidth or None)
+        self.bandwidth = bandwidth
         started = time.monotonic()
         lbas = await asyncio.to_thread(self.ctrl.take_dirty_lbas)
         sent = await self._send_changed(lbas)
@@ -373,6 +391,17 @@ class SourceSession(Session):
 
         mark(self.job_id, "src.stop_and_copy_started")
         workload = self.workload
+        pre_pause_bytes = 0
+        most = PRE_PAUSE_MAX_BLOCKS if not self.bandwidth else int(self.bandwidth * PRE_PAUSE_MAX_S) // BLOCK_BYTES
+        for _ in range(PRE_PAUSE_PASSES):
+            changed = await asyncio.to_thread(self._dirty_if_at_most, most)
+            if changed is None:
+                break
+            pre_pause_bytes += await self._send_changed(changed, yielding=False)
+            if len(changed) <= PRE_PAUSE_SETTLED_BLOCKS:
+                break
+        pre_pause_ms = (time.monotonic() - started) * 1000.0
+        step(f"{pre_pause_bytes // BLOCK_BYTES} blocks before the pause", "src.pre_pause_sent")
 
         def suspend() -> list[int]:
             # One thread hop for the three: each hop costs the paused guest a scheduling delay.
@@ -414,7 +443,8 @@ class SourceSession(Session):
                 # etcd refused the commit), or never got the state: nothing can switch over, the
                 # guest goes on here now.
                 await self._resume_here(f"the destination did not take the switchover: {exc.reason}")
-                return TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
+                return TransferFacts(bytes_sent=pre_pause_bytes + sent, blocks_sent=len(lbas),
+                                     duration_s=time.monotonic() - started,
                                      total_bytes_sent=self.bytes_sent, switchover=agent_pb2.SWITCHOVER_NOT_COMMITTED,
                                      switchover_note=self.error)
             # FINAL went out, no answer came back: the destination may have committed. Frozen
@@ -440,10 +470,18 @@ class SourceSession(Session):
         self.digest_task = asyncio.create_task(asyncio.to_thread(self.ctrl.digest),
                                                name=f"digest-{self.job_id}")
         self.digest_task.add_done_callback(self._digest_done)
-        return TransferFacts(bytes_sent=sent, blocks_sent=len(lbas), duration_s=time.monotonic() - started,
-                             state_bytes=len(state) + len(guest), total_bytes_sent=self.bytes_sent,
-                             switchover=switchover, commit_revision=revision, switchover_note=note,
-                             commit_ms=commit_ms)
+        return TransferFacts(bytes_sent=pre_pause_bytes + sent, blocks_sent=(pre_pause_bytes + sent) // BLOCK_BYTES,
+                             duration_s=time.monotonic() - started, state_bytes=len(state) + len(guest),
+                             total_bytes_sent=self.bytes_sent, switchover=switchover, commit_revision=revision,
+                             switchover_note=note, commit_ms=commit_ms, pre_pause_ms=pre_pause_ms,
+                             pre_pause_bytes=pre_pause_bytes)
+
+    def _dirty_if_at_most(self, most: int) -> list[int] | None:
+        """The blocks changed since they were last taken, if there are at most `most` (else they
+        stay marked and None comes back)."""
+        if self.ctrl.dirty_block_count() > most:
+            return None
+        return self.ctrl.take_dirty_lbas()
 
     async def _resume_here(self, reason: str) -> None:
         """Back to RUNNING at once, from within stop-and-copy: the switchover cannot happen."""
@@ -538,6 +576,7 @@ class DestinationSession(Session):
     guest_blob: bytes = b""
     guest_was_running: bool = False  # with `workload` decoded from guest_blob: start it on resume
     guest_map: MapAssembly | None = None  # the guest's map as its pieces came, for FINAL
+    guest_map_journal: MapJournal | None = None  # the same pieces on disk, beside the state file
     node: str = ""  # the node it runs on, for messages
     # What the guest asks before each write once it runs here (its controller's I/O limits).
     guest_admission: Callable[[int], float] | None = None
@@ -607,10 +646,32 @@ class DestinationSession(Session):
     async def apply_guest_map(self, piece: bytes) -> None:
         if self.guest_map is None:
             self.guest_map = MapAssembly()
-        if len(piece) <= SMALL_WRITE_BYTES:
-            self.guest_map.apply(piece)
-        else:
-            await asyncio.to_thread(self.guest_map.apply, piece)  # up to 4 MiB, or a long delta
+            if self.state_path is not None:
+                self.guest_map_journal = MapJournal(journal_path(self.state_path))
+        assembly, journal = self.guest_map, self.guest_map_journal
+
+        def apply() -> None:
+            assembly.apply(piece)
+            if journal is not None:
+                journal.append(piece)  # before the round's ACK: FINAL finds every piece on disk
+
+        try:
+            if len(piece) <= SMALL_WRITE_BYTES:
+                apply()
+            else:
+                await asyncio.to_thread(apply)  # up to 4 MiB, or a long delta
+        except OSError as exc:
+            refusal = self._no_space(exc, journal.path if journal is not None else None)
+            if refusal is None:
+                raise
+            raise refusal from exc
+
+    def _remove_state_files(self) -> None:
+        if self.guest_map_journal is not None:
+            self.guest_map_journal.remove()
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
+            journal_path(self.state_path).unlink(missing_ok=True)
 
     async def apply_plan(self, payload: bytes) -> None:
         if self.switch_over is None:
@@ -645,33 +706,33 @@ class DestinationSession(Session):
                                "built-in guest to continue it; stop the workload or migrate to a "
                                "node with the emulated backend")
         mark(self.job_id, "dst.final_received")
-        state_path, guest, guest_map = self.state_path, self.guest, self.guest_map
+        state_path, guest, guest_map, journal = self.state_path, self.guest, self.guest_map, self.guest_map_journal
         job_id = self.job_id
 
-        def load() -> tuple[Any, GuestWorkload | None, bool, bytes]:
+        def load() -> tuple[Any, GuestWorkload | None, bool]:
             # One thread hop for the lot: each hop costs the paused guest a scheduling delay.
             self.ctrl.load_state(state_blob)  # Set Controller State: verifies it
             self.ctrl.set_state(VfioState.STOP)
             mark(job_id, "dst.state_loaded")
             # The guest is decoded now, so that the resume only starts it (and a blob it cannot
             # take is refused before COMMIT, not after).
-            workload, was_running, whole_guest_blob = None, False, guest_blob
+            workload, was_running = None, False
             if guest_blob and guest is not None:
-                workload, was_running, guest_state = decode_guest(guest, guest_blob, guest_map)
-                if guest_map is not None and guest_state.acked is guest_map.acked:
-                    # Only the map's last changes came: the state file needs it whole.
-                    whole_guest_blob = guest_blob[:1] + guest_state.encode_raw()
+                # With a map sync, only the map's last changes came (the rest is in the journal).
+                workload, was_running, _ = decode_guest(guest, guest_blob, guest_map)
+            if journal is not None:
+                journal.close()
             # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still
             # resume. Not fsynced: the namespace beside it arrived through the page cache, unsynced,
             # so the pair survives the agent's process, not the machine, with or without it.
             if state_path is not None:
-                write_atomically(state_path, encode_final_payload(state_blob, whole_guest_blob), durable=False)
+                write_atomically(state_path, encode_final_payload(state_blob, guest_blob), durable=False)
             mark(job_id, "dst.state_file_written")
             # The namespace as loaded is the switchover image: keep a copy-on-write view for its digest.
-            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running, whole_guest_blob
+            return (self.ctrl.begin_snapshot() if snapshot else None), workload, was_running
 
         try:
-            self.snapshot, self.workload, self.guest_was_running, guest_blob = await asyncio.to_thread(load)
+            self.snapshot, self.workload, self.guest_was_running = await asyncio.to_thread(load)
         except OSError as exc:
             refusal = self._no_space(exc, self.state_path)
             if refusal is None:
@@ -686,16 +747,24 @@ class DestinationSession(Session):
                      guest: GuestDrivenController | None, backend: str) -> DestinationSession:
         """A destination whose data and state had fully arrived before the agent restarted;
         ``controller`` is it, opened again in RESUMING."""
-        def load() -> bytes:
+        def load() -> tuple[bytes, MapAssembly | None]:
             state_blob, guest_blob = decode_final_payload(state_path.read_bytes())
             controller.load_state(state_blob)
             controller.set_state(VfioState.STOP)
-            return guest_blob
+            journal = journal_path(state_path)
+            if not journal.exists():
+                return guest_blob, None
+            try:
+                return guest_blob, read_journal(journal)
+            except MapSyncError as exc:
+                # The controller can still resume; its guest cannot (the resume says why).
+                log.warning("job %s: %s", job_id, exc)
+                return guest_blob, None
 
-        guest_blob = await asyncio.to_thread(load)
+        guest_blob, guest_map = await asyncio.to_thread(load)
         session = cls(job_id=job_id, epoch=0, controller_id=controller_id, controller=controller,
                       stage=DestinationStage.LOADED, state_path=state_path, guest=guest, backend=backend,
-                      guest_blob=guest_blob)
+                      guest_blob=guest_blob, guest_map=guest_map)
         session.snapshot = await asyncio.to_thread(controller.begin_snapshot)
         return session
 
@@ -713,7 +782,7 @@ class DestinationSession(Session):
         self.check_resumable()
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.workload is None and self.guest_blob and self.guest is not None:  # reloaded after a restart
-            self.workload, self.guest_was_running, _ = decode_guest(self.guest, self.guest_blob)
+            self.workload, self.guest_was_running, _ = decode_guest(self.guest, self.guest_blob, self.guest_map)
         if self.workload is not None:
             job_id = self.job_id
 
@@ -741,8 +810,7 @@ class DestinationSession(Session):
                                                    name=f"digest-{self.job_id}")
             self.digest_task.add_done_callback(self._digest_done)
         await on_running(self.ctrl, self.workload)
-        if self.state_path is not None:
-            self.state_path.unlink(missing_ok=True)  # the hosting's record of the controller now stands for it
+        self._remove_state_files()  # the hosting's record of the controller now stands for them
 
     def guest_blackout_ms(self) -> float:
         if self.workload is None:
@@ -759,14 +827,15 @@ class DestinationSession(Session):
             with contextlib.suppress(Exception):
                 self.snapshot.close()
         if self.controller is not None:
-            if self.state_path is not None:
-                self.state_path.unlink(missing_ok=True)
+            self._remove_state_files()
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.ctrl.release)
         self._move(DestinationStage.ABORTED)
         self.error = reason
 
     async def close(self) -> None:
+        if self.guest_map_journal is not None:
+            self.guest_map_journal.close()
         if self.digest_task is not None:
             self.digest_task.cancel()
             with contextlib.suppress(BaseException):

@@ -51,6 +51,7 @@ TIMELINE = (
     ("guest.last_write_source", "guest: last write completed on the source"),
     ("orch.stop_and_copy_sent", "orchestrator sends StopAndCopy"),
     ("src.stop_and_copy_started", "source: StopAndCopy starts"),
+    ("src.pre_pause_sent", "source: changed blocks sent before the pause (guest running)"),
     ("src.guest_paused", "source: guest paused (parked)"),
     ("src.suspended", "source: controller suspended, dirty map taken"),
     ("src.final_delta_sent", "source: final delta sent"),

@@ -125,6 +125,9 @@ class JobRunner:
         self._cancel_checked_at = monotonic()
         self.history: list[convergence.RoundFacts] = []
         self.suspended_at: float | None = None  # monotonic, when stop-and-copy began
+        # What the source sent before it paused the guest, inside StopAndCopy (not downtime).
+        self.pre_pause_ms = 0.0
+        self.pre_pause_bytes = 0
         self.switched_over_at: float | None = None  # monotonic, when StopAndCopy reported the commit
         self._age_at_load_s = 0.0
         self._loaded_at = monotonic()
@@ -555,6 +558,7 @@ class JobRunner:
         """The destination's commit landed (`committed` is the record it wrote): what the
         stop-and-copy moved and how long it took go with the job's next write."""
         self.switched_over_at = self.monotonic()
+        self.pre_pause_ms, self.pre_pause_bytes = result.pre_pause_ms, result.pre_pause_bytes
         if result.switchover_note:
             log.warning("job %s: %s", self.job_id, result.switchover_note)
         stop_index = len(committed.phases) - 3  # STOP_AND_COPY, then COMMIT and RESUMING
@@ -604,9 +608,11 @@ class JobRunner:
             raise StepFailed(await self._failure("destination", exc, silent_for_s=0.0)) from exc
         mark(self.job_id, "orch.resume_returned")
         # The switchover as the orchestrator saw it: from StopAndCopy sent to the commit reported
-        # (or, when it was settled otherwise, to the resume confirmed).
+        # (or, when it was settled otherwise, to the resume confirmed), less what the source sent
+        # before it paused the guest.
         ended_at = self.switched_over_at if self.switched_over_at is not None else self.monotonic()
-        downtime_ms = (ended_at - self.suspended_at) * 1000.0 if self.suspended_at is not None else 0.0
+        downtime_ms = max(0.0, (ended_at - self.suspended_at) * 1000.0 - self.pre_pause_ms) \
+            if self.suspended_at is not None else 0.0
         blackout_ms = 0.0
         try:
             status = await self.agents.call(dest, "GetSession", lambda s: s.GetSession(self._ref(), timeout=2.0),
@@ -631,6 +637,7 @@ class JobRunner:
         if self.suspended_at is None or not self.history:
             return  # the suspend time was lost with an earlier leader: nothing measured here
         final = next((p.bytes for p in reversed(job.phases) if p.phase is Phase.STOP_AND_COPY), 0)
+        final = max(0, final - self.pre_pause_bytes)  # sent while the guest still ran
         rate = convergence.transfer_rate_bytes_per_s(self.history, job.policy)
         self.switchover_model.observe(job.downtime_ms, final, rate)
         metrics.SWITCHOVER_FIXED_COST.set(self.switchover_model.fixed_ms / 1000.0)

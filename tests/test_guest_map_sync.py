@@ -20,6 +20,7 @@ from agent.dataplane import receiver as receiver_module
 from agent.dataplane.receiver import DataReceiver, decode_final_payload
 from agent.emulated.controller import EmulatedController
 from agent.guest.lineage import Lineage, Segment
+from agent.guest.map_journal import read_journal
 from agent.guest.map_sync import MapAssembly, MapSyncError, base_pieces, delta_piece
 from agent.guest.workload import (
     MAP_RAW,
@@ -30,7 +31,7 @@ from agent.guest.workload import (
     GuestWorkload,
     WorkloadSpec,
 )
-from agent.sessions import DestinationSession, SourceSession, TransferFacts
+from agent.sessions import DestinationSession, SourceSession, TransferFacts, decode_guest
 
 MiB = 1 << 20
 
@@ -164,10 +165,19 @@ async def test_the_map_goes_while_the_guest_runs_and_the_switchover_carries_only
         whole = len(workload.export_state())  # what FINAL's guest part was before: the map compressed
         final = facts[-1]
         assert final.state_bytes < whole, f"FINAL carried {final.state_bytes} bytes, the whole guest state is {whole}"
-        # The state file holds the map whole, for a restart of the destination's agent.
+        # For a restart of the destination's agent: the state file holds the last changes, the
+        # journal beside it the pieces before them.
         _, guest_blob = decode_final_payload((tmp_path / "c1.state").read_bytes())
-        assert guest_blob[1] == MAP_STATE_VERSION
-        assert GuestState.decode(guest_blob[1:]).acked == paused
+        assert guest_blob[1] == MAP_STATE_VERSION and len(guest_blob) < whole
+        fresh = EmulatedController.for_resuming("c1", tmp_path / "again.ns", 32 * MiB)
+        try:
+            again = await DestinationSession.reload(fresh, tmp_path / "c1.state", "c1", "mig-1", guest=fresh,
+                                                    backend="emulated")
+            assert again.guest_map is not None and again.guest_map.pieces == 3
+            restored, running, _ = decode_guest(fresh, again.guest_blob, again.guest_map)
+            assert running and _map_of(restored, len(paused)) == paused
+        finally:
+            fresh.close()
         # The pieces are counted: every byte that went is in the steps' figures, once.
         assert sum(f.bytes_sent + f.state_bytes for f in facts) == facts[-1].total_bytes_sent
     finally:
@@ -180,7 +190,26 @@ async def test_a_receiver_without_the_feature_gets_the_map_whole(
     monkeypatch.setattr(receiver_module, "FEATURES", ())
     _, inbound, _, paused = await _migrate(tmp_path, receiver, rounds=1)
     try:
-        assert inbound.guest_map is None
+        assert inbound.guest_map is None and not (tmp_path / "c1.guestmap").exists()
         assert inbound.workload is not None and _map_of(inbound.workload, len(paused)) == paused
     finally:
         inbound.ctrl.close()
+
+
+async def test_a_damaged_journal_is_named_and_the_guest_does_not_start_from_a_wrong_map(
+        tmp_path: Path, receiver: DataReceiver) -> None:
+    _, inbound, _, _ = await _migrate(tmp_path, receiver, rounds=1)
+    inbound.ctrl.close()
+    journal = tmp_path / "c1.guestmap"
+    journal.write_bytes(journal.read_bytes()[:-5])
+    with pytest.raises(MapSyncError, match=f"guest map journal {journal} ends inside a"):
+        read_journal(journal)
+    fresh = EmulatedController.for_resuming("c1", tmp_path / "again.ns", 32 * MiB)
+    try:
+        again = await DestinationSession.reload(fresh, tmp_path / "c1.state", "c1", "mig-1", guest=fresh,
+                                                backend="emulated")
+        assert again.guest_map is None
+        with pytest.raises(GuestStateError, match="the map this destination assembled is none"):
+            decode_guest(fresh, again.guest_blob, again.guest_map)
+    finally:
+        fresh.close()

@@ -130,3 +130,38 @@ async def eventually(what: str, check: Callable[[], bool], timeout_s: float = 30
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("bandwidth", [0, 64 * 1024], ids=["unlimited", "too-slow-to-go-before"])
+async def test_stop_and_copy_sends_what_changed_since_the_last_round_before_it_pauses_the_guest(
+        tmp_path: Path, receiver: DataReceiver, bandwidth: int) -> None:
+    source = EmulatedController("c1", tmp_path / "c1.ns", 8 * MiB, create=True)
+    destination = EmulatedController.for_resuming("c1", tmp_path / "c1.incoming", 8 * MiB)
+    workload = GuestWorkload(source, WorkloadSpec(write_iops=2000, seed=5))
+    await asyncio.to_thread(workload.prefill)
+    workload.start()
+    inbound = DestinationSession(job_id="mig-1", epoch=1, controller_id="c1", controller=destination, token="t1",
+                                 guest=destination, backend="emulated")
+    receiver.register("mig-1", "t1", inbound)
+    outbound = SourceSession(job_id="mig-1", epoch=1, controller_id="c1", controller=source, workload=workload,
+                             token="t1")
+    try:
+        await outbound.start_precopy(receiver.address, "t1", 0)
+        await outbound.dirty_round(1, bandwidth, 0)
+        written = workload.status().acked_writes
+        await asyncio.to_thread(workload.wait_acked, written + 20, 30)  # blocks changed since the round
+        facts = await outbound.stop_and_copy()
+        if bandwidth:
+            # 20 ms at 64 KiB/s is not one block: they all wait for the pause.
+            assert facts.pre_pause_bytes == 0 and facts.bytes_sent >= 4096
+        else:
+            assert facts.pre_pause_bytes >= 4096 and facts.pre_pause_ms > 0
+            assert facts.bytes_sent >= facts.pre_pause_bytes
+        assert workload.status().pauses == 1
+        # What went before the pause and after it is the namespace as the guest paused.
+        assert destination.digest() == source.digest()
+    finally:
+        await outbound.close()
+        await asyncio.to_thread(workload.stop)
+        source.close()
+        destination.close()

@@ -269,7 +269,7 @@ class DirtyRoundRequest(_message.Message):
     def __init__(self, ref: _Optional[_Union[MigrationRef, _Mapping]] = ..., round: _Optional[int] = ..., bandwidth_bytes_per_s: _Optional[int] = ..., throttle_percent: _Optional[int] = ...) -> None: ...
 
 class TransferResult(_message.Message):
-    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round", "total_bytes_sent", "switchover", "commit_revision", "switchover_note", "commit_ms")
+    __slots__ = ("bytes_sent", "blocks_sent", "duration_s", "dirty_bytes_remaining", "dirty_rate_bytes_per_s", "state_bytes", "round", "total_bytes_sent", "switchover", "commit_revision", "switchover_note", "commit_ms", "pre_pause_ms", "pre_pause_bytes")
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_SENT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,8 @@ class TransferResult(_message.Message):
     COMMIT_REVISION_FIELD_NUMBER: _ClassVar[int]
     SWITCHOVER_NOTE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
+    PRE_PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    PRE_PAUSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     blocks_sent: int
     duration_s: float
@@ -294,7 +296,9 @@ class TransferResult(_message.Message):
     commit_revision: int
     switchover_note: str
     commit_ms: float
-    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes_sent: _Optional[int] = ..., switchover: _Optional[_Union[Switchover, str]] = ..., commit_revision: _Optional[int] = ..., switchover_note: _Optional[str] = ..., commit_ms: _Optional[float] = ...) -> None: ...
+    pre_pause_ms: float
+    pre_pause_bytes: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., blocks_sent: _Optional[int] = ..., duration_s: _Optional[float] = ..., dirty_bytes_remaining: _Optional[int] = ..., dirty_rate_bytes_per_s: _Optional[float] = ..., state_bytes: _Optional[int] = ..., round: _Optional[int] = ..., total_bytes_sent: _Optional[int] = ..., switchover: _Optional[_Union[Switchover, str]] = ..., commit_revision: _Optional[int] = ..., switchover_note: _Optional[str] = ..., commit_ms: _Optional[float] = ..., pre_pause_ms: _Optional[float] = ..., pre_pause_bytes: _Optional[int] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
     __slots__ = ("job_id", "role", "stage", "epoch", "bytes_sent", "bytes_received", "digest", "error", "guest_blackout_ms", "digest_error")
