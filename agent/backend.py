@@ -28,7 +28,7 @@ class Snapshot(Protocol):
     """A point-in-time view of a namespace that stays fixed while the guest keeps writing."""
 
     def digest(self) -> str:
-        """sha256 hex of the namespace as it was when the snapshot was taken."""
+        """The content digest (agent.namespace_digest) of the namespace as it was when the snapshot was taken."""
         ...
 
     def close(self) -> None:
@@ -94,7 +94,7 @@ class MigratableController(Protocol):
         ...
 
     def digest(self) -> str:
-        """sha256 hex over the whole namespace, consistent at one point in time."""
+        """The content digest (agent.namespace_digest) of the whole namespace, consistent at one point in time."""
         ...
 
     def begin_snapshot(self) -> Snapshot:

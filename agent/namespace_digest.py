@@ -3,19 +3,25 @@
 A namespace's copies on the source and the destination hold the same blocks but not the same
 allocation: holes travel as nothing, a deallocated block may arrive as written zeroes. So the
 digest skips zero blocks, whatever their allocation, and hashes the others with their place:
-sha256 over, in LBA order, each non-zero 4 KiB block, preceded by ``b"@" + lba`` (little-endian
-u64) wherever it does not follow the previous non-zero block. Only allocated extents need reading
-(a hole is zeroes), so hashing a sparse 200 GiB namespace with 1 GiB written reads 1 GiB; data
-comes in chunks, so a caller can hold a lock per chunk and never for the whole pass.
+XXH3-128 over, in LBA order, each non-zero 4 KiB block, preceded by ``b"@" + lba`` (little-endian
+u64) wherever it does not follow the previous non-zero block; written ``xxh3-128:`` and 32 hex
+digits. (It was sha256 until 2026-12: at 1.4 GB/s, hashing both copies took as much CPU as
+moving them, and an evacuation runs many at once. XXH3 runs at many GB/s; the digest guards
+against lost or corrupted blocks, not against an agent that lies, which could report anything.)
+Only allocated extents need reading (a hole is zeroes), so hashing a sparse 200 GiB namespace
+with 1 GiB written reads 1 GiB; data comes in chunks, so a caller can hold a lock per chunk and
+never for the whole pass.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
+
+import xxhash
 
 BLOCK_BYTES = 4096
 CHUNK_BYTES = 1 << 20
+ALGORITHM = "xxh3-128"
 _ZERO_BLOCK = bytes(BLOCK_BYTES)
 
 
@@ -23,7 +29,7 @@ class ContentDigest:
     """Feed block-aligned chunks in increasing offset order (gaps are zeroes), then `hexdigest()`."""
 
     def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+        self._hash = xxhash.xxh3_128()
         self._next_lba = -1  # the block after the last non-zero one hashed
         self._end = 0  # bytes covered so far; chunks must not go back
 
@@ -51,7 +57,8 @@ class ContentDigest:
             self._hash.update(view[run_start * BLOCK_BYTES:])
 
     def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+        return f"{ALGORITHM}:{self._hash.hexdigest()}"
+
 
 
 def merge_extents(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

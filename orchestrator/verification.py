@@ -47,6 +47,13 @@ def deadline_s(job: Job) -> float:
     return BASE_DEADLINE_S + hashed / MIN_HASH_RATE_BYTES_PER_S
 
 
+def digest_algorithm(digest: str) -> str:
+    """What an agent's namespace digest was made with: its prefix (agent.namespace_digest), or
+    sha256 for the bare hex of agents from before 2026-12."""
+    algorithm, sep, _ = digest.partition(":")
+    return algorithm if sep else "sha256"
+
+
 def judge(source: DigestReport, destination: DigestReport, *, elapsed_s: float, deadline: float) -> Judgement:
     if source.error:
         return Judgement(Verdict.FAILED, f"the source could not hash its copy: {source.error}")
@@ -55,6 +62,11 @@ def judge(source: DigestReport, destination: DigestReport, *, elapsed_s: float, 
     if source.digest and destination.digest:
         if source.digest == destination.digest:
             return Judgement(Verdict.PASSED, "namespace digests equal")
+        ours, theirs = digest_algorithm(source.digest), digest_algorithm(destination.digest)
+        if ours != theirs:
+            return Judgement(Verdict.FAILED, f"the digests cannot be compared: the source made a {ours} digest, the "
+                                             f"destination a {theirs} one (agents of different versions); the source "
+                                             "copy is kept: upgrade both agents")
         return Judgement(Verdict.FAILED, f"namespace digest differs: source {source.digest[:16]} destination "
                                          f"{destination.digest[:16]}")
     if elapsed_s > deadline:

@@ -7,12 +7,16 @@ import pytest
 from orchestrator.jobs import Job, Policy
 from orchestrator.verification import BASE_DEADLINE_S, DigestReport, Verdict, deadline_s, judge
 
-D1, D2 = "1" * 64, "2" * 64
+D1, D2 = "xxh3-128:" + "1" * 32, "xxh3-128:" + "2" * 32
+OLD = "1" * 64  # an agent from before 2026-12: bare sha256 hex
 
 
 @pytest.mark.parametrize(("source", "destination", "elapsed", "verdict", "words"), [
     (DigestReport(D1), DigestReport(D1), 1.0, Verdict.PASSED, "equal"),
-    (DigestReport(D1), DigestReport(D2), 1.0, Verdict.FAILED, "differs: source 1111111111111111"),
+    (DigestReport(D1), DigestReport(D2), 1.0, Verdict.FAILED, "differs: source xxh3-128:111111"),
+    (DigestReport(OLD), DigestReport(OLD), 1.0, Verdict.PASSED, "equal"),
+    (DigestReport(OLD), DigestReport(D1), 1.0, Verdict.FAILED,
+     "cannot be compared: the source made a sha256 digest, the destination a xxh3-128 one"),
     (DigestReport(error="EIO reading block 7"), DigestReport(D1), 1.0, Verdict.FAILED, "source could not hash"),
     (DigestReport(D1), DigestReport(error="disk gone"), 1.0, Verdict.FAILED, "destination could not hash"),
     (DigestReport(D1), DigestReport(), 1.0, Verdict.WAIT, ""),

@@ -322,7 +322,7 @@ class EmulatedController:
         return self._store.extents()
 
     def digest(self) -> str:
-        """sha256 hex of the whole namespace at one instant, even while the guest writes."""
+        """The content digest of the whole namespace at one instant, even while the guest writes."""
         return self._store.digest()
 
     def begin_snapshot(self) -> NamespaceSnapshot:
