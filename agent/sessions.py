@@ -96,9 +96,10 @@ def encode_guest(workload: GuestWorkload | None, map_sync: int = 0) -> bytes:
 def decode_guest(controller: GuestDrivenController, blob: bytes, synced: MapAssembly | None = None
                  ) -> tuple[GuestWorkload, bool, GuestState]:
     """The guest to continue here, whether it was running, and its state (whose map, with
-    `synced`, is that assembly's map completed in place)."""
+    `synced`, is that assembly's map completed in place, now the guest's own: not to be used after)."""
     state = GuestState.decode(blob[1:], synced)
-    return GuestWorkload(controller, state.spec, state), blob[0] == 1, state
+    # A synced map was completed in place: the guest takes it over.
+    return GuestWorkload(controller, state.spec, state, adopt_map=synced is not None), blob[0] == 1, state
 
 
 def guest_was_running(blob: bytes) -> bool:
