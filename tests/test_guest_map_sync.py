@@ -31,7 +31,8 @@ from agent.guest.workload import (
     GuestWorkload,
     WorkloadSpec,
 )
-from agent.sessions import DestinationSession, SourceSession, TransferFacts, decode_guest
+from agent.sessions import DestinationSession, TransferFacts, decode_guest
+from tests.session_rig import session_rig
 
 MiB = 1 << 20
 
@@ -124,17 +125,9 @@ async def _migrate(tmp_path: Path, receiver: DataReceiver, rounds: int) -> tuple
     """A guest writing on c1 migrated by real sessions over the real data plane; returns the
     source's guest (paused, stopped), the destination's session (LOADED) and the steps' facts,
     and the source's map as it paused."""
-    source = EmulatedController("c1", tmp_path / "c1.ns", 32 * MiB, create=True)
-    destination = EmulatedController.for_resuming("c1", tmp_path / "c1.incoming", 32 * MiB)
-    workload = GuestWorkload(source, WorkloadSpec(write_iops=3000, seed=4))
-    await asyncio.to_thread(workload.prefill)
-    workload.start()
-    inbound = DestinationSession(job_id="mig-1", epoch=1, controller_id="c1", controller=destination, token="t1",
-                                 guest=destination, backend="emulated", state_path=tmp_path / "c1.state")
-    receiver.register("mig-1", "t1", inbound)
-    outbound = SourceSession(job_id="mig-1", epoch=1, controller_id="c1", controller=source, workload=workload,
-                             token="t1")
-    try:
+    async with session_rig(tmp_path, receiver, 32 * MiB, WorkloadSpec(write_iops=3000, seed=4),
+                           state_path=tmp_path / "c1.state", keep_destination=True) as rig:
+        workload, outbound = rig.workload, rig.outbound
         await asyncio.to_thread(workload.wait_acked, 50, 30)
         facts = [await outbound.start_precopy(receiver.address, "t1", 0)]
         for round_no in range(1, rounds + 1):
@@ -142,11 +135,7 @@ async def _migrate(tmp_path: Path, receiver: DataReceiver, rounds: int) -> tuple
             await asyncio.to_thread(workload.wait_acked, before + 20, 30)  # the map changes between rounds
             facts.append(await outbound.dirty_round(round_no, 0, 0))
         facts.append(await outbound.stop_and_copy())
-        return workload, inbound, facts, _map_of(workload, source.block_count)
-    finally:
-        await outbound.close()
-        await asyncio.to_thread(workload.stop)
-        source.close()
+        return workload, rig.inbound, facts, _map_of(workload, rig.source.block_count)
 
 
 def _map_of(workload: GuestWorkload, blocks: int) -> array[int]:

@@ -13,8 +13,7 @@ import grpc
 import pytest
 
 from agent.dataplane.receiver import DataReceiver
-from agent.emulated.controller import EmulatedController
-from agent.guest.workload import GuestWorkload, WorkloadSpec
+from agent.guest.workload import WorkloadSpec
 from agent.session_states import (
     CODES,
     DESTINATION_MOVES,
@@ -25,9 +24,10 @@ from agent.session_states import (
     SourceStage,
     move_problem,
 )
-from agent.sessions import DestinationSession, SourceSession
+from agent.sessions import SourceSession
 from agent.vfio_states import VfioState
 from cluster.agent_errors import StaleEpochDetail
+from tests.session_rig import session_rig
 
 MiB = 1 << 20
 S, D = SourceStage, DestinationStage
@@ -81,17 +81,8 @@ def test_a_stale_epoch_is_refused_with_its_detail() -> None:
 
 async def test_an_abort_while_stop_and_copy_waits_for_a_round_never_pauses_the_guest(
         tmp_path: Path, receiver: DataReceiver) -> None:
-    source = EmulatedController("c1", tmp_path / "c1.ns", 8 * MiB, create=True)
-    destination = EmulatedController.for_resuming("c1", tmp_path / "c1.incoming", 8 * MiB)
-    workload = GuestWorkload(source, WorkloadSpec(write_iops=2000, seed=3))
-    await asyncio.to_thread(workload.prefill)
-    workload.start()
-    inbound = DestinationSession(job_id="mig-1", epoch=1, controller_id="c1", controller=destination, token="t1",
-                                 guest=destination, backend="emulated")
-    receiver.register("mig-1", "t1", inbound)
-    outbound = SourceSession(job_id="mig-1", epoch=1, controller_id="c1", controller=source, workload=workload,
-                             token="t1")
-    try:
+    async with session_rig(tmp_path, receiver, 8 * MiB, WorkloadSpec(write_iops=2000, seed=3)) as rig:
+        source, workload, outbound = rig.source, rig.workload, rig.outbound
         await outbound.start_precopy(receiver.address, "t1", 0)
         # A round at 256 KiB/s against a guest writing 8 MB/s: it is still sending when
         # stop-and-copy asks for it, so stop-and-copy waits on it.
@@ -113,11 +104,6 @@ async def test_an_abort_while_stop_and_copy_waits_for_a_round_never_pauses_the_g
         assert outbound.label == "aborted"
         with pytest.raises(SessionError, match="job mig-1 is aborted on the source"):
             await outbound.stop_and_copy()
-    finally:
-        await outbound.close()
-        await asyncio.to_thread(workload.stop)
-        source.close()
-        destination.close()
 
 
 async def eventually(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -135,17 +121,8 @@ async def eventually(what: str, check: Callable[[], bool], timeout_s: float = 30
 @pytest.mark.parametrize("bandwidth", [0, 64 * 1024], ids=["unlimited", "too-slow-to-go-before"])
 async def test_stop_and_copy_sends_what_changed_since_the_last_round_before_it_pauses_the_guest(
         tmp_path: Path, receiver: DataReceiver, bandwidth: int) -> None:
-    source = EmulatedController("c1", tmp_path / "c1.ns", 8 * MiB, create=True)
-    destination = EmulatedController.for_resuming("c1", tmp_path / "c1.incoming", 8 * MiB)
-    workload = GuestWorkload(source, WorkloadSpec(write_iops=2000, seed=5))
-    await asyncio.to_thread(workload.prefill)
-    workload.start()
-    inbound = DestinationSession(job_id="mig-1", epoch=1, controller_id="c1", controller=destination, token="t1",
-                                 guest=destination, backend="emulated")
-    receiver.register("mig-1", "t1", inbound)
-    outbound = SourceSession(job_id="mig-1", epoch=1, controller_id="c1", controller=source, workload=workload,
-                             token="t1")
-    try:
+    async with session_rig(tmp_path, receiver, 8 * MiB, WorkloadSpec(write_iops=2000, seed=5)) as rig:
+        source, destination, workload, outbound = rig.source, rig.destination, rig.workload, rig.outbound
         await outbound.start_precopy(receiver.address, "t1", 0)
         await outbound.dirty_round(1, bandwidth, 0)
         written = workload.status().acked_writes
@@ -160,8 +137,3 @@ async def test_stop_and_copy_sends_what_changed_since_the_last_round_before_it_p
         assert workload.status().pauses == 1
         # What went before the pause and after it is the namespace as the guest paused.
         assert destination.digest() == source.digest()
-    finally:
-        await outbound.close()
-        await asyncio.to_thread(workload.stop)
-        source.close()
-        destination.close()
