@@ -41,6 +41,14 @@ class ContentDigest:
             raise ValueError(f"chunk at offset {offset} goes back before {self._end}: feed chunks in order")
         self._end = offset + len(view)
         first = offset // BLOCK_BYTES
+        if len(view) and isinstance(data, bytes | bytearray) and _ZERO_BLOCK not in data:
+            # No 4 KiB run of zeroes anywhere, so no zero block: one update, not one per block
+            # (a Python loop over every block held the GIL long enough to stall a guest).
+            if first != self._next_lba:
+                self._hash.update(b"@" + first.to_bytes(8, "little"))
+            self._hash.update(view)
+            self._next_lba = first + len(view) // BLOCK_BYTES
+            return
         run_start: int | None = None  # index (in blocks) of the non-zero run being gathered
         for k in range(len(view) // BLOCK_BYTES):
             if view[k * BLOCK_BYTES:(k + 1) * BLOCK_BYTES] == _ZERO_BLOCK:
