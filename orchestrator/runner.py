@@ -273,7 +273,7 @@ class JobRunner:
         epoch stops this runner."""
         self._cancel_checked_at = self.monotonic()
         got = await self.store.get_job(self.job_id)
-        if got is not None:
+        if got is not None and got.mod_revision != self.revision:  # else it is the record this runner wrote
             fresh = Job.from_bytes(got.value)
             if fresh.epoch > self.epoch:
                 raise Superseded(f"job {self.job_id} taken over by epoch {fresh.epoch}")
