@@ -22,6 +22,7 @@ from orchestrator.jobs import (
     Phase,
     Policy,
     Verification,
+    _changed,
 )
 
 # Written out independently of ALLOWED: what an operator may see a job do.
@@ -195,3 +196,14 @@ def test_the_remaining_bytes_a_step_measured_are_kept_and_never_negative() -> No
     assert job().remaining_bytes == -1  # not measured yet
     assert job().remaining(4096, 1.0).remaining_bytes == 4096
     assert job().remaining(-5, 1.0).remaining_bytes == 0
+
+
+@given(rounds=st.integers(0, 100), note=st.text(max_size=20), epoch=st.integers(0, 2**40))
+def test_a_job_changes_as_dataclasses_replace_would_change_it(rounds: int, note: str, epoch: int) -> None:
+    base = job(trace_context={"traceparent": "x"}).enter(Phase.PREPARING, 1.0)
+    changes = {"rounds": rounds, "reason": note, "epoch": epoch}
+    changed = _changed(base, **changes)
+    assert changed == replace(base, **changes)  # type: ignore[arg-type]
+    assert base.rounds == 0 and base.epoch == 0  # the original is left as it was
+    with pytest.raises(TypeError, match="no_such_field"):
+        _changed(base, no_such_field=1)
