@@ -31,6 +31,7 @@ import grpc
 from aetcd import rpc, watcher
 
 from cluster.etcd_config import EtcdConfig, parse_endpoint
+from cluster.lease_keepalive import KeepAliveStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +77,7 @@ class FailoverClient(aetcd.Client):
         self.generation = 0  # grows with every move; a failure reported for an older one is old news
         self._index = 0
         self._retired: list[grpc.aio.Channel] = []
+        self._keepalive: KeepAliveStream | None = None  # lease refreshes, on the current channel
 
     @property
     def endpoint(self) -> str:
@@ -152,6 +154,9 @@ class FailoverClient(aetcd.Client):
         log.warning("etcd member %s: %s; now using %s", failed, str(cause) or type(cause).__name__, self.endpoint)
 
     async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.close()
+            self._keepalive = None
         await super().close()
         while self._retired:
             await self._retired.pop().close()
@@ -162,6 +167,22 @@ class FailoverClient(aetcd.Client):
     delete = _failing_over(aetcd.Client.delete)
     transaction = _failing_over(aetcd.Client.transaction)
     lease = _failing_over(aetcd.Client.lease)
-    refresh_lease = _failing_over(aetcd.Client.refresh_lease)
+    async def _refresh_lease(self, lease_id: int) -> rpc.LeaseKeepAliveResponse:
+        """One refresh on the connection's LeaseKeepAlive stream (`cluster.lease_keepalive`),
+        opened anew on the current channel when the last one failed or the client moved."""
+        await self.connect()
+        stream = self._keepalive
+        if stream is None or stream.broken is not None or stream.channel is not self.channel \
+                or stream.generation != self.generation:
+            if stream is not None:
+                stream.close()
+            stream = self._keepalive = KeepAliveStream(self.leasestub, self.metadata, self.channel, self.generation)
+        try:
+            return await stream.refresh(lease_id, self._timeout)
+        except TimeoutError:
+            raise aetcd.exceptions.ConnectionTimeoutError(
+                f"etcd did not answer a refresh of lease {lease_id:x} within {self._timeout} s") from None
+
+    refresh_lease = _failing_over(_refresh_lease)
     revoke_lease = _failing_over(aetcd.Client.revoke_lease)
     get_lease_info = _failing_over(aetcd.Client.get_lease_info)

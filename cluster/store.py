@@ -31,12 +31,12 @@ from typing import TypeVar
 import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cluster.etcd_client import FailoverClient
 from cluster.etcd_config import EtcdConfig, plain
 from cluster.io_limits import IoLimits
 from cluster.records import COMMITTED, RUNNING, ControllerRecord, NodeRecord
+from cluster.retrying import of_types, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ DEFAULT_PREFIX = "/nvmigrate/"
 EtcdError = aetcd.exceptions.ClientError
 TRANSIENT_ETCD_ERRORS = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 READ_RETRY_BUDGET_S = 3.0
+_transient_etcd_error = of_types(*TRANSIENT_ETCD_ERRORS)
 T = TypeVar("T")
 
 
@@ -139,15 +140,8 @@ class EtcdStore:
         """Reads are idempotent: retried on the transient errors only (etcd restarting or a
         deadline), briefly; writes are not retried here: a CAS that may have landed is re-read
         and decided again by its caller."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT_ETCD_ERRORS),
-            stop=stop_after_delay(READ_RETRY_BUDGET_S),
-            wait=wait_exponential(multiplier=0.05, max=0.5),
-            reraise=True,
-        ):
-            with attempt:
-                return await call()
-        raise AssertionError(f"unreachable: {what}")
+        return await retry_transient(call, transient=_transient_etcd_error, budget_s=READ_RETRY_BUDGET_S,
+                                     first_wait_s=0.05, max_wait_s=0.5)
 
     async def _get(self, key: bytes) -> Versioned | None:
         got = await self._read(f"get {key!r}", lambda: self._client.get(key))

@@ -9,8 +9,8 @@ What runs, in order, on one machine (etcd on tmpfs, every process stopped by pid
   1. etcd and the orchestrator (--max-concurrent = --migrations, production lease and call
      budgets), idle for --idle-s: the baseline of etcd's and the orchestrator's CPU;
   2. --agents simulated agents, --per-process to a process, registered under 5 s leases; idle again
-     for --idle-s: what the agents' lease keepalives (and the leader's reconciler asking every agent
-     GetInfo every 5 s) cost etcd and the orchestrator;
+     for --idle-s: what the agents' lease keepalives (and the leader's reconciler asking agents
+     GetInfo, each at least once a minute) cost etcd and the orchestrator;
   3. the controllers, created through MigrationService.CreateController on their source nodes;
   4. --lone jobs one after another (each alone in the cluster): the lone switchover;
   5. --inflight jobs submitted at once: the switchover with that many in flight;

@@ -28,11 +28,11 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from cluster import agent_errors, telemetry
 from cluster.grpc_tls import TlsFiles, agent_channel
 from cluster.node_cache import NodeSource
+from cluster.retrying import retry_transient
 from cluster.store import EtcdError, EtcdStore
 from orchestrator import tracing
 from orchestrator.liveness import Liveness, default_grace_s, judge_node
@@ -225,19 +225,15 @@ class AgentCalls:
 
         async def attempt_once() -> T:
             try:
-                return await asyncio.wait_for(fn(stub), timeout=max(0.05, deadline - self._clock()))
+                # asyncio.timeout, not wait_for: no task per call (Python 3.11's wait_for makes one)
+                async with asyncio.timeout(max(0.05, deadline - self._clock())):
+                    return await fn(stub)
             except TimeoutError:
                 raise _BudgetSpent() from None
 
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient),
-                stop=stop_after_delay(budget_s),
-                wait=wait_exponential(multiplier=0.1, max=2.0),
-                reraise=True,
-            ):
-                with attempt:
-                    return await attempt_once()
+            return await retry_transient(attempt_once, transient=is_transient, budget_s=budget_s,
+                                         first_wait_s=0.1, max_wait_s=2.0, clock=self._clock)
         except _BudgetSpent:
             raise AgentUnreachable(node, f"{what}: agent {node} did not answer within {budget_s:.0f} s") from None
         except grpc.aio.AioRpcError as exc:
@@ -245,7 +241,6 @@ class AgentCalls:
                 raise AgentUnreachable(node, f"{what}: agent {node} did not answer for {budget_s:.0f} s "
                                              f"({exc.code().name}: {exc.details()})") from exc
             raise _typed(node, what, exc) from exc
-        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
     async def long_call(self, node: str, what: str, fn: Callable[[Stub, float], Awaitable[T]], *,
                         silence_budget_s: float, tick: Callable[[], Awaitable[None]],

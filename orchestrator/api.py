@@ -129,7 +129,7 @@ def job_to_message(job: Job) -> migration_pb2.Migration:
 
 
 class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
-    def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[], None],
+    def __init__(self, store: EtcdStore, agents: AgentCalls, on_job_created: Callable[[str], None],
                  clock: Callable[[], float] = time.time, evacuation_limits: Limits | None = None,
                  on_evacuation_created: Callable[[], None] | None = None,
                  live_job: LiveJob | None = None, nodes: NodeSource | None = None) -> None:
@@ -209,11 +209,8 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
                                                      stored_bytes=stored, source_record=source)
             if placement.node is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, placement.reason)
-        active = await self.store.active_job_for(controller.controller_id)
-        if active:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"controller {controller.controller_id!r} is already being moved by job {active}; "
-                          "wait for it or cancel it")
+        # A controller already being moved is refused by create_job's transaction (its active
+        # marker), with the job's id: no read of the marker beforehand.
         now = self.clock()
         job = pending_job(new_job_id(), controller_id=controller.controller_id, source_node=controller.node,
                           namespace_bytes=controller.namespace_bytes, policy=policy, now=now,
@@ -222,7 +219,7 @@ class MigrationApi(EvacuationRpcs, migration_pb2_grpc.MigrationServiceServicer):
             await self.store.create_job(job.id, job.controller_id, job.to_bytes())
         except ConflictError as exc:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{exc}; wait for it or cancel it") from None
-        self.on_job_created()
+        self.on_job_created(job.id)
         return job_to_message(job)
 
     # ---- read ---------------------------------------------------------------------------

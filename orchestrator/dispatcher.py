@@ -56,9 +56,14 @@ class JobDispatcher:
         runner = self._runners.get(job_id)
         return runner.live(revision) if runner is not None else None
 
-    def poke(self) -> None:
-        """A job was created: scan now instead of at the next interval."""
-        self._wake.set()
+    def poke(self, job_id: str | None = None) -> None:
+        """A job was created: its runner starts now (a job named here), or a scan runs now instead
+        of at the next interval. Each job of a burst of CreateMigration scanning every job record
+        was the leader's (and etcd's) largest cost at hundreds of submissions."""
+        if job_id is None:
+            self._wake.set()
+        elif job_id not in self._tasks:
+            self._start(job_id)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
@@ -92,8 +97,11 @@ class JobDispatcher:
             job_id, terminal = known
             if terminal or job_id in self._tasks:
                 continue
-            self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
+            self._start(job_id)
         self._scanned = seen
+
+    def _start(self, job_id: str) -> None:
+        self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job-{job_id}")
 
     async def _run(self, job_id: str) -> None:
         try:

@@ -82,9 +82,9 @@ class Orchestrator:
         self.api = MigrationApi(store, self.agents, on_job_created=self._poke, evacuation_limits=self.evacuation_limits,
                                 on_evacuation_created=self._poke_evacuator, live_job=self.live_job, nodes=self.nodes)
 
-    def _poke(self) -> None:
+    def _poke(self, job_id: str | None = None) -> None:
         if self.dispatcher is not None:
-            self.dispatcher.poke()
+            self.dispatcher.poke(job_id)
 
     def live_job(self, job_id: str, revision: int) -> Job | None:
         """A running job's progress not yet written to etcd, while this orchestrator leads and drives it."""

@@ -11,6 +11,14 @@ For migration sessions an agent still holds for a job that ended (or that etcd n
 For controllers: one marked LOST or MISSING whose owner reports it RUNNING is marked RUNNING;
 one whose owner, alive, does not report it at all is marked MISSING.
 The decisions are in `plan`, pure; `Reconciler` does the calls.
+
+Which agents are asked (GetInfo) each pass is chosen too (`nodes_to_ask`, `due_next`, pure): at a
+thousand agents, asking every one every pass was the orchestrator's largest background cost. Each
+pass asks the nodes where a repair may be due (a node named by a job that ended since, one that
+reported a session whose job is over but that has not settled, one that did not answer, one that
+registered anew or owns a controller marked LOST or MISSING) and, in turn, enough of the others
+that every live node is asked at least once per FULL_SWEEP_S (every node, every pass, in clusters
+of up to MIN_ASKED_PER_PASS nodes). A leader's first pass asks every node.
 """
 
 from __future__ import annotations
@@ -18,19 +26,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import math
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.node_cache import NodeSource
 from cluster.records import LOST, MISSING, RUNNING, ControllerRecord
 from cluster.store import EtcdError, EtcdStore
 from orchestrator.agent_calls import AgentCallError, AgentCalls, Stub
-from orchestrator.jobs import Job, Verification
+from orchestrator.jobs import Job, ParsedJobs, Verification
 from proto.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 5.0
+# Every live node is asked at least this often, whatever happened to it; a node where a repair
+# may be due is asked at the next pass.
+FULL_SWEEP_S = 60.0
+MIN_ASKED_PER_PASS = 64
 SETTLED_STAGES = frozenset({"released", "running", "aborted", "unknown"})
 
 
@@ -99,6 +112,43 @@ def plan(controllers: Sequence[ControllerRecord], reports: Mapping[str, agent_pb
     return actions
 
 
+def nodes_to_ask(live: Collection[str], due: Collection[str], sweep: int, cursor: int) -> tuple[set[str], int]:
+    """The live nodes asked this pass: every due one, and `sweep` others in turn (by name) from
+    `cursor`; returns them and the cursor of the next pass."""
+    names = sorted(live)
+    if sweep >= len(names):
+        return set(names), 0
+    start = cursor % len(names)
+    turn = names[start:start + sweep] + names[:max(0, start + sweep - len(names))]
+    return set(turn) | (set(due) & set(names)), (start + sweep) % len(names)
+
+
+def sweep_size(live: int) -> int:
+    """How many nodes a pass asks in turn: all of them every FULL_SWEEP_S, at least MIN_ASKED_PER_PASS."""
+    return max(MIN_ASKED_PER_PASS, math.ceil(live * RECONCILE_INTERVAL_S / FULL_SWEEP_S))
+
+
+def job_nodes(job: Job) -> set[str]:
+    """The nodes a job may have left a session on."""
+    return {job.source_node, job.destination_node, *job.excluded_destinations} - {""}
+
+
+def due_next(asked: Collection[str], reports: Mapping[str, agent_pb2.AgentInfo], jobs: Mapping[str, Job],
+             newly_ended: Iterable[Job]) -> set[str]:
+    """The nodes to ask at the next pass whatever the turn: asked but silent; holding a session
+    that has not settled although its job is over (or unknown); named by a job that just ended."""
+    due = {node for node in asked if node not in reports}
+    for node, info in reports.items():
+        for session in info.sessions:
+            job = jobs.get(session.job_id)
+            if session.stage not in SETTLED_STAGES and (job is None or job.terminal):
+                due.add(node)
+                break
+    for job in newly_ended:
+        due |= job_nodes(job)
+    return due
+
+
 CALL_BUDGET_S = 3.0
 _SESSION_COMMANDS: dict[str, Callable[[Stub, agent_pb2.MigrationRef], Awaitable[agent_pb2.SessionStatus]]] = {
     "abort": lambda stub, ref: stub.AbortMigration(ref, timeout=10.0),
@@ -113,6 +163,13 @@ class Reconciler:
         # A node missing from a listing only delays its repairs (see reconcile_once): a moment old is fine.
         self.nodes: NodeSource = nodes or store
         self.agents = agents
+        self._jobs = ParsedJobs()
+        self._first = True  # a leader's first pass asks every node
+        self._cursor = 0  # where the next pass's turn starts, in the sorted live nodes
+        self._due: set[str] = set()  # asked at the next pass, whatever the turn
+        self._ended: set[str] = set()  # ids of the terminal jobs seen so far (in the last listing)
+        self._registrations: dict[str, tuple[str, float]] = {}  # node -> (address, started_at) last seen
+        self.asked: set[str] = set()  # the nodes the last pass asked
 
     async def run_forever(self) -> None:
         while True:
@@ -137,11 +194,26 @@ class Reconciler:
         # read after them, so that every session reported has its job.
         controllers = await self.store.list_controllers()
         nodes = await self.nodes.list_nodes()
+        registrations = {n.name: (n.address, n.started_at) for n in nodes}
+        # a node registered anew (an agent restarted: it may have restored sessions from disk)
+        due = {name for name, seen in registrations.items() if self._registrations.get(name) != seen}
+        due |= self._due | {c.node for c in controllers if c.state in (LOST, MISSING)}
+        if self._first:
+            asked, self._cursor = set(registrations), 0
+        else:
+            asked, self._cursor = nodes_to_ask(registrations, due, sweep_size(len(nodes)), self._cursor)
         for n in nodes:
             self.agents.remember(n.name, n.address)
-        infos = await asyncio.gather(*(self._report(n.name) for n in nodes))
-        reports = {n.name: info for n, info in zip(nodes, infos, strict=True) if info is not None}
-        jobs = {j.id: j for j in (Job.from_bytes(v.value) for v in await self.store.list_jobs())}
+        ordered = [n.name for n in nodes if n.name in asked]
+        self.asked = asked
+        infos = await asyncio.gather(*(self._report(name) for name in ordered))
+        reports = {name: info for name, info in zip(ordered, infos, strict=True) if info is not None}
+        jobs = {j.id: j for j in self._jobs.parse(v.value for v in await self.store.list_jobs())}
+        ended = {job_id for job_id, j in jobs.items() if j.terminal}
+        # On a leader's first pass every node was asked: what ended before is covered by it.
+        newly_ended = [] if self._first else [jobs[job_id] for job_id in ended - self._ended]
+        self._due = due_next(ordered, reports, jobs, newly_ended)
+        self._ended, self._registrations, self._first = ended, registrations, False
         actions = plan(controllers, reports, jobs)
         for action in actions:
             log.info("reconcile: %s", action)

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cluster.node_cache import NodeSource
 from cluster.records import LOST, RUNNING
+from cluster.retrying import of_types, retry_transient
 from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
 from cluster.switchover_marks import mark
 from orchestrator import convergence, metrics, recovery, scheduler, switchover_model
@@ -276,7 +276,7 @@ class JobRunner:
         epoch stops this runner."""
         self._cancel_checked_at = self.monotonic()
         got = await self.store.get_job(self.job_id)
-        if got is not None:
+        if got is not None and got.mod_revision != self.revision:  # else it is the record this runner wrote
             fresh = Job.from_bytes(got.value)
             if fresh.epoch > self.epoch:
                 raise Superseded(f"job {self.job_id} taken over by epoch {fresh.epoch}")
@@ -731,11 +731,8 @@ class JobRunner:
     async def _save_when_etcd_answers(self, new: Job) -> None:
         """`_save(new, release=True)`, retried while etcd does not answer. Safe: a write that
         landed unseen makes the retry's CAS lose, and `_save` then finds the job ended."""
-        async for attempt in AsyncRetrying(retry=retry_if_exception_type(TRANSIENT_ETCD_ERRORS),
-                                           stop=stop_after_delay(ROLLBACK_WRITE_BUDGET_S),
-                                           wait=wait_exponential(multiplier=0.1, max=2.0), reraise=True):
-            with attempt:
-                await self._save(new, release=True)
+        await retry_transient(lambda: self._save(new, release=True), transient=of_types(*TRANSIENT_ETCD_ERRORS),
+                              budget_s=ROLLBACK_WRITE_BUDGET_S, first_wait_s=0.1, max_wait_s=2.0)
 
     async def _abort_source(self, reason: str, *, moved_back: bool = False, commit_never_sent: bool = False,
                             pending_if_busy: bool = False) -> list[str]:

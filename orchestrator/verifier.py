@@ -20,7 +20,7 @@ from collections.abc import Callable
 from cluster.store import ConflictError, EtcdError, EtcdStore
 from orchestrator import metrics, tracing, verification
 from orchestrator.agent_calls import AgentCalls, AgentRefused, AgentUnreachable, StaleEpoch
-from orchestrator.jobs import Job, Phase, Verification, since_wall
+from orchestrator.jobs import Job, ParsedJobs, Phase, Verification, since_wall
 from orchestrator.verification import DigestReport, Verdict
 from proto.v1 import agent_pb2
 
@@ -42,6 +42,9 @@ class Verifier:
         self.monotonic = monotonic
         self._pending: set[str] = set()
         self._since: dict[str, tuple[float, float]] = {}  # job id -> (elapsed when first seen, monotonic then)
+        # job id -> (revision, the record parsed): a pending job is read every poll, parsed once
+        self._read: dict[str, tuple[int, Job]] = {}
+        self._scanned = ParsedJobs()
         self._wake = asyncio.Event()
         self._last_scan = float("-inf")
 
@@ -65,8 +68,7 @@ class Verifier:
         """One pass over the pending jobs; returns the ones that got a verdict."""
         if self.monotonic() - self._last_scan >= SCAN_INTERVAL_S:
             self._last_scan = self.monotonic()
-            for versioned in await self.store.list_jobs():
-                job = Job.from_bytes(versioned.value)
+            for job in self._scanned.parse(v.value for v in await self.store.list_jobs()):
                 if job.phase is Phase.COMPLETED and job.verification is Verification.PENDING:
                     self._pending.add(job.id)
         judged = await asyncio.gather(*(self._verify(job_id) for job_id in sorted(self._pending)))
@@ -84,13 +86,19 @@ class Verifier:
     def _forget(self, job_id: str) -> None:
         self._pending.discard(job_id)
         self._since.pop(job_id, None)
+        self._read.pop(job_id, None)
 
     async def _verify(self, job_id: str) -> Job | None:
         got = await self.store.get_job(job_id)
         if got is None:
             self._forget(job_id)
             return None
-        job = Job.from_bytes(got.value)
+        read = self._read.get(job_id)
+        if read is not None and read[0] == got.mod_revision:
+            job = read[1]
+        else:
+            job = Job.from_bytes(got.value)
+            self._read[job_id] = (got.mod_revision, job)
         if job.phase is not Phase.COMPLETED or job.verification is not Verification.PENDING:
             self._forget(job_id)
             return None

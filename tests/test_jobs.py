@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from dataclasses import asdict, replace
 
 import pytest
 from hypothesis import given
@@ -16,9 +18,11 @@ from orchestrator.jobs import (
     IllegalPhaseChange,
     Job,
     OnNoConvergence,
+    ParsedJobs,
     Phase,
     Policy,
     Verification,
+    _changed,
 )
 
 # Written out independently of ALLOWED: what an operator may see a job do.
@@ -132,6 +136,31 @@ def test_records_round_trip_through_json(phases: list[Phase], policy: Policy, ca
             j = j.enter(p, now).record(now, add_bytes=added, add_rounds=1)
             now += 0.5
     assert Job.from_bytes(j.to_bytes()) == j
+    # The format on etcd is what earlier versions wrote (dataclasses.asdict), byte for byte: a
+    # record written by either version reads the same in the other.
+    assert j.to_bytes() == json.dumps(asdict(j), sort_keys=True).encode()
+
+
+def test_a_full_record_keeps_the_format_earlier_versions_wrote() -> None:
+    full = job(trace_context={"traceparent": "00-ab-cd-01"}, excluded_destinations=("n2", "n3"),
+               requested_destination="n4").enter(Phase.PREPARING, 1.0).destination_chosen("n5", 1.1) \
+        .enter(Phase.PRECOPY, 1.2).record(1.3, add_bytes=4096, add_rounds=1, note="a round") \
+        .throttled(20, "dirty rate", 1.4).aged(3.25)
+    assert full.to_bytes() == json.dumps(asdict(full), sort_keys=True).encode()
+    assert Job.from_bytes(full.to_bytes()) == full
+
+
+def test_parsed_jobs_parse_a_record_once_and_keep_the_last_listing_only() -> None:
+    parsed = ParsedJobs()
+    a, b = job().to_bytes(), replace(job(), id="mig-ba9876543210").to_bytes()
+    first = parsed.parse([a, b])
+    assert [j.id for j in first] == ["mig-0123456789ab", "mig-ba9876543210"]
+    again = parsed.parse([a])
+    assert again[0] is first[0]  # unchanged record: the same (frozen) Job, not parsed again
+    changed = job().enter(Phase.PREPARING, 1.0).to_bytes()
+    assert parsed.parse([changed, b])[1] is not first[1]  # b left the last listing: parsed afresh
+    with pytest.raises(ValueError):
+        Job.from_bytes(changed.replace(b'"PREPARING"', b'"NO_SUCH_PHASE"'))
 
 
 def test_a_loaded_job_is_as_old_as_its_monotonic_age_plus_a_bounded_wall_gap() -> None:
@@ -167,3 +196,14 @@ def test_the_remaining_bytes_a_step_measured_are_kept_and_never_negative() -> No
     assert job().remaining_bytes == -1  # not measured yet
     assert job().remaining(4096, 1.0).remaining_bytes == 4096
     assert job().remaining(-5, 1.0).remaining_bytes == 0
+
+
+@given(rounds=st.integers(0, 100), note=st.text(max_size=20), epoch=st.integers(0, 2**40))
+def test_a_job_changes_as_dataclasses_replace_would_change_it(rounds: int, note: str, epoch: int) -> None:
+    base = job(trace_context={"traceparent": "x"}).enter(Phase.PREPARING, 1.0)
+    changes = {"rounds": rounds, "reason": note, "epoch": epoch}
+    changed = _changed(base, **changes)
+    assert changed == replace(base, **changes)  # type: ignore[arg-type]
+    assert base.rounds == 0 and base.epoch == 0  # the original is left as it was
+    with pytest.raises(TypeError, match="no_such_field"):
+        _changed(base, no_such_field=1)
