@@ -38,12 +38,19 @@ def test_a_destination_restarted_from_the_switchover_image_fails_verify_with_a_r
     captured = cluster.workdir / "switchover-image.state"
     tmp_path.touch()
     os.link(tmp_path, captured)
+    # The guest's map comes in pieces before, into a journal beside the state file (truncated
+    # and filled in place): the image is both.
+    journal = state_path.with_suffix(".guestmap")
+    captured_journal = cluster.workdir / "switchover-image.guestmap"
+    journal.touch()
+    os.link(journal, captured_journal)
     job = wait_phase(cluster, job.id, TERMINAL)
     assert migration_pb2.Phase.Name(job.phase) == "COMPLETED", job.reason
     assert job.phases[-2].phase == migration_pb2.RESUMING
     image = captured.read_bytes()
     assert image, "the destination did not write its state through <state>.tmp; the capture saw nothing"
-    assert not state_path.exists()
+    assert not state_path.exists() and not journal.exists()
+    assert captured_journal.stat().st_size > 0, "the guest's map did not come in pieces"
     assert wait_verified(cluster, job.id).verification == migration_pb2.VERIFICATION_PASSED
 
     # The guest runs on n2 for a while; a receipt is taken, and it runs on past it.
@@ -64,6 +71,7 @@ def test_a_destination_restarted_from_the_switchover_image_fails_verify_with_a_r
     # reconciler resumes it (the job completed and n2 owns r1).
     cluster.agents["n2"].kill()
     shutil.copyfile(captured, state_path)
+    shutil.copyfile(captured_journal, journal)
     (n2_dir / "r1.json").unlink()
     cluster.start_agent("n2")
 

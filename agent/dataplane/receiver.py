@@ -710,7 +710,7 @@ class DataReceiver:
                 try:
                     await session.sink.apply_guest_map(frame.payload)
                 except Exception as exc:
-                    await fail(f"guest map piece refused: {_exc_text(exc)}")
+                    await fail(f"guest map piece refused: {_exc_text(exc)}", _cause(exc))
                     return
             elif frame.type == FrameType.SWITCHOVER_PLAN:
                 try:
