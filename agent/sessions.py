@@ -94,12 +94,11 @@ def encode_guest(workload: GuestWorkload | None, map_sync: int = 0) -> bytes:
 
 
 def decode_guest(controller: GuestDrivenController, blob: bytes, synced: MapAssembly | None = None
-                 ) -> tuple[GuestWorkload, bool, GuestState]:
-    """The guest to continue here, whether it was running, and its state (whose map, with
-    `synced`, is that assembly's map completed in place, now the guest's own: not to be used after)."""
+                 ) -> tuple[GuestWorkload, bool]:
+    """The guest to continue here and whether it was running. With `synced`, the map is that
+    assembly's, completed in place and now the guest's own: not to be used after."""
     state = GuestState.decode(blob[1:], synced)
-    # A synced map was completed in place: the guest takes it over.
-    return GuestWorkload(controller, state.spec, state, adopt_map=synced is not None), blob[0] == 1, state
+    return GuestWorkload(controller, state.spec, state, adopt_map=synced is not None), blob[0] == 1
 
 
 def guest_was_running(blob: bytes) -> bool:
@@ -720,7 +719,7 @@ class DestinationSession(Session):
             workload, was_running = None, False
             if guest_blob and guest is not None:
                 # With a map sync, only the map's last changes came (the rest is in the journal).
-                workload, was_running, _ = decode_guest(guest, guest_blob, guest_map)
+                workload, was_running = decode_guest(guest, guest_blob, guest_map)
             if journal is not None:
                 journal.close()
             # Kept on disk before we acknowledge, so an agent restarted after COMMIT can still
@@ -783,7 +782,7 @@ class DestinationSession(Session):
         self.check_resumable()
         await asyncio.to_thread(self.ctrl.set_state, VfioState.RUNNING)  # Resume
         if self.workload is None and self.guest_blob and self.guest is not None:  # reloaded after a restart
-            self.workload, self.guest_was_running, _ = decode_guest(self.guest, self.guest_blob, self.guest_map)
+            self.workload, self.guest_was_running = decode_guest(self.guest, self.guest_blob, self.guest_map)
         if self.workload is not None:
             job_id = self.job_id
 

@@ -163,7 +163,7 @@ async def test_the_map_goes_while_the_guest_runs_and_the_switchover_carries_only
             again = await DestinationSession.reload(fresh, tmp_path / "c1.state", "c1", "mig-1", guest=fresh,
                                                     backend="emulated")
             assert again.guest_map is not None and again.guest_map.pieces == 3
-            restored, running, _ = decode_guest(fresh, again.guest_blob, again.guest_map)
+            restored, running = decode_guest(fresh, again.guest_blob, again.guest_map)
             assert running and _map_of(restored, len(paused)) == paused
         finally:
             fresh.close()
