@@ -34,7 +34,7 @@ from typing import TypeVar
 import grpc
 
 from cluster.node_cache import NodeSource
-from cluster.records import LOST, RUNNING
+from cluster.records import LOST, RUNNING, ControllerRecord
 from cluster.retrying import of_types, retry_transient
 from cluster.store import TRANSIENT_ETCD_ERRORS, ConflictError, EtcdError, EtcdStore
 from cluster.switchover_marks import mark
@@ -49,6 +49,8 @@ from proto.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 STATE_FORMAT_VERSION = 1
 # How often a transfer step's progress (and an operator's cancel) is read: from the source and
@@ -82,6 +84,29 @@ class RunnerSettings:
     etcd_check_timeout_s: float = 1.0
     # A transfer step whose bytes stop moving this long rolls the job back (orchestrator/progress_watch.py).
     progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Runs the two at once and returns their results; the first to fail cancels the other and its
+    own error is raised (not a group): the callers handle each error by its type."""
+    tasks = (asyncio.ensure_future(first), asyncio.ensure_future(second))
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        raise
+    return tasks[0].result(), tasks[1].result()
+
+
+@dataclass(frozen=True)
+class SwitchoverReads:
+    """What the switchover reads from etcd before the guest pauses: the controller's record and
+    its revision, read within the etcd check's timeout (so etcd answered right before)."""
+    controller: tuple[ControllerRecord, int] | None
 
 
 class Superseded(Exception):
@@ -129,6 +154,8 @@ class JobRunner:
         self.pre_pause_ms = 0.0
         self.pre_pause_bytes = 0
         self.switched_over_at: float | None = None  # monotonic, when StopAndCopy reported the commit
+        # Read alongside the write that entered STOP_AND_COPY, for the stop-and-copy right after.
+        self._switchover_reads: SwitchoverReads | None = None
         self._age_at_load_s = 0.0
         self._loaded_at = monotonic()
         self._opened_phase: tuple[int, float] | None = None  # (index, monotonic start) of a phase we entered
@@ -332,6 +359,7 @@ class JobRunner:
                                                      f"{self.settings.job_deadline_s:.0f} s passed before COMMIT"))
                     await self._step()
                 except StepFailed as exc:
+                    self._switchover_reads = None
                     await self._recover(exc.failure)
             except SwitchedOver as exc:
                 log.warning("job %s: %s; finishing it", self.job_id, exc)
@@ -431,6 +459,8 @@ class JobRunner:
             job = job.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason).predicted(
                 decision.estimated_downtime_ms)
             job = job.with_phase_duration(iterated, (self.monotonic() - entered) * 1000.0)
+            await self._enter_stop_and_copy(job)
+            return
         await self._save(job)
 
     def _step_done(self, result: agent_pb2.TransferResult, *, rounds: int, guest_running: bool = True) -> Job:
@@ -449,8 +479,8 @@ class JobRunner:
                                           self.switchover_model.fixed_ms)
             if decision.action is convergence.Action.STOP_AND_COPY:
                 # With the results of the rounds kept in memory since the last write.
-                await self._save(self.j.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason)
-                                 .predicted(decision.estimated_downtime_ms))
+                await self._enter_stop_and_copy(self.j.enter(Phase.STOP_AND_COPY, self._now(), note=decision.reason)
+                                                .predicted(decision.estimated_downtime_ms))
                 return
             if decision.action is convergence.Action.ABORT:
                 raise StepFailed(Failure(FailureKind.STEP_FAILED, decision.reason))
@@ -476,6 +506,20 @@ class JobRunner:
         self._advance(self._step_done(result, rounds=1))
         await self._persist_if_due()
 
+    async def _enter_stop_and_copy(self, job: Job) -> None:
+        """Writes STOP_AND_COPY and, at the same time, makes the reads the switchover needs: each
+        etcd round trip before the pause is one more wait on a loaded orchestrator and etcd (at
+        hundreds of jobs in flight, this step was the slowest), and neither depends on the other."""
+        _, self._switchover_reads = await _both(self._save(job), self._read_for_switchover())
+
+    async def _read_for_switchover(self) -> SwitchoverReads:
+        """The controller's record, and etcd's quick check: the guest pauses only while etcd
+        answers, as the destination's commit needs it within the blackout (not answering in time
+        raises an EtcdError: this runner stops and a later pass starts the step again)."""
+        owned, _ = await _both(self.store.get_controller(self.j.controller_id),
+                               self.store.answers(self.settings.etcd_check_timeout_s))
+        return SwitchoverReads(owned)
+
     async def _stop_and_copy(self) -> None:
         """The switchover. What it needs is read and prepared while the guest still runs: the
         controller's record, the agents' addresses, and the commit itself (a SwitchoverPlan: the
@@ -484,7 +528,11 @@ class JobRunner:
         destination, which loads them, commits in one etcd transaction and runs the controller;
         the orchestrator is off that path and writes the job's end afterwards."""
         job = self.j
-        owned = await self.store.get_controller(job.controller_id)
+        # Read alongside the STOP_AND_COPY write; read here when a runner takes the job over in it.
+        reads, self._switchover_reads = self._switchover_reads, None
+        if reads is None:
+            reads = await self._read_for_switchover()
+        owned = reads.controller
         if owned is None or owned[0].node != job.source_node:
             raise StepFailed(Failure(FailureKind.STEP_FAILED,
                                      f"controller {job.controller_id} ownership changed under the job"))
@@ -495,9 +543,6 @@ class JobRunner:
         # The source's address too, for StopAndCopy: not read from etcd after the clock starts.
         with contextlib.suppress(AgentUnreachable):
             await self.agents.address(job.source_node)  # unreachable: StopAndCopy's own lookup says so
-        # The guest pauses only while etcd answers: the commit needs it within the blackout.
-        # Raised as an EtcdError: this runner stops and a later pass starts the step again.
-        await self.store.answers(self.settings.etcd_check_timeout_s)
         now = self._now()
         committed = self.observer.prepare(job.enter(Phase.COMMIT, now, note=f"owner {job.source_node} -> "
                                                                              f"{job.destination_node}")
