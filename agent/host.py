@@ -57,8 +57,13 @@ FAULT_EXIT_CODE = 86  # how the process ends when a test asked it to exit after 
 class SwitchoverFaults:
     """Faults a test injects into this node's next switchover as its destination (InjectFault)."""
 
+    hold_final_s: float = 0.0  # wait this long once FINAL arrived, before loading it and asking etcd
     hold_commit_s: float = 0.0  # wait this long right before sending the commit
     exit_after_commit: bool = False  # the process exits right after the commit landed
+
+    def take_final_hold(self) -> float:
+        taken, self.hold_final_s = self.hold_final_s, 0.0
+        return taken
 
     def take(self) -> tuple[float, bool]:
         taken = (self.hold_commit_s, self.exit_after_commit)
@@ -677,6 +682,11 @@ class Host:
         unknown: nothing runs here, the source stays paused, and the orchestrator settles it in
         etcd (then ResumeDestination runs it here if the commit landed)."""
         async with session.resume_lock:  # an abort waits for the outcome (and is refused if it committed)
+            hold_final_s = self.switchover_faults.take_final_hold()
+            if hold_final_s:
+                log.warning("job %s: holding FINAL %.1f s before loading it (injected fault)", session.job_id,
+                            hold_final_s)
+                await asyncio.sleep(hold_final_s)
             # Both alongside the load: etcd's answer, and the hosting's record in a thread of its
             # own (undone below if anything before the commit fails).
             checking = asyncio.ensure_future(self.store.answers(plan.commit_timeout_s))

@@ -356,9 +356,9 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         if not 0 <= request.stall_event_loop_ms <= MAX_STALL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"stall_event_loop_ms {request.stall_event_loop_ms} must be 0 to {MAX_STALL_MS}")
-        if not 0 <= request.hold_commit_ms <= MAX_STALL_MS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"hold_commit_ms {request.hold_commit_ms} must be 0 to {MAX_STALL_MS}")
+        for name, ms in (("hold_commit_ms", request.hold_commit_ms), ("hold_final_ms", request.hold_final_ms)):
+            if not 0 <= ms <= MAX_STALL_MS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} {ms} must be 0 to {MAX_STALL_MS}")
         if request.HasField("health"):
             values = {f.name: value for f, value in request.health.ListFields()}
             hosting = self.host.hosting
@@ -378,6 +378,7 @@ class AgentApi(agent_pb2_grpc.AgentServiceServicer):
         self.host.pending_frame_faults = FrameFaults(corrupt_frame=request.corrupt_frame,
                                                      replay_frame=request.replay_frame)
         self.host.switchover_faults.hold_commit_s = request.hold_commit_ms / 1000.0
+        self.host.switchover_faults.hold_final_s = request.hold_final_ms / 1000.0
         self.host.switchover_faults.exit_after_commit = request.exit_after_commit
         if request.stall_event_loop_ms:
             # A blocking sleep on the loop itself, after this reply is on its way: every call and

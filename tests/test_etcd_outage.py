@@ -30,6 +30,7 @@ from tests.clusterprobe import (
 
 MiB = 1 << 20
 FREEZE_S = 10.0
+HOLD_FINAL_S = 2.0
 NODES = ["n1", "n2"]
 
 
@@ -37,7 +38,7 @@ NODES = ["n1", "n2"]
 def own_etcd_cluster() -> Iterator[LocalCluster]:
     # Leases far longer than the freeze: this test is about the switchover, not about leases
     # expiring while etcd sleeps (a leader change is covered by the fault matrix).
-    with LocalCluster(lease_ttl_s=60) as c:
+    with LocalCluster(lease_ttl_s=60, allow_fault_injection=True) as c:
         c.start_etcd()
         c.start_with_agents(NODES)
         yield c
@@ -46,10 +47,13 @@ def own_etcd_cluster() -> Iterator[LocalCluster]:
 def test_etcd_frozen_during_the_pause_resumes_the_source_at_once(own_etcd_cluster: LocalCluster) -> None:
     cluster = own_etcd_cluster
     create_controller(cluster, "n1", "o1", 4 * MiB, write_iops=150)
-    # A slow link and a generous downtime budget: the last copy, with the guest paused, lasts
-    # long enough (about a second) to freeze etcd inside it.
-    job = migrate(cluster, "o1", to="n2", bandwidth_bytes_per_s=MiB // 2, max_downtime_ms=3000)
-    wait_phase(cluster, job.id, {migration_pb2.DIRTY_ITERATION, migration_pb2.STOP_AND_COPY}, timeout_s=120)
+    # The destination holds FINAL before it loads it and asks etcd: with the guest paused, a
+    # window to freeze etcd in that does not depend on how fast the last blocks go (the last
+    # copy ignores the bandwidth cap, and took milliseconds, sometimes less than the poll below).
+    channel, stub = cluster.agent_stub("n2")
+    with channel:
+        stub.InjectFault(agent_pb2.InjectFaultRequest(hold_final_ms=int(HOLD_FINAL_S * 1000)), timeout=10)
+    job = migrate(cluster, "o1", to="n2")
 
     source = cluster.node("n1")
     assert source is not None
@@ -67,7 +71,8 @@ def test_etcd_frozen_during_the_pause_resumes_the_source_at_once(own_etcd_cluste
         # The guest runs again on the source while etcd is still frozen.
         wait_for("the source to resume while etcd is frozen", lambda: not paused(), FREEZE_S - 1, interval_s=0.05)
         resumed_after_s = time.monotonic() - frozen_at
-        assert resumed_after_s < FREEZE_S / 2
+        # The hold, then the destination's etcd check (1 s) refuses: far less than the freeze.
+        assert resumed_after_s < HOLD_FINAL_S + FREEZE_S / 2
         wait_for("the rest of the freeze", lambda: time.monotonic() - frozen_at >= FREEZE_S, FREEZE_S + 1)
     finally:
         cluster.thaw_etcd()
@@ -77,10 +82,12 @@ def test_etcd_frozen_during_the_pause_resumes_the_source_at_once(own_etcd_cluste
     assert migration_pb2.Phase.Name(ended.phase) == "ROLLED_BACK", ended.reason
     assert ended.reason.startswith(NOT_COMMITTED), ended.reason
     assert "etcd did not answer" in ended.reason, ended.reason
+    assert "holding FINAL" in cluster.agents["n2"].log_path.read_text(errors="replace")
     workload = controller(cluster, "n1", "o1").workload
     assert workload.pauses >= 1
-    # The guest's own measure: its longest gap between completions, far below the freeze.
-    assert workload.max_gap_ms < FREEZE_S * 1000 / 2, workload
+    # The guest's own measure: its longest gap between completions, the hold and the check, far
+    # below the hold and the freeze.
+    assert workload.max_gap_ms < (HOLD_FINAL_S + FREEZE_S / 2) * 1000, workload
     assert owners(cluster)["o1"] == "n1"
     assert running_on(cluster, "o1", NODES) == ["n1"]
     result = verify(cluster, "n1", "o1")

@@ -325,20 +325,22 @@ class SessionStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., role: _Optional[str] = ..., stage: _Optional[str] = ..., epoch: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., error: _Optional[str] = ..., guest_blackout_ms: _Optional[float] = ..., digest_error: _Optional[str] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("corrupt_frame", "stall_event_loop_ms", "health", "replay_frame", "hold_commit_ms", "exit_after_commit")
+    __slots__ = ("corrupt_frame", "stall_event_loop_ms", "health", "replay_frame", "hold_commit_ms", "exit_after_commit", "hold_final_ms")
     CORRUPT_FRAME_FIELD_NUMBER: _ClassVar[int]
     STALL_EVENT_LOOP_MS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FRAME_FIELD_NUMBER: _ClassVar[int]
     HOLD_COMMIT_MS_FIELD_NUMBER: _ClassVar[int]
     EXIT_AFTER_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FINAL_MS_FIELD_NUMBER: _ClassVar[int]
     corrupt_frame: int
     stall_event_loop_ms: int
     health: DriveHealthFault
     replay_frame: int
     hold_commit_ms: int
     exit_after_commit: bool
-    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ..., health: _Optional[_Union[DriveHealthFault, _Mapping]] = ..., replay_frame: _Optional[int] = ..., hold_commit_ms: _Optional[int] = ..., exit_after_commit: _Optional[bool] = ...) -> None: ...
+    hold_final_ms: int
+    def __init__(self, corrupt_frame: _Optional[int] = ..., stall_event_loop_ms: _Optional[int] = ..., health: _Optional[_Union[DriveHealthFault, _Mapping]] = ..., replay_frame: _Optional[int] = ..., hold_commit_ms: _Optional[int] = ..., exit_after_commit: _Optional[bool] = ..., hold_final_ms: _Optional[int] = ...) -> None: ...
 
 class DriveHealthFault(_message.Message):
     __slots__ = ("critical_warning", "temperature_k", "available_spare", "available_spare_threshold", "percentage_used", "media_errors")
