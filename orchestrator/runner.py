@@ -105,7 +105,7 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 @dataclass(frozen=True)
 class SwitchoverReads:
     """What the switchover reads from etcd before the guest pauses: the controller's record and
-    its revision, read within the etcd check's timeout (so etcd answered right before)."""
+    its revision (None: no record), read alongside etcd's quick check."""
     controller: tuple[ControllerRecord, int] | None
 
 
